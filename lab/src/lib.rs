@@ -253,8 +253,17 @@ impl Lab {
     /// Creates a lab: a unique prefix (`tw…-`), its directory `/tmp/twill-lab-<prefix>/`, and the
     /// switch namespace `<prefix>sw` with `lo` up and bridge `br0` (198.18.0.1/24) up.
     /// `name` labels the lab (state file name, listings); it need not be unique among test labs.
+    ///
+    /// The first call in a process also removes stale labs left by dead processes
+    /// ([`cleanup_stale`]), best effort.
     pub fn new(name: &str) -> Result<Lab> {
         valid_name("lab", name)?;
+        static CLEANUP: std::sync::Once = std::sync::Once::new();
+        CLEANUP.call_once(|| {
+            if let Err(e) = cleanup_stale() {
+                let _ = writeln!(std::io::stderr(), "twill-lab: {e:#}");
+            }
+        });
         let existing: HashSet<String> = list_netns()?.into_iter().collect();
         let mut attempt = 0;
         let (prefix, dir) = loop {
