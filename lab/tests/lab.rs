@@ -469,3 +469,68 @@ fn stale_persisted_lab_is_cleaned_up() {
     }
     assert_gone(&prefix, &dir);
 }
+
+/// Helper for `crashed_owner_is_cleaned_up`: creates a lab, prints its prefix, then waits to be
+/// killed. Does nothing unless run by that test.
+#[test]
+#[ignore = "helper process for crashed_owner_is_cleaned_up"]
+fn hold_lab_until_killed() {
+    if std::env::var("TWILL_LAB_HOLD").as_deref() != Ok("1") {
+        return;
+    }
+    let mut lab = Lab::new("crash").unwrap();
+    lab.add_node("n1").unwrap();
+    lab.spawn("n1", "sleeper", &["sleep", "300"], &[]).unwrap();
+    println!("PREFIX={} DIR={}", lab.prefix(), lab.dir().display());
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn crashed_owner_is_cleaned_up() {
+    need_root!();
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "hold_lab_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TWILL_LAB_HOLD", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(child);
+    // The harness prints "test hold_lab_until_killed ... " on the same line.
+    let line = BufReader::new(stdout)
+        .lines()
+        .find_map(|l| {
+            l.ok()
+                .and_then(|l| Some(l[l.find("PREFIX=")?..].to_string()))
+        })
+        .expect("helper printed its prefix");
+    let mut parts = line.split_whitespace();
+    let prefix = parts
+        .next()
+        .unwrap()
+        .trim_start_matches("PREFIX=")
+        .to_string();
+    let dir = std::path::PathBuf::from(parts.next().unwrap().trim_start_matches("DIR="));
+    assert_eq!(leftover_ns(&prefix).len(), 2);
+    // While the owner lives, the lab is not stale.
+    assert!(!twill_lab::cleanup_stale().unwrap().contains(&prefix));
+    child.0.kill().unwrap(); // SIGKILL: no Drop runs
+    child.0.wait().unwrap();
+    // (A parallel test's cleanup_stale, e.g. in `twill-lab up`, may get there first.)
+    twill_lab::cleanup_stale().unwrap();
+    assert_gone(&prefix, &dir);
+}
