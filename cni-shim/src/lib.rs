@@ -1,1 +1,10 @@
+//! twill's Flannel-compatible CNI plugin (installed as `/opt/cni/bin/flannel`) and the shared
+//! `subnet.env` parser/renderer.
+
+pub mod delegate;
+pub mod error;
+pub mod gojson;
+pub mod netconf;
+pub mod plugin;
 pub mod subnet_env;
+pub mod validate;

@@ -1,0 +1,408 @@
+//! The CNI commands: ADD, DEL, CHECK, STATUS, GC, VERSION.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::delegate;
+use crate::error::{code, CniError};
+use crate::gojson;
+use crate::netconf::{self, FlannelConf};
+use crate::subnet_env::{SubnetEnv, SubnetEnvError};
+use crate::validate::{self, LATEST_VERSION, SUPPORTED_VERSIONS};
+
+/// The CNI_* environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct CniEnv {
+    pub command: Option<String>,
+    pub container_id: Option<String>,
+    pub netns: Option<String>,
+    pub ifname: Option<String>,
+    pub path: Option<String>,
+}
+
+impl CniEnv {
+    pub fn from_process() -> CniEnv {
+        let get = |k: &str| std::env::var(k).ok();
+        CniEnv {
+            command: get("CNI_COMMAND"),
+            container_id: get("CNI_CONTAINERID"),
+            netns: get("CNI_NETNS"),
+            ifname: get("CNI_IFNAME"),
+            path: get("CNI_PATH"),
+        }
+    }
+}
+
+/// The `cniVersion` to put in an error reply: the config's if we support it, else the latest.
+pub fn error_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(String::from))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| LATEST_VERSION.to_string())
+}
+
+fn nonempty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().filter(|s| !s.is_empty())
+}
+
+/// Run one CNI command. `Ok(Some(bytes))` is printed on stdout; errors become the error JSON.
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
+    let Some(command) = nonempty(&env.command) else {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            "required env variables [CNI_COMMAND] missing",
+        ));
+    };
+    let needs_netns = matches!(command, "ADD" | "CHECK");
+    let per_container = matches!(command, "ADD" | "DEL" | "CHECK");
+    match command {
+        "VERSION" => {
+            let requested = serde_json::from_slice::<Value>(stdin)
+                .ok()
+                .and_then(|v| v.get("cniVersion")?.as_str().map(String::from));
+            return Ok(Some(
+                validate::version_json(requested.as_deref()).into_bytes(),
+            ));
+        }
+        "ADD" | "DEL" | "CHECK" | "STATUS" | "GC" => {}
+        other => {
+            return Err(
+                CniError::new(code::INVALID_ENV, format!("unknown CNI_COMMAND {other:?}"))
+                    .with_details("expected ADD, DEL, CHECK, STATUS, GC or VERSION"),
+            )
+        }
+    }
+
+    let mut missing = Vec::new();
+    if per_container && nonempty(&env.container_id).is_none() {
+        missing.push("CNI_CONTAINERID");
+    }
+    if needs_netns && nonempty(&env.netns).is_none() {
+        missing.push("CNI_NETNS");
+    }
+    if per_container && nonempty(&env.ifname).is_none() {
+        missing.push("CNI_IFNAME");
+    }
+    if nonempty(&env.path).is_none() {
+        missing.push("CNI_PATH");
+    }
+    if !missing.is_empty() {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!("required env variables [{}] missing", missing.join(" ")),
+        ));
+    }
+    let cni_path = nonempty(&env.path).unwrap_or_default();
+    let cid = nonempty(&env.container_id).unwrap_or_default();
+    if per_container {
+        validate::container_id(cid)?;
+        validate::ifname(nonempty(&env.ifname).unwrap_or_default())?;
+    }
+    if needs_netns {
+        validate::netns(nonempty(&env.netns).unwrap_or_default())?;
+    }
+
+    let conf = FlannelConf::parse(stdin)?;
+    validate::check_version(&conf.cni_version, command)?;
+    match command {
+        "ADD" => cmd_add(&conf, cid, cni_path).map(Some),
+        "DEL" => cmd_del(&conf, cid, cni_path).map(|_| None),
+        "CHECK" => cmd_check(&conf, cid, cni_path).map(|_| None),
+        "STATUS" => cmd_status(&conf, cni_path).map(|_| None),
+        _ => cmd_gc(&conf, cni_path).map(|_| None),
+    }
+}
+
+/// Go's wording for common open(2) errors, as Flannel prints them.
+fn go_io_text(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "no such file or directory".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Read subnet.env with Flannel's error texts: missing file => try again later (11), unusable
+/// contents => 100.
+pub fn load_subnet_env(path: &Path) -> Result<SubnetEnv, CniError> {
+    let wrap = |c: u32, inner: String| {
+        CniError::new(
+            c,
+            format!(
+                "failed to load flannel 'subnet.env' file: {inner}. Check the flannel pod log for this node."
+            ),
+        )
+    };
+    match SubnetEnv::read(path) {
+        Err(SubnetEnvError::Read { source, .. }) => {
+            let c = if source.kind() == io::ErrorKind::NotFound {
+                code::TRY_AGAIN_LATER
+            } else {
+                code::IO_FAILURE
+            };
+            Err(wrap(
+                c,
+                format!("open {}: {}", path.display(), go_io_text(&source)),
+            ))
+        }
+        Err(e) => Err(wrap(code::SUBNET_ENV_INVALID, e.to_string())),
+        Ok(env) => {
+            let m = env.missing();
+            if m.is_empty() {
+                Ok(env)
+            } else {
+                Err(wrap(
+                    code::SUBNET_ENV_INVALID,
+                    format!("{} is missing {}", path.display(), m.join(", ")),
+                ))
+            }
+        }
+    }
+}
+
+fn delegate_type(d: &Map<String, Value>) -> &str {
+    d.get("type").and_then(Value::as_str).unwrap_or("bridge")
+}
+
+/// Save the delegate config as `<dataDir>/<containerID>`: directory 0700, file 0600, written to
+/// a temp file, fsynced and renamed so a crash never leaves a half-written file.
+pub fn save_scratch(data_dir: &Path, cid: &str, bytes: &[u8]) -> Result<PathBuf, CniError> {
+    let path = data_dir.join(cid);
+    let err = |op: &str, e: io::Error| {
+        CniError::new(
+            code::IO_FAILURE,
+            format!(
+                "failed to save delegate config {}: {op}: {e}",
+                path.display()
+            ),
+        )
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|e| err("create dataDir", e))?;
+    let tmp = data_dir.join(format!(".{cid}.{}.tmp", std::process::id()));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| err("create", e))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| err("chmod", e))?;
+        f.write_all(bytes).map_err(|e| err("write", e))?;
+        f.sync_all().map_err(|e| err("fsync", e))?;
+        fs::rename(&tmp, &path).map_err(|e| err("rename", e))
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err("fsync dataDir", e))?;
+    Ok(path)
+}
+
+fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, CniError> {
+    conf.validate_delegate()?;
+    let env = load_subnet_env(&conf.subnet_file)?;
+    let d = conf.delegate_config(&env)?;
+    let bytes = gojson::to_string(&Value::Object(d.clone()));
+    let plugin = delegate::find_in_path(delegate_type(&d), cni_path)?;
+    let saved = save_scratch(&conf.data_dir, cid, bytes.as_bytes())?;
+    match delegate::run(&plugin, "ADD", bytes.as_bytes(), "failed to delegate add") {
+        Ok(out) => {
+            if conf.cni_version.is_empty() {
+                Ok(out)
+            } else {
+                // The delegate succeeded: keep the saved config so DEL can undo it.
+                netconf::convert_result(&out, &conf.cni_version)
+            }
+        }
+        Err(e) => {
+            if let Err(re) = fs::remove_file(&saved) {
+                eprintln!("twill-cni: failed to remove {}: {re}", saved.display());
+            }
+            Err(e)
+        }
+    }
+}
+
+fn read_saved(conf: &FlannelConf, cid: &str) -> (PathBuf, io::Result<Vec<u8>>) {
+    let path = conf.data_dir.join(cid);
+    let r = fs::read(&path);
+    (path, r)
+}
+
+fn cmd_del(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<(), CniError> {
+    let (path, res) = read_saved(conf, cid);
+    let bytes = match res {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(CniError::new(
+                code::IO_FAILURE,
+                format!("failed to read {}: {e}", path.display()),
+            ))
+        }
+        Ok(b) => b,
+    };
+    let typ = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("type")?.as_str().map(String::from));
+    let Some(typ) = typ else {
+        // As Flannel: the interface stays until reboot, but DEL must not fail forever.
+        eprintln!(
+            "twill-cni: failed to parse saved netconf {}; leaving it in place",
+            path.display()
+        );
+        return Ok(());
+    };
+    let plugin = delegate::find_in_path(&typ, cni_path)?;
+    delegate::run(&plugin, "DEL", &bytes, "failed to delegate del")?;
+    if let Err(e) = fs::remove_file(&path) {
+        eprintln!("twill-cni: failed to remove {}: {e}", path.display());
+    }
+    Ok(())
+}
+
+fn cmd_check(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<(), CniError> {
+    let (path, res) = read_saved(conf, cid);
+    let bytes = res.map_err(|e| {
+        let c = if e.kind() == io::ErrorKind::NotFound {
+            code::UNKNOWN_CONTAINER
+        } else {
+            code::IO_FAILURE
+        };
+        CniError::new(
+            c,
+            format!(
+                "unknown container {cid:?}: cannot read saved delegate config {}: {}",
+                path.display(),
+                go_io_text(&e)
+            ),
+        )
+    })?;
+    let mut saved: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|e| {
+        CniError::new(
+            code::DECODE_FAILURE,
+            format!("saved delegate config {} is corrupt: {e}", path.display()),
+        )
+    })?;
+    if let Some(prev) = conf.raw.get("prevResult") {
+        saved.insert("prevResult".into(), prev.clone());
+    }
+    let typ = saved
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let plugin = delegate::find_in_path(&typ, cni_path)?;
+    let input = gojson::to_string(&Value::Object(saved));
+    delegate::run(
+        &plugin,
+        "CHECK",
+        input.as_bytes(),
+        "failed to delegate check",
+    )?;
+    Ok(())
+}
+
+fn delegate_supports(plugin: &Path, version: &str) -> bool {
+    delegate::supported_versions(plugin, version)
+        .iter()
+        .any(|v| v == version)
+}
+
+fn cmd_status(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
+    let not_ready = |e: CniError| {
+        CniError::new(
+            code::PLUGIN_NOT_AVAILABLE,
+            format!("network not ready: {}", e.msg),
+        )
+        .with_details(e.details)
+    };
+    let env = load_subnet_env(&conf.subnet_file).map_err(not_ready)?;
+    let d = conf.delegate_config(&env)?;
+    let plugin = delegate::find_in_path(delegate_type(&d), cni_path).map_err(not_ready)?;
+    if delegate_supports(&plugin, &conf.cni_version) {
+        let input = gojson::to_string(&Value::Object(d));
+        delegate::run(&plugin, "STATUS", input.as_bytes(), "delegate STATUS")?;
+    }
+    Ok(())
+}
+
+fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
+    let valid = netconf::valid_attachment_ids(&conf.raw).ok_or_else(|| {
+        CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            format!(
+                "GC needs a list of {{containerID, ifname}} in {:?}",
+                netconf::VALID_ATTACHMENTS
+            ),
+        )
+        .with_details(format!(
+            "got {:?}",
+            conf.raw.get(netconf::VALID_ATTACHMENTS)
+        ))
+    })?;
+    let mut errors = Vec::new();
+    let entries: Vec<String> = match fs::read_dir(&conf.data_dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            errors.push(format!("read {}: {e}", conf.data_dir.display()));
+            Vec::new()
+        }
+    };
+    for name in netconf::gc_stale(&entries, &valid) {
+        let p = conf.data_dir.join(name);
+        if let Err(e) = fs::remove_file(&p) {
+            errors.push(format!("remove {}: {e}", p.display()));
+        }
+    }
+
+    let mut delegate_err = None;
+    match load_subnet_env(&conf.subnet_file) {
+        Err(e) => eprintln!("twill-cni: GC not forwarded to the delegate: {}", e.msg),
+        Ok(env) => {
+            let mut d = conf.delegate_config(&env)?;
+            if let Some(v) = conf.raw.get(netconf::VALID_ATTACHMENTS) {
+                d.insert(netconf::VALID_ATTACHMENTS.into(), v.clone());
+            }
+            match delegate::find_in_path(delegate_type(&d), cni_path) {
+                Err(e) => delegate_err = Some(e),
+                Ok(plugin) => {
+                    if delegate_supports(&plugin, &conf.cni_version) {
+                        let input = gojson::to_string(&Value::Object(d));
+                        if let Err(e) =
+                            delegate::run(&plugin, "GC", input.as_bytes(), "delegate GC")
+                        {
+                            delegate_err = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        let mut msg = format!("GC failed: {}", errors.join("; "));
+        if let Some(d) = delegate_err {
+            msg.push_str(&format!("; {d}"));
+        }
+        return Err(CniError::new(code::IO_FAILURE, msg));
+    }
+    delegate_err.map_or(Ok(()), Err)
+}
