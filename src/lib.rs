@@ -3,4 +3,10 @@
 
 pub mod alloc;
 pub mod config;
+pub mod daemon;
+pub mod flags;
+pub mod health;
+pub mod iface;
+pub mod masq;
+pub mod nft;
 pub mod registry;

@@ -1,1 +1,36 @@
-fn main() {}
+//! twilld: the thin shell. Flags, logging, runtime; everything else is in the library.
+
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let flags = twill::flags::Flags::parse_from_env_and_args();
+    let level = match flags.verbosity {
+        0 => "info",
+        1..=3 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("TWILL_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("twilld: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(twill::daemon::run(flags)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

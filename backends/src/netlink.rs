@@ -388,6 +388,62 @@ impl Netlink {
         Ok(all)
     }
 
+    /// Main-table IPv4 routes as (destination, output ifindex): what interface selection needs
+    /// for the default route and for `--iface-can-reach` (longest prefix match).
+    pub async fn main_routes_v4_oif(&self) -> Result<Vec<(IpNet, u32)>, NetlinkError> {
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("dumping routes"))?;
+        let mut out = Vec::new();
+        for m in msgs
+            .iter()
+            .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        {
+            let mut dst = Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let mut oif = None;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = route_addr(d),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if let (Some(dst), Some(oif)) = (dst, oif) {
+                if let Ok(net) = IpNet::new(dst, m.header.destination_prefix_length) {
+                    out.push((net, oif));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `ip route replace blackhole <subnet> metric 4294967295`: Flannel's
+    /// `--ip-blackhole-route`, so traffic to the node's own subnet is dropped instead of
+    /// leaving by the default route while the bridge's route is missing.
+    pub async fn ensure_blackhole(&self, subnet: IpNet) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(subnet.addr(), subnet.prefix_len())
+            .map_err(|e| NetlinkError::Invalid(format!("blackhole route {subnet}: {e:?}")))?
+            .kind(RouteType::BlackHole)
+            .protocol(RouteProtocol::Boot)
+            // The worst metric: the bridge's connected route to the same subnet (metric 0)
+            // must keep winning for addresses that are in use.
+            .priority(u32::MAX)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(req(format!("ip route replace blackhole {subnet}")))
+    }
+
     /// Applies ops in order, carrying on past failures: one bad peer must not keep the others
     /// from being programmed. Failed ops are returned with their errors; the next resync
     /// retries them.

@@ -1,0 +1,293 @@
+//! Convergence benchmark (issue 2): 1000 peer leases put into etcd, time until all their
+//! entries (neighbour, FDB, route per peer) are programmed on one node by twilld, against
+//! `ip -batch` + `bridge -batch` applying the same 3000 entries in a fresh namespace, in the
+//! same run. Also twilld's RSS holding 1000 peers.
+//!
+//! Usage: convergence [--peers N] [--rounds R]   (root; builds its own lab)
+//! Internal: convergence put-leases ENDPOINT PREFIX N   (run inside the lab's switch namespace)
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use twill_bench::{median, ms, table_row};
+use twill_lab::Lab;
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+
+fn peer(i: u32) -> (Ipv4Addr, Ipv4Addr, String) {
+    // Subnets 10.1.0.0/24 upward; public IPs 198.19.x.y (never reached: only programmed).
+    let subnet = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + (i << 8));
+    let public = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i);
+    let mac = format!("0e:be:00:00:{:02x}:{:02x}", i >> 8, i & 0xff);
+    (subnet, public, mac)
+}
+
+fn lease_json(public: Ipv4Addr, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+/// Puts N leases through etcd transactions of 100 puts (etcd's default limit is 128 ops).
+fn put_leases(endpoint: &str, prefix: &str, n: u32) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await?;
+        let ids: Vec<u32> = (0..n).collect();
+        for chunk in ids.chunks(100) {
+            let ops: Vec<etcd_client::TxnOp> = chunk
+                .iter()
+                .map(|&i| {
+                    let (subnet, public, mac) = peer(i);
+                    etcd_client::TxnOp::put(
+                        format!("{prefix}/subnets/{subnet}-24"),
+                        lease_json(public, &mac),
+                        None,
+                    )
+                })
+                .collect();
+            client.txn(etcd_client::Txn::new().and_then(ops)).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+fn count_routes(lab: &Lab, ns: &str) -> Result<usize> {
+    let out = lab.exec_ok(ns, &["ip", "-4", "route", "show", "dev", "flannel.1"])?;
+    Ok(out.lines().filter(|l| l.contains(" via ")).count())
+}
+
+fn count_entries(lab: &Lab, ns: &str) -> Result<(usize, usize, usize)> {
+    let neigh = lab
+        .exec_ok(
+            ns,
+            &[
+                "ip",
+                "-4",
+                "neigh",
+                "show",
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+        )?
+        .lines()
+        .count();
+    let fdb = lab
+        .exec_ok(ns, &["bridge", "fdb", "show", "dev", "flannel.1"])?
+        .lines()
+        .filter(|l| l.contains(" dst "))
+        .count();
+    Ok((neigh, fdb, count_routes(lab, ns)?))
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+/// One round of twilld: fresh lab, one node, N leases, time to all entries. Returns (time, rss KiB).
+fn round_twilld(n: u32) -> Result<(Duration, u64)> {
+    let mut lab = Lab::new("bcv")?;
+    lab.start_etcd()?;
+    lab.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG])?;
+    let node = lab.add_node("n1")?;
+    let subnet_file = node.dir.join("subnet.env").to_string_lossy().into_owned();
+    let bin = twill_lab::bin_path("twilld").to_string_lossy().into_owned();
+    let id = lab.spawn(
+        &node.netns,
+        "twilld",
+        &[
+            &bin,
+            "--etcd-endpoints=http://198.18.0.1:2379",
+            "--ip-masq",
+            "--subnet-file",
+            &subnet_file,
+        ],
+        &[("TWILL_LOG", "warn")],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::path::Path::new(&subnet_file).exists() {
+        if Instant::now() > deadline || !lab.is_running(id) {
+            bail!("twilld not ready: {}", lab.log(id));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let me = std::env::current_exe()?.to_string_lossy().into_owned();
+    let sw = lab.switch_ns();
+    let start = Instant::now();
+    lab.exec_ok(
+        &sw,
+        &[
+            &me,
+            "put-leases",
+            "http://127.0.0.1:2379",
+            PREFIX,
+            &n.to_string(),
+        ],
+    )?;
+    loop {
+        if count_routes(&lab, &node.netns)? >= n as usize {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "not converged in 60 s: {:?}\n{}",
+                count_entries(&lab, &node.netns)?,
+                lab.log(id)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let took = start.elapsed();
+    let (neigh, fdb, routes) = count_entries(&lab, &node.netns)?;
+    if (neigh, fdb, routes) != (n as usize, n as usize, n as usize) {
+        bail!("incomplete dataplane: neigh {neigh} fdb {fdb} routes {routes}");
+    }
+    let rss = rss_kib(lab.pid(id)?)?;
+    lab.teardown()?;
+    Ok((took, rss))
+}
+
+/// One round of the peer: the same entries through `ip -batch` and `bridge -batch`.
+fn round_batch(n: u32) -> Result<Duration> {
+    let mut lab = Lab::new("bcb")?;
+    let node = lab.add_node("n1")?;
+    let ns = node.netns.clone();
+    lab.exec_ok(
+        &ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &node.addr.to_string(),
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ],
+    )?;
+    lab.exec_ok(
+        &ns,
+        &["ip", "link", "set", "flannel.1", "mtu", "1450", "up"],
+    )?;
+    let mut ip_batch = String::new();
+    let mut bridge_batch = String::new();
+    let mut routes = String::new();
+    for i in 0..n {
+        let (subnet, public, mac) = peer(i);
+        writeln!(
+            ip_batch,
+            "neigh replace {subnet} lladdr {mac} dev flannel.1 nud permanent"
+        )?;
+        writeln!(
+            bridge_batch,
+            "fdb replace {mac} dev flannel.1 dst {public} self permanent"
+        )?;
+        writeln!(
+            routes,
+            "route replace {subnet}/24 via {subnet} dev flannel.1 onlink"
+        )?;
+    }
+    ip_batch.push_str(&routes);
+    let ipf = lab.dir().join("ip.batch");
+    let brf = lab.dir().join("bridge.batch");
+    std::fs::write(&ipf, &ip_batch)?;
+    std::fs::write(&brf, &bridge_batch)?;
+    let start = Instant::now();
+    lab.exec_ok(&ns, &["bridge", "-batch", &brf.to_string_lossy()])?;
+    lab.exec_ok(&ns, &["ip", "-batch", &ipf.to_string_lossy()])?;
+    let took = start.elapsed();
+    let (neigh, fdb, r) = count_entries(&lab, &ns)?;
+    if (neigh, fdb, r) != (n as usize, n as usize, n as usize) {
+        bail!("batch peer incomplete: neigh {neigh} fdb {fdb} routes {r}");
+    }
+    lab.teardown()?;
+    Ok(took)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("put-leases") {
+        return put_leases(&args[2], &args[3], args[4].parse()?);
+    }
+    if !twill_lab::require_root() {
+        return Ok(());
+    }
+    let flag = |name: &str, default: u32| -> u32 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let n = flag("--peers", 1000);
+    let rounds = flag("--rounds", 5);
+    let mut ratios = Vec::new();
+    let mut twill_ms = Vec::new();
+    let mut batch_ms = Vec::new();
+    let mut rss = Vec::new();
+    for r in 0..rounds {
+        let (t, kib) = round_twilld(n)?;
+        let b = round_batch(n)?;
+        eprintln!(
+            "round {r}: twilld {:.1} ms (rss {kib} KiB), ip/bridge -batch {:.1} ms",
+            ms(t),
+            ms(b)
+        );
+        ratios.push(ms(t) / ms(b));
+        twill_ms.push(ms(t));
+        batch_ms.push(ms(b));
+        rss.push(kib as f64);
+    }
+    let (t, b, ratio, rss_mib) = (
+        median(twill_ms),
+        median(batch_ms),
+        median(ratios),
+        median(rss) / 1024.0,
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!("convergence, {n} peer leases to all entries (median of {rounds})"),
+            &format!("{t:.0} ms"),
+            &format!("{b:.0} ms (ip -batch + bridge -batch)"),
+            ratio,
+            "ratio ≤ 2 and < 1000 ms",
+            ratio <= 2.0 && t < 1000.0
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!("twilld RSS holding {n} peers"),
+            &format!("{rss_mib:.1} MiB"),
+            "20 MiB (limit)",
+            rss_mib / 20.0,
+            "ratio < 1",
+            rss_mib < 20.0
+        )
+    );
+    Ok(())
+}

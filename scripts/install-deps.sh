@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the system packages twill's build, lab and tests need (Debian bookworm), once.
+# Idempotent: a package already installed is not fetched again.
+set -euo pipefail
+
+packages=(
+  etcd-server etcd-client          # the registry (real etcd in the lab) and etcdctl
+  nftables                         # nft: masquerade rules and the policy table
+  containernetworking-plugins      # bridge, host-local, loopback, portmap in /usr/lib/cni
+  protobuf-compiler                # protoc, for etcd-client's build script
+  iproute2 iputils-ping iperf3     # the lab: ip/bridge, reachability, throughput
+  ca-certificates openssl          # TLS material for the etcd TLS tests
+  procps psmisc                    # ps/pkill/killall used by lab cleanup
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's etcd-server package starts a system etcd on 127.0.0.1:2379 in the root namespace;
+# the lab runs its own etcd inside a namespace and never talks to that one, but stop it so
+# nothing listens that the project did not start.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+  systemctl stop etcd || true
+fi
+
+command -v cargo >/dev/null || { echo "install-deps: cargo is required (rustup)" >&2; exit 1; }

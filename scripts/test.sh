@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, checks formatting and lints, builds every
+# binary, then runs unit tests and the lab tests (network namespaces, real etcd, nft and CNI
+# plugins; root only: they skip with a message when not root, and fail in CI=true).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (binaries used by the lab tests)"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+# Each lab test brings up etcd and several daemons in namespaces of its own; two at a time
+# suits a 2-core machine.
+cargo test --workspace --locked -- --test-threads="${TWILL_TEST_THREADS:-2}"
+
+leftover=$(ip netns list 2>/dev/null | awk '{print $1}' | grep '^tw' || true)
+if [ -n "$leftover" ]; then
+  echo "lab namespaces left behind by the tests:" >&2
+  echo "$leftover" >&2
+  exit 1
+fi

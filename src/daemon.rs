@@ -1,0 +1,872 @@
+//! twilld's event loop in etcd mode, in Flannel's start-up order (§ start-up order): config,
+//! external interface, backend device, lease, device address, masquerade rules, subnet.env,
+//! then the watch. From then on one task owns the dataplane: every lease event, netlink event
+//! and resync tick marks it dirty, and a dirty dataplane is reconciled (observe, decide, diff,
+//! apply). Nothing is torn down on exit, so restarts are hitless.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use ipnet::IpNet;
+use rand::Rng;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use twill_backends::netlink::{LinkMap, Netlink};
+use twill_backends::vxlan::{self, VxlanSpec, ENCAP_OVERHEAD};
+use twill_backends::{desired_state, diff, BackendKind, MacAddr, PeerFamily, PeerLease, Topology};
+use twill_cni::subnet_env::SubnetEnv;
+
+use crate::alloc::{plan_acquire, AcquireDecision, AcquireInput};
+use crate::config::{BackendConfig, NetConfig};
+use crate::flags::Flags;
+use crate::health::{self, Readiness};
+use crate::iface::{self, ExternalInterface, Selection};
+use crate::masq::{self, MasqInput};
+use crate::registry::etcd::{
+    EtcdOptions, EtcdRegistry, LeaseRecord, Listing, RegistryError, RegistryEvent, SUBNET_TTL,
+};
+use crate::registry::lease::{validate_peer, Lease, LeaseAttrs, Mac, SubnetKey, VxlanBackendData};
+
+use crate::alloc::RACE_RETRIES;
+
+/// The node's own lease, as held in etcd.
+#[derive(Clone, Debug)]
+struct OwnLease {
+    key: SubnetKey,
+    attrs: LeaseAttrs,
+    /// None for a reservation (no etcd lease, never expires).
+    ttl: Option<Duration>,
+    renew_at: Option<Instant>,
+}
+
+/// Per-family view of the node's addresses.
+#[derive(Clone, Debug)]
+struct PublicAddrs {
+    v4: std::net::Ipv4Addr,
+    v6: Option<Ipv6Addr>,
+}
+
+pub async fn run(flags: Flags) -> anyhow::Result<()> {
+    flags.check().map_err(|e| anyhow!(e))?;
+    if flags.kube_subnet_mgr {
+        bail!("--kube-subnet-mgr: the Kubernetes subnet manager is not part of this build yet; run in etcd mode");
+    }
+    let previous = match SubnetEnv::read(&flags.subnet_file) {
+        Ok(env) => Some(env),
+        Err(e) => {
+            tracing::info!(file = %flags.subnet_file.display(), reason = %e, "no previous subnet.env to reuse");
+            None
+        }
+    };
+
+    let readiness = Readiness::default();
+    if flags.healthz_port > 0 {
+        let addr = std::net::SocketAddr::new(flags.healthz_ip, flags.healthz_port);
+        let r = readiness.clone();
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(addr, r).await {
+                tracing::error!(%addr, error = %e, "healthz server stopped");
+            }
+        });
+    }
+
+    let registry = connect_etcd(&flags).await;
+    let config = fetch_config(&registry).await;
+    tracing::info!(backend = config.backend_type(), network = ?config.network, ipv6_network = ?config.ipv6_network, "network config");
+
+    let nl = Netlink::connect().context("opening a netlink socket")?;
+    let snapshot = iface::snapshot(&nl).await?;
+    let ext = iface::select(
+        &snapshot,
+        &Selection {
+            iface: &flags.iface,
+            iface_regex: &flags.iface_regex,
+            iface_can_reach: flags.iface_can_reach,
+            public_ip: flags.public_ip,
+        },
+    )
+    .map_err(|e| anyhow!(e))?;
+    let public = PublicAddrs {
+        v4: ext.public_ip,
+        v6: if config.enable_ipv6 {
+            Some(flags.public_ipv6.or_else(|| ext.global_ipv6()).ok_or_else(|| {
+                anyhow!("EnableIPv6 is set but interface {} has no global IPv6 address (use --public-ipv6)", ext.name)
+            })?)
+        } else {
+            None
+        },
+    };
+    tracing::info!(iface = %ext.name, iface_addr = %ext.iface_addr, public_ip = %public.v4, public_ipv6 = ?public.v6, "using interface");
+
+    let mut dataplane = Dataplane::new(nl.clone(), &config, ext.clone(), &public, &flags)?;
+
+    // The VTEP MAC: the existing device's (restarts keep it), else the one our previous lease
+    // advertised (peers' entries stay valid), else a new random one.
+    let listing = list_with_retry(&registry).await;
+    let previous_macs = previous_vtep_macs(&listing, public.v4);
+    dataplane.prepare_devices(previous_macs).await?;
+
+    let own = acquire(&registry, &config, &public, &dataplane, previous.as_ref()).await?;
+    tracing::info!(subnet = %own.key, "acquired lease");
+    dataplane.set_own(&own.key);
+    dataplane.address_devices().await?;
+
+    let masq_inputs = masq_inputs(&config, &own.key, &flags);
+    for input in &masq_inputs {
+        masq::apply(input).with_context(|| format!("installing rules for {}", input.network))?;
+    }
+
+    let mtu = dataplane.mtu;
+    let env = SubnetEnv::for_lease(
+        config.enable_ipv4.then_some(config.network).flatten(),
+        Some(own.key.ipv4),
+        config.enable_ipv6.then_some(config.ipv6_network).flatten(),
+        own.key.ipv6,
+        mtu,
+        flags.ip_masq,
+    );
+    env.write_atomic(&flags.subnet_file)
+        .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
+    readiness.set_ready();
+    tracing::info!(file = %flags.subnet_file.display(), "wrote subnet.env; ready");
+
+    event_loop(flags, config, registry, dataplane, own, masq_inputs).await
+}
+
+async fn connect_etcd(flags: &Flags) -> EtcdRegistry {
+    let opts = EtcdOptions {
+        endpoints: flags.etcd_endpoint_list(),
+        prefix: flags.etcd_prefix.clone(),
+        keyfile: flags.etcd_keyfile.clone(),
+        certfile: flags.etcd_certfile.clone(),
+        cafile: flags.etcd_cafile.clone(),
+        username: flags.etcd_username.clone(),
+        password: flags.etcd_password.clone(),
+    };
+    loop {
+        match EtcdRegistry::connect(&opts).await {
+            Ok(r) => return r,
+            Err(e) => {
+                tracing::error!(endpoints = %flags.etcd_endpoints, error = %e, "failed to connect to etcd; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Flannel retries every second until a valid config appears, logging why it cannot use it.
+async fn fetch_config(registry: &EtcdRegistry) -> NetConfig {
+    loop {
+        match registry.network_config().await {
+            Ok(Some(text)) => match NetConfig::parse_and_check(&text) {
+                Ok(cfg) => return cfg,
+                Err(e) => tracing::error!("Couldn't fetch network config: {e}"),
+            },
+            Ok(None) => tracing::error!(
+                "Couldn't fetch network config: flannel config not found in etcd store. Did you create your config using etcdv3 API?"
+            ),
+            Err(e) => tracing::error!("Couldn't fetch network config: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn list_with_retry(registry: &EtcdRegistry) -> Listing {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match registry.list().await {
+            Ok(l) => return l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing subnets failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The VtepMACs (v4, v6) of a lease this node held before, found by its public IP.
+fn previous_vtep_macs(
+    listing: &Listing,
+    public_v4: std::net::Ipv4Addr,
+) -> (Option<MacAddr>, Option<MacAddr>) {
+    let own = listing
+        .records
+        .iter()
+        .find_map(|r| r.attrs.as_ref().ok().filter(|a| a.public_ip == public_v4));
+    let mac = |data: Option<&serde_json::Value>| {
+        data.and_then(|d| VxlanBackendData::from_json(d).ok())
+            .map(|d| MacAddr(d.vtep_mac.0))
+    };
+    match own {
+        Some(a) => (
+            mac(a.backend_data.as_ref()),
+            mac(a.backend_v6_data.as_ref()),
+        ),
+        None => (None, None),
+    }
+}
+
+fn records_to_leases(records: &[LeaseRecord]) -> Vec<Lease> {
+    records
+        .iter()
+        .filter_map(|r| {
+            r.attrs
+                .as_ref()
+                .ok()
+                .map(|a| record_to_lease(&r.key, a, r.lease_id))
+        })
+        .collect()
+}
+
+/// Flannel's tryAcquireLease, retrying lost races instead of exiting.
+async fn acquire(
+    registry: &EtcdRegistry,
+    config: &NetConfig,
+    public: &PublicAddrs,
+    dataplane: &Dataplane,
+    previous: Option<&SubnetEnv>,
+) -> anyhow::Result<OwnLease> {
+    let mut rng = rand::rng();
+    let mut attempt = 0usize;
+    loop {
+        attempt += 1;
+        let listing = list_with_retry(registry).await;
+        let leases = records_to_leases(&listing.records);
+        let input = AcquireInput {
+            config,
+            existing: &leases,
+            public_ip: public.v4,
+            previous_subnet: previous.and_then(|p| p.subnet_network()),
+            previous_ipv6_subnet: previous.and_then(|p| p.ipv6_subnet_network()),
+        };
+        let plan = plan_acquire(&input, &mut rng).map_err(|e| anyhow!("{e}"))?;
+        let mut attrs = dataplane.lease_attrs(public);
+        for stale in &plan.delete_first {
+            tracing::info!(subnet = %stale, "deleting this node's incompatible previous lease");
+            if let Err(e) = registry.delete(stale).await {
+                tracing::warn!(subnet = %stale, error = %e, "deleting old lease failed");
+            }
+        }
+        let result = match &plan.decision {
+            AcquireDecision::ReuseOwn {
+                key,
+                is_reservation,
+            } => {
+                attrs.public_ipv6 = public.v6;
+                let ttl = if *is_reservation {
+                    None
+                } else {
+                    Some(SUBNET_TTL)
+                };
+                registry
+                    .put(key, &attrs, ttl)
+                    .await
+                    .map(|granted| (*key, ttl.and(granted)))
+            }
+            AcquireDecision::ReusePrevious(key) | AcquireDecision::Allocate(key) => registry
+                .create(key, &attrs, Some(SUBNET_TTL))
+                .await
+                .map(|granted| (*key, granted)),
+        };
+        match result {
+            Ok((key, ttl)) => {
+                return Ok(OwnLease {
+                    renew_at: ttl.map(|t| renew_deadline(t, None)),
+                    key,
+                    attrs,
+                    ttl,
+                });
+            }
+            Err(RegistryError::AlreadyExists) => {
+                tracing::warn!(attempt, "lost a race for a subnet; trying again");
+                if attempt.is_multiple_of(RACE_RETRIES) {
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "acquiring a lease failed; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// When to renew a lease granted `ttl` ago: `ttl − margin` (Flannel's renew margin).
+fn renew_deadline(ttl: Duration, margin: Option<Duration>) -> Instant {
+    let margin = margin.unwrap_or(Duration::from_secs(3600));
+    Instant::now() + ttl.saturating_sub(margin).max(Duration::from_secs(1))
+}
+
+fn masq_inputs(config: &NetConfig, key: &SubnetKey, flags: &Flags) -> Vec<MasqInput> {
+    let fully_random =
+        flags.ip_masq && !flags.ip_masq_fully_random_disable && masq::fully_random_supported();
+    let mut out = Vec::new();
+    if !flags.ip_masq && !flags.iptables_forward_rules {
+        return out;
+    }
+    if let (true, Some(network)) = (config.enable_ipv4, config.network) {
+        out.push(MasqInput {
+            network: IpNet::V4(network),
+            subnet: IpNet::V4(key.ipv4),
+            masquerade: flags.ip_masq,
+            fully_random,
+            forward: flags.iptables_forward_rules,
+        });
+    }
+    if let (true, Some(network), Some(subnet)) = (config.enable_ipv6, config.ipv6_network, key.ipv6)
+    {
+        out.push(MasqInput {
+            network: IpNet::V6(network),
+            subnet: IpNet::V6(subnet),
+            masquerade: flags.ip_masq,
+            fully_random,
+            forward: flags.iptables_forward_rules,
+        });
+    }
+    out
+}
+
+/// The node's dataplane: the devices it owns and the entries toward its peers.
+struct Dataplane {
+    nl: Netlink,
+    kind: BackendKind,
+    ext: ExternalInterface,
+    vni: u32,
+    vxlan4: Option<VxlanSpec>,
+    vxlan6: Option<VxlanSpec>,
+    links: LinkMap,
+    topo: Topology,
+    mtu: u32,
+    blackhole: bool,
+    own_subnets: Vec<IpNet>,
+    /// Shared with the netlink monitor so it can tell our devices' events from others'.
+    watched: Arc<[AtomicU32; 2]>,
+    last_skipped: BTreeSet<(String, String)>,
+}
+
+impl Dataplane {
+    fn new(
+        nl: Netlink,
+        config: &NetConfig,
+        ext: ExternalInterface,
+        public: &PublicAddrs,
+        flags: &Flags,
+    ) -> anyhow::Result<Dataplane> {
+        let mut networks = Vec::new();
+        if config.enable_ipv4 {
+            networks.extend(config.network.map(IpNet::V4));
+        }
+        if config.enable_ipv6 {
+            networks.extend(config.ipv6_network.map(IpNet::V6));
+        }
+        let (kind, vni, mtu, vxlan4, vxlan6) = match &config.backend {
+            BackendConfig::Vxlan(vx) => {
+                let mtu = vx.mtu.unwrap_or(ext.mtu).saturating_sub(ENCAP_OVERHEAD);
+                let spec = |ipv6: bool, local: IpAddr| VxlanSpec {
+                    name: vxlan::device_name(vx.vni, ipv6),
+                    vni: vx.vni,
+                    local,
+                    external_index: ext.index,
+                    port: vx.port,
+                    gbp: vx.gbp,
+                    learning: vx.learning,
+                    mtu,
+                    mac: MacAddr::default(),
+                };
+                let v4 = config
+                    .enable_ipv4
+                    .then(|| spec(false, IpAddr::V4(public.v4)));
+                let v6 = public
+                    .v6
+                    .filter(|_| config.enable_ipv6)
+                    .map(|a| spec(true, IpAddr::V6(a)));
+                (
+                    BackendKind::Vxlan {
+                        direct_routing: vx.direct_routing,
+                    },
+                    vx.vni,
+                    mtu,
+                    v4,
+                    v6,
+                )
+            }
+            BackendConfig::HostGw => {
+                twill_backends::hostgw::check_public_ip(IpAddr::V4(public.v4), &ext.addrs)
+                    .map_err(|e| anyhow!(e))?;
+                (BackendKind::HostGw, 0, ext.mtu, None, None)
+            }
+        };
+        let topo = Topology {
+            backend: kind,
+            networks,
+            own_subnets: Vec::new(),
+            external_prefixes: ext.prefixes.clone(),
+            vxlan4: vxlan4.is_some(),
+            vxlan6: vxlan6.is_some(),
+        };
+        Ok(Dataplane {
+            nl,
+            kind,
+            links: LinkMap {
+                vxlan4: None,
+                vxlan6: None,
+                external: ext.index,
+            },
+            ext,
+            vni,
+            vxlan4,
+            vxlan6,
+            topo,
+            mtu,
+            blackhole: flags.ip_blackhole_route,
+            own_subnets: Vec::new(),
+            watched: Arc::new([AtomicU32::new(0), AtomicU32::new(0)]),
+            last_skipped: BTreeSet::new(),
+        })
+    }
+
+    /// Creates (or keeps) the VXLAN devices before the lease is taken, as Flannel does, so
+    /// the lease can advertise their MACs.
+    async fn prepare_devices(
+        &mut self,
+        previous: (Option<MacAddr>, Option<MacAddr>),
+    ) -> anyhow::Result<()> {
+        let mut rng = rand::rng();
+        for (spec, prev) in [
+            (self.vxlan4.as_mut(), previous.0),
+            (self.vxlan6.as_mut(), previous.1),
+        ] {
+            let Some(spec) = spec else { continue };
+            let existing = self.nl.link_by_name(&spec.name).await?;
+            spec.mac = match existing
+                .as_ref()
+                .filter(|l| vxlan::incompatibility(spec, l).is_none())
+                .and_then(|l| l.mac)
+            {
+                Some(mac) => mac,
+                None => prev.unwrap_or_else(|| {
+                    let mut b: [u8; 6] = rng.random();
+                    b[0] = (b[0] & 0xfe) | 0x02;
+                    MacAddr(b)
+                }),
+            };
+        }
+        self.ensure_devices(false).await
+    }
+
+    fn set_own(&mut self, key: &SubnetKey) {
+        self.own_subnets = std::iter::once(IpNet::V4(key.ipv4))
+            .chain(key.ipv6.map(IpNet::V6))
+            .collect();
+        self.topo.own_subnets = self.own_subnets.clone();
+    }
+
+    /// Makes sure each VXLAN device exists (recreating a deleted or altered one with the same
+    /// MAC) and, once the lease is known, carries its address.
+    async fn ensure_devices(&mut self, with_address: bool) -> anyhow::Result<()> {
+        let networks = self.topo.networks.clone();
+        for (i, spec) in [self.vxlan4.clone(), self.vxlan6.clone()]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(spec) = spec else { continue };
+            let address = if with_address {
+                self.own_subnets
+                    .iter()
+                    .find(|s| s.addr().is_ipv4() == (i == 0))
+                    .map(|s| {
+                        IpNet::new(s.network(), if i == 0 { 32 } else { 128 })
+                            .expect("host prefix is valid")
+                    })
+            } else {
+                None
+            };
+            let dev = vxlan::ensure_device(&self.nl, &spec, address, &networks).await?;
+            if !dev.reused && with_address {
+                tracing::warn!(device = %spec.name, "VXLAN device was missing or altered; recreated it");
+            }
+            if dev.mac != spec.mac {
+                tracing::warn!(device = %spec.name, kept = %dev.mac, "device MAC differs from the advertised one");
+            }
+            if i == 0 {
+                self.links.vxlan4 = Some(dev.index);
+            } else {
+                self.links.vxlan6 = Some(dev.index);
+            }
+            self.watched[i].store(dev.index, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn address_devices(&mut self) -> anyhow::Result<()> {
+        self.ensure_devices(true).await
+    }
+
+    /// The attributes this node advertises.
+    fn lease_attrs(&self, public: &PublicAddrs) -> LeaseAttrs {
+        let data = |spec: &Option<VxlanSpec>| {
+            spec.as_ref().map(|s| {
+                VxlanBackendData {
+                    vni: self.vni,
+                    vtep_mac: Mac(s.mac.0),
+                }
+                .to_value()
+            })
+        };
+        LeaseAttrs {
+            public_ip: public.v4,
+            public_ipv6: public.v6,
+            backend_type: self.kind.lease_type().to_string(),
+            backend_data: data(&self.vxlan4),
+            backend_v6_data: data(&self.vxlan6),
+        }
+    }
+
+    /// Cheap check used on every pass: are our devices still there, unchanged?
+    async fn devices_intact(&self) -> anyhow::Result<bool> {
+        for (spec, index) in [
+            (&self.vxlan4, self.links.vxlan4),
+            (&self.vxlan6, self.links.vxlan6),
+        ] {
+            let Some(spec) = spec else { continue };
+            match self.nl.link_by_name(&spec.name).await? {
+                Some(link)
+                    if Some(link.index) == index
+                        && link.up
+                        && vxlan::incompatibility(spec, &link).is_none() => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Observe, decide, diff, apply.
+    async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize> {
+        if !self.devices_intact().await? {
+            self.ensure_devices(true).await?;
+        }
+        let (desired, skipped) = desired_state(&self.topo, peers);
+        let skipped_now: BTreeSet<(String, String)> =
+            skipped.into_iter().map(|s| (s.peer, s.reason)).collect();
+        for (peer, reason) in skipped_now.difference(&self.last_skipped) {
+            tracing::warn!(lease = %peer, %reason, "not programming peer");
+        }
+        self.last_skipped = skipped_now;
+        let actual = self.nl.observe(&self.links, &self.topo).await?;
+        let ops = diff(&desired, &actual);
+        if !ops.is_empty() {
+            let failed = self.nl.apply(&self.links, &ops).await;
+            for (op, err) in &failed {
+                tracing::warn!(?op, error = %err, "dataplane operation failed; will retry on the next pass");
+            }
+            tracing::info!(
+                applied = ops.len() - failed.len(),
+                failed = failed.len(),
+                entries = desired.len(),
+                "reconciled dataplane"
+            );
+        }
+        if self.blackhole {
+            for subnet in &self.own_subnets {
+                if let Err(e) = self.nl.ensure_blackhole(*subnet).await {
+                    tracing::warn!(error = %e, "blackhole route");
+                }
+            }
+        }
+        Ok(ops.len())
+    }
+
+    async fn refresh_external(&mut self) {
+        match self.nl.addresses(Some(self.ext.index)).await {
+            Ok(addrs) => {
+                self.topo.external_prefixes = addrs.into_iter().map(|(_, a)| a.trunc()).collect()
+            }
+            Err(e) => tracing::warn!(error = %e, "reading external interface addresses"),
+        }
+    }
+}
+
+/// A lease record as a dataplane peer, or why it cannot be one (bad JSON, or values that are
+/// impossible for this network: [`validate_peer`] names the key and the field).
+fn to_peer(rec: &LeaseRecord, config: &NetConfig) -> Result<PeerLease, String> {
+    let attrs = rec
+        .attrs
+        .as_ref()
+        .map_err(|e| format!("bad lease JSON: {e}"))?;
+    let lease = record_to_lease(&rec.key, attrs, rec.lease_id);
+    let data = validate_peer(&lease, config).map_err(|e| e.to_string())?;
+    let v4 = config.enable_ipv4.then(|| PeerFamily {
+        subnet: IpNet::V4(rec.key.ipv4),
+        public_ip: IpAddr::V4(attrs.public_ip),
+        vtep_mac: data.vxlan.map(|d| MacAddr(d.vtep_mac.0)),
+    });
+    let v6 = match (data.use_ipv6, rec.key.ipv6, attrs.public_ipv6) {
+        (true, Some(subnet), Some(ip)) => Some(PeerFamily {
+            subnet: IpNet::V6(subnet),
+            public_ip: IpAddr::V6(ip),
+            vtep_mac: data.vxlan_v6.map(|d| MacAddr(d.vtep_mac.0)),
+        }),
+        _ => None,
+    };
+    Ok(PeerLease {
+        name: rec.key.to_string(),
+        backend_type: attrs.backend_type.clone(),
+        v4,
+        v6,
+    })
+}
+
+fn record_to_lease(key: &SubnetKey, attrs: &LeaseAttrs, lease_id: i64) -> Lease {
+    Lease {
+        key: *key,
+        attrs: attrs.clone(),
+        etcd_lease_id: lease_id,
+        ttl_seconds: -1,
+        mod_revision: 0,
+    }
+}
+
+/// The peers as the registry currently has them (without this node's own key).
+struct PeerTable {
+    config: NetConfig,
+    peers: BTreeMap<String, PeerLease>,
+}
+
+impl PeerTable {
+    fn new(config: NetConfig) -> PeerTable {
+        PeerTable {
+            config,
+            peers: BTreeMap::new(),
+        }
+    }
+
+    /// A peer's garbage is logged once, here, and only removes that peer's entries.
+    fn put(&mut self, rec: &LeaseRecord) {
+        let name = rec.key.to_string();
+        match to_peer(rec, &self.config) {
+            Ok(peer) => {
+                self.peers.insert(name, peer);
+            }
+            Err(reason) => {
+                tracing::warn!(lease = %name, %reason, "skipping peer lease");
+                self.peers.remove(&name);
+            }
+        }
+    }
+
+    fn delete(&mut self, key: &SubnetKey) {
+        self.peers.remove(&key.to_string());
+    }
+
+    fn clear(&mut self) {
+        self.peers.clear();
+    }
+
+    fn list(&self) -> Vec<PeerLease> {
+        self.peers.values().cloned().collect()
+    }
+}
+
+/// Listens to rtnetlink and pokes the reconciler when something twill owns may have been
+/// removed (a device, a route, a neighbour): drift is repaired at once instead of at the next
+/// periodic resync.
+fn spawn_netlink_monitor(poke: Arc<Notify>, watched: Arc<[AtomicU32; 2]>) -> anyhow::Result<()> {
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Route, G::Ipv6Route, G::Neigh])?;
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let relevant = match &msg.payload {
+                NetlinkPayload::InnerMessage(M::DelLink(_)) => true,
+                NetlinkPayload::InnerMessage(M::NewLink(l)) => {
+                    watched
+                        .iter()
+                        .any(|w| w.load(Ordering::Relaxed) == l.header.index)
+                        && !l
+                            .header
+                            .flags
+                            .contains(rtnetlink::packet_route::link::LinkFlags::Up)
+                }
+                NetlinkPayload::InnerMessage(M::DelRoute(_)) => true,
+                NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => watched
+                    .iter()
+                    .any(|w| w.load(Ordering::Relaxed) == n.header.ifindex),
+                _ => false,
+            };
+            if relevant {
+                poke.notify_one();
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn event_loop(
+    flags: Flags,
+    config: NetConfig,
+    registry: EtcdRegistry,
+    mut dataplane: Dataplane,
+    mut own: OwnLease,
+    masq_inputs: Vec<MasqInput>,
+) -> anyhow::Result<()> {
+    let margin = Duration::from_secs(flags.subnet_lease_renew_margin as u64 * 60);
+    if let Some(ttl) = own.ttl {
+        own.renew_at = Some(renew_deadline(ttl, Some(margin)));
+    }
+    let listing = list_with_retry(&registry).await;
+    let mut table = PeerTable::new(config);
+    for rec in listing.records.iter().filter(|r| r.key != own.key) {
+        table.put(rec);
+    }
+    let (tx, mut rx) = mpsc::channel::<RegistryEvent>(4096);
+    tokio::spawn(registry.clone().watch(listing.revision, tx));
+
+    let poke = Arc::new(Notify::new());
+    spawn_netlink_monitor(poke.clone(), dataplane.watched.clone())?;
+    let mut resync = tokio::time::interval(Duration::from_secs(flags.resync_period.max(1)));
+    let mut rules_check = tokio::time::interval(Duration::from_secs(flags.iptables_resync.max(1)));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let far_future = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+
+    // The first pass happens right away: it removes entries of peers that vanished while the
+    // daemon was down and programs every current peer.
+    let mut dirty = true;
+    loop {
+        if dirty {
+            while let Ok(ev) = rx.try_recv() {
+                handle_event(ev, &registry, &mut own, &mut table).await?;
+            }
+            if let Err(e) = dataplane.reconcile(&table.list()).await {
+                tracing::warn!(error = %e, "reconcile failed; retrying on the next pass");
+            }
+            dirty = false;
+        }
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { bail!("the registry watch stopped") };
+                handle_event(ev, &registry, &mut own, &mut table).await?;
+                dirty = true;
+            }
+            _ = poke.notified() => {
+                // Let a burst of kernel events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                dirty = true;
+            }
+            _ = resync.tick() => {
+                dataplane.refresh_external().await;
+                dirty = true;
+            }
+            _ = rules_check.tick() => {
+                for input in &masq_inputs {
+                    if masq::installed_rule_count(&input.network) != Some(masq::rule_count(input)) {
+                        tracing::warn!(network = %input.network, "masquerade/forward rules drifted; re-applying");
+                        if let Err(e) = masq::apply(input) {
+                            tracing::warn!(error = %e, "re-applying rules failed");
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(own.renew_at.unwrap_or(far_future)) => {
+                match registry.put(&own.key, &own.attrs, own.ttl).await {
+                    Ok(Some(ttl)) => {
+                        own.renew_at = Some(renew_deadline(ttl, Some(margin)));
+                        tracing::info!(subnet = %own.key, "renewed lease");
+                    }
+                    Ok(None) => own.renew_at = None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing lease failed; retrying in 1 minute");
+                        own.renew_at = Some(Instant::now() + Duration::from_secs(60));
+                    }
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    tracing::info!("shutting down; the dataplane stays as it is");
+    Ok(())
+}
+
+/// Applies one registry event to the peer table, handling this node's own key: a deleted or
+/// expired own lease is re-acquired if the subnet is still free; if another node has it,
+/// twilld stops rather than keep advertising a subnet it no longer holds.
+async fn handle_event(
+    ev: RegistryEvent,
+    registry: &EtcdRegistry,
+    own: &mut OwnLease,
+    table: &mut PeerTable,
+) -> anyhow::Result<()> {
+    match ev {
+        RegistryEvent::Put(rec) if rec.key == own.key => {
+            if let Ok(attrs) = &rec.attrs {
+                if attrs.public_ip != own.attrs.public_ip {
+                    bail!(
+                        "subnet {} is now leased to {} (this node is {}); refusing to keep advertising it",
+                        own.key,
+                        attrs.public_ip,
+                        own.attrs.public_ip
+                    );
+                }
+            }
+        }
+        RegistryEvent::Put(rec) => table.put(&rec),
+        RegistryEvent::Delete(key) if key == own.key => reacquire(registry, own).await?,
+        RegistryEvent::Delete(key) => table.delete(&key),
+        RegistryEvent::Resync(listing) => {
+            table.clear();
+            let mut own_present = false;
+            for rec in &listing.records {
+                if rec.key == own.key {
+                    own_present = true;
+                    Box::pin(handle_event(
+                        RegistryEvent::Put(rec.clone()),
+                        registry,
+                        own,
+                        table,
+                    ))
+                    .await?;
+                } else {
+                    table.put(rec);
+                }
+            }
+            if !own_present {
+                reacquire(registry, own).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn reacquire(registry: &EtcdRegistry, own: &mut OwnLease) -> anyhow::Result<()> {
+    tracing::warn!(subnet = %own.key, "this node's lease was deleted or expired; re-acquiring the same subnet");
+    loop {
+        match registry
+            .create(&own.key, &own.attrs, own.ttl.or(Some(SUBNET_TTL)))
+            .await
+        {
+            Ok(ttl) => {
+                own.ttl = ttl;
+                own.renew_at = ttl.map(|t| renew_deadline(t, None));
+                tracing::info!(subnet = %own.key, "re-acquired lease");
+                return Ok(());
+            }
+            Err(RegistryError::AlreadyExists) => {
+                bail!("Lease has been revoked and subnet {} was taken by another node. Shutting down daemon.", own.key)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-acquiring lease failed; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies (§11).
+//! Twenty lines of HTTP/1.0 over tokio rather than a web framework: two fixed answers, any
+//! method, and the connection is closed after each response.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Set once rules are installed and subnet.env is written.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Status line and body for a request path. Pure.
+pub fn respond(path: &str, ready: bool) -> (u16, &'static str) {
+    match path {
+        "/healthz" => (200, "flanneld is running"),
+        "/readyz" if ready => (200, "flanneld is ready"),
+        "/readyz" => (503, "flanneld is not ready yet"),
+        _ => (404, "404 page not found"),
+    }
+}
+
+pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /healthz and /readyz");
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(3), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let path = path.split('?').next().unwrap_or(path);
+            let (code, body) = respond(path, readiness.is_ready());
+            let reason = match code {
+                200 => "OK",
+                503 => "Service Unavailable",
+                _ => "Not Found",
+            };
+            let reply = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_match_flanneld() {
+        assert_eq!(respond("/healthz", false), (200, "flanneld is running"));
+        assert_eq!(
+            respond("/readyz", false),
+            (503, "flanneld is not ready yet")
+        );
+        assert_eq!(respond("/readyz", true), (200, "flanneld is ready"));
+        assert_eq!(respond("/metrics", true).0, 404);
+    }
+}

@@ -1,0 +1,161 @@
+//! IP masquerade and forward rules in Flannel's nftables layout (§7): tables `ip flannel-ipv4`
+//! and `ip6 flannel-ipv6`, chains `postrtg` and `forward`. Each table is written in nft's text
+//! syntax, not JSON, because nft 1.0.x drops table and chain comments given in JSON and the
+//! listing must read exactly like Flannel's. Every chain is flushed and refilled in the same
+//! transaction, so rules for a previous subnet vanish and a half-applied set never exists.
+
+use ipnet::IpNet;
+
+use crate::nft::{self, NftError};
+
+/// What the rules are built from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MasqInput {
+    /// The flannel Network of this family.
+    pub network: IpNet,
+    /// This node's lease of this family.
+    pub subnet: IpNet,
+    /// `--ip-masq`: the postrtg chain.
+    pub masquerade: bool,
+    /// `--ip-masq-fully-random-disable` not given and the kernel supports it.
+    pub fully_random: bool,
+    /// `--iptables-forward-rules`: the forward chain.
+    pub forward: bool,
+}
+
+fn family_names(net: &IpNet) -> (&'static str, &'static str, &'static str, &'static str) {
+    match net {
+        IpNet::V4(_) => ("ip", "flannel-ipv4", "ip", "224.0.0.0/4"),
+        IpNet::V6(_) => ("ip6", "flannel-ipv6", "ip6", "ff00::/8"),
+    }
+}
+
+/// The transaction that makes the table hold exactly Flannel's rules. Pure.
+pub fn ruleset(input: &MasqInput) -> String {
+    let (family, table, proto, multicast) = family_names(&input.network);
+    let n = input.network.trunc();
+    let p = input.subnet.trunc();
+    let random = if input.fully_random {
+        " fully-random"
+    } else {
+        ""
+    };
+    let mut s = format!("add table {family} {table} {{ comment \"rules for {table}\" ; }}\n");
+    if input.masquerade {
+        let chain = format!("{family} {table} postrtg");
+        s += &format!(
+            "add chain {chain} {{ type nat hook postrouting priority srcnat ; policy accept ; comment \"chain to manage traffic masquerading by flannel\" ; }}\n"
+        );
+        s += &format!("flush chain {chain}\n");
+        // Flannel's order: keep marked (kube-proxy) traffic and pod-to-pod traffic
+        // unmasqueraded, masquerade pods leaving the network and hosts entering it.
+        s += &format!("add rule {chain} meta mark 0x4000 return\n");
+        s += &format!("add rule {chain} {proto} saddr {p} {proto} daddr {n} return\n");
+        s += &format!("add rule {chain} {proto} saddr {n} {proto} daddr {p} return\n");
+        s += &format!("add rule {chain} {proto} saddr != {p} {proto} daddr {n} return\n");
+        s += &format!(
+            "add rule {chain} {proto} saddr {n} {proto} daddr != {multicast} masquerade{random}\n"
+        );
+        s += &format!(
+            "add rule {chain} {proto} saddr != {n} {proto} daddr {n} masquerade{random}\n"
+        );
+    }
+    if input.forward {
+        let chain = format!("{family} {table} forward");
+        s += &format!(
+            "add chain {chain} {{ type filter hook forward priority filter ; policy accept ; comment \"chain to accept flannel traffic\" ; }}\n"
+        );
+        s += &format!("flush chain {chain}\n");
+        s += &format!("add rule {chain} {proto} saddr {n} accept\n");
+        s += &format!("add rule {chain} {proto} daddr {n} accept\n");
+    }
+    s
+}
+
+/// Number of rules [`ruleset`] puts in the table, to detect drift cheaply.
+pub fn rule_count(input: &MasqInput) -> usize {
+    usize::from(input.masquerade) * 6 + usize::from(input.forward) * 2
+}
+
+/// Whether this kernel and nft accept `masquerade fully-random` (Flannel probes the same way,
+/// with a check-only transaction that changes nothing).
+pub fn fully_random_supported() -> bool {
+    nft::check(
+        "add table ip twill-masq-probe\nadd chain ip twill-masq-probe masqueradeTest { type nat hook postrouting priority srcnat ; }\nadd rule ip twill-masq-probe masqueradeTest masquerade fully-random\n",
+    )
+    .is_ok()
+}
+
+/// Applies the rules of one family as one transaction.
+pub fn apply(input: &MasqInput) -> Result<(), NftError> {
+    nft::apply(&ruleset(input))
+}
+
+/// Counts the rules currently in the family's table; `None` when the table is missing.
+pub fn installed_rule_count(network: &IpNet) -> Option<usize> {
+    let (family, table, _, _) = family_names(network);
+    let out = nft::run(&["-j", "list", "table", family, table], None).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let items = v.get("nftables")?.as_array()?;
+    Some(items.iter().filter(|i| i.get("rule").is_some()).count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(network: &str, subnet: &str) -> MasqInput {
+        MasqInput {
+            network: network.parse().unwrap(),
+            subnet: subnet.parse().unwrap(),
+            masquerade: true,
+            fully_random: true,
+            forward: true,
+        }
+    }
+
+    #[test]
+    fn ipv4_rules_are_flannels() {
+        let s = ruleset(&input("10.244.0.0/16", "10.244.1.1/24"));
+        let golden = "\
+add table ip flannel-ipv4 { comment \"rules for flannel-ipv4\" ; }
+add chain ip flannel-ipv4 postrtg { type nat hook postrouting priority srcnat ; policy accept ; comment \"chain to manage traffic masquerading by flannel\" ; }
+flush chain ip flannel-ipv4 postrtg
+add rule ip flannel-ipv4 postrtg meta mark 0x4000 return
+add rule ip flannel-ipv4 postrtg ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return
+add rule ip flannel-ipv4 postrtg ip saddr 10.244.0.0/16 ip daddr 10.244.1.0/24 return
+add rule ip flannel-ipv4 postrtg ip saddr != 10.244.1.0/24 ip daddr 10.244.0.0/16 return
+add rule ip flannel-ipv4 postrtg ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
+add rule ip flannel-ipv4 postrtg ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random
+add chain ip flannel-ipv4 forward { type filter hook forward priority filter ; policy accept ; comment \"chain to accept flannel traffic\" ; }
+flush chain ip flannel-ipv4 forward
+add rule ip flannel-ipv4 forward ip saddr 10.244.0.0/16 accept
+add rule ip flannel-ipv4 forward ip daddr 10.244.0.0/16 accept
+";
+        assert_eq!(s, golden);
+        assert_eq!(rule_count(&input("10.244.0.0/16", "10.244.1.1/24")), 8);
+    }
+
+    #[test]
+    fn ipv6_uses_ip6_table_and_ff00_multicast() {
+        let mut i = input("fd00:42::/56", "fd00:42:0:1::/64");
+        i.fully_random = false;
+        let s = ruleset(&i);
+        assert!(
+            s.starts_with("add table ip6 flannel-ipv6 { comment \"rules for flannel-ipv6\" ; }\n")
+        );
+        assert!(s.contains("add rule ip6 flannel-ipv6 postrtg ip6 saddr fd00:42::/56 ip6 daddr != ff00::/8 masquerade\n"));
+        assert!(!s.contains("fully-random"));
+    }
+
+    #[test]
+    fn chains_follow_flags() {
+        let mut i = input("10.244.0.0/16", "10.244.1.0/24");
+        i.masquerade = false;
+        let s = ruleset(&i);
+        assert!(!s.contains("postrtg") && s.contains("forward"));
+        assert_eq!(rule_count(&i), 2);
+        i.forward = false;
+        assert_eq!(ruleset(&i).lines().count(), 1);
+    }
+}

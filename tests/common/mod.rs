@@ -1,0 +1,288 @@
+//! Shared helpers for twilld's lab tests: a cluster of nodes in network namespaces with real
+//! etcd, twilld started per node, and readers for the kernel state each node holds.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use twill_cni::subnet_env::SubnetEnv;
+use twill_lab::{Ipv4Net, Lab, ProcId, Signal};
+
+pub const PREFIX: &str = "/coreos.com/network";
+
+pub struct Cluster {
+    pub lab: Lab,
+    pub daemons: BTreeMap<String, ProcId>,
+}
+
+/// Starts etcd, writes `config` to `<prefix>/config`, adds `nodes`.
+pub fn cluster(name: &str, nodes: &[&str], config: &str) -> Cluster {
+    let mut lab = Lab::new(name).expect("lab");
+    lab.start_etcd().expect("etcd");
+    lab.etcdctl(&["put", &format!("{PREFIX}/config"), config])
+        .expect("put config");
+    for n in nodes {
+        lab.add_node(n).expect("node");
+    }
+    Cluster {
+        lab,
+        daemons: BTreeMap::new(),
+    }
+}
+
+pub fn twilld_bin() -> String {
+    twill_lab::bin_path("twilld").to_string_lossy().into_owned()
+}
+
+impl Cluster {
+    pub fn subnet_file(&self, node: &str) -> PathBuf {
+        self.lab.node(node).dir.join("subnet.env")
+    }
+
+    /// Starts twilld on `node` with the lab's flags plus `extra`.
+    pub fn start(&mut self, node: &str, extra: &[&str]) -> ProcId {
+        let netns = self.lab.node(node).netns.clone();
+        let subnet_file = self.subnet_file(node).to_string_lossy().into_owned();
+        let bin = twilld_bin();
+        let mut argv = vec![
+            bin.as_str(),
+            "--etcd-endpoints=http://198.18.0.1:2379",
+            "--ip-masq",
+            "--resync-period=2",
+            "--subnet-file",
+            subnet_file.as_str(),
+        ];
+        argv.extend_from_slice(extra);
+        let id = self
+            .lab
+            .spawn(
+                &netns,
+                &format!("twilld-{node}-{}", self.daemons.len()),
+                &argv,
+                &[("TWILL_LOG", "info")],
+            )
+            .expect("spawn twilld");
+        self.daemons.insert(node.to_string(), id);
+        id
+    }
+
+    pub fn daemon(&self, node: &str) -> ProcId {
+        self.daemons[node]
+    }
+
+    pub fn kill(&mut self, node: &str, signal: Signal) {
+        let id = self.daemon(node);
+        self.lab.kill(id, signal).expect("kill");
+        let _ = self.lab.wait(id, Duration::from_secs(10));
+    }
+
+    pub fn log(&self, node: &str) -> String {
+        self.lab.log(self.daemon(node))
+    }
+
+    /// Waits for subnet.env to appear and returns it (the daemon writes it when ready).
+    pub fn wait_ready(&mut self, node: &str) -> SubnetEnv {
+        let path = self.subnet_file(node);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(env) = SubnetEnv::read(&path) {
+                return env;
+            }
+            let id = self.daemon(node);
+            assert!(
+                self.lab.is_running(id),
+                "twilld on {node} exited:\n{}",
+                self.lab.log(id)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "twilld on {node} not ready in 60s:\n{}",
+                self.lab.log(id)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn ns(&self, node: &str) -> String {
+        self.lab.node(node).netns.clone()
+    }
+
+    pub fn ip_json(&self, node: &str, args: &[&str]) -> serde_json::Value {
+        let ns = self.ns(node);
+        let mut argv = vec!["ip", "-j"];
+        argv.extend_from_slice(args);
+        let out = self.lab.exec_ok(&ns, &argv).expect("ip -j");
+        if out.trim().is_empty() {
+            return serde_json::Value::Array(vec![]);
+        }
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j {args:?}: {e}: {out}"))
+    }
+
+    pub fn bridge_json(&self, node: &str, args: &[&str]) -> serde_json::Value {
+        let ns = self.ns(node);
+        let mut argv = vec!["bridge", "-j"];
+        argv.extend_from_slice(args);
+        let out = self.lab.exec_ok(&ns, &argv).expect("bridge -j");
+        if out.trim().is_empty() {
+            return serde_json::Value::Array(vec![]);
+        }
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bridge -j {args:?}: {e}: {out}"))
+    }
+
+    /// MAC of `dev` on `node`.
+    pub fn mac(&self, node: &str, dev: &str) -> String {
+        let v = self.ip_json(node, &["link", "show", "dev", dev]);
+        v[0]["address"].as_str().expect("address").to_string()
+    }
+
+    /// What twill programmed toward peers on `node`: (routes "dst via gw dev", permanent
+    /// neighbours "ip mac", fdb "mac dst") on flannel.1 / for the network.
+    pub fn entries(&self, node: &str, dev: &str) -> Entries {
+        let mut e = Entries::default();
+        for r in self
+            .ip_json(node, &["route", "show", "table", "main"])
+            .as_array()
+            .unwrap()
+        {
+            if let (Some(dst), Some(gw)) = (r["dst"].as_str(), r["gateway"].as_str()) {
+                if dst.starts_with("10.") {
+                    e.routes.insert(format!(
+                        "{dst} via {gw} dev {}",
+                        r["dev"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        if self
+            .ip_json(node, &["link"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["ifname"] == dev)
+        {
+            for n in self
+                .ip_json(node, &["neigh", "show", "dev", dev])
+                .as_array()
+                .unwrap()
+            {
+                let perm = n["state"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|x| x == "PERMANENT"));
+                if perm {
+                    e.neighbours.insert(format!(
+                        "{} {}",
+                        n["dst"].as_str().unwrap(),
+                        n["lladdr"].as_str().unwrap_or("")
+                    ));
+                }
+            }
+            for f in self
+                .bridge_json(node, &["fdb", "show", "dev", dev])
+                .as_array()
+                .unwrap()
+            {
+                if let Some(dst) = f["dst"].as_str() {
+                    e.fdb
+                        .insert(format!("{} {dst}", f["mac"].as_str().unwrap()));
+                }
+            }
+        }
+        e
+    }
+
+    /// Polls until `pred` holds for `node`'s entries; returns how long it took.
+    pub fn wait_entries(
+        &self,
+        node: &str,
+        dev: &str,
+        what: &str,
+        pred: impl Fn(&Entries) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let e = self.entries(node, dev);
+            if pred(&e) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what} on {node} not reached in 30s; entries: {e:#?}\nlog:\n{}",
+                self.log(node)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn etcd_get(&self, key: &str) -> Option<String> {
+        let out = self
+            .lab
+            .etcdctl(&["get", key, "--print-value-only"])
+            .expect("etcdctl get");
+        let v = out.trim_end_matches('\n');
+        (!v.is_empty()).then(|| v.to_string())
+    }
+
+    pub fn subnet_keys(&self) -> Vec<String> {
+        let out = self
+            .lab
+            .etcdctl(&[
+                "get",
+                &format!("{PREFIX}/subnets/"),
+                "--prefix",
+                "--keys-only",
+            ])
+            .expect("keys");
+        out.lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// A pod namespace on `node`'s subnet (bridge cni0 + veth, as the bridge plugin makes).
+    pub fn pod(&mut self, node: &str, name: &str, env: &SubnetEnv) -> Ipv4Addr {
+        let subnet = env.subnet_network().expect("FLANNEL_SUBNET");
+        let ip = Ipv4Addr::from(u32::from(subnet.network()) + 2);
+        let addr = Ipv4Net::new(ip, subnet.prefix_len()).unwrap();
+        self.lab.add_manual_pod(node, name, addr).expect("pod");
+        ip
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Entries {
+    pub routes: BTreeSet<String>,
+    pub neighbours: BTreeSet<String>,
+    pub fdb: BTreeSet<String>,
+}
+
+impl Entries {
+    pub fn has_peer(&self, subnet: &Ipv4Net, public: Ipv4Addr, mac: &str) -> bool {
+        let base = subnet.network();
+        self.routes
+            .contains(&format!("{subnet} via {base} dev flannel.1"))
+            && self.neighbours.contains(&format!("{base} {mac}"))
+            && self.fdb.contains(&format!("{mac} {public}"))
+    }
+
+    pub fn mentions(&self, subnet: &Ipv4Net) -> bool {
+        let base = subnet.network().to_string();
+        self.routes
+            .iter()
+            .any(|r| r.starts_with(&format!("{subnet} ")))
+            || self
+                .neighbours
+                .iter()
+                .any(|n| n.starts_with(&format!("{base} ")))
+    }
+}
+
+/// The etcd key of a subnet.
+pub fn subnet_key(subnet: &Ipv4Net) -> String {
+    format!(
+        "{PREFIX}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    )
+}

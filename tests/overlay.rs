@@ -1,0 +1,471 @@
+//! Lab tests of twilld in etcd mode (issue 2, "must be shown" 1-5): real etcd, real netlink,
+//! real nft, every test in namespaces of its own. Root only; skipped with a message outside CI.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use common::{cluster, subnet_key, Cluster, PREFIX};
+use twill_cni::subnet_env::SubnetEnv;
+use twill_lab::{Ipv4Net, Signal};
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+fn start_all(c: &mut Cluster, nodes: &[&str]) -> BTreeMap<String, SubnetEnv> {
+    for n in nodes {
+        c.start(n, &[]);
+    }
+    nodes
+        .iter()
+        .map(|n| (n.to_string(), c.wait_ready(n)))
+        .collect()
+}
+
+fn subnet(env: &SubnetEnv) -> Ipv4Net {
+    env.subnet_network().expect("FLANNEL_SUBNET")
+}
+
+fn expected_vxlan_lease(public: Ipv4Addr, mac: &str) -> String {
+    format!(
+        r#"{{"PublicIP":"{public}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
+}
+
+fn assert_all_pods_reach_each_other(c: &Cluster, pods: &[(String, String, Ipv4Addr)]) {
+    for (_, from_ns, _) in pods {
+        for (to_name, _, to_ip) in pods {
+            assert!(
+                c.lab
+                    .wait_ping(from_ns, (*to_ip).into(), Duration::from_secs(10)),
+                "{from_ns} cannot reach {to_name} ({to_ip})"
+            );
+        }
+    }
+}
+
+#[test]
+fn vxlan_three_nodes_flannel_leases_entries_and_pod_reachability() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let nodes = ["n1", "n2", "n3"];
+    let mut c = cluster("vx3", &nodes, VXLAN);
+    let envs = start_all(&mut c, &nodes);
+
+    let subnets: Vec<Ipv4Net> = envs.values().map(subnet).collect();
+    assert_eq!(
+        subnets
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3,
+        "subnets not distinct: {subnets:?}"
+    );
+
+    for n in nodes {
+        let env = &envs[n];
+        let s = subnet(env);
+        assert!("10.244.0.0/16".parse::<Ipv4Net>().unwrap().contains(&s));
+        assert_eq!(s.prefix_len(), 24);
+        // subnet.env, byte for byte in Flannel's order.
+        let text = std::fs::read_to_string(c.subnet_file(n)).unwrap();
+        let first = Ipv4Addr::from(u32::from(s.network()) + 1);
+        assert_eq!(text, format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"));
+        // The lease, byte for byte as Flannel writes it.
+        let addr = c.lab.node(n).addr;
+        let mac = c.mac(n, "flannel.1");
+        assert_eq!(
+            c.etcd_get(&subnet_key(&s)).as_deref(),
+            Some(expected_vxlan_lease(addr, &mac).as_str())
+        );
+        // The device as Flannel makes it.
+        let link = &c.ip_json(n, &["-d", "link", "show", "dev", "flannel.1"])[0];
+        assert_eq!(link["mtu"], 1450);
+        let info = &link["linkinfo"]["info_data"];
+        assert_eq!(info["id"], 1);
+        assert_eq!(info["local"], addr.to_string());
+        assert_eq!(info["port"], 8472);
+        assert_eq!(info["learning"], false);
+        let addrs = c.ip_json(n, &["addr", "show", "dev", "flannel.1"]);
+        let local: Vec<String> = addrs[0]["addr_info"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["family"] == "inet")
+            .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+            .collect();
+        assert_eq!(local, vec![format!("{}/32", s.network())]);
+    }
+
+    // Every node holds neighbour, FDB and route entries for both others, and nothing else.
+    for n in nodes {
+        c.wait_entries(n, "flannel.1", "entries for both peers", |e| {
+            nodes.iter().filter(|m| **m != n).all(|m| {
+                e.has_peer(
+                    &subnet(&envs[*m]),
+                    c.lab.node(m).addr,
+                    &c.mac(m, "flannel.1"),
+                )
+            }) && e.routes.len() == 2
+                && e.neighbours.len() == 2
+                && e.fdb.len() == 2
+        });
+    }
+
+    // Masquerade rules in Flannel's nftables layout.
+    let ruleset = c
+        .lab
+        .exec_ok(&c.ns("n1"), &["nft", "list", "table", "ip", "flannel-ipv4"])
+        .unwrap();
+    let s1 = subnet(&envs["n1"]);
+    for rule in [
+        "meta mark 0x00004000 return".to_string(),
+        format!("ip saddr {s1} ip daddr 10.244.0.0/16 return"),
+        format!("ip saddr 10.244.0.0/16 ip daddr {s1} return"),
+        format!("ip saddr != {s1} ip daddr 10.244.0.0/16 return"),
+        "ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade".to_string(),
+        "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade".to_string(),
+        "ip saddr 10.244.0.0/16 accept".to_string(),
+        "ip daddr 10.244.0.0/16 accept".to_string(),
+    ] {
+        assert!(ruleset.contains(&rule), "missing {rule:?} in\n{ruleset}");
+    }
+
+    let pods: Vec<(String, String, Ipv4Addr)> = nodes
+        .iter()
+        .map(|n| {
+            let name = format!("p{n}");
+            let ip = c.pod(n, &name, &envs[*n]);
+            (name.clone(), c.lab.pod(&name).netns.clone(), ip)
+        })
+        .collect();
+    assert_all_pods_reach_each_other(&c, &pods);
+}
+
+#[test]
+fn host_gw_three_nodes_route_via_peers_and_pods_reach_each_other() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let nodes = ["n1", "n2", "n3"];
+    let mut c = cluster("hgw", &nodes, HOST_GW);
+    let envs = start_all(&mut c, &nodes);
+    for n in nodes {
+        let s = subnet(&envs[n]);
+        assert_eq!(
+            c.etcd_get(&subnet_key(&s)).as_deref(),
+            Some(
+                format!(
+                    r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+                    c.lab.node(n).addr
+                )
+                .as_str()
+            )
+        );
+        assert!(std::fs::read_to_string(c.subnet_file(n))
+            .unwrap()
+            .contains("FLANNEL_MTU=1500\n"));
+    }
+    for n in nodes {
+        c.wait_entries(n, "flannel.1", "host-gw routes", |e| {
+            nodes.iter().filter(|m| **m != n).all(|m| {
+                e.routes.contains(&format!(
+                    "{} via {} dev eth0",
+                    subnet(&envs[*m]),
+                    c.lab.node(m).addr
+                ))
+            }) && e.routes.len() == 2
+        });
+    }
+    let pods: Vec<(String, String, Ipv4Addr)> = nodes
+        .iter()
+        .map(|n| {
+            let name = format!("h{n}");
+            let ip = c.pod(n, &name, &envs[*n]);
+            (name.clone(), c.lab.pod(&name).netns.clone(), ip)
+        })
+        .collect();
+    assert_all_pods_reach_each_other(&c, &pods);
+}
+
+/// A node set up by hand exactly as flanneld would have set it up (its lease written into
+/// etcd, flannel.1 configured with ip and bridge): twill nodes program it, and it reaches them.
+#[test]
+fn flannel_node_configured_by_hand_interoperates() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("flx", &["n1", "n2", "fl"], VXLAN);
+    let envs = start_all(&mut c, &["n1", "n2"]);
+
+    // The Flannel node: subnet 10.244.200.0/24, its own VTEP MAC.
+    let fl = c.ns("fl");
+    let fl_addr = c.lab.node("fl").addr;
+    let fl_subnet: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let fl_mac = "0e:fa:00:00:c8:01";
+    let sh = |args: &[&str]| {
+        c.lab
+            .exec_ok(&fl, args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &fl_addr.to_string(),
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    sh(&[
+        "ip",
+        "link",
+        "set",
+        "flannel.1",
+        "address",
+        fl_mac,
+        "mtu",
+        "1450",
+        "up",
+    ]);
+    sh(&["ip", "addr", "add", "10.244.200.0/32", "dev", "flannel.1"]);
+    let grant = c.lab.etcdctl(&["lease", "grant", "86400"]).unwrap();
+    let lease_id = grant
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    c.lab
+        .etcdctl(&[
+            "put",
+            &format!("--lease={lease_id}"),
+            &subnet_key(&fl_subnet),
+            &expected_vxlan_lease(fl_addr, fl_mac),
+        ])
+        .unwrap();
+    // What flanneld on that node would program for each twill peer, from their leases.
+    for n in ["n1", "n2"] {
+        let s = subnet(&envs[n]);
+        let mac = c.mac(n, "flannel.1");
+        let base = s.network().to_string();
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &base,
+            "lladdr",
+            &mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ]);
+        sh(&[
+            "bridge",
+            "fdb",
+            "replace",
+            &mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            &c.lab.node(n).addr.to_string(),
+            "self",
+            "permanent",
+        ]);
+        sh(&[
+            "ip",
+            "route",
+            "replace",
+            &s.to_string(),
+            "via",
+            &base,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ]);
+    }
+    let fl_pod = Ipv4Net::new("10.244.200.2".parse().unwrap(), 24).unwrap();
+    c.lab.add_manual_pod("fl", "pfl", fl_pod).unwrap();
+
+    for n in ["n1", "n2"] {
+        c.wait_entries(n, "flannel.1", "the Flannel node's entries", |e| {
+            e.has_peer(&fl_subnet, fl_addr, fl_mac)
+        });
+    }
+    let mut pods: Vec<(String, String, Ipv4Addr)> = ["n1", "n2"]
+        .iter()
+        .map(|n| {
+            let name = format!("q{n}");
+            let ip = c.pod(n, &name, &envs[*n]);
+            (name.clone(), c.lab.pod(&name).netns.clone(), ip)
+        })
+        .collect();
+    pods.push(("pfl".into(), c.lab.pod("pfl").netns.clone(), fl_pod.addr()));
+    assert_all_pods_reach_each_other(&c, &pods);
+}
+
+/// A lease appearing or vanishing in etcd is programmed or removed on every other node; the
+/// times are printed (the budget lives in bench/, not here).
+#[test]
+fn lease_added_and_deleted_converges_on_every_node() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let nodes = ["n1", "n2", "n3"];
+    let mut c = cluster("cvg", &nodes, VXLAN);
+    start_all(&mut c, &nodes);
+    for n in nodes {
+        c.wait_entries(n, "flannel.1", "initial peers", |e| e.routes.len() == 2);
+    }
+    let peer: Ipv4Net = "10.244.250.0/24".parse().unwrap();
+    let peer_ip: Ipv4Addr = "198.18.0.250".parse().unwrap();
+    let peer_mac = "0e:00:00:00:fa:01";
+    let t0 = Instant::now();
+    c.lab
+        .etcdctl(&[
+            "put",
+            &subnet_key(&peer),
+            &expected_vxlan_lease(peer_ip, peer_mac),
+        ])
+        .unwrap();
+    let mut added = Vec::new();
+    for n in nodes {
+        c.wait_entries(n, "flannel.1", "new peer programmed", |e| {
+            e.has_peer(&peer, peer_ip, peer_mac)
+        });
+        added.push(t0.elapsed());
+    }
+    let t1 = Instant::now();
+    c.lab.etcdctl(&["del", &subnet_key(&peer)]).unwrap();
+    let mut removed = Vec::new();
+    for n in nodes {
+        c.wait_entries(n, "flannel.1", "deleted peer removed", |e| {
+            !e.mentions(&peer) && !e.fdb.iter().any(|f| f.starts_with(peer_mac))
+        });
+        removed.push(t1.elapsed());
+    }
+    // Other peers are untouched throughout.
+    for n in nodes {
+        assert_eq!(c.entries(n, "flannel.1").routes.len(), 2);
+    }
+    println!("convergence (etcdctl put/del to entries on all 3 nodes, includes etcdctl and polling): add {:?}, delete {:?}", added.last().unwrap(), removed.last().unwrap());
+}
+
+/// kill -9 and restart of twilld during a continuous ping across nodes: no packet lost, same
+/// subnet, same VTEP MAC.
+#[test]
+fn kill9_and_restart_is_hitless() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let nodes = ["n1", "n2"];
+    let mut c = cluster("k9", &nodes, VXLAN);
+    let envs = start_all(&mut c, &nodes);
+    for n in nodes {
+        c.wait_entries(n, "flannel.1", "peer", |e| e.routes.len() == 1);
+    }
+    let ip1 = c.pod("n1", "k1", &envs["n1"]);
+    let ip2 = c.pod("n2", "k2", &envs["n2"]);
+    let k1 = c.lab.pod("k1").netns.clone();
+    assert!(c.lab.wait_ping(&k1, ip2.into(), Duration::from_secs(10)));
+    let macs: Vec<String> = nodes.iter().map(|n| c.mac(n, "flannel.1")).collect();
+
+    // 600 probes, 10 ms apart: about 6 s of traffic across both restarts.
+    let ping = c
+        .lab
+        .spawn(
+            &k1,
+            "ping-k9",
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-i",
+                "0.01",
+                "-c",
+                "600",
+                "-W",
+                "1",
+                &ip2.to_string(),
+            ],
+            &[],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for n in nodes {
+        c.kill(n, Signal::SIGKILL);
+        c.start(n, &[]);
+        c.wait_ready(n);
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let status = c.lab.wait(ping, Duration::from_secs(30)).unwrap();
+    let out = c.lab.log(ping);
+    assert!(status.is_some_and(|s| s.success()), "ping failed: {out}");
+    assert!(
+        out.contains("600 packets transmitted, 600 received"),
+        "packets lost across restarts: {out}"
+    );
+
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(
+            SubnetEnv::read(&c.subnet_file(n)).unwrap(),
+            envs[*n],
+            "subnet changed on {n}"
+        );
+        assert_eq!(c.mac(n, "flannel.1"), macs[i], "VTEP MAC changed on {n}");
+    }
+    assert!(c.lab.ping(&k1, ip1.into(), 1, Duration::from_secs(2)));
+}
+
+/// A peer's lease deleted while twilld on another node is stopped: on start its stale entries
+/// are gone (flannel#2554).
+#[test]
+fn stale_peer_entries_are_removed_at_start() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let nodes = ["n1", "n2", "n3"];
+    let mut c = cluster("gc", &nodes, VXLAN);
+    let envs = start_all(&mut c, &nodes);
+    for n in nodes {
+        c.wait_entries(n, "flannel.1", "peers", |e| e.routes.len() == 2);
+    }
+    c.kill("n1", Signal::SIGTERM);
+    c.kill("n3", Signal::SIGKILL);
+    let gone = subnet(&envs["n3"]);
+    c.lab.etcdctl(&["del", &subnet_key(&gone)]).unwrap();
+    // n1's kernel still holds n3's entries: nothing ran to remove them.
+    assert!(c.entries("n1", "flannel.1").mentions(&gone));
+    c.start("n1", &[]);
+    c.wait_ready("n1");
+    c.wait_entries("n1", "flannel.1", "stale peer removed at start", |e| {
+        !e.mentions(&gone)
+            && e.has_peer(
+                &subnet(&envs["n2"]),
+                c.lab.node("n2").addr,
+                &c.mac("n2", "flannel.1"),
+            )
+    });
+    c.wait_entries(
+        "n2",
+        "flannel.1",
+        "deleted peer removed while running",
+        |e| !e.mentions(&gone) && e.routes.len() == 1,
+    );
+    let keys = c.subnet_keys();
+    assert!(!keys.contains(&subnet_key(&gone)), "{keys:?}");
+    assert!(keys
+        .iter()
+        .all(|k| k.starts_with(&format!("{PREFIX}/subnets/"))));
+}
