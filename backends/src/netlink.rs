@@ -24,6 +24,9 @@ use crate::desired::Topology;
 use crate::model::{DataplaneState, LinkRef, MacAddr, RouteEntry};
 use crate::reconcile::Op;
 
+/// Netlink requests of one phase kept in flight at once by [`Netlink::apply`].
+pub const APPLY_CONCURRENCY: usize = 64;
+
 /// errno values the callers care about.
 pub const EEXIST: i32 = 17;
 pub const ENOENT: i32 = 2;
@@ -447,12 +450,24 @@ impl Netlink {
     /// Applies ops in order, carrying on past failures: one bad peer must not keep the others
     /// from being programmed. Failed ops are returned with their errors; the next resync
     /// retries them.
+    ///
+    /// Ops of one phase ([`Op::phase`]) are pipelined on the socket, up to
+    /// [`APPLY_CONCURRENCY`] in flight, instead of waiting for each acknowledgement in turn:
+    /// with 1000 peers that is the difference between 3000 round trips and a few dozen.
     pub async fn apply(&self, links: &LinkMap, ops: &[Op]) -> Vec<(Op, NetlinkError)> {
+        use futures::StreamExt;
         let mut failed = Vec::new();
-        for op in ops {
-            if let Err(e) = self.apply_one(links, op).await {
-                failed.push((op.clone(), e));
-            }
+        for phase in ops.chunk_by(|a, b| a.phase() == b.phase()) {
+            let results: Vec<(Op, Result<(), NetlinkError>)> = futures::stream::iter(phase)
+                .map(|op| async move { (op.clone(), self.apply_one(links, op).await) })
+                .buffer_unordered(APPLY_CONCURRENCY)
+                .collect()
+                .await;
+            failed.extend(
+                results
+                    .into_iter()
+                    .filter_map(|(op, r)| r.err().map(|e| (op, e))),
+            );
         }
         failed
     }

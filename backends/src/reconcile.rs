@@ -37,6 +37,20 @@ pub enum Op {
     SetRoute(RouteEntry),
 }
 
+impl Op {
+    /// Ops of one phase are independent of each other and may be applied concurrently; a
+    /// phase must finish before the next starts (a route only after its neighbour and FDB
+    /// entries exist). [`diff`] emits ops sorted by phase.
+    pub fn phase(&self) -> u8 {
+        match self {
+            Op::DelRoute(_) => 0,
+            Op::DelNeighbour { .. } | Op::DelFdb { .. } => 1,
+            Op::SetNeighbour { .. } | Op::SetFdb { .. } => 2,
+            Op::SetRoute(_) => 3,
+        }
+    }
+}
+
 /// What must change so that `actual` becomes `desired`. Empty when they already agree, so a
 /// periodic resync of a healthy node costs one dump and no writes.
 pub fn diff(desired: &DataplaneState, actual: &DataplaneState) -> Vec<Op> {
@@ -106,6 +120,22 @@ mod tests {
             );
         }
         s
+    }
+
+    #[test]
+    fn ops_come_sorted_by_phase() {
+        let old = peer_state(&[
+            ("10.244.2.0/24", "198.18.0.12", 2),
+            ("10.244.4.0/24", "198.18.0.14", 4),
+        ]);
+        let new = peer_state(&[
+            ("10.244.2.0/24", "198.18.0.99", 9),
+            ("10.244.3.0/24", "198.18.0.13", 3),
+        ]);
+        let phases: Vec<u8> = diff(&new, &old).iter().map(Op::phase).collect();
+        assert!(phases.windows(2).all(|w| w[0] <= w[1]), "{phases:?}");
+        assert_eq!(phases.first(), Some(&0));
+        assert_eq!(phases.last(), Some(&3));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! Internal: convergence put-leases ENDPOINT PREFIX N   (run inside the lab's switch namespace)
 
 use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -129,7 +130,32 @@ fn round_twilld(n: u32) -> Result<(Duration, u64)> {
     }
     let me = std::env::current_exe()?.to_string_lossy().into_owned();
     let sw = lab.switch_ns();
+    // Watch route additions with `ip monitor` (one process, event-driven) rather than polling
+    // with a new `ip` per check, which would steal CPU from the daemon being measured.
+    let mut monitor = std::process::Command::new("ip")
+        .args(["-n", &node.netns, "monitor", "route"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let reader = BufReader::new(monitor.stdout.take().context("monitor stdout")?);
+    std::thread::sleep(Duration::from_millis(50));
     let start = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = n as usize;
+    std::thread::spawn(move || {
+        let mut seen = 0usize;
+        for line in reader.lines().map_while(Result::ok) {
+            if line.contains(" via ")
+                && line.contains("dev flannel.1")
+                && !line.starts_with("Deleted")
+            {
+                seen += 1;
+                if seen == want {
+                    let _ = tx.send(Instant::now());
+                    return;
+                }
+            }
+        }
+    });
     lab.exec_ok(
         &sw,
         &[
@@ -140,20 +166,19 @@ fn round_twilld(n: u32) -> Result<(Duration, u64)> {
             &n.to_string(),
         ],
     )?;
-    loop {
-        if count_routes(&lab, &node.netns)? >= n as usize {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "not converged in 60 s: {:?}\n{}",
-                count_entries(&lab, &node.netns)?,
-                lab.log(id)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let took = start.elapsed();
+    let put_done = start.elapsed();
+    let converged = rx.recv_timeout(Duration::from_secs(60));
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let Ok(at) = converged else {
+        bail!(
+            "not converged in 60 s: {:?}\n{}",
+            count_entries(&lab, &node.netns)?,
+            lab.log(id)
+        );
+    };
+    let took = at - start;
+    eprintln!("  etcd puts took {:.1} ms of that", ms(put_done));
     let (neigh, fdb, routes) = count_entries(&lab, &node.netns)?;
     if (neigh, fdb, routes) != (n as usize, n as usize, n as usize) {
         bail!("incomplete dataplane: neigh {neigh} fdb {fdb} routes {routes}");
