@@ -1,1 +1,3 @@
+pub mod conformance;
+pub mod eval;
 pub mod model;
