@@ -1,3 +1,4 @@
+pub mod compile;
 pub mod conformance;
 pub mod eval;
 pub mod model;
