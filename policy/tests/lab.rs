@@ -370,3 +370,86 @@ fn policies_in_the_lab_match_the_evaluator() {
     );
     lab.teardown().unwrap();
 }
+
+fn wait_table(lab: &Lab, node: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = lab
+            .exec(node, &["nft", "list", "table", "inet", "twill-policy"])
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn run_follows_manifest_changes_and_keeps_last_good_state() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut lab = Lab::new("polrun").unwrap();
+    let node = lab.add_node("n1").unwrap();
+    let dir = lab.dir().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("pods.yaml"),
+        "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {nodeName: n1}\nstatus: {podIPs: [{ip: 10.244.1.2}, {ip: 'fd00::2'}]}\n",
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_twill-policy");
+    let id = lab
+        .spawn(
+            &node.netns,
+            "twill-policy",
+            &[bin, "--manifests", dir.to_str().unwrap(), "run"],
+            &[("NODE_NAME", "n1")],
+        )
+        .unwrap();
+    wait_table(&lab, &node.netns, "the initial table", |s| {
+        s.contains("chain forward") && !s.contains("pod-in/x/a")
+    });
+    let policy =
+        "kind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n";
+    std::fs::write(dir.join("policy.yaml"), policy).unwrap();
+    wait_table(&lab, &node.netns, "x/a isolated", |s| {
+        s.contains("10.244.1.2 : jump pod-in/x/a") && s.contains("fd00::2 : jump pod-in/x/a")
+    });
+    // An invalid manifest is reported and the last good state stays enforced.
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "kind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\nspec: {ingress: [{ports: [{port: 0}]}]}\n",
+    )
+    .unwrap();
+    std::fs::remove_file(dir.join("policy.yaml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.log(id).contains("spec.ingress[0].ports[0].port") {
+        assert!(
+            Instant::now() < deadline,
+            "no error logged:\n{}",
+            lab.log(id)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_table(&lab, &node.netns, "x/a still isolated", |s| {
+        s.contains("jump pod-in/x/a")
+    });
+    assert!(
+        lab.log(id).contains("bad.yaml: document 0"),
+        "{}",
+        lab.log(id)
+    );
+    // Fixed: the policy is gone, so x/a is no longer isolated.
+    std::fs::remove_file(dir.join("bad.yaml")).unwrap();
+    wait_table(&lab, &node.netns, "x/a released", |s| {
+        !s.contains("pod-in/x/a")
+    });
+    assert!(lab.is_running(id), "{}", lab.log(id));
+    lab.teardown().unwrap();
+}
