@@ -1,0 +1,824 @@
+//! `compile(snapshot, node) -> Ruleset`: the nftables table that enforces the snapshot's
+//! NetworkPolicies for the pods on one node. Pure: no I/O.
+//!
+//! Table `inet twill-policy` (name configurable):
+//!
+//! ```text
+//! map ingress_v4/_v6 { ipv4_addr|ipv6_addr : verdict }  local pod IP -> jump pod-in/<ns>/<pod>
+//! map egress_v4/_v6  { ...                 : verdict }  local pod IP -> jump pod-out/<ns>/<pod>
+//! set peers/<ns>/<policy>/<in|eg><i>/<v4|v6>   interval set: the rule's peers (pod IPs of
+//!      selected pods, plus each ipBlock minus its own excepts), one per policy rule
+//! set named/<ns>/<policy>/eg<i>/<v4|v6>       addr . inet_proto . inet_service: egress
+//!      named ports resolved against each destination pod
+//! chain forward  hook forward priority filter (0): after DNAT (-100), before flannel's
+//!      masquerade (srcnat 100); sees routed pod traffic and, with br_netfilter, bridged
+//!      same-node traffic on cni0.
+//!        ct state established,related accept; ICMPv6 ND accept;
+//!        ip saddr vmap @egress_v4; ip6 saddr vmap @egress_v6;
+//!        ip daddr vmap @ingress_v4; ip6 daddr vmap @ingress_v6
+//! chain input    hook input priority filter: pod -> own node is egress-policed the same
+//!      way (the node is an address outside the pod network: ipBlocks or open rules).
+//! chain pod-in/<ns>/<pod>, pod-out/<ns>/<pod>: one rule per (policy rule, family,
+//!      protocol) that `return`s when it matches, then a rate-limited log naming the pod
+//!      and direction, then `counter drop`.
+//! ```
+//!
+//! Node-originated traffic (OUTPUT path, e.g. kubelet probes) never meets these chains,
+//! so it is always allowed. Per-packet cost: two map lookups, then only the rules of the
+//! policies that select the pod at hand, each a set lookup; nothing walks all pods or all
+//! policies. The whole table is replaced in one transaction (add; delete; add + contents).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::model::{Peer, Pod, PolicyType, Port, Protocol, Rule, Snapshot};
+
+/// Default table name.
+pub const DEFAULT_TABLE: &str = "twill-policy";
+
+/// Address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Family of an address.
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+    fn nft_proto(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    fn addr_type(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+    fn addr(self, v: u128) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(Ipv4Addr::from(v as u32)),
+            Family::V6 => IpAddr::V6(Ipv6Addr::from(v)),
+        }
+    }
+}
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+fn ip_num(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) as u128,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// A set of addresses of one family as sorted, disjoint, non-adjacent inclusive ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ranges(pub Vec<(u128, u128)>);
+
+impl Ranges {
+    fn normalize(mut v: Vec<(u128, u128)>) -> Ranges {
+        v.sort();
+        let mut out: Vec<(u128, u128)> = Vec::with_capacity(v.len());
+        for (a, b) in v {
+            if let Some(last) = out.last_mut() {
+                if a <= last.1.saturating_add(1) {
+                    last.1 = last.1.max(b);
+                    continue;
+                }
+            }
+            out.push((a, b));
+        }
+        Ranges(out)
+    }
+
+    fn subtract(&self, cut: &Ranges) -> Ranges {
+        let mut out = Vec::new();
+        for &(mut a, b) in &self.0 {
+            let mut alive = true;
+            for &(c, d) in &cut.0 {
+                if d < a || c > b {
+                    continue;
+                }
+                if c > a {
+                    out.push((a, c - 1));
+                }
+                if d >= b {
+                    alive = false;
+                    break;
+                }
+                a = d + 1;
+            }
+            if alive {
+                out.push((a, b));
+            }
+        }
+        Ranges::normalize(out)
+    }
+
+    /// Whether `v` is in the set.
+    pub fn contains(&self, v: u128) -> bool {
+        self.0.iter().any(|&(a, b)| a <= v && v <= b)
+    }
+
+    fn render(&self, fam: Family) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|&(a, b)| {
+                let size = b - a;
+                if size == 0 {
+                    fam.addr(a).to_string()
+                } else if size & size.wrapping_add(1) == 0 && a & size == 0 {
+                    let bits = match fam {
+                        Family::V4 => 32,
+                        Family::V6 => 128,
+                    };
+                    format!("{}/{}", fam.addr(a), bits - size.count_ones())
+                } else {
+                    format!("{}-{}", fam.addr(a), fam.addr(b))
+                }
+            })
+            .collect()
+    }
+}
+
+fn net_range(n: &ipnet::IpNet) -> (Family, (u128, u128)) {
+    let fam = Family::of(n.addr());
+    (fam, (ip_num(n.network()), ip_num(n.broadcast())))
+}
+
+/// A named interval set of addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrSet {
+    pub name: String,
+    pub family: Family,
+    pub ranges: Ranges,
+    pub comment: String,
+}
+
+/// A named set of (destination address, protocol, port) for egress named ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TupleSet {
+    pub name: String,
+    pub family: Family,
+    pub elems: Vec<(IpAddr, Protocol, u16)>,
+    pub comment: String,
+}
+
+/// Port condition of a chain rule: a protocol and its port ranges (empty = all ports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtoPorts {
+    pub proto: Protocol,
+    pub ranges: Vec<(u16, u16)>,
+}
+
+/// One allow rule in a pod chain. All present conditions must hold; then `return`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainRule {
+    /// The remote address (source for ingress, destination for egress) is in this set.
+    pub peer_set: Option<(Family, String)>,
+    /// Destination address . protocol . port is in this set (egress named ports).
+    pub tuple_set: Option<(Family, String)>,
+    pub ports: Option<ProtoPorts>,
+    /// Which policy rule this comes from, e.g. `x/allow-web ingress[0]`.
+    pub comment: String,
+}
+
+/// The chain of one local pod for one direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodChain {
+    pub name: String,
+    pub pod: String,
+    pub dir: PolicyType,
+    pub rules: Vec<ChainRule>,
+}
+
+/// The compiled table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub table: String,
+    pub addr_sets: Vec<AddrSet>,
+    pub tuple_sets: Vec<TupleSet>,
+    pub chains: Vec<PodChain>,
+    /// Local pod address -> its ingress chain.
+    pub ingress_map: Vec<(IpAddr, String)>,
+    /// Local pod address -> its egress chain.
+    pub egress_map: Vec<(IpAddr, String)>,
+    /// Denied-packet log rate per pod chain, packets per second.
+    pub log_rate: u32,
+}
+
+/// Sizes, for logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub chains: usize,
+    pub rules: usize,
+    pub sets: usize,
+    pub set_elements: usize,
+    pub map_elements: usize,
+}
+
+/// Compile options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub table: String,
+    /// Log rate per pod chain, packets per second.
+    pub log_rate: u32,
+    /// When false, emit only isolation (every isolated pod's chain just drops): the
+    /// fail-closed table.
+    pub allow_rules: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            table: DEFAULT_TABLE.into(),
+            log_rate: 5,
+            allow_rules: true,
+        }
+    }
+}
+
+fn ident(s: String, fallback: impl FnOnce() -> String) -> String {
+    // nft identifiers: a letter first, then letters, digits, / - _ . ; keep them short.
+    let ok = s.len() <= 200
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c));
+    if ok {
+        s
+    } else {
+        fallback()
+    }
+}
+
+/// Local pods: policy pods on `node` with addresses, first by key wins an address.
+fn local_pods<'a>(snap: &'a Snapshot, node: &str) -> Vec<&'a Pod> {
+    snap.pods
+        .iter()
+        .filter(|p| p.is_policy_pod() && p.node.as_deref() == Some(node) && !p.ips.is_empty())
+        .collect()
+}
+
+struct Builder<'a> {
+    snap: &'a Snapshot,
+    addr_sets: BTreeMap<String, AddrSet>,
+    tuple_sets: BTreeMap<String, TupleSet>,
+    /// (policy index, dir, rule index) -> per-family peer set names.
+    peer_sets: BTreeMap<(usize, PolicyType, usize), [Option<String>; 2]>,
+    tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
+}
+
+impl<'a> Builder<'a> {
+    /// Peer addresses of a rule as per-family ranges.
+    fn peer_ranges(&self, ns: &str, rule: &Rule) -> [Ranges; 2] {
+        let mut v: [Vec<(u128, u128)>; 2] = [vec![], vec![]];
+        for peer in &rule.peers {
+            match peer {
+                Peer::IpBlock(b) => {
+                    let (fam, r) = net_range(&b.cidr);
+                    let mut cut = Vec::new();
+                    for e in &b.except {
+                        cut.push(net_range(e).1);
+                    }
+                    let block = Ranges(vec![r]).subtract(&Ranges::normalize(cut));
+                    v[fam as usize].extend(block.0);
+                }
+                Peer::Pods { .. } => {
+                    for pod in &self.snap.pods {
+                        if self.snap.peer_selects_pod(peer, ns, pod) {
+                            for ip in &pod.ips {
+                                let n = ip_num(*ip);
+                                v[Family::of(*ip) as usize].push((n, n));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let [a, b] = v;
+        [Ranges::normalize(a), Ranges::normalize(b)]
+    }
+
+    fn peer_set(&mut self, pi: usize, dir: PolicyType, ri: usize) -> [Option<String>; 2] {
+        if let Some(s) = self.peer_sets.get(&(pi, dir, ri)) {
+            return s.clone();
+        }
+        let pol = &self.snap.policies[pi];
+        let ranges = self.peer_ranges(&pol.namespace, &pol.rules(dir)[ri]);
+        let short = match dir {
+            PolicyType::Ingress => "in",
+            PolicyType::Egress => "eg",
+        };
+        let mut names = [None, None];
+        for fam in FAMILIES {
+            let r = &ranges[fam as usize];
+            if r.0.is_empty() {
+                continue;
+            }
+            let name = ident(
+                format!(
+                    "peers/{}/{}/{short}{ri}/{}",
+                    pol.namespace,
+                    pol.name,
+                    fam.suffix()
+                ),
+                || format!("peers/p{pi}/{short}{ri}/{}", fam.suffix()),
+            );
+            self.addr_sets.insert(
+                name.clone(),
+                AddrSet {
+                    name: name.clone(),
+                    family: fam,
+                    ranges: r.clone(),
+                    comment: format!("{} {dir}[{ri}] peers", pol.key()),
+                },
+            );
+            names[fam as usize] = Some(name);
+        }
+        self.peer_sets.insert((pi, dir, ri), names.clone());
+        names
+    }
+
+    /// Egress named ports of rule `ri` of policy `pi`, resolved against every destination
+    /// pod among the rule's peers (all pods if the rule has no peers).
+    fn tuple_set(&mut self, pi: usize, ri: usize) -> [Option<String>; 2] {
+        if let Some(s) = self.tuple_names.get(&(pi, ri)) {
+            return s.clone();
+        }
+        let pol = &self.snap.policies[pi];
+        let rule = &pol.egress[ri];
+        let peers = self.peer_ranges(&pol.namespace, rule);
+        let mut elems: [Vec<(IpAddr, Protocol, u16)>; 2] = [vec![], vec![]];
+        for pp in &rule.ports {
+            let Some(Port::Named(n)) = &pp.port else {
+                continue;
+            };
+            for pod in self.snap.pods.iter().filter(|p| p.is_policy_pod()) {
+                let Some(num) = pod.named_port(n, pp.protocol) else {
+                    continue;
+                };
+                for ip in &pod.ips {
+                    let fam = Family::of(*ip);
+                    if rule.peers.is_empty() || peers[fam as usize].contains(ip_num(*ip)) {
+                        elems[fam as usize].push((*ip, pp.protocol, num));
+                    }
+                }
+            }
+        }
+        let mut names = [None, None];
+        for fam in FAMILIES {
+            let mut e = std::mem::take(&mut elems[fam as usize]);
+            e.sort();
+            e.dedup();
+            if e.is_empty() {
+                continue;
+            }
+            let name = ident(
+                format!(
+                    "named/{}/{}/eg{ri}/{}",
+                    pol.namespace,
+                    pol.name,
+                    fam.suffix()
+                ),
+                || format!("named/p{pi}/eg{ri}/{}", fam.suffix()),
+            );
+            self.tuple_sets.insert(
+                name.clone(),
+                TupleSet {
+                    name: name.clone(),
+                    family: fam,
+                    elems: e,
+                    comment: format!("{} egress[{ri}] named ports", pol.key()),
+                },
+            );
+            names[fam as usize] = Some(name);
+        }
+        self.tuple_names.insert((pi, ri), names.clone());
+        names
+    }
+}
+
+/// Numeric port conditions of a rule, per protocol; named ports are resolved against
+/// `dst` (ingress: the local pod) or skipped (`dst` None: egress, handled by tuple sets).
+/// `None` = the rule has no ports (everything). `Some(empty)` = nothing numeric matches.
+fn port_groups(rule: &Rule, dst: Option<&Pod>) -> Option<Vec<ProtoPorts>> {
+    if rule.ports.is_empty() {
+        return None;
+    }
+    let mut by_proto: BTreeMap<Protocol, Option<Vec<(u16, u16)>>> = BTreeMap::new();
+    for pp in &rule.ports {
+        let range = match &pp.port {
+            None => None,
+            Some(Port::Range(a, b)) => Some((*a, *b)),
+            Some(Port::Named(n)) => match dst.and_then(|p| p.named_port(n, pp.protocol)) {
+                Some(num) => Some((num, num)),
+                None => continue,
+            },
+        };
+        let e = by_proto.entry(pp.protocol).or_insert_with(|| Some(vec![]));
+        match (e.as_mut(), range) {
+            (_, None) => *e = None,
+            (Some(v), Some(r)) => v.push(r),
+            (None, Some(_)) => {}
+        }
+    }
+    Some(
+        by_proto
+            .into_iter()
+            .map(|(proto, r)| {
+                let ranges = match r {
+                    None => vec![],
+                    Some(v) => {
+                        let n = Ranges::normalize(
+                            v.into_iter().map(|(a, b)| (a as u128, b as u128)).collect(),
+                        );
+                        n.0.into_iter().map(|(a, b)| (a as u16, b as u16)).collect()
+                    }
+                };
+                ProtoPorts { proto, ranges }
+            })
+            .collect(),
+    )
+}
+
+/// Compiles the ruleset for the pods on `node`.
+pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
+    let mut b = Builder {
+        snap,
+        addr_sets: BTreeMap::new(),
+        tuple_sets: BTreeMap::new(),
+        peer_sets: BTreeMap::new(),
+        tuple_names: BTreeMap::new(),
+    };
+    let mut chains = Vec::new();
+    let mut ingress_map = Vec::new();
+    let mut egress_map = Vec::new();
+    let mut seen_ips = std::collections::HashSet::new();
+    for pod in local_pods(snap, node) {
+        let ips: Vec<IpAddr> = pod
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| seen_ips.insert(*ip))
+            .collect();
+        for dir in [PolicyType::Ingress, PolicyType::Egress] {
+            let selecting: Vec<usize> = (0..snap.policies.len())
+                .filter(|&i| snap.policies[i].selects(pod, dir))
+                .collect();
+            if selecting.is_empty() {
+                continue;
+            }
+            let name = match dir {
+                PolicyType::Ingress => format!("pod-in/{}/{}", pod.namespace, pod.name),
+                PolicyType::Egress => format!("pod-out/{}/{}", pod.namespace, pod.name),
+            };
+            let name = ident(name, || {
+                format!(
+                    "pod-{}/n{}",
+                    if dir == PolicyType::Ingress {
+                        "in"
+                    } else {
+                        "out"
+                    },
+                    chains.len()
+                )
+            });
+            let mut rules = Vec::new();
+            if opts.allow_rules {
+                for pi in selecting {
+                    let pol = &snap.policies[pi];
+                    for (ri, rule) in pol.rules(dir).iter().enumerate() {
+                        let comment = format!("{} {dir}[{ri}]", pol.key());
+                        let peer_sets: Vec<Option<(Family, String)>> = if rule.peers.is_empty() {
+                            vec![None]
+                        } else {
+                            let names = b.peer_set(pi, dir, ri);
+                            FAMILIES
+                                .iter()
+                                .filter_map(|f| names[*f as usize].clone().map(|n| Some((*f, n))))
+                                .collect()
+                        };
+                        let dst = (dir == PolicyType::Ingress).then_some(pod);
+                        match port_groups(rule, dst) {
+                            None => {
+                                for ps in &peer_sets {
+                                    rules.push(ChainRule {
+                                        peer_set: ps.clone(),
+                                        tuple_set: None,
+                                        ports: None,
+                                        comment: comment.clone(),
+                                    });
+                                }
+                            }
+                            Some(groups) => {
+                                for ps in &peer_sets {
+                                    for g in &groups {
+                                        rules.push(ChainRule {
+                                            peer_set: ps.clone(),
+                                            tuple_set: None,
+                                            ports: Some(g.clone()),
+                                            comment: comment.clone(),
+                                        });
+                                    }
+                                }
+                            }
+                        }
+                        let has_named = rule
+                            .ports
+                            .iter()
+                            .any(|p| matches!(p.port, Some(Port::Named(_))));
+                        if dir == PolicyType::Egress && has_named {
+                            let names = b.tuple_set(pi, ri);
+                            for f in FAMILIES {
+                                if let Some(n) = &names[f as usize] {
+                                    rules.push(ChainRule {
+                                        peer_set: None,
+                                        tuple_set: Some((f, n.clone())),
+                                        ports: None,
+                                        comment: comment.clone(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let map = match dir {
+                PolicyType::Ingress => &mut ingress_map,
+                PolicyType::Egress => &mut egress_map,
+            };
+            for ip in &ips {
+                map.push((*ip, name.clone()));
+            }
+            chains.push(PodChain {
+                name,
+                pod: pod.key(),
+                dir,
+                rules,
+            });
+        }
+    }
+    Ruleset {
+        table: opts.table.clone(),
+        addr_sets: b.addr_sets.into_values().collect(),
+        tuple_sets: b.tuple_sets.into_values().collect(),
+        chains,
+        ingress_map,
+        egress_map,
+        log_rate: opts.log_rate.max(1),
+    }
+}
+
+/// What the compiled ruleset would do with the first packet of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Accept,
+    /// Dropped by the chain of the pod in this direction.
+    Drop(PolicyType),
+}
+
+impl Ruleset {
+    fn chain(&self, name: &str) -> Option<&PodChain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    fn set_has(&self, name: &str, ip: IpAddr) -> bool {
+        self.addr_sets
+            .iter()
+            .find(|s| s.name == name)
+            .is_some_and(|s| s.ranges.contains(ip_num(ip)))
+    }
+
+    fn run_chain(
+        &self,
+        chain: &PodChain,
+        remote: IpAddr,
+        dst: IpAddr,
+        proto: Protocol,
+        port: u16,
+    ) -> bool {
+        chain.rules.iter().any(|r| {
+            let peer_ok = match &r.peer_set {
+                None => true,
+                Some((f, n)) => *f == Family::of(remote) && self.set_has(n, remote),
+            };
+            let tuple_ok = match &r.tuple_set {
+                None => true,
+                Some((f, n)) => {
+                    *f == Family::of(dst)
+                        && self
+                            .tuple_sets
+                            .iter()
+                            .any(|s| &s.name == n && s.elems.contains(&(dst, proto, port)))
+                }
+            };
+            let ports_ok = match &r.ports {
+                None => true,
+                Some(pp) => {
+                    pp.proto == proto
+                        && (pp.ranges.is_empty()
+                            || pp.ranges.iter().any(|(a, b)| (*a..=*b).contains(&port)))
+                }
+            };
+            peer_ok && tuple_ok && ports_ok
+        })
+    }
+
+    /// Interprets the forward chain for a new connection `src -> dst` (the nft semantics
+    /// of this table, without the kernel): egress of the source, then ingress of the
+    /// destination. Used by tests to check compile() against the evaluator.
+    pub fn decide(&self, src: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> Decision {
+        if let Some((_, c)) = self.egress_map.iter().find(|(ip, _)| *ip == src) {
+            let chain = self.chain(c).expect("map points at a chain");
+            if !self.run_chain(chain, dst, dst, proto, port) {
+                return Decision::Drop(PolicyType::Egress);
+            }
+        }
+        if let Some((_, c)) = self.ingress_map.iter().find(|(ip, _)| *ip == dst) {
+            let chain = self.chain(c).expect("map points at a chain");
+            if !self.run_chain(chain, src, dst, proto, port) {
+                return Decision::Drop(PolicyType::Ingress);
+            }
+        }
+        Decision::Accept
+    }
+
+    /// Sizes of the ruleset.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            chains: self.chains.len() + 2,
+            rules: self.chains.iter().map(|c| c.rules.len() + 2).sum::<usize>() + 13,
+            sets: self.addr_sets.len() + self.tuple_sets.len() + 4,
+            set_elements: self
+                .addr_sets
+                .iter()
+                .map(|s| s.ranges.0.len())
+                .sum::<usize>()
+                + self.tuple_sets.iter().map(|s| s.elems.len()).sum::<usize>(),
+            map_elements: self.ingress_map.len() + self.egress_map.len(),
+        }
+    }
+
+    /// The nft script that replaces the table atomically: `add table; delete table;
+    /// table { ... }` (nft -f applies a file as one transaction).
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let t = &self.table;
+        let _ = writeln!(
+            s,
+            "# generated by twill-policy; replaced as a whole on every sync"
+        );
+        let _ = writeln!(s, "add table inet {t}");
+        let _ = writeln!(s, "delete table inet {t}");
+        let _ = writeln!(s, "table inet {t} {{");
+        for set in &self.addr_sets {
+            let _ = writeln!(s, "\tset {} {{", set.name);
+            let _ = writeln!(s, "\t\ttype {}", set.family.addr_type());
+            let _ = writeln!(s, "\t\tflags interval");
+            let _ = writeln!(s, "\t\tcomment {:?}", set.comment);
+            let _ = writeln!(
+                s,
+                "\t\telements = {{ {} }}",
+                set.ranges.render(set.family).join(", ")
+            );
+            let _ = writeln!(s, "\t}}");
+        }
+        for set in &self.tuple_sets {
+            let _ = writeln!(s, "\tset {} {{", set.name);
+            let _ = writeln!(
+                s,
+                "\t\ttype {} . inet_proto . inet_service",
+                set.family.addr_type()
+            );
+            let _ = writeln!(s, "\t\tcomment {:?}", set.comment);
+            let elems: Vec<String> = set
+                .elems
+                .iter()
+                .map(|(ip, p, n)| format!("{ip} . {} . {n}", p.nft()))
+                .collect();
+            let _ = writeln!(s, "\t\telements = {{ {} }}", elems.join(", "));
+            let _ = writeln!(s, "\t}}");
+        }
+        for (dir, map) in [("ingress", &self.ingress_map), ("egress", &self.egress_map)] {
+            for fam in FAMILIES {
+                let elems: Vec<String> = map
+                    .iter()
+                    .filter(|(ip, _)| Family::of(*ip) == fam)
+                    .map(|(ip, c)| format!("{ip} : jump {c}"))
+                    .collect();
+                let _ = writeln!(s, "\tmap {dir}_{} {{", fam.suffix());
+                let _ = writeln!(s, "\t\ttype {} : verdict", fam.addr_type());
+                if !elems.is_empty() {
+                    let _ = writeln!(s, "\t\telements = {{ {} }}", elems.join(",\n\t\t\t     "));
+                }
+                let _ = writeln!(s, "\t}}");
+            }
+        }
+        for c in &self.chains {
+            let _ = writeln!(s, "\tchain {} {{", c.name);
+            let _ = writeln!(s, "\t\tcomment \"{} of pod {}\"", c.dir, c.pod);
+            for r in &c.rules {
+                let mut line = String::new();
+                let addr_key = match c.dir {
+                    PolicyType::Ingress => "saddr",
+                    PolicyType::Egress => "daddr",
+                };
+                if let Some((f, n)) = &r.peer_set {
+                    let _ = write!(line, "{} {addr_key} @{n} ", f.nft_proto());
+                }
+                if let Some((f, n)) = &r.tuple_set {
+                    let _ = write!(
+                        line,
+                        "{} daddr . meta l4proto . th dport @{n} ",
+                        f.nft_proto()
+                    );
+                }
+                if let Some(pp) = &r.ports {
+                    let _ = write!(line, "meta l4proto {} ", pp.proto.nft());
+                    let ports: Vec<String> = pp
+                        .ranges
+                        .iter()
+                        .map(|(a, b)| {
+                            if a == b {
+                                a.to_string()
+                            } else {
+                                format!("{a}-{b}")
+                            }
+                        })
+                        .collect();
+                    match ports.len() {
+                        0 => {}
+                        1 => {
+                            let _ = write!(line, "th dport {} ", ports[0]);
+                        }
+                        _ => {
+                            let _ = write!(line, "th dport {{ {} }} ", ports.join(", "));
+                        }
+                    }
+                }
+                let _ = writeln!(s, "\t\t{line}return comment {:?}", r.comment);
+            }
+            let mut prefix = format!("twill-policy drop {} {}: ", c.dir, c.pod);
+            if prefix.len() > 120 {
+                prefix.truncate(116);
+                prefix.push_str("..: ");
+            }
+            let _ = writeln!(
+                s,
+                "\t\tlimit rate {}/second burst {} packets log prefix {prefix:?} level info",
+                self.log_rate,
+                self.log_rate * 2
+            );
+            let _ = writeln!(s, "\t\tcounter drop");
+            let _ = writeln!(s, "\t}}");
+        }
+        let nd = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept";
+        let _ = writeln!(s, "\tchain forward {{");
+        let _ = writeln!(
+            s,
+            "\t\ttype filter hook forward priority filter; policy accept;"
+        );
+        let _ = writeln!(s, "\t\tct state established,related accept");
+        let _ = writeln!(s, "\t\t{nd}");
+        let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
+        let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
+        let _ = writeln!(s, "\t\tip daddr vmap @ingress_v4");
+        let _ = writeln!(s, "\t\tip6 daddr vmap @ingress_v6");
+        let _ = writeln!(s, "\t}}");
+        let _ = writeln!(s, "\tchain input {{");
+        let _ = writeln!(
+            s,
+            "\t\ttype filter hook input priority filter; policy accept;"
+        );
+        let _ = writeln!(s, "\t\tct state established,related accept");
+        let _ = writeln!(s, "\t\tiifname \"lo\" accept");
+        let _ = writeln!(s, "\t\t{nd}");
+        let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
+        let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
+        let _ = writeln!(s, "\t}}");
+        let _ = writeln!(s, "}}");
+        s
+    }
+}
+
+/// The script that removes the table (if present).
+pub fn render_delete(table: &str) -> String {
+    format!("add table inet {table}\ndelete table inet {table}\n")
+}

@@ -1,0 +1,6 @@
+pub mod compile;
+pub mod conformance;
+pub mod eval;
+pub mod model;
+pub mod nft;
+pub mod source;

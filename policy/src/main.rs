@@ -1,0 +1,329 @@
+//! `twill-policy`: enforces Kubernetes NetworkPolicy for the pods on this node with one
+//! nftables table (`inet twill-policy`), beside twilld.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing::{error, info, warn};
+
+use twill_policy::compile::{compile, Options, DEFAULT_TABLE};
+use twill_policy::eval::{allowed, Endpoint};
+use twill_policy::model::{Protocol, Snapshot};
+use twill_policy::nft::{Applied, Enforcer, Nft};
+use twill_policy::source::manifests::ManifestDir;
+use twill_policy::source::Source;
+
+#[derive(Parser, Debug)]
+#[command(name = "twill-policy", version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Directory of YAML/JSON manifests (Namespace, Pod, NetworkPolicy, List).
+    #[arg(long, global = true, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// This node's name (pods with this spec.nodeName are enforced here).
+    #[arg(long, global = true, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// nftables table (family inet) owned by this program.
+    #[arg(long, global = true, default_value = DEFAULT_TABLE)]
+    table: String,
+    /// Path of the nft binary.
+    #[arg(long, global = true, default_value = "nft")]
+    nft: PathBuf,
+    /// Denied-packet log rate per pod and direction (packets/second).
+    #[arg(long, global = true, default_value_t = 5)]
+    log_rate: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Watch the source and keep the table in sync.
+    Run {
+        /// Full resync interval (repairs drift such as a table deleted by hand).
+        #[arg(long, default_value = "60", value_name = "SECONDS")]
+        resync: u64,
+    },
+    /// Sync once, then exit (non-zero if the full ruleset could not be applied).
+    Apply {
+        /// Dry run: have the kernel validate the transaction (nft -c), change nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Print the nft script that would be applied; change nothing.
+    Compile {
+        /// Print the isolation-only table used when an apply fails.
+        #[arg(long)]
+        fail_closed: bool,
+    },
+    /// Which policies allow or deny a connection, and why.
+    Explain {
+        /// Source: NS/POD or an IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination: NS/POD or an IP address.
+        #[arg(long)]
+        to: String,
+        /// Destination port, optionally with protocol: 80, 53/UDP, 9000/sctp.
+        #[arg(long)]
+        port: String,
+    },
+}
+
+fn source(common: &Common) -> Result<Box<dyn Source>> {
+    match &common.manifests {
+        Some(dir) => Ok(Box::new(ManifestDir::new(dir))),
+        None => {
+            bail!("no source: pass --manifests DIR (the Kubernetes API source is not built yet)")
+        }
+    }
+}
+
+fn node(common: &Common) -> Result<String> {
+    common
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| anyhow!("node name required: --node-name or NODE_NAME"))
+}
+
+fn options(common: &Common) -> Options {
+    Options {
+        table: common.table.clone(),
+        log_rate: common.log_rate,
+        allow_rules: true,
+    }
+}
+
+fn load(src: &mut dyn Source) -> Result<Snapshot> {
+    src.snapshot().map_err(|e| {
+        for err in &e.errors {
+            error!("invalid manifest: {err}");
+        }
+        anyhow!("{} invalid object(s); nothing applied", e.errors.len())
+    })
+}
+
+/// Makes bridged IPv4/IPv6 traffic (same-node pods on cni0) traverse the inet hooks:
+/// loads br_netfilter if its sysctls are missing, then sets bridge-nf-call-iptables and
+/// bridge-nf-call-ip6tables to 1. Failures are logged loudly; enforcement of routed
+/// traffic still works without it.
+fn ensure_br_netfilter() {
+    let dir = std::path::Path::new("/proc/sys/net/bridge");
+    if !dir.join("bridge-nf-call-iptables").exists() {
+        info!("br_netfilter sysctls missing; running modprobe br_netfilter");
+        match std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .output()
+        {
+            Ok(o) if o.status.success() => info!("loaded br_netfilter"),
+            Ok(o) => error!(
+                "modprobe br_netfilter failed ({}): {}; same-node pod traffic across the bridge will NOT be policed",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => error!(
+                "cannot run modprobe br_netfilter: {e}; same-node pod traffic across the bridge will NOT be policed"
+            ),
+        }
+    }
+    for name in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+        let path = dir.join(name);
+        let before = std::fs::read_to_string(&path).map(|s| s.trim().to_string());
+        match before {
+            Ok(v) if v == "1" => info!("net.bridge.{name} = 1 (already)"),
+            Ok(v) => match std::fs::write(&path, "1\n") {
+                Ok(()) => info!("net.bridge.{name}: {v} -> 1"),
+                Err(e) => error!(
+                    "cannot set net.bridge.{name}=1: {e}; same-node bridged traffic will NOT be policed"
+                ),
+            },
+            Err(e) => error!(
+                "net.bridge.{name} unavailable ({e}); same-node bridged traffic will NOT be policed"
+            ),
+        }
+    }
+}
+
+fn report(r: &twill_policy::nft::SyncReport) -> bool {
+    let s = r.stats;
+    match &r.applied {
+        Applied::Full => {
+            info!(
+                chains = s.chains,
+                rules = s.rules,
+                sets = s.sets,
+                set_elements = s.set_elements,
+                map_elements = s.map_elements,
+                "applied ruleset in {:?}",
+                r.duration
+            );
+            true
+        }
+        Applied::Unchanged => true,
+        Applied::FailClosed { error } => {
+            error!("apply failed: {error}; installed the fail-closed table (selected pods refuse new connections)");
+            false
+        }
+        Applied::Failed {
+            error,
+            fail_closed_error,
+        } => {
+            error!("apply failed: {error}; fail-closed table also failed: {fail_closed_error}; the previously loaded table stays");
+            false
+        }
+    }
+}
+
+fn cmd_run(common: &Common, resync: u64) -> Result<()> {
+    let node = node(common)?;
+    let mut src = source(common)?;
+    ensure_br_netfilter();
+    let mut enf = Enforcer::new(
+        Nft {
+            bin: common.nft.clone(),
+            ..Nft::default()
+        },
+        &node,
+        options(common),
+    );
+    info!(node, table = common.table, "twill-policy running");
+    let resync = Duration::from_secs(resync.max(1));
+    let mut last_good: Option<Snapshot> = None;
+    let mut last_full = Instant::now();
+    let mut changed = true;
+    loop {
+        if changed {
+            match load(src.as_mut()) {
+                Ok(s) => last_good = Some(s),
+                Err(e) => warn!("{e}; keeping the last good state"),
+            }
+        }
+        if last_full.elapsed() >= resync {
+            enf.invalidate();
+            last_full = Instant::now();
+        }
+        if let Some(s) = &last_good {
+            if !report(&enf.sync(s)) {
+                // Retry soon: the next pass reapplies since nothing was recorded as loaded.
+                changed = src.wait_change(Duration::from_secs(1));
+                continue;
+            }
+        }
+        changed = src.wait_change(resync.saturating_sub(last_full.elapsed()));
+    }
+}
+
+fn cmd_apply(common: &Common, check: bool) -> Result<()> {
+    let node = node(common)?;
+    let snap = load(source(common)?.as_mut())?;
+    let nft = Nft {
+        bin: common.nft.clone(),
+        ..Nft::default()
+    };
+    if check {
+        let script = compile(&snap, &node, &options(common)).render();
+        nft.check(&script).context("nft -c rejected the ruleset")?;
+        println!("ruleset OK (dry run, nothing changed)");
+        return Ok(());
+    }
+    ensure_br_netfilter();
+    let mut enf = Enforcer::new(nft, &node, options(common));
+    if report(&enf.sync(&snap)) {
+        Ok(())
+    } else {
+        bail!("the full ruleset could not be applied")
+    }
+}
+
+fn cmd_compile(common: &Common, fail_closed: bool) -> Result<()> {
+    let node = node(common)?;
+    let snap = load(source(common)?.as_mut())?;
+    let opts = Options {
+        allow_rules: !fail_closed,
+        ..options(common)
+    };
+    print!("{}", compile(&snap, &node, &opts).render());
+    Ok(())
+}
+
+fn endpoint<'a>(snap: &'a Snapshot, s: &str) -> Result<Endpoint<'a>> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(Endpoint::ip(snap, ip));
+    }
+    let pod = snap
+        .pod(s)
+        .ok_or_else(|| anyhow!("no pod {s:?} (want NAMESPACE/POD or an IP address)"))?;
+    Ok(Endpoint::pod(pod))
+}
+
+fn parse_port(s: &str) -> Result<(u16, Protocol)> {
+    let (n, p) = match s.split_once('/') {
+        Some((n, p)) => (n, p.parse::<Protocol>().map_err(|e| anyhow!(e))?),
+        None => (s, Protocol::Tcp),
+    };
+    let n: u16 = n
+        .parse()
+        .ok()
+        .filter(|n| *n != 0)
+        .ok_or_else(|| anyhow!("bad port {n:?}"))?;
+    Ok((n, p))
+}
+
+fn cmd_explain(common: &Common, from: &str, to: &str, port: &str) -> Result<bool> {
+    let snap = load(source(common)?.as_mut())?;
+    let (port, proto) = parse_port(port)?;
+    let v = allowed(
+        &snap,
+        &endpoint(&snap, from)?,
+        &endpoint(&snap, to)?,
+        port,
+        proto,
+    );
+    println!("{from} -> {to} {proto}/{port}");
+    for r in &v.reasons {
+        println!("  {r}");
+    }
+    Ok(v.allowed)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match &cli.cmd {
+        Cmd::Run { resync } => cmd_run(&cli.common, *resync),
+        Cmd::Apply { check } => cmd_apply(&cli.common, *check),
+        Cmd::Compile { fail_closed } => cmd_compile(&cli.common, *fail_closed),
+        Cmd::Explain { from, to, port } => match cmd_explain(&cli.common, from, to, port) {
+            // explain exits 0 when allowed, 1 when denied, 2 on error.
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

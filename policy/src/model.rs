@@ -1,0 +1,1058 @@
+//! Plain data for the objects the enforcer reads: Namespaces, Pods and
+//! `networking.k8s.io/v1` NetworkPolicies, with the Kubernetes JSON/YAML shapes
+//! (hand-written serde structs, no k8s-openapi), label selectors with their exact
+//! semantics, and the defaulting and validation the API server would do.
+//!
+//! Wire objects ([`NamespaceObject`], [`PodObject`], [`NetworkPolicyObject`]) are
+//! converted into the plain types with [`NamespaceObject::into_model`] and friends;
+//! those conversions apply API-server defaulting (policyTypes, protocol TCP,
+//! namespace `default`, the `kubernetes.io/metadata.name` label) and validation,
+//! reporting the offending field as a path such as `spec.ingress[0].ports[1].port`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Labels of an object. Ordered, so output is deterministic.
+pub type Labels = BTreeMap<String, String>;
+
+/// The immutable label the API server puts on every namespace.
+pub const NS_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A validation error: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.ingress[0].from[1].ipBlock.cidr`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+fn ferr(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Deserializes `null` as the type's default (Kubernetes treats null and absent alike).
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+// ------------------------------------------------------------------ selectors
+
+/// Operator of a label selector requirement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    #[serde(default, deserialize_with = "nullable")]
+    pub values: Vec<String>,
+}
+
+impl Requirement {
+    /// Whether `labels` satisfy this requirement. `NotIn` and `DoesNotExist` match
+    /// objects that lack the key.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        let v = labels.get(&self.key);
+        match self.operator {
+            Operator::In => v.is_some_and(|v| self.values.contains(v)),
+            Operator::NotIn => v.is_none_or(|v| !self.values.contains(v)),
+            Operator::Exists => v.is_some(),
+            Operator::DoesNotExist => v.is_none(),
+        }
+    }
+}
+
+/// A Kubernetes label selector. The empty selector matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, deserialize_with = "nullable")]
+    pub match_labels: Labels,
+    #[serde(default, deserialize_with = "nullable")]
+    pub match_expressions: Vec<Requirement>,
+}
+
+impl LabelSelector {
+    /// matchLabels AND matchExpressions; empty matches all.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+
+    /// True for `{}`: selects every object.
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+
+    fn validate(&self, field: &str) -> Result<(), FieldError> {
+        for (i, r) in self.match_expressions.iter().enumerate() {
+            let f = format!("{field}.matchExpressions[{i}]");
+            if r.key.is_empty() {
+                return Err(ferr(format!("{f}.key"), "must not be empty"));
+            }
+            match r.operator {
+                Operator::In | Operator::NotIn if r.values.is_empty() => {
+                    return Err(ferr(
+                        format!("{f}.values"),
+                        "must be non-empty for In and NotIn",
+                    ))
+                }
+                Operator::Exists | Operator::DoesNotExist if !r.values.is_empty() => {
+                    return Err(ferr(
+                        format!("{f}.values"),
+                        "must be empty for Exists and DoesNotExist",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("{}");
+        }
+        let mut parts: Vec<String> = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for r in &self.match_expressions {
+            parts.push(match r.operator {
+                Operator::In => format!("{} in ({})", r.key, r.values.join(",")),
+                Operator::NotIn => format!("{} notin ({})", r.key, r.values.join(",")),
+                Operator::Exists => r.key.clone(),
+                Operator::DoesNotExist => format!("!{}", r.key),
+            });
+        }
+        write!(f, "{{{}}}", parts.join(", "))
+    }
+}
+
+// ------------------------------------------------------------------ common wire pieces
+
+/// `metadata` of any object (only the fields we use).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub namespace: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub labels: Labels,
+}
+
+/// Transport protocols NetworkPolicy knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// All three, in a fixed order.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// nft's name (`tcp`, `udp`, `sctp`).
+    pub fn nft(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            _ => Err(format!("unknown protocol {s:?} (want TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ Namespace
+
+/// A namespace: name and labels (always including `kubernetes.io/metadata.name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+impl Namespace {
+    /// A namespace with the labels the API server gives it, plus `labels`.
+    pub fn new(name: &str, labels: Labels) -> Namespace {
+        let mut labels = labels;
+        labels.insert(NS_NAME_LABEL.into(), name.into());
+        Namespace {
+            name: name.into(),
+            labels,
+        }
+    }
+}
+
+/// Wire shape of a Namespace.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamespaceObject {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+}
+
+impl NamespaceObject {
+    /// Validates and defaults (adds `kubernetes.io/metadata.name`).
+    pub fn into_model(self) -> Result<Namespace, FieldError> {
+        if self.metadata.name.is_empty() {
+            return Err(ferr("metadata.name", "required"));
+        }
+        Ok(Namespace::new(&self.metadata.name, self.metadata.labels))
+    }
+}
+
+// ------------------------------------------------------------------ Pod
+
+/// A named or numbered container port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A pod, as far as policy cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// `spec.nodeName`.
+    pub node: Option<String>,
+    /// `status.podIPs` (falls back to `status.podIP`).
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+    pub ports: Vec<ContainerPort>,
+    /// `status.phase`, if given. Succeeded/Failed pods have released their IPs.
+    pub phase: Option<String>,
+}
+
+impl Pod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether this pod takes part in policy as a pod: not hostNetwork (whose traffic is
+    /// node traffic) and not terminated (whose IP may already belong to someone else).
+    pub fn is_policy_pod(&self) -> bool {
+        !self.host_network && !matches!(self.phase.as_deref(), Some("Succeeded") | Some("Failed"))
+    }
+
+    /// The number of the container port named `name` with `proto`, if any.
+    pub fn named_port(&self, name: &str, proto: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.protocol == proto && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerPortWire {
+    #[serde(default)]
+    name: Option<String>,
+    container_port: i64,
+    #[serde(default)]
+    protocol: Option<Protocol>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerWire {
+    #[serde(default, deserialize_with = "nullable")]
+    ports: Vec<ContainerPortWire>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpecWire {
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    host_network: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    containers: Vec<ContainerWire>,
+    #[serde(default, deserialize_with = "nullable")]
+    init_containers: Vec<ContainerWire>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PodIpWire {
+    ip: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatusWire {
+    #[serde(default)]
+    pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs", deserialize_with = "nullable")]
+    pod_ips: Vec<PodIpWire>,
+    #[serde(default)]
+    phase: Option<String>,
+}
+
+/// Wire shape of a Pod.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodObject {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: PodSpecWire,
+    #[serde(default)]
+    status: PodStatusWire,
+}
+
+impl PodObject {
+    /// Validates and defaults (namespace `default`, container port protocol TCP).
+    pub fn into_model(self) -> Result<Pod, FieldError> {
+        let m = self.metadata;
+        if m.name.is_empty() {
+            return Err(ferr("metadata.name", "required"));
+        }
+        let mut ips = Vec::new();
+        for (i, p) in self.status.pod_ips.iter().enumerate() {
+            let ip = p.ip.parse().map_err(|_| {
+                ferr(
+                    format!("status.podIPs[{i}].ip"),
+                    format!("{:?} is not an IP address", p.ip),
+                )
+            })?;
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        if let Some(s) = &self.status.pod_ip {
+            let ip: IpAddr = s
+                .parse()
+                .map_err(|_| ferr("status.podIP", format!("{s:?} is not an IP address")))?;
+            if !ips.contains(&ip) {
+                ips.insert(0, ip);
+            }
+        }
+        let mut ports = Vec::new();
+        for (kind, list) in [
+            ("containers", &self.spec.containers),
+            ("initContainers", &self.spec.init_containers),
+        ] {
+            for (ci, c) in list.iter().enumerate() {
+                for (pi, p) in c.ports.iter().enumerate() {
+                    let f = format!("spec.{kind}[{ci}].ports[{pi}]");
+                    let port = u16::try_from(p.container_port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            ferr(format!("{f}.containerPort"), "must be between 1 and 65535")
+                        })?;
+                    ports.push(ContainerPort {
+                        name: p.name.clone().filter(|n| !n.is_empty()),
+                        port,
+                        protocol: p.protocol.unwrap_or(Protocol::Tcp),
+                    });
+                }
+            }
+        }
+        Ok(Pod {
+            namespace: if m.namespace.is_empty() {
+                "default".into()
+            } else {
+                m.namespace
+            },
+            name: m.name,
+            labels: m.labels,
+            node: self.spec.node_name.filter(|n| !n.is_empty()),
+            ips,
+            host_network: self.spec.host_network,
+            ports,
+            phase: self.status.phase,
+        })
+    }
+}
+
+// ------------------------------------------------------------------ NetworkPolicy
+
+/// `Ingress` or `Egress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PolicyType {
+    Ingress,
+    Egress,
+}
+
+impl fmt::Display for PolicyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyType::Ingress => "ingress",
+            PolicyType::Egress => "egress",
+        })
+    }
+}
+
+/// `port` of a NetworkPolicyPort: a number or a container port name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(i64),
+    Name(String),
+}
+
+impl fmt::Display for PortValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortValue::Number(n) => write!(f, "{n}"),
+            PortValue::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A validated port: a number (with optional inclusive range end) or a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Port {
+    Range(u16, u16),
+    Named(String),
+}
+
+/// One entry of a rule's `ports` (protocol defaulted to TCP; `port: None` = all ports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyPort {
+    pub protocol: Protocol,
+    pub port: Option<Port>,
+}
+
+impl fmt::Display for PolicyPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.port {
+            None => write!(f, "all {} ports", self.protocol),
+            Some(Port::Range(a, b)) if a == b => write!(f, "{}/{a}", self.protocol),
+            Some(Port::Range(a, b)) => write!(f, "{}/{a}-{b}", self.protocol),
+            Some(Port::Named(n)) => write!(f, "{}/{n}", self.protocol),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicyPortWire {
+    #[serde(default)]
+    protocol: Option<Protocol>,
+    #[serde(default)]
+    port: Option<PortValue>,
+    #[serde(default)]
+    end_port: Option<i64>,
+}
+
+/// `ipBlock`, with host bits masked off the CIDR and the excepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpBlock {
+    pub cidr: IpNet,
+    pub except: Vec<IpNet>,
+}
+
+impl IpBlock {
+    /// In the CIDR and in none of the excepts.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.cidr.contains(&ip) && !self.except.iter().any(|e| e.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct IpBlockWire {
+    cidr: String,
+    #[serde(default, deserialize_with = "nullable")]
+    except: Vec<String>,
+}
+
+/// One peer (`from`/`to` entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// Pods matching `pods` in namespaces matching `namespaces`; `namespaces: None`
+    /// means the policy's own namespace.
+    Pods {
+        pods: LabelSelector,
+        namespaces: Option<LabelSelector>,
+    },
+    IpBlock(IpBlock),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PeerWire {
+    #[serde(default)]
+    pod_selector: Option<LabelSelector>,
+    #[serde(default)]
+    namespace_selector: Option<LabelSelector>,
+    #[serde(default)]
+    ip_block: Option<IpBlockWire>,
+}
+
+/// One ingress or egress rule. Empty `peers` = all peers, empty `ports` = all ports
+/// and protocols.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    pub ports: Vec<PolicyPort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct IngressRuleWire {
+    #[serde(default, deserialize_with = "nullable")]
+    from: Vec<PeerWire>,
+    #[serde(default, deserialize_with = "nullable")]
+    ports: Vec<PolicyPortWire>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct EgressRuleWire {
+    #[serde(default, deserialize_with = "nullable")]
+    to: Vec<PeerWire>,
+    #[serde(default, deserialize_with = "nullable")]
+    ports: Vec<PolicyPortWire>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicySpecWire {
+    #[serde(default, deserialize_with = "nullable")]
+    pod_selector: LabelSelector,
+    #[serde(default, deserialize_with = "nullable")]
+    policy_types: Vec<PolicyType>,
+    #[serde(default, deserialize_with = "nullable")]
+    ingress: Vec<IngressRuleWire>,
+    #[serde(default, deserialize_with = "nullable")]
+    egress: Vec<EgressRuleWire>,
+}
+
+/// A NetworkPolicy after defaulting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: LabelSelector,
+    /// Defaulted: never empty.
+    pub policy_types: Vec<PolicyType>,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl NetworkPolicy {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the policy has `t` in its (defaulted) policyTypes.
+    pub fn has_type(&self, t: PolicyType) -> bool {
+        self.policy_types.contains(&t)
+    }
+
+    /// Rules for one direction.
+    pub fn rules(&self, t: PolicyType) -> &[Rule] {
+        match t {
+            PolicyType::Ingress => &self.ingress,
+            PolicyType::Egress => &self.egress,
+        }
+    }
+
+    /// Whether this policy applies to `pod` in direction `t`: same namespace, podSelector
+    /// matches, `t` in policyTypes, and `pod` is a policy pod (not hostNetwork).
+    pub fn selects(&self, pod: &Pod, t: PolicyType) -> bool {
+        pod.is_policy_pod()
+            && pod.namespace == self.namespace
+            && self.has_type(t)
+            && self.pod_selector.matches(&pod.labels)
+    }
+}
+
+/// Wire shape of a NetworkPolicy.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NetworkPolicyObject {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: PolicySpecWire,
+}
+
+fn parse_net(s: &str, field: &str) -> Result<IpNet, FieldError> {
+    let n: IpNet = s
+        .trim()
+        .parse()
+        .map_err(|_| ferr(field, format!("{s:?} is not a CIDR")))?;
+    Ok(n.trunc())
+}
+
+fn convert_peer(p: PeerWire, field: &str) -> Result<Peer, FieldError> {
+    match (p.pod_selector, p.namespace_selector, p.ip_block) {
+        (None, None, None) => Err(ferr(
+            field,
+            "must specify one of podSelector, namespaceSelector or ipBlock",
+        )),
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => Err(ferr(
+            format!("{field}.ipBlock"),
+            "may not be combined with podSelector or namespaceSelector",
+        )),
+        (None, None, Some(b)) => {
+            let cf = format!("{field}.ipBlock.cidr");
+            let cidr = parse_net(&b.cidr, &cf)?;
+            let mut except = Vec::new();
+            for (i, e) in b.except.iter().enumerate() {
+                let ef = format!("{field}.ipBlock.except[{i}]");
+                let e = parse_net(e, &ef)?;
+                let same_family = matches!(
+                    (cidr, e),
+                    (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+                );
+                if !same_family || !cidr.contains(&e) || e.prefix_len() < cidr.prefix_len() {
+                    return Err(ferr(ef, format!("{e} must be within the cidr {cidr}")));
+                }
+                except.push(e);
+            }
+            Ok(Peer::IpBlock(IpBlock { cidr, except }))
+        }
+        (pods, namespaces, None) => {
+            if let Some(s) = &pods {
+                s.validate(&format!("{field}.podSelector"))?;
+            }
+            if let Some(s) = &namespaces {
+                s.validate(&format!("{field}.namespaceSelector"))?;
+            }
+            Ok(Peer::Pods {
+                pods: pods.unwrap_or_default(),
+                namespaces,
+            })
+        }
+    }
+}
+
+fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+fn convert_port(p: PolicyPortWire, field: &str) -> Result<PolicyPort, FieldError> {
+    let protocol = p.protocol.unwrap_or(Protocol::Tcp);
+    let num = |n: i64, f: &str| {
+        u16::try_from(n)
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| ferr(f, format!("{n} must be between 1 and 65535")))
+    };
+    let port = match (p.port, p.end_port) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ferr(
+                format!("{field}.endPort"),
+                "may not be set without port",
+            ))
+        }
+        (Some(PortValue::Number(n)), end) => {
+            let a = num(n, &format!("{field}.port"))?;
+            let b = match end {
+                None => a,
+                Some(e) => {
+                    let b = num(e, &format!("{field}.endPort"))?;
+                    if b < a {
+                        return Err(ferr(
+                            format!("{field}.endPort"),
+                            format!("{b} must be greater than or equal to port {a}"),
+                        ));
+                    }
+                    b
+                }
+            };
+            Some(Port::Range(a, b))
+        }
+        (Some(PortValue::Name(s)), end) => {
+            if end.is_some() {
+                return Err(ferr(
+                    format!("{field}.endPort"),
+                    "may not be set when port is a name",
+                ));
+            }
+            if !is_port_name(&s) {
+                return Err(ferr(
+                    format!("{field}.port"),
+                    format!("{s:?} is not a valid port name (IANA_SVC_NAME)"),
+                ));
+            }
+            Some(Port::Named(s))
+        }
+    };
+    Ok(PolicyPort { protocol, port })
+}
+
+fn convert_rule(
+    peers: Vec<PeerWire>,
+    ports: Vec<PolicyPortWire>,
+    field: &str,
+    peer_key: &str,
+) -> Result<Rule, FieldError> {
+    let peers = peers
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| convert_peer(p, &format!("{field}.{peer_key}[{i}]")))
+        .collect::<Result<_, _>>()?;
+    let ports = ports
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| convert_port(p, &format!("{field}.ports[{i}]")))
+        .collect::<Result<_, _>>()?;
+    Ok(Rule { peers, ports })
+}
+
+impl NetworkPolicyObject {
+    /// Validates and applies API-server defaulting: namespace `default`; policyTypes
+    /// `[Ingress]` plus `Egress` if there are egress rules; protocol TCP; CIDRs masked.
+    pub fn into_model(self) -> Result<NetworkPolicy, FieldError> {
+        let m = self.metadata;
+        if m.name.is_empty() {
+            return Err(ferr("metadata.name", "required"));
+        }
+        let s = self.spec;
+        s.pod_selector.validate("spec.podSelector")?;
+        let mut policy_types = s.policy_types;
+        if policy_types.is_empty() {
+            policy_types.push(PolicyType::Ingress);
+            if !s.egress.is_empty() {
+                policy_types.push(PolicyType::Egress);
+            }
+        }
+        policy_types.sort();
+        policy_types.dedup();
+        let ingress = s
+            .ingress
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| convert_rule(r.from, r.ports, &format!("spec.ingress[{i}]"), "from"))
+            .collect::<Result<_, _>>()?;
+        let egress = s
+            .egress
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| convert_rule(r.to, r.ports, &format!("spec.egress[{i}]"), "to"))
+            .collect::<Result<_, _>>()?;
+        Ok(NetworkPolicy {
+            namespace: if m.namespace.is_empty() {
+                "default".into()
+            } else {
+                m.namespace
+            },
+            name: m.name,
+            pod_selector: s.pod_selector,
+            policy_types,
+            ingress,
+            egress,
+        })
+    }
+}
+
+/// Deserializes a wire object from JSON, reporting the failing field path.
+pub fn from_json_value<T: serde::de::DeserializeOwned>(
+    v: serde_json::Value,
+) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        ferr(
+            if path == "." { String::new() } else { path },
+            e.into_inner().to_string(),
+        )
+    })
+}
+
+// ------------------------------------------------------------------ Snapshot
+
+/// Everything the enforcer knows at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// By name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Sorted by namespace/name.
+    pub pods: Vec<Pod>,
+    /// Sorted by namespace/name; one per key (a later object replaces an earlier one).
+    pub policies: Vec<NetworkPolicy>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; duplicates (same kind and key) keep the last one, as an update would.
+    pub fn new(
+        namespaces: impl IntoIterator<Item = Namespace>,
+        pods: impl IntoIterator<Item = Pod>,
+        policies: impl IntoIterator<Item = NetworkPolicy>,
+    ) -> Snapshot {
+        let namespaces = namespaces
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        let pods: BTreeMap<(String, String), Pod> = pods
+            .into_iter()
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+            .collect();
+        let policies: BTreeMap<(String, String), NetworkPolicy> = policies
+            .into_iter()
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+            .collect();
+        Snapshot {
+            namespaces,
+            pods: pods.into_values().collect(),
+            policies: policies.into_values().collect(),
+        }
+    }
+
+    /// Labels of namespace `ns`; a namespace we were not told about has only its name label.
+    pub fn namespace_labels(&self, ns: &str) -> Labels {
+        match self.namespaces.get(ns) {
+            Some(n) => n.labels.clone(),
+            None => Namespace::new(ns, Labels::new()).labels,
+        }
+    }
+
+    /// The pod `namespace/name`.
+    pub fn pod(&self, key: &str) -> Option<&Pod> {
+        let (ns, name) = key.split_once('/')?;
+        self.pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == name)
+    }
+
+    /// The policy pod (not hostNetwork, not terminated) that owns `ip`, if any.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.is_policy_pod() && p.ips.contains(&ip))
+    }
+
+    /// Whether `peer` (of a policy in namespace `policy_ns`) selects `pod` by labels.
+    /// ipBlock peers are about addresses, not pods: false here.
+    pub fn peer_selects_pod(&self, peer: &Peer, policy_ns: &str, pod: &Pod) -> bool {
+        if !pod.is_policy_pod() {
+            return false;
+        }
+        match peer {
+            Peer::IpBlock(_) => false,
+            Peer::Pods { pods, namespaces } => {
+                let ns_ok = match namespaces {
+                    None => pod.namespace == policy_ns,
+                    Some(sel) => sel.matches(&self.namespace_labels(&pod.namespace)),
+                };
+                ns_ok && pods.matches(&pod.labels)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn sel(json: &str) -> LabelSelector {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn selector_semantics() {
+        let l = labels(&[("app", "web"), ("tier", "fe")]);
+        assert!(sel("{}").matches(&l));
+        assert!(sel(r#"{"matchLabels": null}"#).matches(&Labels::new()));
+        assert!(sel(r#"{"matchLabels": {"app": "web"}}"#).matches(&l));
+        assert!(!sel(r#"{"matchLabels": {"app": "db"}}"#).matches(&l));
+        let e = |op: &str, vals: &str| {
+            sel(&format!(
+                r#"{{"matchExpressions": [{{"key": "env", "operator": "{op}", "values": {vals}}}]}}"#
+            ))
+        };
+        // NotIn and DoesNotExist match objects lacking the key.
+        assert!(e("NotIn", r#"["prod"]"#).matches(&l));
+        assert!(e("DoesNotExist", "[]").matches(&l));
+        assert!(!e("In", r#"["prod"]"#).matches(&l));
+        assert!(!e("Exists", "[]").matches(&l));
+        let l2 = labels(&[("env", "prod")]);
+        assert!(!e("NotIn", r#"["prod"]"#).matches(&l2));
+        assert!(e("In", r#"["dev", "prod"]"#).matches(&l2));
+        assert!(e("Exists", "null").matches(&l2));
+        // matchLabels AND matchExpressions
+        let both = sel(
+            r#"{"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["be"]}]}"#,
+        );
+        assert!(!both.matches(&l));
+    }
+
+    fn policy(json: &str) -> Result<NetworkPolicy, FieldError> {
+        from_json_value::<NetworkPolicyObject>(serde_json::from_str(json).unwrap())?.into_model()
+    }
+
+    #[test]
+    fn policy_defaulting() {
+        let p =
+            policy(r#"{"metadata": {"name": "p"}, "spec": {"podSelector": {}, "egress": [{}]}}"#)
+                .unwrap();
+        assert_eq!(p.namespace, "default");
+        assert_eq!(
+            p.policy_types,
+            vec![PolicyType::Ingress, PolicyType::Egress]
+        );
+        let p = policy(
+            r#"{"metadata": {"name": "p", "namespace": "x"}, "spec": {"podSelector": {}, "egress": [], "ingress": [{"ports": [{"port": 80}, {"port": "http", "protocol": "UDP"}, {"protocol": "SCTP"}, {"port": 1000, "endPort": 2000}]}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.policy_types, vec![PolicyType::Ingress]);
+        let ports = &p.ingress[0].ports;
+        assert_eq!(ports[0].protocol, Protocol::Tcp);
+        assert_eq!(ports[0].port, Some(Port::Range(80, 80)));
+        assert_eq!(ports[1].port, Some(Port::Named("http".into())));
+        assert_eq!(ports[1].protocol, Protocol::Udp);
+        assert_eq!(ports[2].port, None);
+        assert_eq!(ports[3].port, Some(Port::Range(1000, 2000)));
+    }
+
+    #[test]
+    fn peers_and_ipblocks() {
+        let p = policy(
+            r#"{"metadata": {"name": "p", "namespace": "x"}, "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": "10.244.1.7/4", "except": ["10.244.1.8/32"]}}, {"podSelector": {}}, {"namespaceSelector": {}, "podSelector": {"matchLabels": {"a": "b"}}}]}]}}"#,
+        )
+        .unwrap();
+        let peers = &p.egress[0].peers;
+        match &peers[0] {
+            Peer::IpBlock(b) => {
+                assert_eq!(b.cidr.to_string(), "0.0.0.0/4");
+                assert!(b.contains("10.244.1.7".parse().unwrap()));
+                assert!(!b.contains("10.244.1.8".parse().unwrap()));
+                assert!(!b.contains("::1".parse().unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            &peers[1],
+            Peer::Pods {
+                namespaces: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            &peers[2],
+            Peer::Pods {
+                namespaces: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cases = [
+            (
+                r#"{"metadata": {"name": "p"}, "spec": {"ingress": [{"from": [{}]}]}}"#,
+                "spec.ingress[0].from[0]",
+            ),
+            (
+                r#"{"metadata": {"name": "p"}, "spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}}"#,
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+            ),
+            (
+                r#"{"metadata": {"name": "p"}, "spec": {"egress": [{"ports": [{"port": 80, "endPort": 79}]}]}}"#,
+                "spec.egress[0].ports[0].endPort",
+            ),
+            (
+                r#"{"metadata": {"name": "p"}, "spec": {"egress": [{"ports": [{"port": 70000}]}]}}"#,
+                "spec.egress[0].ports[0].port",
+            ),
+            (
+                r#"{"metadata": {"name": "p"}, "spec": {"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}}"#,
+                "spec.podSelector.matchExpressions[0].values",
+            ),
+            (
+                r#"{"metadata": {"name": "p"}, "spec": {"egress": [{"ports": [{"protocol": "ICMP"}]}]}}"#,
+                "spec.egress[0].ports[0].protocol",
+            ),
+        ];
+        for (json, field) in cases {
+            let e = policy(json).unwrap_err();
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn pod_wire() {
+        let v = serde_json::json!({
+            "metadata": {"name": "a", "namespace": "x", "labels": {"pod": "a"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]}
+        });
+        let p = from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert_eq!(p.ips.len(), 2);
+        assert_eq!(p.named_port("http", Protocol::Tcp), Some(8080));
+        assert_eq!(p.named_port("http", Protocol::Udp), None);
+        assert_eq!(p.node.as_deref(), Some("n1"));
+    }
+}

@@ -1,0 +1,349 @@
+//! A directory of YAML/JSON manifests: `*.yaml`, `*.yml`, `*.json` directly in the
+//! directory (hidden files skipped), each possibly multi-document, holding Namespace,
+//! Pod and NetworkPolicy objects or `List`s of them (`List`, `PodList`, ...). Other kinds
+//! are ignored. An object with the same kind and namespace/name as an earlier one
+//! replaces it (as an update would). Changes are found by polling names, sizes and
+//! modification times (every second in `run`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+use super::{ObjectError, Source, SourceError};
+use crate::model::{
+    from_json_value, Namespace, NamespaceObject, NetworkPolicy, NetworkPolicyObject, Pod,
+    PodObject, Snapshot,
+};
+
+/// Objects parsed from manifests.
+#[derive(Debug, Default)]
+struct Objects {
+    namespaces: Vec<Namespace>,
+    pods: Vec<Pod>,
+    policies: Vec<NetworkPolicy>,
+}
+
+fn add_object(
+    v: Value,
+    objs: &mut Objects,
+    origin: &str,
+    document: usize,
+    item: Option<usize>,
+    errors: &mut Vec<ObjectError>,
+) {
+    let err = |field: String, message: String| ObjectError {
+        origin: origin.to_string(),
+        document: Some(document),
+        item,
+        field,
+        message,
+    };
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
+    match kind {
+        "" => errors.push(err("kind".into(), "missing".into())),
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+            if item.is_some() {
+                errors.push(err("kind".into(), "a List inside a List".into()));
+                return;
+            }
+            let Some(items) = v.get("items").and_then(Value::as_array) else {
+                if v.get("items").is_some_and(|i| !i.is_null()) {
+                    errors.push(err("items".into(), "must be a list".into()));
+                }
+                return;
+            };
+            for (i, it) in items.iter().enumerate() {
+                add_object(it.clone(), objs, origin, document, Some(i), errors);
+            }
+        }
+        "Namespace" => match from_json_value::<NamespaceObject>(v).and_then(|o| o.into_model()) {
+            Ok(n) => objs.namespaces.push(n),
+            Err(e) => errors.push(err(e.field, e.message)),
+        },
+        "Pod" => match from_json_value::<PodObject>(v).and_then(|o| o.into_model()) {
+            Ok(p) => objs.pods.push(p),
+            Err(e) => errors.push(err(e.field, e.message)),
+        },
+        "NetworkPolicy" => {
+            match from_json_value::<NetworkPolicyObject>(v).and_then(|o| o.into_model()) {
+                Ok(p) => objs.policies.push(p),
+                Err(e) => errors.push(err(e.field, e.message)),
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Splits YAML text into documents at `---` / `...` marker lines (column 0), keeping
+/// empty documents so that indices count every document, as `kubectl` users see them.
+/// Returns (first line number from 1, text) per document.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = vec![(1, String::new())];
+    for (i, line) in text.lines().enumerate() {
+        let marker = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
+        if marker {
+            docs.push((i + 2, line[3..].to_string() + "\n"));
+        } else if line == "..." {
+            docs.push((i + 2, String::new()));
+        } else {
+            let d = &mut docs.last_mut().expect("non-empty").1;
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    // A leading `---` opens the first document; drop the empty one before it.
+    if docs.len() > 1 && is_blank(&docs[0].1) && text.trim_start().starts_with("---") {
+        docs.remove(0);
+    }
+    docs
+}
+
+fn is_blank(doc: &str) -> bool {
+    doc.lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.trim() == "%YAML 1.2")
+}
+
+/// Parses one manifest file's text (YAML, which includes JSON) into `objs`. Booleans are
+/// only `true`/`false` (so `name: y` or `on` stay strings, as in YAML 1.2).
+fn parse_text(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<ObjectError>) {
+    let opts = serde_saphyr::Options {
+        strict_booleans: true,
+        ..serde_saphyr::Options::default()
+    };
+    for (i, (line, doc)) in split_documents(text).into_iter().enumerate() {
+        if is_blank(&doc) {
+            continue;
+        }
+        let err = |message: String| ObjectError {
+            origin: origin.to_string(),
+            document: Some(i),
+            item: None,
+            field: String::new(),
+            message,
+        };
+        let v: Value = match serde_saphyr::from_str_with_options(&doc, opts.clone()) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(err(format!(
+                    "invalid YAML (document starts at line {line}): {e}"
+                )));
+                continue;
+            }
+        };
+        match v {
+            Value::Null => {}
+            Value::Object(_) => add_object(v, objs, origin, i, None, errors),
+            _ => errors.push(err("not a mapping".into())),
+        }
+    }
+}
+
+/// Parses manifest text into a snapshot (for tests and tools).
+pub fn parse_str(text: &str, origin: &str) -> Result<Snapshot, SourceError> {
+    let mut objs = Objects::default();
+    let mut errors = Vec::new();
+    parse_text(text, origin, &mut objs, &mut errors);
+    finish(objs, errors)
+}
+
+fn finish(objs: Objects, errors: Vec<ObjectError>) -> Result<Snapshot, SourceError> {
+    if errors.is_empty() {
+        Ok(Snapshot::new(objs.namespaces, objs.pods, objs.policies))
+    } else {
+        Err(SourceError { errors })
+    }
+}
+
+/// Reads a directory of manifests.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    seen: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    /// How often `wait_change` looks.
+    pub poll: Duration,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> ManifestDir {
+        ManifestDir {
+            dir: dir.into(),
+            seen: Vec::new(),
+            poll: Duration::from_secs(1),
+        }
+    }
+
+    fn files(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            let p = e?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            if !name.starts_with('.') && matches!(ext, "yaml" | "yml" | "json") && p.is_file() {
+                out.push(p);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+        self.files()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let md = std::fs::metadata(&p).ok();
+                let len = md.as_ref().map(|m| m.len()).unwrap_or(0);
+                let mtime = md.and_then(|m| m.modified().ok());
+                (p, len, mtime)
+            })
+            .collect()
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Source for ManifestDir {
+    fn snapshot(&mut self) -> Result<Snapshot, SourceError> {
+        self.seen = self.fingerprint();
+        let files = self.files().map_err(|e| SourceError {
+            errors: vec![ObjectError {
+                origin: self.dir.display().to_string(),
+                document: None,
+                item: None,
+                field: String::new(),
+                message: format!("cannot read directory: {e}"),
+            }],
+        })?;
+        let mut objs = Objects::default();
+        let mut errors = Vec::new();
+        for f in files {
+            let origin = f.display().to_string();
+            match std::fs::read_to_string(&f) {
+                Ok(text) => parse_text(&text, &origin, &mut objs, &mut errors),
+                Err(e) => errors.push(ObjectError {
+                    origin,
+                    document: None,
+                    item: None,
+                    field: String::new(),
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+        finish(objs, errors)
+    }
+
+    fn wait_change(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.fingerprint() != self.seen {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            std::thread::sleep(self.poll.min(deadline - now));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a, namespace: x, labels: {pod: a}}
+  spec:
+    nodeName: n1
+    containers:
+    - name: c
+      ports: [{name: http, containerPort: 80}]
+  status: {podIPs: [{ip: 10.244.1.2}]}
+- kind: Service
+  metadata: {name: ignored}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {}
+  egress:
+  - ports: [{port: http}]
+"#;
+
+    #[test]
+    fn multi_document_and_lists() {
+        let s = parse_str(GOOD, "good.yaml").unwrap();
+        assert_eq!(s.namespaces["x"].labels["team"], "a");
+        assert_eq!(s.namespaces["x"].labels["kubernetes.io/metadata.name"], "x");
+        assert_eq!(s.pods.len(), 1);
+        assert_eq!(
+            s.pods[0].ips,
+            vec!["10.244.1.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(s.policies.len(), 1);
+        // policyTypes defaulted to Ingress + Egress because there are egress rules.
+        assert_eq!(s.policies[0].policy_types.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_file_document_item_and_field() {
+        let bad = GOOD
+            .replace("containerPort: 80", "containerPort: 0")
+            .replace(
+                "- ports: [{port: http}]",
+                "- ports: [{port: http, protocol: ICMP}]",
+            );
+        let e = parse_str(&bad, "bad.yaml").unwrap_err();
+        let msgs: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(e.errors.len(), 2, "{msgs:?}");
+        assert_eq!(e.errors[0].document, Some(2));
+        assert_eq!(e.errors[0].item, Some(0));
+        assert_eq!(
+            e.errors[0].field,
+            "spec.containers[0].ports[0].containerPort"
+        );
+        assert_eq!(e.errors[1].document, Some(3));
+        assert_eq!(e.errors[1].field, "spec.egress[0].ports[0].protocol");
+        assert!(msgs[1].starts_with("bad.yaml: document 3: spec.egress[0].ports[0].protocol: "));
+        let e = parse_str("kind: [", "syntax.yaml").unwrap_err();
+        assert!(e.errors[0].message.contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn directory_source_polls_for_changes() {
+        let dir = std::env::temp_dir().join(format!("twill-policy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.join(".hidden.yaml"), "kind: [").unwrap();
+        std::fs::write(dir.join("notes.txt"), "kind: [").unwrap();
+        let mut src = ManifestDir::new(&dir);
+        src.poll = Duration::from_millis(20);
+        let s = src.snapshot().unwrap();
+        assert_eq!(s.pods.len(), 1);
+        assert!(!src.wait_change(Duration::from_millis(50)));
+        std::fs::write(dir.join("b.yml"), "kind: Namespace\nmetadata: {name: y}\n").unwrap();
+        assert!(src.wait_change(Duration::from_secs(2)));
+        assert_eq!(src.snapshot().unwrap().namespaces.len(), 2);
+        std::fs::write(dir.join("b.yml"), "kind: Namespace\nmetadata: {nam: y}\n").unwrap();
+        assert!(src.wait_change(Duration::from_secs(2)));
+        let e = src.snapshot().unwrap_err();
+        assert!(e.errors[0].origin.ends_with("b.yml"));
+        assert_eq!(e.errors[0].field, "metadata.name");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
