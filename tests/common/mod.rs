@@ -15,6 +15,8 @@ pub const PREFIX: &str = "/coreos.com/network";
 pub struct Cluster {
     pub lab: Lab,
     pub daemons: BTreeMap<String, ProcId>,
+    /// Daemons started so far: each start gets a log of its own.
+    starts: usize,
 }
 
 /// Starts etcd, writes `config` to `<prefix>/config`, adds `nodes`.
@@ -29,6 +31,7 @@ pub fn cluster(name: &str, nodes: &[&str], config: &str) -> Cluster {
     Cluster {
         lab,
         daemons: BTreeMap::new(),
+        starts: 0,
     }
 }
 
@@ -59,12 +62,13 @@ impl Cluster {
             .lab
             .spawn(
                 &netns,
-                &format!("twilld-{node}-{}", self.daemons.len()),
+                &format!("twilld-{node}-{}", self.starts),
                 &argv,
                 &[("TWILL_LOG", "info")],
             )
             .expect("spawn twilld");
         self.daemons.insert(node.to_string(), id);
+        self.starts += 1;
         id
     }
 
