@@ -312,7 +312,8 @@ fn version_command() {
 fn bad_inputs_fail_with_codes_and_touch_nothing() {
     let f = Fixture::new();
     let good = f.conf("0.3.1", "");
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, u64, &str)> = vec![
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, u64, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "ADD",
             good.clone(),
