@@ -5,10 +5,10 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::RwLock;
 
 use serde_json::Value;
 
@@ -35,21 +35,6 @@ VERSION) echo "{\"cniVersion\":\"1.1.0\",\"supportedVersions\":[$FAKE_VERSIONS]}
 esac
 exit 0
 "#;
-
-fn fake_bin() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let _w = SPAWN.write().unwrap();
-        let d = std::env::temp_dir().join(format!("twcni{}-fakebin", std::process::id()));
-        fs::create_dir_all(&d).unwrap();
-        for name in ["bridge", "other"] {
-            let p = d.join(name);
-            fs::write(&p, FAKE).unwrap();
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        d
-    })
-}
 
 struct Fixture {
     dir: PathBuf,
@@ -87,6 +72,16 @@ impl Fixture {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("out")).unwrap();
         fs::write(dir.join("subnet.env"), SUBNET_ENV).unwrap();
+        let bin = dir.join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        {
+            let _w = SPAWN.write().unwrap();
+            for name in ["bridge", "other"] {
+                let p = bin.join(name);
+                fs::write(&p, FAKE).unwrap();
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
         Fixture { dir }
     }
 
@@ -103,7 +98,7 @@ impl Fixture {
     }
 
     fn run(&self, cmd: &str, cid: &str, stdin: &str, env: &[(&str, &str)]) -> Out {
-        let bin = fake_bin();
+        let bin = self.dir.join("bin");
         let _r = SPAWN.read().unwrap();
         let mut c = Command::new(BIN);
         c.env_clear()
