@@ -337,3 +337,53 @@ fn bad_inputs_create_nothing() {
         assert!(pod.links().is_empty(), "{:?}", pod.links());
     }
 }
+
+#[test]
+fn dual_stack_add_check_del_with_reference_plugins() {
+    if !root_or_skip("dual_stack_add_check_del_with_reference_plugins") {
+        return;
+    }
+    let node = Node::new(
+        "d",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_IPV6_NETWORK=2001:db8:42::/56\nFLANNEL_IPV6_SUBNET=2001:db8:42:3::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let pod = Ns::new(format!("twcni{}pd", std::process::id()));
+    let conf = node
+        .conf(DEFAULT_DELEGATE)
+        .replace(r#""cniVersion":"0.3.1""#, r#""cniVersion":"1.0.0""#);
+
+    let (code, res) = node.cni("ADD", "pod-d", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(res["cniVersion"], "1.0.0");
+    let ips: Vec<&str> = res["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(ips.len(), 2, "{res}");
+    assert!(ips[0].starts_with("10.244.3."), "{ips:?}");
+    assert!(ips[1].starts_with("2001:db8:42:3::"), "{ips:?}");
+    let (_, routes6) = sh(&["ip", "-n", &pod.0, "-6", "route"]);
+    assert!(
+        routes6.contains("2001:db8:42::/56 via 2001:db8:42:3::1"),
+        "{routes6}"
+    );
+
+    // CHECK replays the saved config with the runtime's prevResult to the real bridge.
+    let mut with_prev: Value = serde_json::from_str(&conf).unwrap();
+    with_prev["prevResult"] = res.clone();
+    let with_prev = with_prev.to_string();
+    let (code, out) = node.cni("CHECK", "pod-d", "eth0", &pod.path(), &with_prev);
+    assert_eq!(code, 0, "{out}");
+
+    for _ in 0..2 {
+        let (code, out) = node.cni("DEL", "pod-d", "eth0", &pod.path(), &conf);
+        assert_eq!(code, 0, "{out}");
+    }
+    let (code, out) = node.cni("CHECK", "pod-d", "eth0", &pod.path(), &with_prev);
+    assert_eq!(code, 1);
+    assert_eq!(out["code"], 3, "{out}");
+    assert!(node.reservations().is_empty(), "{:?}", node.reservations());
+    assert!(node.veths().is_empty());
+}
