@@ -23,7 +23,10 @@ pub fn find_in_path(plugin: &str, cni_path: &str) -> Result<PathBuf, CniError> {
     }
     Err(CniError::new(
         code::DELEGATE_FAILED,
-        format!("failed to find plugin {plugin:?} in path {dirs:?}"),
+        format!(
+            "failed to find plugin {plugin:?} in path [{}]",
+            dirs.join(" ")
+        ),
     )
     .with_details("set CNI_PATH to the directory holding the delegate plugin"))
 }

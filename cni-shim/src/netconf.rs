@@ -230,6 +230,38 @@ fn normalize_route(v: &Value) -> Result<Value, String> {
     Ok(Value::Object(out))
 }
 
+/// Give gateway-less routes in a prevResult the gateway of their family's IP config.
+///
+/// Flannel's IPAM routes carry no `gw`, so host-local reports them without one, while the
+/// bridge plugin installs them via the bridge gateway. The reference bridge's CHECK then looks
+/// for a kernel route with no gateway and never finds it. The delegate's CHECK gets a
+/// prevResult that names the gateway the route really uses, so CHECK still verifies every route.
+pub fn fill_route_gateways(prev: &mut Value) {
+    let gw_of = |v6: bool| -> Option<Value> {
+        prev.get("ips")?.as_array()?.iter().find_map(|ip| {
+            let addr = ip.get("address")?.as_str()?;
+            let gw = ip.get("gateway")?.as_str()?;
+            (addr.contains(':') == v6).then(|| Value::String(gw.to_string()))
+        })
+    };
+    let (gw4, gw6) = (gw_of(false), gw_of(true));
+    let Some(Value::Array(routes)) = prev.get_mut("routes") else {
+        return;
+    };
+    for r in routes.iter_mut().filter_map(Value::as_object_mut) {
+        if r.get("gw").is_some_and(|g| !g.is_null()) {
+            continue;
+        }
+        let v6 = match r.get("dst").and_then(Value::as_str) {
+            Some(d) => d.contains(':'),
+            None => continue,
+        };
+        if let Some(gw) = if v6 { &gw6 } else { &gw4 } {
+            r.insert("gw".into(), gw.clone());
+        }
+    }
+}
+
 /// The container IDs listed in `cni.dev/valid-attachments` (GC input). `None` if the key is
 /// absent or malformed.
 pub fn valid_attachment_ids(raw: &Map<String, Value>) -> Option<Vec<String>> {
@@ -443,6 +475,28 @@ mod tests {
         let bad: Map<String, Value> =
             serde_json::from_str(r#"{"cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#).unwrap();
         assert_eq!(valid_attachment_ids(&bad), None);
+    }
+
+    #[test]
+    fn route_gateways_filled_per_family() {
+        let mut prev = json!({
+            "ips": [
+                {"address": "10.244.3.2/24", "gateway": "10.244.3.1"},
+                {"address": "2001:db8::2/64", "gateway": "2001:db8::1"}
+            ],
+            "routes": [
+                {"dst": "10.244.0.0/16"},
+                {"dst": "2001:db8::/56"},
+                {"dst": "0.0.0.0/0", "gw": "10.244.3.254"}
+            ]
+        });
+        fill_route_gateways(&mut prev);
+        assert_eq!(prev["routes"][0]["gw"], "10.244.3.1");
+        assert_eq!(prev["routes"][1]["gw"], "2001:db8::1");
+        assert_eq!(prev["routes"][2]["gw"], "10.244.3.254");
+        let mut none = json!({"routes": [{"dst": "10.0.0.0/8"}]});
+        fill_route_gateways(&mut none);
+        assert!(none["routes"][0].get("gw").is_none());
     }
 
     #[test]

@@ -220,14 +220,9 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
     let plugin = delegate::find_in_path(delegate_type(&d), cni_path)?;
     let saved = save_scratch(&conf.data_dir, cid, bytes.as_bytes())?;
     match delegate::run(&plugin, "ADD", bytes.as_bytes(), "failed to delegate add") {
-        Ok(out) => {
-            if conf.cni_version.is_empty() {
-                Ok(out)
-            } else {
-                // The delegate succeeded: keep the saved config so DEL can undo it.
-                netconf::convert_result(&out, &conf.cni_version)
-            }
-        }
+        // The delegate succeeded: even if its result is unreadable, keep the saved config so
+        // the runtime's DEL can undo the attachment.
+        Ok(out) => netconf::convert_result(&out, &conf.cni_version),
         Err(e) => {
             if let Err(re) = fs::remove_file(&saved) {
                 eprintln!("twill-cni: failed to remove {}: {re}", saved.display());
@@ -298,7 +293,9 @@ fn cmd_check(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<(), CniErr
         )
     })?;
     if let Some(prev) = conf.raw.get("prevResult") {
-        saved.insert("prevResult".into(), prev.clone());
+        let mut prev = prev.clone();
+        netconf::fill_route_gateways(&mut prev);
+        saved.insert("prevResult".into(), prev);
     }
     let typ = saved
         .get("type")

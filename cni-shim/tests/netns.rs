@@ -1,0 +1,389 @@
+//! The built `twill-cni` with the real reference plugins (`/usr/lib/cni`: bridge, host-local),
+//! run inside network namespaces this test creates (`twcni<pid>...`), never in the root
+//! namespace. Needs root: skipped with a message otherwise, unless CI=true, where it fails.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_twill-cni");
+const CNI_PATH: &str = "/usr/lib/cni";
+
+fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        if !Path::new(CNI_PATH).join("bridge").exists() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "{CNI_PATH}/bridge missing"
+            );
+            eprintln!("SKIP {test}: {CNI_PATH}/bridge not installed (containernetworking-plugins)");
+            return false;
+        }
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "{test} needs root (CI=true)"
+    );
+    eprintln!("SKIP {test}: needs root to create network namespaces");
+    false
+}
+
+fn sh(args: &[&str]) -> (bool, String) {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+/// A named network namespace, deleted on drop (also when the test panics).
+struct Ns(String);
+
+impl Ns {
+    fn new(name: String) -> Ns {
+        let _ = sh(&["ip", "netns", "del", &name]);
+        let (ok, out) = sh(&["ip", "netns", "add", &name]);
+        assert!(ok, "ip netns add {name}: {out}");
+        Ns(name)
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+    /// Links in the namespace other than lo.
+    fn links(&self) -> Vec<String> {
+        let (ok, out) = sh(&["ip", "-n", &self.0, "-o", "link", "show"]);
+        assert!(ok, "{out}");
+        out.lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap().to_string())
+            .filter(|n| n != "lo")
+            .collect()
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.0]);
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("twcni{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Node {
+    dir: TempDir,
+    ns: Ns,
+}
+
+impl Node {
+    fn new(tag: &str, subnet_env: &str) -> Node {
+        let dir = TempDir::new(tag);
+        fs::write(dir.0.join("subnet.env"), subnet_env).unwrap();
+        let ns = Ns::new(format!("twcni{}{tag}", std::process::id()));
+        Node { dir, ns }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.0.join("data")
+    }
+    fn ipam(&self) -> PathBuf {
+        self.dir.0.join("ipam")
+    }
+
+    /// Flannel's default conflist plugin entry as the runtime passes it (name and cniVersion
+    /// injected), with the per-node paths of DESIGN.md.
+    fn conf(&self, delegate: &str) -> String {
+        format!(
+            r#"{{"cniVersion":"0.3.1","name":"cbr0","type":"flannel","delegate":{delegate},"subnetFile":"{}","dataDir":"{}","ipam":{{"dataDir":"{}"}}}}"#,
+            self.dir.0.join("subnet.env").display(),
+            self.data().display(),
+            self.ipam().display()
+        )
+    }
+
+    fn cni(&self, cmd: &str, cid: &str, ifname: &str, netns: &str, conf: &str) -> (i32, Value) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.0, BIN])
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", cid)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_NETNS", netns)
+            .env("CNI_PATH", CNI_PATH)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        let code = o.status.code().unwrap_or(-1);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let v = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{cmd} {cid}: {e}: {stdout:?} stderr {}",
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+        };
+        if code != 0 {
+            eprintln!(
+                "{cmd} {cid} exit {code}: {stdout} stderr: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        (code, v)
+    }
+
+    /// host-local reservations left (files named by address).
+    fn reservations(&self) -> Vec<String> {
+        match fs::read_dir(self.ipam().join("cbr0")) {
+            Err(_) => Vec::new(),
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                .collect(),
+        }
+    }
+
+    fn veths(&self) -> Vec<String> {
+        let (ok, out) = sh(&["ip", "-n", &self.ns.0, "-o", "link", "show", "type", "veth"]);
+        assert!(ok, "{out}");
+        out.lines().map(String::from).collect()
+    }
+}
+
+const DEFAULT_DELEGATE: &str = r#"{"hairpinMode":true,"isDefaultGateway":true}"#;
+
+fn result_addr(v: &Value) -> Ipv4Net {
+    v["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address in {v}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn add_then_double_del_with_reference_plugins() {
+    if !root_or_skip("add_then_double_del_with_reference_plugins") {
+        return;
+    }
+    let node = Node::new(
+        "a",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let pod = Ns::new(format!("twcni{}pa", std::process::id()));
+    let conf = node.conf(DEFAULT_DELEGATE);
+
+    let (code, res) = node.cni("ADD", "pod-a", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    let addr = result_addr(&res);
+    let subnet: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    assert!(subnet.contains(&addr.addr()), "{addr}");
+    assert_ne!(
+        addr.addr(),
+        Ipv4Addr::new(10, 244, 1, 1),
+        "gateway reserved"
+    );
+    assert_eq!(res["ips"][0]["gateway"], "10.244.1.1");
+    let (_, pod_addrs) = sh(&[
+        "ip", "-n", &pod.0, "-4", "-o", "addr", "show", "dev", "eth0",
+    ]);
+    assert!(pod_addrs.contains(&addr.to_string()), "{pod_addrs}");
+    let (_, mtu) = sh(&["ip", "-n", &pod.0, "-o", "link", "show", "dev", "eth0"]);
+    assert!(mtu.contains("mtu 1450"), "{mtu}");
+    let (_, routes) = sh(&["ip", "-n", &pod.0, "-4", "route"]);
+    assert!(routes.contains("10.244.0.0/16 via 10.244.1.1"), "{routes}");
+    assert!(routes.contains("default via 10.244.1.1"), "{routes}");
+    assert!(node.data().join("pod-a").exists());
+    assert_eq!(node.reservations(), vec![addr.addr().to_string()]);
+    assert_eq!(node.veths().len(), 1);
+
+    for _ in 0..2 {
+        let (code, res) = node.cni("DEL", "pod-a", "eth0", &pod.path(), &conf);
+        assert_eq!(code, 0, "{res}");
+        assert_eq!(res, Value::Null);
+    }
+    assert!(!node.data().join("pod-a").exists());
+    assert!(node.reservations().is_empty(), "{:?}", node.reservations());
+    assert!(node.veths().is_empty(), "{:?}", node.veths());
+    assert!(pod.links().is_empty(), "{:?}", pod.links());
+}
+
+#[test]
+fn concurrent_adds_get_distinct_addresses() {
+    if !root_or_skip("concurrent_adds_get_distinct_addresses") {
+        return;
+    }
+    const N: usize = 200;
+    let node = Node::new(
+        "c",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.4.1/22\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let pods: Vec<Ns> = (0..N)
+        .map(|i| Ns::new(format!("twcni{}c{i}", std::process::id())))
+        .collect();
+    let conf = node.conf(DEFAULT_DELEGATE);
+    let subnet: Ipv4Net = "10.244.4.0/22".parse().unwrap();
+
+    let results: Vec<(i32, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (node, conf) = (&node, &conf);
+                s.spawn(move || node.cni("ADD", &format!("ctr{i}"), "eth0", &p.path(), conf))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut addrs = HashSet::new();
+    for (i, (code, res)) in results.iter().enumerate() {
+        assert_eq!(*code, 0, "ADD ctr{i}: {res}");
+        let a = result_addr(res).addr();
+        assert!(subnet.contains(&a), "{a}");
+        addrs.insert(a);
+    }
+    assert_eq!(addrs.len(), N, "addresses are distinct");
+    assert_eq!(node.reservations().len(), N);
+    assert_eq!(node.veths().len(), N);
+
+    std::thread::scope(|s| {
+        for (i, p) in pods.iter().enumerate() {
+            let (node, conf) = (&node, &conf);
+            s.spawn(move || {
+                let (code, res) = node.cni("DEL", &format!("ctr{i}"), "eth0", &p.path(), conf);
+                assert_eq!(code, 0, "DEL ctr{i}: {res}");
+            });
+        }
+    });
+    assert!(node.reservations().is_empty(), "{:?}", node.reservations());
+    assert!(node.veths().is_empty());
+    assert_eq!(fs::read_dir(node.data()).unwrap().count(), 0);
+}
+
+#[test]
+fn bad_inputs_create_nothing() {
+    if !root_or_skip("bad_inputs_create_nothing") {
+        return;
+    }
+    let node = Node::new(
+        "b",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.2.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let pod = Ns::new(format!("twcni{}pb", std::process::id()));
+    let good = node.conf(DEFAULT_DELEGATE);
+    let pp = pod.path();
+    let cases: Vec<(&str, &str, String, String, u64)> = vec![
+        ("../../etc/passwd", "eth0", pp.clone(), good.clone(), 4),
+        ("ok", "eth0/../x", pp.clone(), good.clone(), 4),
+        ("ok", "this-is-too-long0", pp.clone(), good.clone(), 4),
+        ("ok", "eth0", "/tmp".into(), good.clone(), 4),
+        (
+            "ok",
+            "eth0",
+            "/run/netns/twcni-does-not-exist".into(),
+            good.clone(),
+            4,
+        ),
+        (
+            "ok",
+            "eth0",
+            pp.clone(),
+            node.conf(r#"{"type":"../../../bin/true"}"#),
+            7,
+        ),
+        ("ok", "eth0", pp.clone(), node.conf(r#"{"name":"x"}"#), 2),
+        ("ok", "eth0", pp.clone(), node.conf(r#"{"ipam":{}}"#), 2),
+        ("ok", "eth0", pp.clone(), good.replace("0.3.1", "0.1.0"), 1),
+    ];
+    for (cid, ifname, netns, conf, want) in cases {
+        let (code, res) = node.cni("ADD", cid, ifname, &netns, &conf);
+        assert_eq!(code, 1, "{cid} {ifname} {netns}: {res}");
+        assert_eq!(res["code"], want, "{cid} {ifname} {netns}: {res}");
+        assert!(!node.data().exists());
+        assert!(!node.ipam().exists());
+        assert!(node.ns.links().is_empty(), "{:?}", node.ns.links());
+        assert!(pod.links().is_empty(), "{:?}", pod.links());
+    }
+}
+
+#[test]
+fn dual_stack_add_check_del_with_reference_plugins() {
+    if !root_or_skip("dual_stack_add_check_del_with_reference_plugins") {
+        return;
+    }
+    let node = Node::new(
+        "d",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_IPV6_NETWORK=2001:db8:42::/56\nFLANNEL_IPV6_SUBNET=2001:db8:42:3::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let pod = Ns::new(format!("twcni{}pd", std::process::id()));
+    let conf = node
+        .conf(DEFAULT_DELEGATE)
+        .replace(r#""cniVersion":"0.3.1""#, r#""cniVersion":"1.0.0""#);
+
+    let (code, res) = node.cni("ADD", "pod-d", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(res["cniVersion"], "1.0.0");
+    let ips: Vec<&str> = res["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(ips.len(), 2, "{res}");
+    assert!(ips[0].starts_with("10.244.3."), "{ips:?}");
+    assert!(ips[1].starts_with("2001:db8:42:3::"), "{ips:?}");
+    let (_, routes6) = sh(&["ip", "-n", &pod.0, "-6", "route"]);
+    assert!(
+        routes6.contains("2001:db8:42::/56 via 2001:db8:42:3::1"),
+        "{routes6}"
+    );
+
+    // CHECK replays the saved config with the runtime's prevResult to the real bridge.
+    let mut with_prev: Value = serde_json::from_str(&conf).unwrap();
+    with_prev["prevResult"] = res.clone();
+    let with_prev = with_prev.to_string();
+    let (code, out) = node.cni("CHECK", "pod-d", "eth0", &pod.path(), &with_prev);
+    assert_eq!(code, 0, "{out}");
+
+    for _ in 0..2 {
+        let (code, out) = node.cni("DEL", "pod-d", "eth0", &pod.path(), &conf);
+        assert_eq!(code, 0, "{out}");
+    }
+    let (code, out) = node.cni("CHECK", "pod-d", "eth0", &pod.path(), &with_prev);
+    assert_eq!(code, 1);
+    assert_eq!(out["code"], 3, "{out}");
+    assert!(node.reservations().is_empty(), "{:?}", node.reservations());
+    assert!(node.veths().is_empty());
+}
