@@ -17,6 +17,8 @@
 //! [`std::process::Command`].
 #![warn(missing_docs)]
 
+pub mod probe;
+pub mod quickstart;
 mod run;
 mod state;
 

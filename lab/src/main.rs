@@ -67,6 +67,27 @@ enum Cmd {
     },
     /// List labs on this machine (persisted ones and test labs).
     List,
+    /// The quick start: a 3-node cluster with etcd, twilld, pods through twill-cni, the
+    /// reachability matrix, an example NetworkPolicy and the matrix again. Stays up.
+    Quickstart {
+        /// Remove the quickstart cluster instead.
+        #[arg(long)]
+        down: bool,
+    },
+    /// Answer "pong" on TCP and UDP PORT (run inside a pod namespace).
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Exit 0 if TO (IP:PORT) answers "pong" over TCP (or UDP with --udp) within the timeout.
+    Probe {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -108,6 +129,30 @@ fn real_main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::List => list().map(|()| ExitCode::SUCCESS),
+        Cmd::Quickstart { down } => {
+            if down {
+                twill_lab::quickstart::down()?;
+            } else {
+                twill_lab::quickstart::up()?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve { port } => {
+            twill_lab::probe::serve(port)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Probe {
+            to,
+            udp,
+            timeout_ms,
+        } => {
+            let ok = twill_lab::probe::probe(to, udp, std::time::Duration::from_millis(timeout_ms));
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 
