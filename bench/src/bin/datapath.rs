@@ -1,0 +1,270 @@
+//! Datapath benchmark (issue 3): pod-to-pod TCP throughput across two nodes (iperf3), through
+//! twill (twilld with VXLAN and --ip-masq, pods attached by twill-cni) against the same
+//! topology configured by hand with ip/bridge (flannel.1, neighbour, FDB, route, cni0, veths,
+//! same MTUs), and the raw underlay between the nodes; rounds alternate, medians reported.
+//!
+//! Usage: datapath [--rounds R] [--seconds S]   (root; builds its own labs)
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use twill_bench::{median, table_row};
+use twill_lab::{Ipv4Net, Lab};
+
+const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+/// Runs iperf3 from `client_ns` to `server_ip` (a server started in `server_ns`), in Gbit/s.
+fn iperf(
+    lab: &mut Lab,
+    server_ns: &str,
+    client_ns: &str,
+    server_ip: &str,
+    seconds: u32,
+    tag: &str,
+) -> Result<f64> {
+    let server = lab.spawn(
+        server_ns,
+        &format!("iperf-s-{tag}"),
+        &["iperf3", "-s", "-1"],
+        &[],
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lab.exec_ok(
+        client_ns,
+        &["iperf3", "-c", server_ip, "-t", &seconds.to_string(), "-J"],
+    )?;
+    let _ = lab.wait(server, Duration::from_secs(5));
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("bits_per_second")?;
+    Ok(bps / 1e9)
+}
+
+struct Twill {
+    lab: Lab,
+    pods: [(String, String); 2],
+}
+
+fn twill_cluster() -> Result<Twill> {
+    let mut lab = Lab::new("bdt")?;
+    let endpoint = lab.start_etcd()?;
+    lab.etcdctl(&["put", "/coreos.com/network/config", NET_CONF])?;
+    let twilld = twill_lab::bin_path("twilld").to_string_lossy().into_owned();
+    let mut pods = Vec::new();
+    for n in ["n1", "n2"] {
+        let node = lab.add_node(n)?;
+        let subnet_file = node.dir.join("subnet.env");
+        let sf = subnet_file.to_string_lossy().into_owned();
+        lab.spawn(
+            &node.netns,
+            &format!("twilld-{n}"),
+            &[
+                &twilld,
+                &format!("--etcd-endpoints={endpoint}"),
+                "--ip-masq",
+                "--subnet-file",
+                &sf,
+            ],
+            &[],
+        )?;
+        let mut waited = 0;
+        while !subnet_file.exists() {
+            if waited > 300 {
+                bail!("twilld on {n} not ready");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            waited += 1;
+        }
+        let conf = format!(
+            r#"{{"cniVersion":"0.3.1","name":"cbr0","type":"flannel","delegate":{{"hairpinMode":true,"isDefaultGateway":true}},"subnetFile":"{sf}","dataDir":"{}","ipam":{{"dataDir":"{}"}}}}"#,
+            node.dir.join("flannel").display(),
+            node.dir.join("ipam").display()
+        );
+        let pod = lab.add_cni_pod(
+            n,
+            &format!("p{n}"),
+            &twill_lab::bin_path("twill-cni"),
+            &conf,
+        )?;
+        pods.push((pod.netns.clone(), pod.ip().to_string()));
+    }
+    let target = pods[1].1.clone();
+    if !lab.wait_ping(&pods[0].0, target.parse()?, Duration::from_secs(20)) {
+        bail!("twill pods cannot reach each other");
+    }
+    Ok(Twill {
+        lab,
+        pods: [pods[0].clone(), pods[1].clone()],
+    })
+}
+
+/// The same topology by hand: what flanneld + the bridge plugin would leave in the kernel.
+fn hand_cluster() -> Result<Twill> {
+    let mut lab = Lab::new("bdh")?;
+    let nodes = [lab.add_node("n1")?, lab.add_node("n2")?];
+    let subnets: [Ipv4Net; 2] = ["10.244.1.0/24".parse()?, "10.244.2.0/24".parse()?];
+    let macs = ["0e:00:00:00:01:00", "0e:00:00:00:02:00"];
+    for (i, node) in nodes.iter().enumerate() {
+        let ns = node.netns.clone();
+        let sh = |args: &[&str]| lab.exec_ok(&ns, args);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &node.addr.to_string(),
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ])?;
+        sh(&[
+            "ip",
+            "link",
+            "set",
+            "flannel.1",
+            "address",
+            macs[i],
+            "mtu",
+            "1450",
+            "up",
+        ])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/32", subnets[i].network()),
+            "dev",
+            "flannel.1",
+        ])?;
+        let j = 1 - i;
+        let base = subnets[j].network().to_string();
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &base,
+            "lladdr",
+            macs[j],
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])?;
+        sh(&[
+            "bridge",
+            "fdb",
+            "replace",
+            macs[j],
+            "dev",
+            "flannel.1",
+            "dst",
+            &nodes[j].addr.to_string(),
+            "self",
+            "permanent",
+        ])?;
+        sh(&[
+            "ip",
+            "route",
+            "replace",
+            &subnets[j].to_string(),
+            "via",
+            &base,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])?;
+    }
+    let mut pods = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let addr = Ipv4Net::new(
+            std::net::Ipv4Addr::from(u32::from(subnets[i].network()) + 2),
+            24,
+        )?;
+        let pod = lab.add_manual_pod(&node.name, &format!("h{}", node.name), addr)?;
+        // The bridge plugin gives pods FLANNEL_MTU (1450) on both veth ends and on cni0.
+        lab.exec_ok(&pod.netns, &["ip", "link", "set", "eth0", "mtu", "1450"])?;
+        if let Some(host) = &pod.host_veth {
+            lab.exec_ok(&node.netns, &["ip", "link", "set", host, "mtu", "1450"])?;
+        }
+        lab.exec_ok(&node.netns, &["ip", "link", "set", "cni0", "mtu", "1450"])?;
+        pods.push((pod.netns.clone(), pod.ip().to_string()));
+    }
+    if !lab.wait_ping(&pods[0].0, pods[1].1.parse()?, Duration::from_secs(10)) {
+        bail!("hand-made pods cannot reach each other");
+    }
+    Ok(Twill {
+        lab,
+        pods: [pods[0].clone(), pods[1].clone()],
+    })
+}
+
+fn main() -> Result<()> {
+    if !twill_lab::require_root() {
+        return Ok(());
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str, default: u32| -> u32 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (rounds, seconds) = (flag("--rounds", 3), flag("--seconds", 5));
+    let mut twill = twill_cluster()?;
+    let mut hand = hand_cluster()?;
+    let (mut t, mut h, mut u, mut ratios) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let [(c, _), (s, ip)] = twill.pods.clone();
+        let tv = iperf(&mut twill.lab, &s, &c, &ip, seconds, &format!("t{r}"))?;
+        let [(c, _), (s, ip)] = hand.pods.clone();
+        let hv = iperf(&mut hand.lab, &s, &c, &ip, seconds, &format!("h{r}"))?;
+        let (n1, n2) = (
+            hand.lab.node("n1").netns.clone(),
+            hand.lab.node("n2").netns.clone(),
+        );
+        let n2ip = hand.lab.node("n2").addr.to_string();
+        let uv = iperf(&mut hand.lab, &n2, &n1, &n2ip, seconds, &format!("u{r}"))?;
+        eprintln!(
+            "round {r}: twill {tv:.2} Gbit/s, by hand {hv:.2} Gbit/s, underlay {uv:.2} Gbit/s"
+        );
+        t.push(tv);
+        h.push(hv);
+        u.push(uv);
+        ratios.push(tv / hv);
+    }
+    let (tv, hv, uv, ratio) = (median(t), median(h), median(u), median(ratios));
+    println!(
+        "{}",
+        table_row(
+            &format!("pod-to-pod TCP across nodes, iperf3 {seconds} s (median of {rounds})"),
+            &format!("{tv:.2} Gbit/s"),
+            &format!("{hv:.2} Gbit/s (same topology by hand)"),
+            ratio,
+            "ratio ≥ 0.95",
+            ratio >= 0.95
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            "pod-to-pod TCP vs raw underlay (node to node)",
+            &format!("{tv:.2} Gbit/s"),
+            &format!("{uv:.2} Gbit/s (underlay veth)"),
+            tv / uv,
+            "(reported)",
+            true
+        )
+    );
+    twill.lab.teardown()?;
+    hand.lab.teardown()?;
+    Ok(())
+}
