@@ -15,9 +15,9 @@ out=bench/RESULTS.md
   target/release/convergence --rounds 5
   target/release/cni_latency --pods 200
   target/release/datapath --rounds 3 --seconds 5
-  for extra in target/release/policy_scale; do
-    [ -x "$extra" ] && "$extra"
-  done
+  if [ -x target/release/policy_scale ]; then
+    target/release/policy_scale
+  fi
 } | tee "$out.tmp"
 mv "$out.tmp" "$out"
 echo "wrote $out"
