@@ -13,12 +13,14 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build (binaries used by the lab tests)"
 cargo build --workspace --bins --locked
+before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 echo "== cargo test"
 # Each lab test brings up etcd and several daemons in namespaces of its own; two at a time
 # suits a 2-core machine.
 cargo test --workspace --locked -- --test-threads="${TWILL_TEST_THREADS:-2}"
 
-leftover=$(ip netns list 2>/dev/null | awk '{print $1}' | grep '^tw' || true)
+after=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
+leftover=$(comm -13 <(echo "$before") <(echo "$after"))
 if [ -n "$leftover" ]; then
   echo "lab namespaces left behind by the tests:" >&2
   echo "$leftover" >&2

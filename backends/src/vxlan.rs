@@ -17,6 +17,8 @@ use crate::netlink::{LinkState, Netlink, NetlinkError, EEXIST};
 pub const KERNEL_DEFAULT_PORT: u16 = 8472;
 /// Outer IPv4 + UDP + VXLAN + inner Ethernet headers, subtracted from the underlay MTU.
 pub const ENCAP_OVERHEAD: u32 = 50;
+/// The same over an IPv6 underlay (40-byte outer header instead of 20).
+pub const ENCAP_OVERHEAD_IPV6: u32 = 70;
 
 /// `flannel.<VNI>` (IPv4) or `flannel-v6.<VNI>` (IPv6).
 pub fn device_name(vni: u32, ipv6: bool) -> String {
