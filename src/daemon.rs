@@ -383,18 +383,17 @@ impl Dataplane {
                 let v4 = config
                     .enable_ipv4
                     .then(|| spec(false, IpAddr::V4(public.v4)));
-                let v6 = public
-                    .v6
-                    .filter(|_| config.enable_ipv6)
-                    .map(|a| {
-                        // An IPv6 underlay carries 20 more bytes of outer header, and the
-                        // kernel refuses a VXLAN MTU above the lower device's minus 70.
-                        // FLANNEL_MTU stays Flannel's (−50); IPv6 pods learn the smaller path
-                        // MTU from the node.
-                        let mut s = spec(true, IpAddr::V6(a));
-                        s.mtu = s.mtu.min(ext.mtu.saturating_sub(vxlan::ENCAP_OVERHEAD_IPV6));
-                        s
-                    });
+                let v6 = public.v6.filter(|_| config.enable_ipv6).map(|a| {
+                    // An IPv6 underlay carries 20 more bytes of outer header, and the
+                    // kernel refuses a VXLAN MTU above the lower device's minus 70.
+                    // FLANNEL_MTU stays Flannel's (−50); IPv6 pods learn the smaller path
+                    // MTU from the node.
+                    let mut s = spec(true, IpAddr::V6(a));
+                    s.mtu = s
+                        .mtu
+                        .min(ext.mtu.saturating_sub(vxlan::ENCAP_OVERHEAD_IPV6));
+                    s
+                });
                 (
                     BackendKind::Vxlan {
                         direct_routing: vx.direct_routing,

@@ -27,8 +27,24 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
     let mut c = cluster("ds", &nodes, DUAL);
     for n in nodes {
         let (ns, idx) = (c.ns(n), c.lab.node(n).idx);
-        c.lab.exec_ok(&ns, &["ip", "-6", "addr", "add", &format!("{}/64", v6_underlay(idx)), "dev", "eth0", "nodad"]).unwrap();
-        c.lab.exec_ok(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]).unwrap();
+        c.lab
+            .exec_ok(
+                &ns,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", v6_underlay(idx)),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )
+            .unwrap();
+        c.lab
+            .exec_ok(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+            .unwrap();
     }
     for n in nodes {
         c.start(n, &[]);
@@ -41,7 +57,10 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
         let v4 = env.subnet_network().unwrap();
         let v6 = env.ipv6_subnet_network().expect("FLANNEL_IPV6_SUBNET");
         assert_eq!(v6.prefix_len(), 64);
-        assert!("fd00:42::/56".parse::<ipnet::Ipv6Net>().unwrap().contains(&v6));
+        assert!("fd00:42::/56"
+            .parse::<ipnet::Ipv6Net>()
+            .unwrap()
+            .contains(&v6));
         let text = std::fs::read_to_string(c.subnet_file(n)).unwrap();
         let v4_first = std::net::Ipv4Addr::from(u32::from(v4.network()) + 1);
         let v6_first = Ipv6Addr::from(u128::from(v6.network()) + 1);
@@ -71,7 +90,11 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
         // 1500 − 70: the kernel's limit for VXLAN over an IPv6 underlay.
         assert_eq!(link["mtu"], 1430);
         let info = &link["linkinfo"]["info_data"];
-        let local = if info["local6"].is_null() { &info["local"] } else { &info["local6"] };
+        let local = if info["local6"].is_null() {
+            &info["local"]
+        } else {
+            &info["local6"]
+        };
         assert_eq!(local, &v6_underlay(idx).to_string());
 
         // A pod with both families, set up as the bridge plugin would.
@@ -80,9 +103,42 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
         let pod_ns = c.lab.pod(&name).netns.clone();
         let gw6 = format!("{v6_first}");
         let ip6 = Ipv6Addr::from(u128::from(v6.network()) + 2);
-        c.lab.exec_ok(&c.ns(n), &["ip", "-6", "addr", "add", &format!("{gw6}/64"), "dev", "cni0", "nodad"]).unwrap();
-        c.lab.exec_ok(&pod_ns, &["ip", "-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]).unwrap();
-        c.lab.exec_ok(&pod_ns, &["ip", "-6", "route", "add", "default", "via", &gw6]).unwrap();
+        c.lab
+            .exec_ok(
+                &c.ns(n),
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{gw6}/64"),
+                    "dev",
+                    "cni0",
+                    "nodad",
+                ],
+            )
+            .unwrap();
+        c.lab
+            .exec_ok(
+                &pod_ns,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )
+            .unwrap();
+        c.lab
+            .exec_ok(
+                &pod_ns,
+                &["ip", "-6", "route", "add", "default", "via", &gw6],
+            )
+            .unwrap();
         pods.push((pod_ns, ip4, ip6, v4, v6));
     }
 
@@ -92,20 +148,63 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
         let peer = nodes[1 - i];
         let mac6 = c.mac(peer, "flannel-v6.1");
         let want_v4: Ipv4Net = *pv4;
-        c.wait_entries(n, "flannel.1", "v4 peer", |e| e.has_peer(&want_v4, c.lab.node(peer).addr, &c.mac(peer, "flannel.1")));
-        let routes6 = c.lab.exec_ok(&c.ns(n), &["ip", "-6", "route", "show", "dev", "flannel-v6.1"]).unwrap();
-        assert!(routes6.contains(&format!("{pv6} via {} ", pv6.network())), "{routes6}");
-        let neigh6 = c.lab.exec_ok(&c.ns(n), &["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"]).unwrap();
-        assert!(neigh6.contains(&format!("{} lladdr {mac6} PERMANENT", pv6.network())), "{neigh6}");
-        let fdb6 = c.lab.exec_ok(&c.ns(n), &["bridge", "fdb", "show", "dev", "flannel-v6.1"]).unwrap();
-        assert!(fdb6.contains(&format!("{mac6} dst {} self permanent", v6_underlay(c.lab.node(peer).idx))), "{fdb6}");
-        let rules6 = c.lab.exec_ok(&c.ns(n), &["nft", "list", "table", "ip6", "flannel-ipv6"]).unwrap();
-        assert!(rules6.contains("ip6 daddr != ff00::/8 masquerade"), "{rules6}");
+        c.wait_entries(n, "flannel.1", "v4 peer", |e| {
+            e.has_peer(&want_v4, c.lab.node(peer).addr, &c.mac(peer, "flannel.1"))
+        });
+        let routes6 = c
+            .lab
+            .exec_ok(
+                &c.ns(n),
+                &["ip", "-6", "route", "show", "dev", "flannel-v6.1"],
+            )
+            .unwrap();
+        assert!(
+            routes6.contains(&format!("{pv6} via {} ", pv6.network())),
+            "{routes6}"
+        );
+        let neigh6 = c
+            .lab
+            .exec_ok(
+                &c.ns(n),
+                &["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"],
+            )
+            .unwrap();
+        assert!(
+            neigh6.contains(&format!("{} lladdr {mac6} PERMANENT", pv6.network())),
+            "{neigh6}"
+        );
+        let fdb6 = c
+            .lab
+            .exec_ok(&c.ns(n), &["bridge", "fdb", "show", "dev", "flannel-v6.1"])
+            .unwrap();
+        assert!(
+            fdb6.contains(&format!(
+                "{mac6} dst {} self permanent",
+                v6_underlay(c.lab.node(peer).idx)
+            )),
+            "{fdb6}"
+        );
+        let rules6 = c
+            .lab
+            .exec_ok(&c.ns(n), &["nft", "list", "table", "ip6", "flannel-ipv6"])
+            .unwrap();
+        assert!(
+            rules6.contains("ip6 daddr != ff00::/8 masquerade"),
+            "{rules6}"
+        );
     }
     for i in 0..2 {
         let (from, ..) = &pods[i];
         let (_, to4, to6, ..) = &pods[1 - i];
-        assert!(c.lab.wait_ping(from, IpAddr::V4(*to4), Duration::from_secs(10)), "v4 {from} -> {to4}");
-        assert!(c.lab.wait_ping(from, IpAddr::V6(*to6), Duration::from_secs(10)), "v6 {from} -> {to6}");
+        assert!(
+            c.lab
+                .wait_ping(from, IpAddr::V4(*to4), Duration::from_secs(10)),
+            "v4 {from} -> {to4}"
+        );
+        assert!(
+            c.lab
+                .wait_ping(from, IpAddr::V6(*to6), Duration::from_secs(10)),
+            "v6 {from} -> {to6}"
+        );
     }
 }

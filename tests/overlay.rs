@@ -469,3 +469,50 @@ fn stale_peer_entries_are_removed_at_start() {
         .iter()
         .all(|k| k.starts_with(&format!("{PREFIX}/subnets/"))));
 }
+
+/// Drift is repaired: a route deleted by hand comes back, and a deleted flannel.1 is recreated
+/// with the same MAC and every peer entry, driven by netlink events (well before the periodic
+/// resync would run).
+#[test]
+fn deleted_route_and_device_are_restored() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let nodes = ["n1", "n2", "n3"];
+    let mut c = cluster("drift", &nodes, VXLAN);
+    let envs = start_all(&mut c, &nodes);
+    c.wait_entries("n1", "flannel.1", "peers", |e| e.routes.len() == 2);
+    let full = c.entries("n1", "flannel.1");
+    let mac = c.mac("n1", "flannel.1");
+    let ns = c.ns("n1");
+
+    let s2 = subnet(&envs["n2"]).to_string();
+    c.lab.exec_ok(&ns, &["ip", "route", "del", &s2]).unwrap();
+    let took = c.wait_entries("n1", "flannel.1", "route restored", |e| *e == full);
+    println!("route restored after {took:?}");
+
+    c.lab
+        .exec_ok(&ns, &["ip", "link", "del", "flannel.1"])
+        .unwrap();
+    let took = c.wait_entries("n1", "flannel.1", "device and entries restored", |e| {
+        *e == full
+    });
+    println!("flannel.1 and its entries restored after {took:?}");
+    assert_eq!(c.mac("n1", "flannel.1"), mac);
+    let addrs = c
+        .lab
+        .exec_ok(&ns, &["ip", "-4", "addr", "show", "dev", "flannel.1"])
+        .unwrap();
+    assert!(
+        addrs.contains(&format!("inet {}/32", subnet(&envs["n1"]).network())),
+        "{addrs}"
+    );
+    let p1 = c.pod("n1", "r1", &envs["n1"]);
+    let p3 = c.pod("n3", "r3", &envs["n3"]);
+    let _ = p1;
+    assert!(c.lab.wait_ping(
+        &c.lab.pod("r1").netns.clone(),
+        p3.into(),
+        Duration::from_secs(10)
+    ));
+}
