@@ -933,9 +933,27 @@ impl LeaseSource for KubeSource {
         table: &mut PeerTable,
         tx: mpsc::Sender<Self::Event>,
     ) -> anyhow::Result<()> {
-        // The watcher's first event is the complete listing (a Resync); until it arrives the
-        // table is empty and the first pass only garbage-collects.
-        tokio::spawn(self.ksm.clone().watch(table.config.clone(), tx));
+        // The watcher's first event is the complete listing: wait for it, so the first pass
+        // programs every peer instead of removing entries a restart should keep.
+        let (itx, mut irx) = mpsc::channel(4096);
+        tokio::spawn(self.ksm.clone().watch(table.config.clone(), itx));
+        loop {
+            let Some(ev) = irx.recv().await else {
+                bail!("the node watch stopped")
+            };
+            let first = matches!(ev, crate::registry::kube::NodeEvent::Resync(_));
+            self.handle(ev, table).await?;
+            if first {
+                break;
+            }
+        }
+        tokio::spawn(async move {
+            while let Some(ev) = irx.recv().await {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
         Ok(())
     }
 

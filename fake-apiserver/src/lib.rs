@@ -18,7 +18,8 @@
 //! - `fieldSelector` `metadata.name=`, `metadata.namespace=` and `spec.nodeName=` (equality only);
 //! - test controls under `/fake/`: `POST /fake/compact` (every resourceVersion seen so far
 //!   becomes too old: watches resuming from it get 410), `POST /fake/cut` (every open watch
-//!   stream is closed mid-stream), `GET /fake/requests` (method, path, query and content type of
+//!   stream is closed mid-stream), `POST /fake/hold` and `POST /fake/release` (cut, and refuse
+//!   new watches with 503 until released), `GET /fake/requests` (method, path, query and content type of
 //!   every API request so far, for asserting which verbs a program used).
 //!
 //! Where it differs from a real API server (deliberately small):
@@ -81,6 +82,8 @@ pub struct FakeApiServer {
     store: Arc<Mutex<Store>>,
     changes: broadcast::Sender<Change>,
     cut: broadcast::Sender<()>,
+    /// While set, new watch requests are refused with 503 (see `/fake/hold`).
+    held: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for FakeApiServer {
@@ -323,6 +326,7 @@ impl FakeApiServer {
             store: Arc::new(Mutex::new(Store::default())),
             changes,
             cut,
+            held: Arc::default(),
         }
     }
 
@@ -357,6 +361,17 @@ impl FakeApiServer {
     /// Closes every open watch stream.
     pub fn cut_watches(&self) {
         let _ = self.cut.send(());
+    }
+
+    /// Closes every open watch stream and refuses new watches (503) until [`Self::release`]:
+    /// changes made meanwhile reach watchers only through resuming or re-listing.
+    pub fn hold(&self) {
+        self.held.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut_watches();
+    }
+
+    pub fn release(&self) {
+        self.held.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stores `obj` as a new version and reports the change; `None` deletes.
@@ -497,8 +512,16 @@ async fn handle(State(srv): State<FakeApiServer>, req: Request) -> Response {
         "method": method.as_str(), "path": path, "query": query, "contentType": ctype,
         "resource": t.resource, "subresource": if t.status { "status" } else { "" },
         "name": t.name, "namespace": t.namespace,
+        "body": serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
+        "userAgent": headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or(""),
     }));
     match (&method, &t.name) {
+        (&Method::GET, None)
+            if is_true(query.get("watch"))
+                && srv.held.load(std::sync::atomic::Ordering::SeqCst) =>
+        {
+            status(503, "ServiceUnavailable", "watches are held by the test")
+        }
         (&Method::GET, None) if is_true(query.get("watch")) => watch(&srv, &t, &query),
         (&Method::GET, None) => list(&srv, &t, &query),
         (&Method::GET, Some(n)) => match srv.get(&t.resource, &t.namespace, n) {
@@ -541,6 +564,14 @@ fn control(srv: &FakeApiServer, method: &Method, what: &str) -> Response {
         (&Method::POST, "cut") => {
             srv.cut_watches();
             json_response(&json!({"cut": true}))
+        }
+        (&Method::POST, "hold") => {
+            srv.hold();
+            json_response(&json!({"held": true}))
+        }
+        (&Method::POST, "release") => {
+            srv.release();
+            json_response(&json!({"held": false}))
         }
         (&Method::GET, "requests") => json_response(&Value::Array(srv.requests())),
         _ => status(404, "NotFound", what),
@@ -790,6 +821,9 @@ pub mod client {
     use std::os::unix::net::UnixStream;
     use std::path::Path;
 
+    /// The User-Agent of this client, so request logs can tell the test's own calls apart.
+    pub const TEST_CLIENT: &str = "twill-fake-apiserver-client";
+
     pub fn request(
         socket: &Path,
         method: &str,
@@ -801,7 +835,7 @@ pub mod client {
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: fake\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: fake\r\nUser-Agent: {TEST_CLIENT}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )?;
         let mut raw = Vec::new();
