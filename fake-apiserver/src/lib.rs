@@ -416,8 +416,11 @@ impl FakeApiServer {
             }
         }
         if let Some(o) = object.as_object_mut() {
-            o.insert("kind".into(), json!(kind_of(resource)));
-            o.insert("apiVersion".into(), json!(api_version_of(group)));
+            if kind != "DELETED" {
+                // A deleted object is reported as it was stored.
+                o.insert("kind".into(), json!(kind_of(resource)));
+                o.insert("apiVersion".into(), json!(api_version_of(group)));
+            }
             let meta = o.entry("metadata").or_insert(json!({}));
             meta["resourceVersion"] = json!(rv.to_string());
             meta["name"] = json!(key.2);
