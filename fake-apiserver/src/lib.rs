@@ -897,3 +897,55 @@ pub mod client {
         serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategic_merge_merges_conditions_on_type_and_merge_patch_replaces_lists() {
+        let mut node = json!({"status": {"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}]}});
+        let patch = json!({"status": {"conditions": [
+            {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"}]}});
+        let mut merged = node.clone();
+        strategic_merge_patch(&mut merged, &patch);
+        assert_eq!(
+            merged["status"]["conditions"],
+            json!([{"type": "Ready", "status": "True"},
+                   {"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"}])
+        );
+        merge_patch(&mut node, &patch);
+        assert_eq!(node["status"]["conditions"].as_array().unwrap().len(), 1);
+        let mut ann = json!({"metadata": {"annotations": {"a": "1", "b": "2"}}});
+        merge_patch(
+            &mut ann,
+            &json!({"metadata": {"annotations": {"a": null, "c": "3"}}}),
+        );
+        assert_eq!(ann["metadata"]["annotations"], json!({"b": "2", "c": "3"}));
+    }
+
+    #[test]
+    fn paths_and_selectors() {
+        let t = parse_path("/api/v1/nodes/n1/status").unwrap();
+        assert_eq!(
+            (t.resource.as_str(), t.name.as_deref(), t.status),
+            ("nodes", Some("n1"), true)
+        );
+        let t = parse_path("/apis/networking.k8s.io/v1/namespaces/x/networkpolicies").unwrap();
+        assert_eq!(
+            (t.group.as_str(), t.namespace.as_str()),
+            ("networking.k8s.io", "x")
+        );
+        let q = query_map(Some("fieldSelector=metadata.name%3Dn1&watch=1"));
+        assert!(matches(
+            &json!({"metadata": {"name": "n1"}}),
+            &field_selector(&q)
+        ));
+        assert!(!matches(
+            &json!({"metadata": {"name": "n2"}}),
+            &field_selector(&q)
+        ));
+    }
+}
