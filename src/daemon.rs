@@ -1,6 +1,7 @@
-//! twilld's event loop in etcd mode, in Flannel's start-up order (§ start-up order): config,
+//! twilld's start-up and event loop, in Flannel's start-up order (§ start-up order): config,
 //! external interface, backend device, lease, device address, masquerade rules, subnet.env,
-//! then the watch. From then on one task owns the dataplane: every lease event, netlink event
+//! then the watch. Leases come from a [`LeaseSource`]: etcd ([`EtcdSource`]) or the
+//! Kubernetes API ([`KubeSource`], `--kube-subnet-mgr`). From then on one task owns the dataplane: every lease event, netlink event
 //! and resync tick marks it dirty, and a dirty dataplane is reconciled (observe, decide, diff,
 //! apply). Nothing is torn down on exit, so restarts are hitless.
 
@@ -55,7 +56,7 @@ struct PublicAddrs {
 pub async fn run(flags: Flags) -> anyhow::Result<()> {
     flags.check().map_err(|e| anyhow!(e))?;
     if flags.kube_subnet_mgr {
-        bail!("--kube-subnet-mgr: the Kubernetes subnet manager is not part of this build yet; run in etcd mode");
+        return run_kube(flags).await;
     }
     let previous = match SubnetEnv::read(&flags.subnet_file) {
         Ok(env) => Some(env),
@@ -65,6 +66,96 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         }
     };
 
+    let readiness = start_health(&flags);
+    let registry = connect_etcd(&flags).await;
+    let config = fetch_config(&registry).await;
+    tracing::info!(backend = config.backend_type(), network = ?config.network, ipv6_network = ?config.ipv6_network, "network config");
+
+    let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
+
+    // The VTEP MAC: the existing device's (restarts keep it), else the one our previous lease
+    // advertised (peers' entries stay valid), else a new random one.
+    let listing = list_with_retry(&registry).await;
+    let previous_macs = previous_vtep_macs(&listing, public.v4);
+    dataplane.prepare_devices(previous_macs).await?;
+
+    let own = acquire(&registry, &config, &public, &dataplane, previous.as_ref()).await?;
+    tracing::info!(subnet = %own.key, "acquired lease");
+    let masq_inputs = bring_up(&flags, &config, &own.key, &mut dataplane, &readiness).await?;
+
+    let source = EtcdSource {
+        registry,
+        own,
+        margin: Duration::from_secs(flags.subnet_lease_renew_margin as u64 * 60),
+    };
+    event_loop(flags, config, source, dataplane, masq_inputs).await
+}
+
+/// Kubernetes mode (`--kube-subnet-mgr`, §3): the lease is the node's podCIDR, its attributes
+/// are node annotations, peers come from a node watch. No etcd, no renewal.
+async fn run_kube(flags: Flags) -> anyhow::Result<()> {
+    use crate::registry::kube::{self, Annotations, KubeSubnetManager};
+    let annotations = Annotations::new(&flags.kube_annotation_prefix).map_err(|e| anyhow!(e))?;
+    let client = kube::client(&flags.kube_api_url, &flags.kubeconfig_file)
+        .await
+        .context("Failed to create SubnetManager")?;
+    let node_name = kube::node_name(&client)
+        .await
+        .context("Failed to create SubnetManager")?;
+    let text = std::fs::read_to_string(&flags.net_config_path).map_err(|e| {
+        anyhow!(
+            "Failed to create SubnetManager: failed to read net conf: open {}: {}",
+            flags.net_config_path.display(),
+            go_io_error(&e)
+        )
+    })?;
+    let config = NetConfig::parse(&text)
+        .map_err(|e| anyhow!("Failed to create SubnetManager: error parsing subnet config: {e}"))?;
+    let ksm = KubeSubnetManager {
+        client,
+        node_name,
+        annotations,
+    };
+    tracing::info!(node = %ksm.node_name, backend = config.backend_type(), network = ?config.network, "Kubernetes subnet manager");
+    let readiness = start_health(&flags);
+
+    let node = ksm.own_node().await?;
+    // node-public-ip(v6) annotations replace --public-ip(v6) (and so select the interface).
+    let mut flags = flags;
+    let node_ann = node.metadata.annotations.clone().unwrap_or_default();
+    if let Some(ip) = node_ann.get(&ksm.annotations.node_public_ip) {
+        flags.public_ip =
+            Some(ip.parse().with_context(|| {
+                format!("annotation {}: {ip:?}", ksm.annotations.node_public_ip)
+            })?);
+    }
+    if let Some(ip) = node_ann.get(&ksm.annotations.node_public_ipv6) {
+        flags.public_ipv6 =
+            Some(ip.parse().with_context(|| {
+                format!("annotation {}: {ip:?}", ksm.annotations.node_public_ipv6)
+            })?);
+    }
+    let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
+    // MAC persistence: the VtepMAC this node's annotation advertises is reused (§4).
+    let (m4, m6) = kube::previous_vtep_macs(&node, &ksm.annotations);
+    dataplane
+        .prepare_devices((m4.map(|m| MacAddr(m.0)), m6.map(|m| MacAddr(m.0))))
+        .await?;
+    let mut attrs = dataplane.lease_attrs(&public);
+    attrs.public_ipv6 = public.v6;
+    let key = ksm.acquire(&config, &attrs).await?;
+    tracing::info!(subnet = %key, "acquired lease (podCIDR)");
+    let masq_inputs = bring_up(&flags, &config, &key, &mut dataplane, &readiness).await?;
+    if flags.set_node_network_unavailable {
+        if let Err(e) = ksm.set_network_available().await {
+            tracing::warn!(error = %e, "setting NetworkUnavailable=False failed");
+        }
+    }
+    let source = KubeSource { ksm };
+    event_loop(flags, config, source, dataplane, masq_inputs).await
+}
+
+fn start_health(flags: &Flags) -> Readiness {
     let readiness = Readiness::default();
     if flags.healthz_port > 0 {
         let addr = std::net::SocketAddr::new(flags.healthz_ip, flags.healthz_port);
@@ -75,11 +166,14 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
             }
         });
     }
+    readiness
+}
 
-    let registry = connect_etcd(&flags).await;
-    let config = fetch_config(&registry).await;
-    tracing::info!(backend = config.backend_type(), network = ?config.network, ipv6_network = ?config.ipv6_network, "network config");
-
+/// External interface and public addresses, then the (not yet created) dataplane.
+async fn build_dataplane(
+    flags: &Flags,
+    config: &NetConfig,
+) -> anyhow::Result<(Dataplane, PublicAddrs)> {
     let nl = Netlink::connect().context("opening a netlink socket")?;
     let snapshot = iface::snapshot(&nl).await?;
     let ext = iface::select(
@@ -103,40 +197,39 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         },
     };
     tracing::info!(iface = %ext.name, iface_addr = %ext.iface_addr, public_ip = %public.v4, public_ipv6 = ?public.v6, "using interface");
+    let dataplane = Dataplane::new(nl, config, ext, &public, flags)?;
+    Ok((dataplane, public))
+}
 
-    let mut dataplane = Dataplane::new(nl.clone(), &config, ext.clone(), &public, &flags)?;
-
-    // The VTEP MAC: the existing device's (restarts keep it), else the one our previous lease
-    // advertised (peers' entries stay valid), else a new random one.
-    let listing = list_with_retry(&registry).await;
-    let previous_macs = previous_vtep_macs(&listing, public.v4);
-    dataplane.prepare_devices(previous_macs).await?;
-
-    let own = acquire(&registry, &config, &public, &dataplane, previous.as_ref()).await?;
-    tracing::info!(subnet = %own.key, "acquired lease");
-    dataplane.set_own(&own.key);
+/// After the lease: device address, masquerade/forward rules, subnet.env, ready.
+async fn bring_up(
+    flags: &Flags,
+    config: &NetConfig,
+    key: &SubnetKey,
+    dataplane: &mut Dataplane,
+    readiness: &Readiness,
+) -> anyhow::Result<Vec<MasqInput>> {
+    dataplane.set_own(key);
     dataplane.address_devices().await?;
 
-    let masq_inputs = masq_inputs(&config, &own.key, &flags);
+    let masq_inputs = masq_inputs(config, key, flags);
     for input in &masq_inputs {
         masq::apply(input).with_context(|| format!("installing rules for {}", input.network))?;
     }
 
-    let mtu = dataplane.mtu;
     let env = SubnetEnv::for_lease(
         config.enable_ipv4.then_some(config.network).flatten(),
-        Some(own.key.ipv4),
+        Some(key.ipv4),
         config.enable_ipv6.then_some(config.ipv6_network).flatten(),
-        own.key.ipv6,
-        mtu,
+        key.ipv6,
+        dataplane.mtu,
         flags.ip_masq,
     );
     env.write_atomic(&flags.subnet_file)
         .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
     readiness.set_ready();
     tracing::info!(file = %flags.subnet_file.display(), "wrote subnet.env; ready");
-
-    event_loop(flags, config, registry, dataplane, own, masq_inputs).await
+    Ok(masq_inputs)
 }
 
 async fn connect_etcd(flags: &Flags) -> EtcdRegistry {
@@ -672,6 +765,24 @@ impl PeerTable {
         self.peers.remove(&key.to_string());
     }
 
+    /// A peer known by another name than its subnet (a Kubernetes node).
+    fn put_named(&mut self, name: &str, rec: &LeaseRecord) {
+        match to_peer(rec, &self.config) {
+            Ok(mut peer) => {
+                peer.name = name.to_string();
+                self.peers.insert(name.to_string(), peer);
+            }
+            Err(reason) => {
+                tracing::warn!(node = %name, %reason, "skipping peer");
+                self.peers.remove(name);
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.peers.remove(name);
+    }
+
     fn clear(&mut self) {
         self.peers.clear();
     }
@@ -718,25 +829,173 @@ fn spawn_netlink_monitor(poke: Arc<Notify>, watched: Arc<[AtomicU32; 2]>) -> any
     Ok(())
 }
 
-async fn event_loop(
+/// Go's text for an I/O error (`no such file or directory`), as in Flannel's messages.
+fn go_io_error(e: &std::io::Error) -> String {
+    let text = match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
+        None => e.to_string(),
+    };
+    let mut c = text.chars();
+    c.next()
+        .map(|f| f.to_lowercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+/// Where leases live, as the event loop sees it: a full listing into the peer table, a stream
+/// of events, and (etcd only) renewal of the node's own lease. The two implementations are
+/// [`EtcdSource`] and [`KubeSource`]; start-up before the loop differs more (etcd allocates a
+/// subnet, Kubernetes reads the podCIDR) and lives in [`run`] and [`run_kube`].
+trait LeaseSource {
+    type Event: Send + 'static;
+    /// Fills `table` with the current peers and starts the watch, sending its events on `tx`.
+    async fn start(
+        &mut self,
+        table: &mut PeerTable,
+        tx: mpsc::Sender<Self::Event>,
+    ) -> anyhow::Result<()>;
+    /// Applies one watch event to `table`; an error stops the daemon.
+    async fn handle(&mut self, ev: Self::Event, table: &mut PeerTable) -> anyhow::Result<()>;
+    /// When the own lease must be renewed next (never for Kubernetes).
+    fn renew_at(&self) -> Option<Instant>;
+    async fn renew(&mut self);
+}
+
+/// etcd mode: Flannel's etcd registry, own lease renewed, re-acquired when deleted.
+struct EtcdSource {
+    registry: EtcdRegistry,
+    own: OwnLease,
+    margin: Duration,
+}
+
+impl LeaseSource for EtcdSource {
+    type Event = RegistryEvent;
+
+    async fn start(
+        &mut self,
+        table: &mut PeerTable,
+        tx: mpsc::Sender<RegistryEvent>,
+    ) -> anyhow::Result<()> {
+        if let Some(ttl) = self.own.ttl {
+            self.own.renew_at = Some(renew_deadline(ttl, Some(self.margin)));
+        }
+        let listing = list_with_retry(&self.registry).await;
+        for rec in listing.records.iter().filter(|r| r.key != self.own.key) {
+            table.put(rec);
+        }
+        tokio::spawn(self.registry.clone().watch(listing.revision, tx));
+        Ok(())
+    }
+
+    async fn handle(&mut self, ev: RegistryEvent, table: &mut PeerTable) -> anyhow::Result<()> {
+        handle_event(ev, &self.registry, &mut self.own, table).await
+    }
+
+    fn renew_at(&self) -> Option<Instant> {
+        self.own.renew_at
+    }
+
+    async fn renew(&mut self) {
+        let own = &mut self.own;
+        match self.registry.put(&own.key, &own.attrs, own.ttl).await {
+            Ok(Some(ttl)) => {
+                own.renew_at = Some(renew_deadline(ttl, Some(self.margin)));
+                tracing::info!(subnet = %own.key, "renewed lease");
+            }
+            Ok(None) => own.renew_at = None,
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing lease failed; retrying in 1 minute");
+                own.renew_at = Some(Instant::now() + Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// Kubernetes mode: peers are the other nodes carrying Flannel's annotations, keyed by node
+/// name; the watch's re-lists replace the table, so no deletion is missed.
+struct KubeSource {
+    ksm: crate::registry::kube::KubeSubnetManager,
+}
+
+impl KubeSource {
+    fn apply(&self, table: &mut PeerTable, name: &str, rec: Option<Result<LeaseRecord, String>>) {
+        if name == self.ksm.node_name {
+            return;
+        }
+        match rec {
+            None => table.remove(name),
+            Some(Ok(rec)) => table.put_named(name, &rec),
+            Some(Err(reason)) => {
+                tracing::warn!(node = %name, %reason, "Error turning node to lease; skipping it");
+                table.remove(name);
+            }
+        }
+    }
+}
+
+impl LeaseSource for KubeSource {
+    type Event = crate::registry::kube::NodeEvent;
+
+    async fn start(
+        &mut self,
+        table: &mut PeerTable,
+        tx: mpsc::Sender<Self::Event>,
+    ) -> anyhow::Result<()> {
+        // The watcher's first event is the complete listing: wait for it, so the first pass
+        // programs every peer instead of removing entries a restart should keep.
+        let (itx, mut irx) = mpsc::channel(4096);
+        tokio::spawn(self.ksm.clone().watch(table.config.clone(), itx));
+        loop {
+            let Some(ev) = irx.recv().await else {
+                bail!("the node watch stopped")
+            };
+            let first = matches!(ev, crate::registry::kube::NodeEvent::Resync(_));
+            self.handle(ev, table).await?;
+            if first {
+                break;
+            }
+        }
+        tokio::spawn(async move {
+            while let Some(ev) = irx.recv().await {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn handle(&mut self, ev: Self::Event, table: &mut PeerTable) -> anyhow::Result<()> {
+        use crate::registry::kube::NodeEvent;
+        match ev {
+            NodeEvent::Put(name, rec) => self.apply(table, &name, *rec),
+            NodeEvent::Delete(name) => table.remove(&name),
+            NodeEvent::Resync(nodes) => {
+                table.clear();
+                for (name, rec) in nodes {
+                    self.apply(table, &name, rec);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn renew_at(&self) -> Option<Instant> {
+        None
+    }
+
+    async fn renew(&mut self) {}
+}
+
+async fn event_loop<S: LeaseSource>(
     flags: Flags,
     config: NetConfig,
-    registry: EtcdRegistry,
+    mut source: S,
     mut dataplane: Dataplane,
-    mut own: OwnLease,
     masq_inputs: Vec<MasqInput>,
 ) -> anyhow::Result<()> {
-    let margin = Duration::from_secs(flags.subnet_lease_renew_margin as u64 * 60);
-    if let Some(ttl) = own.ttl {
-        own.renew_at = Some(renew_deadline(ttl, Some(margin)));
-    }
-    let listing = list_with_retry(&registry).await;
     let mut table = PeerTable::new(config);
-    for rec in listing.records.iter().filter(|r| r.key != own.key) {
-        table.put(rec);
-    }
-    let (tx, mut rx) = mpsc::channel::<RegistryEvent>(4096);
-    tokio::spawn(registry.clone().watch(listing.revision, tx));
+    let (tx, mut rx) = mpsc::channel::<S::Event>(4096);
+    source.start(&mut table, tx).await?;
 
     let poke = Arc::new(Notify::new());
     spawn_netlink_monitor(poke.clone(), dataplane.watched.clone())?;
@@ -751,7 +1010,7 @@ async fn event_loop(
     loop {
         if dirty {
             while let Ok(ev) = rx.try_recv() {
-                handle_event(ev, &registry, &mut own, &mut table).await?;
+                source.handle(ev, &mut table).await?;
             }
             if let Err(e) = dataplane.reconcile(&table.list()).await {
                 tracing::warn!(error = %e, "reconcile failed; retrying on the next pass");
@@ -761,7 +1020,7 @@ async fn event_loop(
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { bail!("the registry watch stopped") };
-                handle_event(ev, &registry, &mut own, &mut table).await?;
+                source.handle(ev, &mut table).await?;
                 dirty = true;
             }
             _ = poke.notified() => {
@@ -783,18 +1042,8 @@ async fn event_loop(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(own.renew_at.unwrap_or(far_future)) => {
-                match registry.put(&own.key, &own.attrs, own.ttl).await {
-                    Ok(Some(ttl)) => {
-                        own.renew_at = Some(renew_deadline(ttl, Some(margin)));
-                        tracing::info!(subnet = %own.key, "renewed lease");
-                    }
-                    Ok(None) => own.renew_at = None,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "renewing lease failed; retrying in 1 minute");
-                        own.renew_at = Some(Instant::now() + Duration::from_secs(60));
-                    }
-                }
+            _ = tokio::time::sleep_until(source.renew_at().unwrap_or(far_future)) => {
+                source.renew().await;
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

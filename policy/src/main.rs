@@ -14,6 +14,7 @@ use twill_policy::compile::{compile, Options, DEFAULT_TABLE};
 use twill_policy::eval::{allowed, Endpoint};
 use twill_policy::model::{Protocol, Snapshot};
 use twill_policy::nft::{Applied, Enforcer, Nft};
+use twill_policy::source::kube::{KubeApiSource, KubeOptions};
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 
@@ -31,6 +32,12 @@ struct Common {
     /// Directory of YAML/JSON manifests (Namespace, Pod, NetworkPolicy, List).
     #[arg(long, global = true, value_name = "DIR")]
     manifests: Option<PathBuf>,
+    /// Kubernetes API server URL (used when --manifests is not given; default in-cluster).
+    #[arg(long, global = true, env = "KUBE_API_URL", default_value = "")]
+    kube_api_url: String,
+    /// kubeconfig file (used when --manifests is not given; default in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG", default_value = "")]
+    kubeconfig: String,
     /// This node's name (pods with this spec.nodeName are enforced here).
     #[arg(long, global = true, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -82,9 +89,10 @@ enum Cmd {
 fn source(common: &Common) -> Result<Box<dyn Source>> {
     match &common.manifests {
         Some(dir) => Ok(Box::new(ManifestDir::new(dir))),
-        None => {
-            bail!("no source: pass --manifests DIR (the Kubernetes API source is not built yet)")
-        }
+        None => Ok(Box::new(KubeApiSource::start(KubeOptions {
+            api_url: common.kube_api_url.clone(),
+            kubeconfig: common.kubeconfig.clone(),
+        }))),
     }
 }
 

@@ -44,8 +44,22 @@ impl Cluster {
         self.lab.node(node).dir.join("subnet.env")
     }
 
+    /// A cluster around a lab the caller built (no etcd, e.g. Kubernetes mode).
+    pub fn from_lab(lab: Lab) -> Cluster {
+        Cluster {
+            lab,
+            daemons: BTreeMap::new(),
+            starts: 0,
+        }
+    }
+
     /// Starts twilld on `node` with the lab's flags plus `extra`.
     pub fn start(&mut self, node: &str, extra: &[&str]) -> ProcId {
+        self.start_env(node, extra, &[])
+    }
+
+    /// [`Cluster::start`] with environment variables (e.g. `NODE_NAME`).
+    pub fn start_env(&mut self, node: &str, extra: &[&str], env: &[(&str, &str)]) -> ProcId {
         let netns = self.lab.node(node).netns.clone();
         let subnet_file = self.subnet_file(node).to_string_lossy().into_owned();
         let bin = twilld_bin();
@@ -64,7 +78,7 @@ impl Cluster {
                 &netns,
                 &format!("twilld-{node}-{}", self.starts),
                 &argv,
-                &[("TWILL_LOG", "info")],
+                &[&[("TWILL_LOG", "info")], env].concat(),
             )
             .expect("spawn twilld");
         self.daemons.insert(node.to_string(), id);

@@ -1,6 +1,7 @@
 //! Where snapshots come from. Every source sits behind [`Source`], so `run` does not care
-//! whether objects come from a directory of manifests or (later) the Kubernetes API.
+//! whether objects come from a directory of manifests or the Kubernetes API.
 
+pub mod kube;
 pub mod manifests;
 
 use std::time::Duration;

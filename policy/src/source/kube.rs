@@ -1,0 +1,260 @@
+//! The Kubernetes API as a source: Namespaces, Pods and NetworkPolicies through kube's
+//! watchers (list, then watch from the list's resourceVersion; the watch resumes from the last
+//! resourceVersion or bookmark when a stream ends, and re-lists after 410 Gone). Each re-list
+//! replaces that kind's objects wholesale, so a deletion missed while a watch was down is still
+//! seen. Every pod of the cluster is kept (policies select peers on any node); only this node's
+//! pods get per-pod rules, which `compile(snapshot, node)` decides.
+//!
+//! The watchers run on a thread of their own with a small tokio runtime, behind the synchronous
+//! [`Source`] trait.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use serde_json::Value;
+
+use super::{ObjectError, Source, SourceError};
+use crate::model::{from_json_value, NamespaceObject, NetworkPolicyObject, PodObject, Snapshot};
+
+/// Every Kubernetes API call twill-policy makes, as (resource, verb): the one list the RBAC test
+/// compares with kube-flannel.yml's ClusterRole (once that manifest exists).
+pub const API_VERBS: &[(&str, &str)] = &[
+    ("namespaces", "list"),
+    ("namespaces", "watch"),
+    ("pods", "list"),
+    ("pods", "watch"),
+    ("networkpolicies", "list"),
+    ("networkpolicies", "watch"),
+];
+
+const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
+
+#[derive(Default)]
+struct State {
+    /// Per kind: "ns/name" -> object JSON.
+    objects: [BTreeMap<String, Value>; 3],
+    ready: [bool; 3],
+    generation: u64,
+    fatal: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// Where the API is: `--kubeconfig` and/or `--kube-api-url`, else in-cluster.
+#[derive(Debug, Clone, Default)]
+pub struct KubeOptions {
+    pub api_url: String,
+    pub kubeconfig: String,
+}
+
+/// The API source. Dropping it leaves the watcher thread running until the process ends.
+pub struct KubeApiSource {
+    shared: Arc<Shared>,
+    seen: u64,
+    /// How long `snapshot` waits for the initial lists.
+    pub initial_timeout: Duration,
+}
+
+async fn client(opts: &KubeOptions) -> anyhow::Result<Client> {
+    let mut config = if !opts.kubeconfig.is_empty() {
+        let kc = kube::config::Kubeconfig::read_from(&opts.kubeconfig)?;
+        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+    } else if !opts.api_url.is_empty() {
+        kube::Config::new(opts.api_url.parse()?)
+    } else {
+        kube::Config::incluster()?
+    };
+    if !opts.api_url.is_empty() {
+        config.cluster_url = opts.api_url.parse()?;
+    }
+    Ok(Client::try_from(config)?)
+}
+
+async fn follow<K>(api: Api<K>, idx: usize, shared: Arc<Shared>)
+where
+    K: kube::Resource + Clone + Debug + Send + serde::de::DeserializeOwned + serde::Serialize,
+    K: 'static,
+{
+    let key = |o: &K| {
+        let m = o.meta();
+        format!(
+            "{}/{}",
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default()
+        )
+    };
+    let value = |o: &K| {
+        let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
+        v["kind"] = Value::String(KINDS[idx].into());
+        v
+    };
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut buffer = BTreeMap::new();
+    while let Some(ev) = stream.next().await {
+        let mut st = shared.state.lock().expect("state");
+        match ev {
+            Ok(watcher::Event::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                buffer.insert(key(&o), value(&o));
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                st.objects[idx] = std::mem::take(&mut buffer);
+                st.ready[idx] = true;
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                st.objects[idx].insert(key(&o), value(&o));
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                st.objects[idx].remove(&key(&o));
+            }
+            Err(e) => {
+                tracing::warn!(kind = KINDS[idx], error = %e, "watch failed; retrying");
+                continue;
+            }
+        }
+        st.generation += 1;
+        shared.changed.notify_all();
+    }
+}
+
+impl KubeApiSource {
+    /// Starts the watchers (on a thread of their own).
+    pub fn start(opts: KubeOptions) -> KubeApiSource {
+        let shared = Arc::new(Shared::default());
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("kube-watch".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        sh.state.lock().expect("state").fatal = Some(e.to_string());
+                        sh.changed.notify_all();
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let c = match client(&opts).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            sh.state.lock().expect("state").fatal =
+                                Some(format!("Kubernetes client: {e}"));
+                            sh.changed.notify_all();
+                            return;
+                        }
+                    };
+                    futures::join!(
+                        follow(Api::<Namespace>::all(c.clone()), 0, sh.clone()),
+                        follow(Api::<Pod>::all(c.clone()), 1, sh.clone()),
+                        follow(Api::<NetworkPolicy>::all(c), 2, sh.clone()),
+                    );
+                });
+            })
+            .expect("spawning the watcher thread");
+        KubeApiSource {
+            shared,
+            seen: 0,
+            initial_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+fn source_error(origin: &str, message: String) -> SourceError {
+    SourceError {
+        errors: vec![ObjectError {
+            origin: origin.into(),
+            document: None,
+            item: None,
+            field: String::new(),
+            message,
+        }],
+    }
+}
+
+impl Source for KubeApiSource {
+    fn snapshot(&mut self) -> Result<Snapshot, SourceError> {
+        let deadline = Instant::now() + self.initial_timeout;
+        let mut st = self.shared.state.lock().expect("state");
+        while !st.ready.iter().all(|r| *r) && st.fatal.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let missing: Vec<&str> =
+                    (0..3).filter(|i| !st.ready[*i]).map(|i| KINDS[i]).collect();
+                return Err(source_error(
+                    "Kubernetes API",
+                    format!("no initial list of {} yet", missing.join(", ")),
+                ));
+            }
+            st = self.shared.changed.wait_timeout(st, left).expect("state").0;
+        }
+        if let Some(e) = &st.fatal {
+            return Err(source_error("Kubernetes API", e.clone()));
+        }
+        self.seen = st.generation;
+        let mut errors = Vec::new();
+        let err = |kind: &str, key: &str, field: String, message: String| ObjectError {
+            origin: format!("{kind} {key}"),
+            document: None,
+            item: None,
+            field,
+            message,
+        };
+        let mut namespaces = Vec::new();
+        for (k, v) in &st.objects[0] {
+            match from_json_value::<NamespaceObject>(v.clone()).and_then(|o| o.into_model()) {
+                Ok(n) => namespaces.push(n),
+                Err(e) => errors.push(err("Namespace", k, e.field, e.message)),
+            }
+        }
+        let mut pods = Vec::new();
+        for (k, v) in &st.objects[1] {
+            match from_json_value::<PodObject>(v.clone()).and_then(|o| o.into_model()) {
+                Ok(p) => pods.push(p),
+                Err(e) => errors.push(err("Pod", k, e.field, e.message)),
+            }
+        }
+        let mut policies = Vec::new();
+        for (k, v) in &st.objects[2] {
+            match from_json_value::<NetworkPolicyObject>(v.clone()).and_then(|o| o.into_model()) {
+                Ok(p) => policies.push(p),
+                Err(e) => errors.push(err("NetworkPolicy", k, e.field, e.message)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Snapshot::new(namespaces, pods, policies))
+        } else {
+            Err(SourceError { errors })
+        }
+    }
+
+    fn wait_change(&mut self, timeout: Duration) -> bool {
+        let st = self.shared.state.lock().expect("state");
+        let seen = self.seen;
+        let (st, _) = self
+            .shared
+            .changed
+            .wait_timeout_while(st, timeout, |s| s.generation == seen && s.fatal.is_none())
+            .expect("state");
+        st.generation != seen
+    }
+}
