@@ -101,12 +101,18 @@ impl Cluster {
     }
 
     /// Waits for subnet.env to appear and returns it (the daemon writes it when ready).
+    /// Waits until the daemon started last on `node` reports ready (subnet.env written by
+    /// this run: a file left by an earlier run does not count) and returns subnet.env.
     pub fn wait_ready(&mut self, node: &str) -> SubnetEnv {
         let path = self.subnet_file(node);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(env) = SubnetEnv::read(&path) {
-                return env;
+            if self
+                .lab
+                .log(self.daemon(node))
+                .contains("wrote subnet.env; ready")
+            {
+                return SubnetEnv::read(&path).expect("subnet.env of a ready twilld");
             }
             let id = self.daemon(node);
             assert!(

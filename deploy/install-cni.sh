@@ -1,0 +1,20 @@
+#!/bin/sh
+# Init-container step of kube-flannel.yml: installs the CNI config and any reference plugin the
+# node lacks, each atomically (temp file in the same directory, then rename), so the kubelet never
+# reads a half-written file. Existing plugins are left alone: the node's own versions win.
+#   install-cni.sh <conflist source> <conflist target> <plugin dir>
+set -eu
+src="$1"; dst="$2"; bindir="$3"
+
+tmp="$(dirname "$dst")/.$(basename "$dst").tmp$$"
+cp "$src" "$tmp"
+mv -f "$tmp" "$dst"
+echo "installed $dst"
+
+for p in bridge host-local portmap loopback; do
+  if [ ! -e "$bindir/$p" ]; then
+    cp "/opt/cni/plugins/$p" "$bindir/.$p.tmp$$"
+    mv -f "$bindir/.$p.tmp$$" "$bindir/$p"
+    echo "installed missing CNI plugin $bindir/$p"
+  fi
+done

@@ -1,0 +1,410 @@
+//! What operators apply, checked against the code:
+//! - every document of kube-flannel.yml is a valid Kubernetes object: parsed into the
+//!   k8s-openapi type of its kind and serialized back, nothing may be lost (a misspelt or
+//!   misplaced field would be);
+//! - it has Flannel's objects and names, so it replaces Flannel's manifest in place;
+//! - its RBAC rules cover every API call twilld and twill-policy make;
+//! - every path and command it names exists in the Dockerfile's runtime stage;
+//! - its net-conf.json and cni-conf.json pass twill's own parsers, and the args pass twilld's
+//!   flag parser;
+//! - the systemd units and the drop-in CNI config agree with the same parsers.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn documents() -> Vec<Value> {
+    let text = read("kube-flannel.yml");
+    let mut docs = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines().chain(std::iter::once("---")) {
+        if line.trim_end() == "---" {
+            let body: String = cur
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if !body.trim().is_empty() {
+                docs.push(
+                    serde_saphyr::from_str::<Value>(&cur)
+                        .unwrap_or_else(|e| panic!("YAML: {e}\n{cur}")),
+                );
+            }
+            cur.clear();
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    docs
+}
+
+/// The first place where `typed` (after a round trip through the k8s-openapi type) lacks or
+/// changes something `raw` has.
+fn first_loss(raw: &Value, typed: &Value, path: &str) -> Option<String> {
+    match (raw, typed) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| match b.get(k) {
+            None => Some(format!("{path}.{k} is not a field of this kind")),
+            Some(w) => first_loss(v, w, &format!("{path}.{k}")),
+        }),
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| first_loss(v, w, &format!("{path}[{i}]"))),
+        (Value::String(a), Value::Number(n)) | (Value::Number(n), Value::String(a))
+            if a == &n.to_string() =>
+        {
+            None
+        }
+        (a, b) if a == b => None,
+        (a, b) => Some(format!("{path}: {a} became {b}")),
+    }
+}
+
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Value {
+    let typed: T =
+        serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{}: {e}", doc["kind"]));
+    serde_json::to_value(typed).unwrap()
+}
+
+fn typed(doc: &Value) -> Value {
+    match doc["kind"].as_str().unwrap() {
+        "Namespace" => round_trip::<Namespace>(doc),
+        "ClusterRole" => round_trip::<ClusterRole>(doc),
+        "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(doc),
+        "ServiceAccount" => round_trip::<ServiceAccount>(doc),
+        "ConfigMap" => round_trip::<ConfigMap>(doc),
+        "DaemonSet" => round_trip::<DaemonSet>(doc),
+        other => panic!("unexpected kind {other} in kube-flannel.yml"),
+    }
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+#[test]
+fn every_document_is_a_valid_kubernetes_object() {
+    let docs = documents();
+    assert_eq!(docs.len(), 6);
+    for doc in &docs {
+        let back = typed(doc);
+        if let Some(loss) = first_loss(doc, &back, doc["kind"].as_str().unwrap()) {
+            panic!("{loss}");
+        }
+    }
+}
+
+#[test]
+fn the_round_trip_catches_a_typo() {
+    let mut ds = find(&documents(), "DaemonSet").clone();
+    ds["spec"]["template"]["spec"]["hostNetwrok"] = Value::Bool(true);
+    assert!(first_loss(&ds, &typed(&ds), "DaemonSet")
+        .unwrap()
+        .contains("hostNetwrok"));
+}
+
+#[test]
+fn objects_and_names_are_flannels() {
+    let docs = documents();
+    let names: BTreeSet<(String, String, String)> = docs
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap().to_string(),
+                d["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                d["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String)> = [
+        ("Namespace", "", "kube-flannel"),
+        ("ClusterRole", "", "flannel"),
+        ("ClusterRoleBinding", "", "flannel"),
+        ("ServiceAccount", "kube-flannel", "flannel"),
+        ("ConfigMap", "kube-flannel", "kube-flannel-cfg"),
+        ("DaemonSet", "kube-flannel", "kube-flannel-ds"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(names, want);
+    let ds = find(&docs, "DaemonSet");
+    assert_eq!(ds["spec"]["selector"]["matchLabels"]["app"], "flannel");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "flannel");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    let twilld = &pod["containers"][0];
+    assert_eq!(twilld["name"], "kube-flannel");
+    assert_eq!(twilld["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(twilld["livenessProbe"]["httpGet"]["path"], "/healthz");
+}
+
+/// (API group, resource, verb) triples the ClusterRole grants.
+fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
+    let role = find(docs, "ClusterRole");
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.insert((
+                        g.as_str().unwrap().into(),
+                        r.as_str().unwrap().into(),
+                        v.as_str().unwrap().into(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The API group of a resource the programs use (the code lists resources without groups).
+fn api_group(resource: &str) -> &'static str {
+    match resource {
+        "networkpolicies" => "networking.k8s.io",
+        _ => "",
+    }
+}
+
+#[test]
+fn rbac_covers_every_api_call_the_programs_make() {
+    let docs = documents();
+    let granted = granted(&docs);
+    let used = twill::registry::kube::API_VERBS
+        .iter()
+        .chain(twill_policy::source::kube::API_VERBS.iter());
+    for (resource, verb) in used {
+        let want = (
+            api_group(resource).to_string(),
+            resource.to_string(),
+            verb.to_string(),
+        );
+        assert!(
+            granted.contains(&want),
+            "kube-flannel.yml's ClusterRole lacks {want:?}; granted: {granted:?}"
+        );
+    }
+    let binding = find(&docs, "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], "flannel");
+    assert_eq!(binding["subjects"][0]["name"], "flannel");
+    assert_eq!(binding["subjects"][0]["namespace"], "kube-flannel");
+}
+
+/// Files the Dockerfile's runtime stage holds: its COPY destinations, what its apt packages
+/// install that the manifest may call, and the base image's shell tools.
+fn runtime_files() -> BTreeSet<String> {
+    let dockerfile = read("Dockerfile");
+    let stage = dockerfile.rsplit("\nFROM ").next().unwrap();
+    assert!(
+        stage.contains(" AS runtime"),
+        "the last stage must be the runtime stage"
+    );
+    let mut files: BTreeSet<String> = ["/bin/sh", "/bin/cp", "/bin/mv"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for line in stage.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"COPY") {
+            let args: Vec<&str> = words[1..]
+                .iter()
+                .filter(|w| !w.starts_with("--"))
+                .copied()
+                .collect();
+            let (dest, srcs) = args.split_last().unwrap();
+            for src in srcs {
+                let name = src.rsplit('/').next().unwrap();
+                files.insert(if dest.ends_with('/') {
+                    format!("{dest}{name}")
+                } else {
+                    dest.to_string()
+                });
+            }
+        }
+        if line.contains("apt-get install") {
+            if line.contains("nftables") {
+                files.insert("/usr/sbin/nft".into());
+            }
+            if line.contains("kmod") {
+                files.insert("/usr/sbin/modprobe".into());
+            }
+        }
+    }
+    files
+}
+
+fn words_of(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .flat_map(|s| {
+                    s.as_str()
+                        .unwrap()
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_path_and_command_exists_in_the_image() {
+    let files = runtime_files();
+    for f in [
+        "/opt/bin/twilld",
+        "/opt/bin/twill-policy",
+        "/flannel",
+        "/usr/sbin/nft",
+        "/opt/bin/install-cni.sh",
+    ] {
+        assert!(
+            files.contains(f),
+            "{f} missing from the runtime stage: {files:?}"
+        );
+    }
+    for p in ["bridge", "host-local", "portmap", "loopback"] {
+        assert!(
+            files.contains(&format!("/opt/cni/plugins/{p}")),
+            "plugin {p} missing"
+        );
+        assert!(read("deploy/install-cni.sh").contains(p));
+    }
+    let docs = documents();
+    let pod = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    let containers = pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["containers"].as_array().unwrap());
+    for c in containers {
+        let cmd = words_of(&c["command"]);
+        assert!(
+            files.contains(&cmd[0]),
+            "{}: command {} not in the image",
+            c["name"],
+            cmd[0]
+        );
+        // Image paths the container reads (not the hostPath mounts it writes to).
+        for w in cmd.iter().chain(words_of(&c["args"]).iter()) {
+            let w = w.trim_end_matches(';');
+            if w == "/flannel" || w.starts_with("/opt/bin/") {
+                assert!(files.contains(w), "{}: {w} not in the image", c["name"]);
+            }
+        }
+    }
+    let dockerfile = read("Dockerfile");
+    assert!(
+        dockerfile.contains("--locked"),
+        "the build must use Cargo.lock"
+    );
+    for from in dockerfile.lines().filter(|l| l.starts_with("FROM ")) {
+        let image = from.split_whitespace().nth(1).unwrap();
+        let tag = image.rsplit(':').next().unwrap();
+        assert!(
+            image.contains(':') && tag != "latest" && tag.chars().any(|c| c.is_ascii_digit()),
+            "unpinned base image {image}"
+        );
+    }
+}
+
+#[test]
+fn configmap_and_args_pass_twills_parsers() {
+    let docs = documents();
+    let cm = find(&docs, "ConfigMap");
+    let net_conf = cm["data"]["net-conf.json"].as_str().unwrap();
+    let cfg = twill::config::NetConfig::parse(net_conf).expect("net-conf.json");
+    assert_eq!(cfg.backend_type(), "vxlan");
+    assert_eq!(cfg.network.unwrap().to_string(), "10.244.0.0/16");
+
+    let cni_conf: Value =
+        serde_json::from_str(cm["data"]["cni-conf.json"].as_str().unwrap()).unwrap();
+    let dropin: Value = serde_json::from_str(&read("deploy/cni/10-flannel.conflist")).unwrap();
+    assert_eq!(
+        cni_conf, dropin,
+        "deploy/cni/10-flannel.conflist differs from the ConfigMap's"
+    );
+    let mut plugin = cni_conf["plugins"][0].clone();
+    assert_eq!(plugin["type"], "flannel");
+    // What a runtime passes the plugin: the list's name and version injected.
+    plugin["name"] = cni_conf["name"].clone();
+    plugin["cniVersion"] = cni_conf["cniVersion"].clone();
+    let conf = twill_cni::netconf::FlannelConf::parse(plugin.to_string().as_bytes())
+        .expect("flannel plugin entry");
+    conf.validate_delegate().expect("delegate");
+
+    let ds = find(&docs, "DaemonSet");
+    let twilld = &ds["spec"]["template"]["spec"]["containers"][0];
+    let argv: Vec<String> = std::iter::once("twilld".to_string())
+        .chain(words_of(&twilld["args"]))
+        .collect();
+    let flags = <twill::flags::Flags as clap::Parser>::try_parse_from(
+        twill::flags::normalize_go_args(argv),
+    )
+    .expect("twilld args");
+    assert!(flags.ip_masq && flags.kube_subnet_mgr);
+    assert_eq!(flags.healthz_port, 8081);
+    assert_eq!(twilld["ports"][0]["containerPort"], 8081);
+}
+
+#[test]
+fn systemd_units_run_the_installed_programs_with_valid_flags() {
+    let unit = read("deploy/systemd/twilld.service");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    let argv: Vec<String> = exec.split_whitespace().map(String::from).collect();
+    assert_eq!(argv[0], "/usr/local/bin/twilld");
+    let flags = <twill::flags::Flags as clap::Parser>::try_parse_from(
+        twill::flags::normalize_go_args(argv),
+    )
+    .expect("twilld.service flags");
+    assert!(flags.ip_masq);
+    for var in unit
+        .lines()
+        .filter_map(|l| l.trim_start_matches("#   ").split('=').next())
+        .filter(|v| v.starts_with("FLANNELD_"))
+    {
+        let flag = format!(
+            "--{}",
+            var.trim_start_matches("FLANNELD_")
+                .to_lowercase()
+                .replace('_', "-")
+        );
+        let help = <twill::flags::Flags as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(
+            help.contains(&flag),
+            "{var} in twilld.service matches no flag {flag}"
+        );
+    }
+    let policy = read("deploy/systemd/twill-policy.service");
+    assert!(policy.contains("ExecStart=/usr/local/bin/twill-policy $TWILL_POLICY_SOURCE run"));
+}
