@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,6 +13,7 @@ use tracing::{error, info, warn};
 
 use twill_policy::compile::{compile, Options, DEFAULT_TABLE};
 use twill_policy::eval::{allowed, Endpoint};
+use twill_policy::metrics::{serve, Shared};
 use twill_policy::model::{Protocol, Snapshot};
 use twill_policy::nft::{Applied, Enforcer, Nft};
 use twill_policy::source::manifests::ManifestDir;
@@ -52,6 +54,9 @@ enum Cmd {
         /// Full resync interval (repairs drift such as a table deleted by hand).
         #[arg(long, default_value = "60", value_name = "SECONDS")]
         resync: u64,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9753); off by default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Sync once, then exit (non-zero if the full ruleset could not be applied).
     Apply {
@@ -184,18 +189,21 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
     }
 }
 
-fn cmd_run(common: &Common, resync: u64) -> Result<()> {
+fn cmd_run(common: &Common, resync: u64, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
     let node = node(common)?;
     let mut src = source(common)?;
     ensure_br_netfilter();
-    let mut enf = Enforcer::new(
-        Nft {
-            bin: common.nft.clone(),
-            ..Nft::default()
-        },
-        &node,
-        options(common),
-    );
+    let nft = Nft {
+        bin: common.nft.clone(),
+        ..Nft::default()
+    };
+    let shared = Arc::new(Shared::new(nft.clone(), &common.table));
+    if let Some(addr) = metrics_addr {
+        let local =
+            serve(addr, shared.clone()).with_context(|| format!("serving metrics on {addr}"))?;
+        info!("metrics on http://{local}/metrics");
+    }
+    let mut enf = Enforcer::new(nft, &node, options(common));
     info!(node, table = common.table, "twill-policy running");
     let resync = Duration::from_secs(resync.max(1));
     let mut last_good: Option<Snapshot> = None;
@@ -205,7 +213,10 @@ fn cmd_run(common: &Common, resync: u64) -> Result<()> {
         if changed {
             match load(src.as_mut()) {
                 Ok(s) => last_good = Some(s),
-                Err(e) => warn!("{e}; keeping the last good state"),
+                Err(e) => {
+                    shared.metrics.record_source_error();
+                    warn!("{e}; keeping the last good state")
+                }
             }
         }
         if last_full.elapsed() >= resync {
@@ -213,7 +224,8 @@ fn cmd_run(common: &Common, resync: u64) -> Result<()> {
             last_full = Instant::now();
         }
         if let Some(s) = &last_good {
-            if !report(&enf.sync(s)) {
+            let r = shared.sync(&mut enf, s);
+            if !report(&r) {
                 // Retry soon: the next pass reapplies since nothing was recorded as loaded.
                 changed = src.wait_change(Duration::from_secs(1));
                 continue;
@@ -306,7 +318,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let res = match &cli.cmd {
-        Cmd::Run { resync } => cmd_run(&cli.common, *resync),
+        Cmd::Run {
+            resync,
+            metrics_addr,
+        } => cmd_run(&cli.common, *resync, *metrics_addr),
         Cmd::Apply { check } => cmd_apply(&cli.common, *check),
         Cmd::Compile { fail_closed } => cmd_compile(&cli.common, *fail_closed),
         Cmd::Explain { from, to, port } => match cmd_explain(&cli.common, from, to, port) {
