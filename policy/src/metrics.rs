@@ -62,12 +62,9 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("twill_policy");
         // 1 ms .. ~16 s
-        let sync_duration = Histogram::new(
-            [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]
-            .into_iter(),
-        );
+        let sync_duration = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let m = Metrics {
             sync_duration,
             syncs: Family::default(),
