@@ -57,6 +57,9 @@ enum Cmd {
         /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9753); off by default.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// How often the manifests directory is checked for changes.
+        #[arg(long, default_value = "1000", value_name = "MS")]
+        poll_ms: u64,
     },
     /// Sync once, then exit (non-zero if the full ruleset could not be applied).
     Apply {
@@ -85,8 +88,16 @@ enum Cmd {
 }
 
 fn source(common: &Common) -> Result<Box<dyn Source>> {
+    source_polling(common, Duration::from_secs(1))
+}
+
+fn source_polling(common: &Common, poll: Duration) -> Result<Box<dyn Source>> {
     match &common.manifests {
-        Some(dir) => Ok(Box::new(ManifestDir::new(dir))),
+        Some(dir) => {
+            let mut m = ManifestDir::new(dir);
+            m.poll = poll.max(Duration::from_millis(10));
+            Ok(Box::new(m))
+        }
         None => {
             bail!("no source: pass --manifests DIR (the Kubernetes API source is not built yet)")
         }
@@ -189,9 +200,14 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
     }
 }
 
-fn cmd_run(common: &Common, resync: u64, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
+fn cmd_run(
+    common: &Common,
+    resync: u64,
+    metrics_addr: Option<std::net::SocketAddr>,
+    poll: Duration,
+) -> Result<()> {
     let node = node(common)?;
-    let mut src = source(common)?;
+    let mut src = source_polling(common, poll)?;
     ensure_br_netfilter();
     let nft = Nft {
         bin: common.nft.clone(),
@@ -321,7 +337,13 @@ fn main() -> ExitCode {
         Cmd::Run {
             resync,
             metrics_addr,
-        } => cmd_run(&cli.common, *resync, *metrics_addr),
+            poll_ms,
+        } => cmd_run(
+            &cli.common,
+            *resync,
+            *metrics_addr,
+            Duration::from_millis(*poll_ms),
+        ),
         Cmd::Apply { check } => cmd_apply(&cli.common, *check),
         Cmd::Compile { fail_closed } => cmd_compile(&cli.common, *fail_closed),
         Cmd::Explain { from, to, port } => match cmd_explain(&cli.common, from, to, port) {
