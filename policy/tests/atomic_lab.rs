@@ -209,8 +209,8 @@ fn a_thousand_table_replacements_never_let_a_denied_packet_through() {
     let sent: usize = lab
         .log(cli)
         .lines()
-        .filter_map(|l| l.strip_prefix("sent ")?.trim().parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("sent ")?.trim().parse().ok())
         .unwrap_or(0);
     eprintln!(
         "{UPDATES} replacements in {took:?} ({:.1} ms each); client sent >= {sent} datagrams (plus SYNs every 20 ms); server got {got}",
