@@ -45,6 +45,14 @@ struct Common {
     /// Denied-packet log rate per pod and direction (packets/second).
     #[arg(long, global = true, default_value_t = 5)]
     log_rate: u32,
+    /// This node's pod subnet (repeatable): addresses in it that belong to no known pod
+    /// are isolated until the source reports the pod (new pods fail closed).
+    #[arg(long, global = true, value_name = "CIDR")]
+    pod_cidr: Vec<ipnet::IpNet>,
+    /// Flannel's subnet.env: FLANNEL_SUBNET (and FLANNEL_IPV6_SUBNET) are used as
+    /// --pod-cidr, re-read before every sync.
+    #[arg(long, global = true, value_name = "PATH")]
+    subnet_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,12 +120,27 @@ fn node(common: &Common) -> Result<String> {
         .ok_or_else(|| anyhow!("node name required: --node-name or NODE_NAME"))
 }
 
-fn options(common: &Common) -> Options {
-    Options {
+fn options(common: &Common) -> Result<Options> {
+    Ok(Options {
         table: common.table.clone(),
         log_rate: common.log_rate,
         allow_rules: true,
+        pod_cidrs: pod_cidrs(common)?,
+    })
+}
+
+/// --pod-cidr plus the subnets in --subnet-file.
+fn pod_cidrs(common: &Common) -> Result<Vec<ipnet::IpNet>> {
+    let mut out = common.pod_cidr.clone();
+    if let Some(path) = &common.subnet_file {
+        let env = twill_cni::subnet_env::SubnetEnv::read(path)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        out.extend(env.subnet_network().map(ipnet::IpNet::V4));
+        out.extend(env.ipv6_subnet_network().map(ipnet::IpNet::V6));
     }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 fn load(src: &mut dyn Source) -> Result<Snapshot> {
@@ -219,8 +242,20 @@ fn cmd_run(
             serve(addr, shared.clone()).with_context(|| format!("serving metrics on {addr}"))?;
         info!("metrics on http://{local}/metrics");
     }
-    let mut enf = Enforcer::new(nft, &node, options(common));
-    info!(node, table = common.table, "twill-policy running");
+    let opts = match options(common) {
+        Ok(o) => o,
+        Err(e) => {
+            // subnet.env not written yet (twilld starting): unknown-pod isolation comes
+            // with the first successful read.
+            warn!("{e:#}; unknown pod addresses are not isolated until it can be read");
+            Options {
+                pod_cidrs: common.pod_cidr.clone(),
+                ..Options::default()
+            }
+        }
+    };
+    let mut enf = Enforcer::new(nft, &node, opts);
+    info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, "twill-policy running");
     let resync = Duration::from_secs(resync.max(1));
     let mut last_good: Option<Snapshot> = None;
     let mut last_full = Instant::now();
@@ -238,6 +273,16 @@ fn cmd_run(
         if last_full.elapsed() >= resync {
             enf.invalidate();
             last_full = Instant::now();
+        }
+        if common.subnet_file.is_some() {
+            match pod_cidrs(common) {
+                Ok(c) if c != enf.opts.pod_cidrs => {
+                    info!(pod_cidrs = ?c, "node pod subnets changed");
+                    enf.opts.pod_cidrs = c;
+                }
+                Ok(_) => {}
+                Err(e) => warn!("{e:#}; keeping pod subnets {:?}", enf.opts.pod_cidrs),
+            }
         }
         if let Some(s) = &last_good {
             let r = shared.sync(&mut enf, s);
@@ -259,13 +304,13 @@ fn cmd_apply(common: &Common, check: bool) -> Result<()> {
         ..Nft::default()
     };
     if check {
-        let script = compile(&snap, &node, &options(common)).render();
+        let script = compile(&snap, &node, &options(common)?).render();
         nft.check(&script).context("nft -c rejected the ruleset")?;
         println!("ruleset OK (dry run, nothing changed)");
         return Ok(());
     }
     ensure_br_netfilter();
-    let mut enf = Enforcer::new(nft, &node, options(common));
+    let mut enf = Enforcer::new(nft, &node, options(common)?);
     if report(&enf.sync(&snap)) {
         Ok(())
     } else {
@@ -278,7 +323,7 @@ fn cmd_compile(common: &Common, fail_closed: bool) -> Result<()> {
     let snap = load(source(common)?.as_mut())?;
     let opts = Options {
         allow_rules: !fail_closed,
-        ..options(common)
+        ..options(common)?
     };
     print!("{}", compile(&snap, &node, &opts).render());
     Ok(())

@@ -23,6 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use twill_cni::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::{compile, Options};
 use twill_policy::conformance::{load_scenarios, Step, NAMESPACES, PODS};
@@ -237,6 +238,10 @@ impl World {
 
     /// The manifests of a step: namespaces, pods (with the lab's addresses), policies.
     fn manifests(&self, step: &Step) -> Value {
+        self.manifests_with(step, true)
+    }
+
+    fn manifests_with(&self, step: &Step, with_pods: bool) -> Value {
         let mut items = Vec::new();
         for ns in NAMESPACES {
             let labels = step
@@ -247,7 +252,7 @@ impl World {
             items.push(json!({"apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": ns, "labels": labels}}));
         }
-        for (key, p) in &self.pods {
+        for (key, p) in self.pods.iter().filter(|_| with_pods) {
             let (ns, name) = key.split_once('/').unwrap();
             let labels = step
                 .pod_labels
@@ -414,14 +419,49 @@ fn upstream_conformance_scenarios_in_a_three_node_lab() {
     }
     let t0 = Instant::now();
     let mut w = World::new("conf");
-    let opts = |_: &str| Options::default();
-    w.start_policy(&|_| vec![]);
+    // Each node's pod subnet, as twill-policy reads it from subnet.env (--subnet-file).
+    let subnet_file = |lab: &Lab, n: &str| lab.node(n).dir.join("subnet.env");
+    let cidrs: BTreeMap<String, ipnet::IpNet> = NODES
+        .iter()
+        .map(|n| {
+            let env = SubnetEnv::read(&subnet_file(&w.lab, n)).unwrap();
+            (
+                n.to_string(),
+                ipnet::IpNet::V4(env.subnet_network().unwrap()),
+            )
+        })
+        .collect();
+    let opts = |n: &str| Options {
+        pod_cidrs: vec![cidrs[n]],
+        ..Options::default()
+    };
+    let files: BTreeMap<String, String> = NODES
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                subnet_file(&w.lab, n).to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    w.start_policy(&|n| vec!["--subnet-file".into(), files[n].clone()]);
     let empty = Step {
         policies: vec![],
         namespace_labels: BTreeMap::new(),
         pod_labels: BTreeMap::new(),
         probes: vec![],
     };
+    // The pods exist (CNI gave them addresses) but the source does not list them yet:
+    // they are isolated from their first packet, although no policy exists.
+    w.write(&w.manifests_with(&empty, false));
+    w.wait_applied(&opts);
+    let d = w.matrix(80, Protocol::Tcp);
+    assert_eq!(
+        d.len(),
+        72,
+        "pods unknown to the source must be isolated; open: {d:?}"
+    );
+    eprintln!("pods not yet in the source: all 72 pairs blocked (fail closed)");
     w.write(&w.manifests(&empty));
     w.wait_applied(&opts);
     // Before any policy every pod reaches every other one (wait for VXLAN/ARP to settle).
