@@ -292,6 +292,8 @@ struct Builder<'a> {
     tuple_sets: BTreeMap<String, TupleSet>,
     /// (policy index, dir, rule index) -> per-family peer set names.
     peer_sets: BTreeMap<(usize, PolicyType, usize), [Option<String>; 2]>,
+    /// Identical peer sets are emitted once: contents -> set name.
+    by_content: BTreeMap<(Family, Vec<(u128, u128)>), String>,
     tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
 }
 
@@ -342,6 +344,10 @@ impl<'a> Builder<'a> {
             if r.0.is_empty() {
                 continue;
             }
+            if let Some(name) = self.by_content.get(&(fam, r.0.clone())) {
+                names[fam as usize] = Some(name.clone());
+                continue;
+            }
             let name = ident(
                 format!(
                     "peers/{}/{}/{short}{ri}/{}",
@@ -360,6 +366,7 @@ impl<'a> Builder<'a> {
                     comment: format!("{} {dir}[{ri}] peers", pol.key()),
                 },
             );
+            self.by_content.insert((fam, r.0.clone()), name.clone());
             names[fam as usize] = Some(name);
         }
         self.peer_sets.insert((pi, dir, ri), names.clone());
@@ -475,6 +482,7 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         addr_sets: BTreeMap::new(),
         tuple_sets: BTreeMap::new(),
         peer_sets: BTreeMap::new(),
+        by_content: BTreeMap::new(),
         tuple_names: BTreeMap::new(),
     };
     let mut chains = Vec::new();

@@ -10,7 +10,7 @@
 //! | `twill_policy_fail_closed` | gauge | 1 while the isolation-only table is loaded |
 //! | `twill_policy_dropped_packets_total{namespace,pod,direction}` | counter | packets dropped by each pod chain |
 //!
-//! Drops are read from the table's own counters (`nft -j list table`). Every sync replaces
+//! Drops are read from the table's own counters (`nft -t -j list table`). Every sync replaces
 //! the table, which resets them, so [`DropTracker`] reads them right before each apply and
 //! at scrape time and keeps monotonic totals (packets dropped between that last read and
 //! the replacement are not counted).
@@ -270,7 +270,8 @@ impl Shared {
     fn read_drops(&self, t: &mut DropTracker) {
         if let Ok(out) = self
             .nft
-            .run(&["-j", "list", "table", "inet", &self.table], "")
+            // -t: without set elements (a large table lists in milliseconds).
+            .run(&["-t", "-j", "list", "table", "inet", &self.table], "")
         {
             t.observe(&parse_drop_counters(&out), &self.metrics);
         }
