@@ -222,6 +222,10 @@ pub struct Ruleset {
     pub egress_map: Vec<(IpAddr, String)>,
     /// Denied-packet log rate per pod chain, packets per second.
     pub log_rate: u32,
+    /// This node's pod subnets ([`Options::pod_cidrs`]); empty = no unknown-pod isolation.
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// Addresses of the local pods the snapshot knows (exempt from unknown-pod isolation).
+    pub known_local: Vec<IpAddr>,
 }
 
 /// Sizes, for logs and metrics.
@@ -243,6 +247,11 @@ pub struct Options {
     /// When false, emit only isolation (every isolated pod's chain just drops): the
     /// fail-closed table.
     pub allow_rules: bool,
+    /// This node's pod subnets (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET). When set, an address
+    /// in them that belongs to no known local pod is isolated in both directions until a
+    /// pod with that address appears in the snapshot: a new pod is isolated from its first
+    /// packet, before the source has reported it (fail closed; see README).
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for Options {
@@ -251,6 +260,7 @@ impl Default for Options {
             table: DEFAULT_TABLE.into(),
             log_rate: 5,
             allow_rules: true,
+            pod_cidrs: Vec::new(),
         }
     }
 }
@@ -282,6 +292,8 @@ struct Builder<'a> {
     tuple_sets: BTreeMap<String, TupleSet>,
     /// (policy index, dir, rule index) -> per-family peer set names.
     peer_sets: BTreeMap<(usize, PolicyType, usize), [Option<String>; 2]>,
+    /// Identical peer sets are emitted once: contents -> set name.
+    by_content: BTreeMap<(Family, Vec<(u128, u128)>), String>,
     tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
 }
 
@@ -332,6 +344,10 @@ impl<'a> Builder<'a> {
             if r.0.is_empty() {
                 continue;
             }
+            if let Some(name) = self.by_content.get(&(fam, r.0.clone())) {
+                names[fam as usize] = Some(name.clone());
+                continue;
+            }
             let name = ident(
                 format!(
                     "peers/{}/{}/{short}{ri}/{}",
@@ -350,6 +366,7 @@ impl<'a> Builder<'a> {
                     comment: format!("{} {dir}[{ri}] peers", pol.key()),
                 },
             );
+            self.by_content.insert((fam, r.0.clone()), name.clone());
             names[fam as usize] = Some(name);
         }
         self.peer_sets.insert((pi, dir, ri), names.clone());
@@ -465,12 +482,22 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         addr_sets: BTreeMap::new(),
         tuple_sets: BTreeMap::new(),
         peer_sets: BTreeMap::new(),
+        by_content: BTreeMap::new(),
         tuple_names: BTreeMap::new(),
     };
     let mut chains = Vec::new();
     let mut ingress_map = Vec::new();
     let mut egress_map = Vec::new();
     let mut seen_ips = std::collections::HashSet::new();
+    let mut known_local: Vec<IpAddr> = Vec::new();
+    if !opts.pod_cidrs.is_empty() {
+        known_local = local_pods(snap, node)
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        known_local.sort();
+        known_local.dedup();
+    }
     for pod in local_pods(snap, node) {
         let ips: Vec<IpAddr> = pod
             .ips
@@ -583,6 +610,8 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         ingress_map,
         egress_map,
         log_rate: opts.log_rate.max(1),
+        pod_cidrs: opts.pod_cidrs.clone(),
+        known_local,
     }
 }
 
@@ -645,6 +674,12 @@ impl Ruleset {
     /// of this table, without the kernel): egress of the source, then ingress of the
     /// destination. Used by tests to check compile() against the evaluator.
     pub fn decide(&self, src: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> Decision {
+        if self.is_unknown_local(src) {
+            return Decision::Drop(PolicyType::Egress);
+        }
+        if self.is_unknown_local(dst) {
+            return Decision::Drop(PolicyType::Ingress);
+        }
         if let Some((_, c)) = self.egress_map.iter().find(|(ip, _)| *ip == src) {
             let chain = self.chain(c).expect("map points at a chain");
             if !self.run_chain(chain, dst, dst, proto, port) {
@@ -660,18 +695,40 @@ impl Ruleset {
         Decision::Accept
     }
 
+    /// An address in this node's pod subnets that no known local pod has.
+    pub fn is_unknown_local(&self, ip: IpAddr) -> bool {
+        self.pod_cidrs.iter().any(|n| n.contains(&ip)) && !self.known_local.contains(&ip)
+    }
+
+    fn unknown_families(&self) -> Vec<Family> {
+        FAMILIES
+            .into_iter()
+            .filter(|f| self.pod_cidrs.iter().any(|n| Family::of(n.addr()) == *f))
+            .collect()
+    }
+
     /// Sizes of the ruleset.
     pub fn stats(&self) -> Stats {
+        let fams = self.unknown_families().len();
+        let unknown_chains = if fams > 0 { 2 } else { 0 };
         Stats {
-            chains: self.chains.len() + 2,
-            rules: self.chains.iter().map(|c| c.rules.len() + 2).sum::<usize>() + 13,
-            sets: self.addr_sets.len() + self.tuple_sets.len() + 4,
+            chains: self.chains.len() + 2 + unknown_chains,
+            rules: self.chains.iter().map(|c| c.rules.len() + 2).sum::<usize>()
+                + 13
+                + 3 * fams
+                + 2 * unknown_chains,
+            sets: self.addr_sets.len() + self.tuple_sets.len() + 4 + 2 * fams,
             set_elements: self
                 .addr_sets
                 .iter()
                 .map(|s| s.ranges.0.len())
                 .sum::<usize>()
-                + self.tuple_sets.iter().map(|s| s.elems.len()).sum::<usize>(),
+                + self.tuple_sets.iter().map(|s| s.elems.len()).sum::<usize>()
+                + if fams > 0 {
+                    self.pod_cidrs.len() + self.known_local.len()
+                } else {
+                    0
+                },
             map_elements: self.ingress_map.len() + self.egress_map.len(),
         }
     }
@@ -789,6 +846,70 @@ impl Ruleset {
             let _ = writeln!(s, "\t\tcounter drop");
             let _ = writeln!(s, "\t}}");
         }
+        let unknown = self.unknown_families();
+        for fam in &unknown {
+            let f = fam.suffix();
+            let cidrs: Vec<String> = self
+                .pod_cidrs
+                .iter()
+                .filter(|n| Family::of(n.addr()) == *fam)
+                .map(|n| n.trunc().to_string())
+                .collect();
+            let _ = writeln!(s, "\tset node_pods_{f} {{");
+            let _ = writeln!(s, "\t\ttype {}", fam.addr_type());
+            let _ = writeln!(s, "\t\tflags interval");
+            let _ = writeln!(s, "\t\tcomment \"this node's pod subnets\"");
+            let _ = writeln!(s, "\t\telements = {{ {} }}", cidrs.join(", "));
+            let _ = writeln!(s, "\t}}");
+            let known: Vec<String> = self
+                .known_local
+                .iter()
+                .filter(|ip| Family::of(**ip) == *fam)
+                .map(|ip| ip.to_string())
+                .collect();
+            let _ = writeln!(s, "\tset known_pods_{f} {{");
+            let _ = writeln!(s, "\t\ttype {}", fam.addr_type());
+            let _ = writeln!(
+                s,
+                "\t\tcomment \"addresses of the local pods the source knows\""
+            );
+            if !known.is_empty() {
+                let _ = writeln!(s, "\t\telements = {{ {} }}", known.join(", "));
+            }
+            let _ = writeln!(s, "\t}}");
+        }
+        if !unknown.is_empty() {
+            for dir in ["ingress", "egress"] {
+                let _ = writeln!(s, "\tchain unknown-{dir} {{");
+                let _ = writeln!(
+                    s,
+                    "\t\tcomment \"{dir} of a local pod address not known yet (fail closed)\""
+                );
+                let _ = writeln!(
+                    s,
+                    "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop {dir} unknown pod: \" level info",
+                    self.log_rate,
+                    self.log_rate * 2
+                );
+                let _ = writeln!(s, "\t\tcounter drop");
+                let _ = writeln!(s, "\t}}");
+            }
+        }
+        let unknown_rules = |s: &mut String, daddr: bool| {
+            for fam in &unknown {
+                let (p, f) = (fam.nft_proto(), fam.suffix());
+                let _ = writeln!(
+                    s,
+                    "\t\t{p} saddr @node_pods_{f} {p} saddr != @known_pods_{f} jump unknown-egress"
+                );
+                if daddr {
+                    let _ = writeln!(
+                        s,
+                        "\t\t{p} daddr @node_pods_{f} {p} daddr != @known_pods_{f} jump unknown-ingress"
+                    );
+                }
+            }
+        };
         let nd = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept";
         let _ = writeln!(s, "\tchain forward {{");
         let _ = writeln!(
@@ -797,6 +918,7 @@ impl Ruleset {
         );
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\t{nd}");
+        unknown_rules(&mut s, true);
         let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
         let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
         let _ = writeln!(s, "\t\tip daddr vmap @ingress_v4");
@@ -810,6 +932,7 @@ impl Ruleset {
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\tiifname \"lo\" accept");
         let _ = writeln!(s, "\t\t{nd}");
+        unknown_rules(&mut s, false);
         let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
         let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
         let _ = writeln!(s, "\t}}");

@@ -1,6 +1,7 @@
 pub mod compile;
 pub mod conformance;
 pub mod eval;
+pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod source;

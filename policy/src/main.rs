@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,6 +13,7 @@ use tracing::{error, info, warn};
 
 use twill_policy::compile::{compile, Options, DEFAULT_TABLE};
 use twill_policy::eval::{allowed, Endpoint};
+use twill_policy::metrics::{serve, Shared};
 use twill_policy::model::{Protocol, Snapshot};
 use twill_policy::nft::{Applied, Enforcer, Nft};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};
@@ -50,6 +52,14 @@ struct Common {
     /// Denied-packet log rate per pod and direction (packets/second).
     #[arg(long, global = true, default_value_t = 5)]
     log_rate: u32,
+    /// This node's pod subnet (repeatable): addresses in it that belong to no known pod
+    /// are isolated until the source reports the pod (new pods fail closed).
+    #[arg(long, global = true, value_name = "CIDR")]
+    pod_cidr: Vec<ipnet::IpNet>,
+    /// Flannel's subnet.env: FLANNEL_SUBNET (and FLANNEL_IPV6_SUBNET) are used as
+    /// --pod-cidr, re-read before every sync.
+    #[arg(long, global = true, value_name = "PATH")]
+    subnet_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,6 +69,12 @@ enum Cmd {
         /// Full resync interval (repairs drift such as a table deleted by hand).
         #[arg(long, default_value = "60", value_name = "SECONDS")]
         resync: u64,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9753); off by default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// How often the manifests directory is checked for changes.
+        #[arg(long, default_value = "1000", value_name = "MS")]
+        poll_ms: u64,
     },
     /// Sync once, then exit (non-zero if the full ruleset could not be applied).
     Apply {
@@ -87,8 +103,16 @@ enum Cmd {
 }
 
 fn source(common: &Common) -> Result<Box<dyn Source>> {
+    source_polling(common, Duration::from_secs(1))
+}
+
+fn source_polling(common: &Common, poll: Duration) -> Result<Box<dyn Source>> {
     match &common.manifests {
-        Some(dir) => Ok(Box::new(ManifestDir::new(dir))),
+        Some(dir) => {
+            let mut m = ManifestDir::new(dir);
+            m.poll = poll.max(Duration::from_millis(10));
+            Ok(Box::new(m))
+        }
         None => Ok(Box::new(KubeApiSource::start(KubeOptions {
             api_url: common.kube_api_url.clone(),
             kubeconfig: common.kubeconfig.clone(),
@@ -104,12 +128,27 @@ fn node(common: &Common) -> Result<String> {
         .ok_or_else(|| anyhow!("node name required: --node-name or NODE_NAME"))
 }
 
-fn options(common: &Common) -> Options {
-    Options {
+fn options(common: &Common) -> Result<Options> {
+    Ok(Options {
         table: common.table.clone(),
         log_rate: common.log_rate,
         allow_rules: true,
+        pod_cidrs: pod_cidrs(common)?,
+    })
+}
+
+/// --pod-cidr plus the subnets in --subnet-file.
+fn pod_cidrs(common: &Common) -> Result<Vec<ipnet::IpNet>> {
+    let mut out = common.pod_cidr.clone();
+    if let Some(path) = &common.subnet_file {
+        let env = twill_cni::subnet_env::SubnetEnv::read(path)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        out.extend(env.subnet_network().map(ipnet::IpNet::V4));
+        out.extend(env.ipv6_subnet_network().map(ipnet::IpNet::V6));
     }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 fn load(src: &mut dyn Source) -> Result<Snapshot> {
@@ -192,19 +231,39 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
     }
 }
 
-fn cmd_run(common: &Common, resync: u64) -> Result<()> {
+fn cmd_run(
+    common: &Common,
+    resync: u64,
+    metrics_addr: Option<std::net::SocketAddr>,
+    poll: Duration,
+) -> Result<()> {
     let node = node(common)?;
-    let mut src = source(common)?;
+    let mut src = source_polling(common, poll)?;
     ensure_br_netfilter();
-    let mut enf = Enforcer::new(
-        Nft {
-            bin: common.nft.clone(),
-            ..Nft::default()
-        },
-        &node,
-        options(common),
-    );
-    info!(node, table = common.table, "twill-policy running");
+    let nft = Nft {
+        bin: common.nft.clone(),
+        ..Nft::default()
+    };
+    let shared = Arc::new(Shared::new(nft.clone(), &common.table));
+    if let Some(addr) = metrics_addr {
+        let local =
+            serve(addr, shared.clone()).with_context(|| format!("serving metrics on {addr}"))?;
+        info!("metrics on http://{local}/metrics");
+    }
+    let opts = match options(common) {
+        Ok(o) => o,
+        Err(e) => {
+            // subnet.env not written yet (twilld starting): unknown-pod isolation comes
+            // with the first successful read.
+            warn!("{e:#}; unknown pod addresses are not isolated until it can be read");
+            Options {
+                pod_cidrs: common.pod_cidr.clone(),
+                ..Options::default()
+            }
+        }
+    };
+    let mut enf = Enforcer::new(nft, &node, opts);
+    info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, "twill-policy running");
     let resync = Duration::from_secs(resync.max(1));
     let mut last_good: Option<Snapshot> = None;
     let mut last_full = Instant::now();
@@ -213,15 +272,29 @@ fn cmd_run(common: &Common, resync: u64) -> Result<()> {
         if changed {
             match load(src.as_mut()) {
                 Ok(s) => last_good = Some(s),
-                Err(e) => warn!("{e}; keeping the last good state"),
+                Err(e) => {
+                    shared.metrics.record_source_error();
+                    warn!("{e}; keeping the last good state")
+                }
             }
         }
         if last_full.elapsed() >= resync {
             enf.invalidate();
             last_full = Instant::now();
         }
+        if common.subnet_file.is_some() {
+            match pod_cidrs(common) {
+                Ok(c) if c != enf.opts.pod_cidrs => {
+                    info!(pod_cidrs = ?c, "node pod subnets changed");
+                    enf.opts.pod_cidrs = c;
+                }
+                Ok(_) => {}
+                Err(e) => warn!("{e:#}; keeping pod subnets {:?}", enf.opts.pod_cidrs),
+            }
+        }
         if let Some(s) = &last_good {
-            if !report(&enf.sync(s)) {
+            let r = shared.sync(&mut enf, s);
+            if !report(&r) {
                 // Retry soon: the next pass reapplies since nothing was recorded as loaded.
                 changed = src.wait_change(Duration::from_secs(1));
                 continue;
@@ -239,13 +312,13 @@ fn cmd_apply(common: &Common, check: bool) -> Result<()> {
         ..Nft::default()
     };
     if check {
-        let script = compile(&snap, &node, &options(common)).render();
+        let script = compile(&snap, &node, &options(common)?).render();
         nft.check(&script).context("nft -c rejected the ruleset")?;
         println!("ruleset OK (dry run, nothing changed)");
         return Ok(());
     }
     ensure_br_netfilter();
-    let mut enf = Enforcer::new(nft, &node, options(common));
+    let mut enf = Enforcer::new(nft, &node, options(common)?);
     if report(&enf.sync(&snap)) {
         Ok(())
     } else {
@@ -258,7 +331,7 @@ fn cmd_compile(common: &Common, fail_closed: bool) -> Result<()> {
     let snap = load(source(common)?.as_mut())?;
     let opts = Options {
         allow_rules: !fail_closed,
-        ..options(common)
+        ..options(common)?
     };
     print!("{}", compile(&snap, &node, &opts).render());
     Ok(())
@@ -314,7 +387,16 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let res = match &cli.cmd {
-        Cmd::Run { resync } => cmd_run(&cli.common, *resync),
+        Cmd::Run {
+            resync,
+            metrics_addr,
+            poll_ms,
+        } => cmd_run(
+            &cli.common,
+            *resync,
+            *metrics_addr,
+            Duration::from_millis(*poll_ms),
+        ),
         Cmd::Apply { check } => cmd_apply(&cli.common, *check),
         Cmd::Compile { fail_closed } => cmd_compile(&cli.common, *fail_closed),
         Cmd::Explain { from, to, port } => match cmd_explain(&cli.common, from, to, port) {

@@ -142,6 +142,41 @@ impl Nft {
     }
 }
 
+/// A short fingerprint (FNV-1a, 64 bits, hex) of a rendered ruleset. The enforcer writes
+/// it into the table's comment (`twill-policy ruleset <id>`), so anyone can tell cheaply,
+/// with `nft list table`, which ruleset the kernel holds (the lab tests wait on it).
+pub fn ruleset_id(script: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in script.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The table comment that marks a loaded ruleset.
+pub fn ruleset_marker(script: &str) -> String {
+    format!("twill-policy ruleset {}", ruleset_id(script))
+}
+
+/// `script` (from [`crate::compile::Ruleset::render`]) with the table comment
+/// [`ruleset_marker`] added as the table's first statement.
+pub fn mark(script: &str, table: &str) -> String {
+    let head = format!("table inet {table} {{\n");
+    match script.find(&head) {
+        Some(i) => {
+            let at = i + head.len();
+            format!(
+                "{}\tcomment {:?}\n{}",
+                &script[..at],
+                ruleset_marker(script),
+                &script[at..]
+            )
+        }
+        None => script.to_string(),
+    }
+}
+
 /// What a sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -186,9 +221,12 @@ impl Enforcer {
         }
     }
 
-    /// The full script for `snap`.
+    /// The full script for `snap`, marked with its [`ruleset_id`].
     pub fn script(&self, snap: &Snapshot) -> String {
-        compile(snap, &self.node, &self.opts).render()
+        mark(
+            &compile(snap, &self.node, &self.opts).render(),
+            &self.opts.table,
+        )
     }
 
     /// The isolation-only (fail-closed) script for `snap`.
@@ -197,7 +235,7 @@ impl Enforcer {
             allow_rules: false,
             ..self.opts.clone()
         };
-        compile(snap, &self.node, &opts).render()
+        mark(&compile(snap, &self.node, &opts).render(), &opts.table)
     }
 
     /// Makes the kernel enforce `snap`; falls back to the isolation-only table when the
@@ -206,7 +244,7 @@ impl Enforcer {
         let start = Instant::now();
         let rs = compile(snap, &self.node, &self.opts);
         let stats = rs.stats();
-        let script = rs.render();
+        let script = mark(&rs.render(), &self.opts.table);
         let applied = if self.last.as_deref() == Some(script.as_str()) {
             Applied::Unchanged
         } else {

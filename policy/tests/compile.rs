@@ -78,8 +78,24 @@ fn golden_dir() -> PathBuf {
 /// Scenarios whose node-n1 script is kept as a golden file.
 const GOLDEN: [&str; 6] = ["S02", "S09", "S17", "S18", "S34", "S13-SCTP"];
 
+/// Options with node n1's pod subnets (unknown-pod isolation on).
+fn n1_cidrs() -> Options {
+    Options {
+        pod_cidrs: vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        ],
+        ..Options::default()
+    }
+}
+
 fn golden_scripts() -> Vec<(String, String)> {
     let scenarios = load_scenarios(SCENARIOS).unwrap();
+    let s02 = step_snapshot(&scenarios.iter().find(|s| s.id == "S02").unwrap().steps[0]).unwrap();
+    let with_cidrs = (
+        "S02-pod-cidrs".to_string(),
+        compile(&s02, "n1", &n1_cidrs()).render(),
+    );
     GOLDEN
         .iter()
         .map(|id| {
@@ -93,7 +109,69 @@ fn golden_scripts() -> Vec<(String, String)> {
                 compile(&snap, "n1", &Options::default()).render(),
             )
         })
+        .chain(std::iter::once(with_cidrs))
         .collect()
+}
+
+#[test]
+fn unknown_local_addresses_are_isolated_until_known() {
+    let scenarios = load_scenarios(SCENARIOS).unwrap();
+    // S05: x is isolated for ingress, open to every namespace; y and z are not selected.
+    let snap = step_snapshot(&scenarios.iter().find(|s| s.id == "S05").unwrap().steps[0]).unwrap();
+    let rs = compile(&snap, "n1", &n1_cidrs());
+    let (xa, xb) = (ipv4_of("x", "a"), ipv4_of("x", "b"));
+    let ya = ipv4_of("y", "a");
+    let newcomer: std::net::IpAddr = "10.244.1.77".parse().unwrap();
+    let newcomer6: std::net::IpAddr = "fd00:10:244:1::77".parse().unwrap();
+    use twill_policy::model::{PolicyType, Protocol};
+    // Known pods keep their verdicts.
+    assert_eq!(rs.decide(ya, xa, Protocol::Tcp, 80), Decision::Accept);
+    assert_eq!(rs.decide(xb, xa, Protocol::Tcp, 80), Decision::Accept);
+    // A local address no pod has yet: isolated both ways, whatever the policies say.
+    assert_eq!(
+        rs.decide(newcomer, xa, Protocol::Tcp, 80),
+        Decision::Drop(PolicyType::Egress)
+    );
+    assert_eq!(
+        rs.decide(ya, newcomer, Protocol::Udp, 81),
+        Decision::Drop(PolicyType::Ingress)
+    );
+    assert_eq!(
+        rs.decide(ipv6_of("y", "a"), newcomer6, Protocol::Tcp, 80),
+        Decision::Drop(PolicyType::Ingress)
+    );
+    // Other nodes' subnets are not this node's business.
+    let remote: std::net::IpAddr = "10.244.2.77".parse().unwrap();
+    assert_eq!(rs.decide(remote, ya, Protocol::Tcp, 80), Decision::Accept);
+    let script = rs.render();
+    for want in [
+        "ip saddr @node_pods_v4 ip saddr != @known_pods_v4 jump unknown-egress",
+        "ip daddr @node_pods_v4 ip daddr != @known_pods_v4 jump unknown-ingress",
+        "ip6 saddr @node_pods_v6 ip6 saddr != @known_pods_v6 jump unknown-egress",
+        "elements = { 10.244.1.2, 10.244.1.3, 10.244.1.4 }",
+        "log prefix \"twill-policy drop egress unknown pod: \"",
+    ] {
+        assert!(script.contains(want), "missing {want:?}:\n{script}");
+    }
+    // Without pod subnets nothing of it is emitted.
+    let plain = compile(&snap, "n1", &Options::default());
+    assert!(!plain.render().contains("unknown"));
+    assert_eq!(
+        plain.decide(newcomer, xb, Protocol::Tcp, 80),
+        Decision::Accept
+    );
+    // Known pods: the same verdicts with and without unknown-pod isolation.
+    for (s, d) in pairs() {
+        let (sip, dip) = (
+            ipv4_of(split(&s).0, split(&s).1),
+            ipv4_of(split(&d).0, split(&d).1),
+        );
+        assert_eq!(
+            rs.decide(sip, dip, Protocol::Tcp, 80),
+            plain.decide(sip, dip, Protocol::Tcp, 80),
+            "{s}->{d}"
+        );
+    }
 }
 
 #[test]

@@ -139,6 +139,38 @@ fn parse_text(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<Obj
     }
 }
 
+/// Parses a `.json` file: one JSON value, or several one after the other (document `i`
+/// is the i-th value). serde_json, not the YAML parser: large `kubectl get -o json`
+/// lists (10k pods) exceed the YAML parser's node budget and parse faster this way.
+fn parse_json(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<ObjectError>) {
+    for (i, v) in serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .enumerate()
+    {
+        match v {
+            Ok(Value::Null) => {}
+            Ok(v @ Value::Object(_)) => add_object(v, objs, origin, i, None, errors),
+            Ok(_) => errors.push(ObjectError {
+                origin: origin.to_string(),
+                document: Some(i),
+                item: None,
+                field: String::new(),
+                message: "not an object".into(),
+            }),
+            Err(e) => {
+                errors.push(ObjectError {
+                    origin: origin.to_string(),
+                    document: Some(i),
+                    item: None,
+                    field: String::new(),
+                    message: format!("invalid JSON: {e}"),
+                });
+                break;
+            }
+        }
+    }
+}
+
 /// Parses manifest text into a snapshot (for tests and tools).
 pub fn parse_str(text: &str, origin: &str) -> Result<Snapshot, SourceError> {
     let mut objs = Objects::default();
@@ -223,6 +255,9 @@ impl Source for ManifestDir {
         for f in files {
             let origin = f.display().to_string();
             match std::fs::read_to_string(&f) {
+                Ok(text) if f.extension().is_some_and(|e| e == "json") => {
+                    parse_json(&text, &origin, &mut objs, &mut errors)
+                }
                 Ok(text) => parse_text(&text, &origin, &mut objs, &mut errors),
                 Err(e) => errors.push(ObjectError {
                     origin,
@@ -322,6 +357,41 @@ spec:
         assert!(msgs[1].starts_with("bad.yaml: document 3: spec.egress[0].ports[0].protocol: "));
         let e = parse_str("kind: [", "syntax.yaml").unwrap_err();
         assert!(e.errors[0].message.contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn json_files_are_parsed_as_json_without_the_yaml_node_budget() {
+        let dir = std::env::temp_dir().join(format!("twill-policy-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // 20k pods: well over the YAML parser's 250k-node budget.
+        let items: Vec<Value> = (0..20_000)
+            .map(|i| {
+                serde_json::json!({"kind": "Pod", "metadata": {"name": format!("p{i}"), "namespace": "x",
+                    "labels": {"app": "a", "n": i.to_string()}},
+                    "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
+                    "status": {"podIPs": [{"ip": format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)}]}})
+            })
+            .collect();
+        let list = serde_json::json!({"kind": "List", "items": items});
+        std::fs::write(dir.join("pods.json"), list.to_string()).unwrap();
+        std::fs::write(
+            dir.join("more.json"),
+            r#"{"kind":"Namespace","metadata":{"name":"x"}} {"kind":"Namespace","metadata":{"name":"y"}}"#,
+        )
+        .unwrap();
+        let s = ManifestDir::new(&dir).snapshot().unwrap();
+        assert_eq!(s.pods.len(), 20_000);
+        assert_eq!(s.namespaces.len(), 2);
+        std::fs::write(
+            dir.join("more.json"),
+            r#"{"kind":"Namespace","metadata":{"name":"x"}} {oops"#,
+        )
+        .unwrap();
+        let e = ManifestDir::new(&dir).snapshot().unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert_eq!(e.errors[0].document, Some(1), "{e}");
+        assert!(e.errors[0].message.contains("invalid JSON"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,0 +1,679 @@
+//! Policy-at-scale benchmark (issue 4): a generated cluster of 10k pods, 1k NetworkPolicies
+//! and 100 namespaces (100 nodes of 100 pods; every namespace has one pod on the measured
+//! node n1). Measures, in one run on one machine:
+//!
+//! - compile time of n1's ruleset (pure, in process; median of 5);
+//! - `nft -f` time of that ruleset in a throw-away lab node (median of 5 replacements);
+//! - `twill-policy apply` end to end (read the manifests, compile, nft) and its peak RSS;
+//! - p99 of "policy change -> enforced": `twill-policy run --poll-ms 100` on the node, 20
+//!   policy files rewritten one after the other, time from the rename to the daemon's
+//!   "applied ruleset" log line (printed after nft returns);
+//! - pod-to-pod TCP throughput (iperf3, two pods on n1's bridge, both selected by
+//!   policies) with the ruleset against no table;
+//! - new TCP connections per second between the same pods, with and without.
+//!
+//! Prints markdown rows in the format of `twill_bench::table_row`. Needs root and a
+//! release build: `cargo build --release -p twill-policy -p twill-bench &&
+//! target/release/policy_scale`.
+//!
+//! Usage: policy_scale [--pods N] [--policies N] [--namespaces N] [--changes N] [--seconds S]
+//! Internal (run inside lab pods): policy_scale conn-server PORT | conn-client IP PORT SECONDS
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use twill_bench::{median, ms, percentile, table_row};
+use twill_lab::Lab;
+use twill_policy::compile::{compile, Options};
+use twill_policy::nft::{ruleset_marker, Nft};
+use twill_policy::source::manifests::ManifestDir;
+use twill_policy::source::Source;
+
+const PODS_PER_NODE: usize = 100;
+const IPERF_PORT: u16 = 5201;
+const CONN_PORT: u16 = 5301;
+
+struct Scale {
+    pods: usize,
+    policies: usize,
+    namespaces: usize,
+    changes: usize,
+    seconds: u64,
+}
+
+/// Pod `p`: namespace `p % NS`, app `a<(p / NS) % 10>`, node `(p % NS + 13 * (p / NS)) %
+/// nodes + 1` (13 is coprime to 100: each namespace has one pod on every node), address
+/// 10.244.<node>.<2 + index on the node>.
+struct Gen {
+    ns: usize,
+    nodes: usize,
+}
+
+impl Gen {
+    fn node_of(&self, p: usize) -> usize {
+        (p % self.ns + 13 * (p / self.ns)) % self.nodes + 1
+    }
+}
+
+struct World {
+    namespaces: Value,
+    pods: Value,
+    /// Per namespace: its policies.
+    policies: Vec<Vec<Value>>,
+    client: (String, String, String),
+    server: (String, String, String),
+}
+
+fn ns_name(i: usize) -> String {
+    format!("ns{i:03}")
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+fn generate(s: &Scale) -> World {
+    let g = Gen {
+        ns: s.namespaces,
+        nodes: s.pods.div_ceil(PODS_PER_NODE),
+    };
+    assert!(g.nodes <= 250, "at most 250 nodes (10.244.<node>.0/24)");
+    let namespaces: Vec<Value> = (0..s.namespaces)
+        .map(|i| {
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns_name(i),
+                "labels": {"team": format!("t{}", i % 10), "tier": if i % 3 == 0 {"prod"} else {"dev"}}}})
+        })
+        .collect();
+    let mut on_node = vec![0usize; g.nodes + 1];
+    let mut pods = Vec::new();
+    let (mut client, mut server) = (None, None);
+    for p in 0..s.pods {
+        let node = g.node_of(p);
+        let idx = on_node[node];
+        on_node[node] += 1;
+        assert!(idx < 250);
+        let ip = format!("10.244.{node}.{}", idx + 2);
+        let ns = ns_name(p % s.namespaces);
+        let name = format!("pod{p:05}");
+        let mut labels =
+            json!({"app": format!("a{}", (p / s.namespaces) % 10), "v": format!("{}", p % 3)});
+        if node == 1 && idx == 0 {
+            labels["bench"] = json!("client");
+            client = Some((ns.clone(), name.clone(), ip.clone()));
+        } else if node == 1 && idx == 1 {
+            labels["bench"] = json!("server");
+            server = Some((ns.clone(), name.clone(), ip.clone()));
+        }
+        pods.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"nodeName": format!("n{node}"), "containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": 8080}, {"name": "metrics", "containerPort": 9090},
+                {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]}}));
+    }
+    let client = client.expect("client pod");
+    let server = server.expect("server pod");
+    let per_ns = s.policies / s.namespaces;
+    let mut policies = vec![Vec::new(); s.namespaces];
+    for (i, list) in policies.iter_mut().enumerate() {
+        let ns = ns_name(i);
+        for j in 0..per_ns {
+            let app = format!("a{}", j % 10);
+            let spec = match j % 10 {
+                0 => json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+                1..=5 => json!({"podSelector": {"matchLabels": {"app": app}},
+                    "ingress": [
+                        {"from": [{"podSelector": {"matchLabels": {"app": format!("a{}", (j + 1) % 10)}}}],
+                         "ports": [{"port": 8080}, {"port": "metrics"}]},
+                        {"from": [{"namespaceSelector": {"matchLabels": {"team": format!("t{}", (i + j) % 10)}},
+                                   "podSelector": {"matchExpressions": [{"key": "v", "operator": "In", "values": ["0", "1"]}]}}],
+                         "ports": [{"port": "http"}]}]}),
+                6 => json!({"podSelector": {"matchLabels": {"app": app}},
+                    "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.0.0/16", "except": [format!("192.168.{}.0/24", i % 256)]}}],
+                                 "ports": [{"port": 8000, "endPort": 8100}]}]}),
+                7 => {
+                    json!({"podSelector": {"matchLabels": {"app": app}}, "policyTypes": ["Egress"],
+                    "egress": [
+                        {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a1"}}}], "ports": [{"port": 8080}]},
+                        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.244.0.0/16"]}}], "ports": [{"port": 53, "protocol": "UDP"}]},
+                        {"ports": [{"port": "dns", "protocol": "UDP"}]}]})
+                }
+                8 => json!({"podSelector": {"matchLabels": {"app": app}},
+                    "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"tier": "prod"}}}], "ports": [{"port": 9090}]}]}),
+                _ => {
+                    json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": [app]}]},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"v": "2"}}}]}]})
+                }
+            };
+            list.push(policy(&ns, &format!("p{j}"), spec));
+        }
+    }
+    // Two of the 1000 are the benchmark's own: the server accepts the client on the
+    // benchmark ports, the client may send there (in case an egress policy selects it).
+    let si: usize = server.0[2..].parse().unwrap();
+    let ci: usize = client.0[2..].parse().unwrap();
+    policies[si][per_ns - 1] = policy(
+        &server.0,
+        &format!("p{}", per_ns - 1),
+        json!({"podSelector": {"matchLabels": {"bench": "server"}},
+            "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "client"}}}],
+                         "ports": [{"port": IPERF_PORT}, {"port": CONN_PORT}]}]}),
+    );
+    let k = if ci == si { per_ns - 2 } else { per_ns - 1 };
+    policies[ci][k] = policy(
+        &client.0,
+        &format!("p{k}"),
+        json!({"podSelector": {"matchLabels": {"bench": "client"}}, "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"v": "1"}}}]}],
+            "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}],
+                        "ports": [{"port": IPERF_PORT}, {"port": CONN_PORT}]}]}),
+    );
+    World {
+        namespaces: json!({"apiVersion": "v1", "kind": "List", "items": namespaces}),
+        pods: json!({"apiVersion": "v1", "kind": "List", "items": pods}),
+        policies,
+        client,
+        server,
+    }
+}
+
+fn write_atomic(path: &Path, v: &Value) -> Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, serde_json::to_vec(v)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn policies_file(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("policies-{}.json", ns_name(i)))
+}
+
+fn list(items: &[Value]) -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
+fn write_world(dir: &Path, w: &World) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_atomic(&dir.join("namespaces.json"), &w.namespaces)?;
+    write_atomic(&dir.join("pods.json"), &w.pods)?;
+    for (i, p) in w.policies.iter().enumerate() {
+        write_atomic(&policies_file(dir, i), &list(p))?;
+    }
+    Ok(())
+}
+
+/// `script` run by a shell inside `netns` through `ip netns exec`.
+fn nft_in(lab: &Lab, netns: &str) -> Result<Nft> {
+    let wrapper = lab.dir().join(format!("nft-{netns}"));
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec ip netns exec {netns} nft \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    Ok(Nft {
+        bin: wrapper,
+        timeout: Duration::from_secs(120),
+    })
+}
+
+fn policy_bin() -> PathBuf {
+    twill_lab::bin_path("twill-policy")
+}
+
+/// Runs argv in `netns` under a Python wrapper reporting the child's peak RSS (KiB).
+fn run_with_maxrss(lab: &Lab, netns: &str, argv: &[&str]) -> Result<(Duration, u64, String)> {
+    const WRAP: &str = "import resource, subprocess, sys\nr = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True)\nsys.stderr.write(r.stderr)\nprint(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\nsys.exit(r.returncode)";
+    let mut full = vec!["/usr/bin/python3", "-c", WRAP];
+    full.extend_from_slice(argv);
+    let start = Instant::now();
+    let out = lab.exec(netns, &full)?;
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() {
+        bail!("{argv:?} failed: {stderr}");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let kib = stdout.lines().last().unwrap_or("").trim().parse()?;
+    Ok((took, kib, stderr))
+}
+
+fn iperf(lab: &Lab, client_ns: &str, server_ip: &str, secs: u64) -> Result<f64> {
+    let out = lab.exec_ok(
+        client_ns,
+        &[
+            "iperf3",
+            "-c",
+            server_ip,
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no end.sum_received.bits_per_second")
+}
+
+fn conn_rate(lab: &Lab, client_ns: &str, server_ip: &str, secs: u64) -> Result<f64> {
+    let exe = std::env::current_exe()?;
+    let out = lab.exec_ok(
+        client_ns,
+        &[
+            exe.to_str().unwrap(),
+            "conn-client",
+            server_ip,
+            &CONN_PORT.to_string(),
+            &secs.to_string(),
+        ],
+    )?;
+    Ok(out.trim().parse::<f64>()? / secs as f64)
+}
+
+fn conn_server(port: u16) -> Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    for c in l.incoming() {
+        drop(c);
+    }
+    Ok(())
+}
+
+/// Connects and closes in a loop on 2 threads for `secs`; prints the number of
+/// connections that completed.
+fn conn_client(ip: &str, port: u16, secs: u64) -> Result<()> {
+    let addr: SocketAddr = format!("{ip}:{port}").parse()?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                        // Wait for the server's close so the server side is done too.
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut b = [0u8; 1];
+                        let _ = s.read(&mut b);
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    println!("{total}");
+    Ok(())
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("conn-server") => return conn_server(args[2].parse()?),
+        Some("conn-client") => return conn_client(&args[2], args[3].parse()?, args[4].parse()?),
+        _ => {}
+    }
+    let mut s = Scale {
+        pods: 10_000,
+        policies: 1000,
+        namespaces: 100,
+        changes: 20,
+        seconds: 5,
+    };
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let v: usize = it
+            .next()
+            .with_context(|| format!("{a} needs a value"))?
+            .parse()?;
+        match a.as_str() {
+            "--pods" => s.pods = v,
+            "--policies" => s.policies = v,
+            "--namespaces" => s.namespaces = v,
+            "--changes" => s.changes = v,
+            "--seconds" => s.seconds = v as u64,
+            _ => bail!("unknown argument {a}"),
+        }
+    }
+    if !twill_lab::require_root() {
+        bail!("needs root (lab namespaces)");
+    }
+    let bin = policy_bin();
+    if !bin.exists() {
+        bail!(
+            "{} missing: cargo build --release -p twill-policy",
+            bin.display()
+        );
+    }
+    let mut lab = Lab::new("polscale")?;
+    let dir = lab.dir().join("manifests");
+    let w = generate(&s);
+    write_world(&dir, &w)?;
+
+    // Source read + compile, in process.
+    let t = Instant::now();
+    let snap = ManifestDir::new(&dir)
+        .snapshot()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let read = t.elapsed();
+    let opts = Options::default();
+    let mut compiles = Vec::new();
+    let mut rs = compile(&snap, "n1", &opts);
+    for _ in 0..5 {
+        let t = Instant::now();
+        rs = compile(&snap, "n1", &opts);
+        let _ = rs.render();
+        compiles.push(ms(t.elapsed()));
+    }
+    let stats = rs.stats();
+    let script = twill_policy::nft::mark(&rs.render(), &opts.table);
+    let compile_ms = median(compiles);
+    eprintln!(
+        "world: {} pods, {} policies, {} namespaces; read {:?}; n1 ruleset: {stats:?}; script {} KiB; bench VmHWM {} MiB",
+        snap.pods.len(),
+        snap.policies.len(),
+        snap.namespaces.len(),
+        read,
+        script.len() / 1024,
+        vm_hwm_kib() / 1024
+    );
+
+    // The node and two pods on its bridge.
+    let node = lab.add_node("n1")?;
+    let c = lab.add_manual_pod("n1", "c", format!("{}/24", w.client.2).parse()?)?;
+    let sv = lab.add_manual_pod("n1", "s", format!("{}/24", w.server.2).parse()?)?;
+    eprintln!(
+        "client {}/{} {}, server {}/{} {}",
+        w.client.0, w.client.1, w.client.2, w.server.0, w.server.1, w.server.2
+    );
+
+    // End to end through the binary (also turns on bridge-nf-call-iptables in the node).
+    let (e2e, rss_kib, log) = run_with_maxrss(
+        &lab,
+        &node.netns,
+        &[
+            bin.to_str().unwrap(),
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--node-name",
+            "n1",
+            "apply",
+        ],
+    )?;
+    eprintln!(
+        "twill-policy apply: {e2e:?}, peak RSS {} MiB; {}",
+        rss_kib / 1024,
+        log.lines().last().unwrap_or("")
+    );
+
+    // The daemon's own memory: compile only (the apply above includes the nft child).
+    let (_, compile_rss_kib, _) = run_with_maxrss(
+        &lab,
+        &node.netns,
+        &[
+            bin.to_str().unwrap(),
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--node-name",
+            "n1",
+            "compile",
+        ],
+    )?;
+
+    // nft apply alone.
+    let nft = nft_in(&lab, &node.netns)?;
+    let mut applies = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        nft.apply(&script)?;
+        applies.push(ms(t.elapsed()));
+    }
+    let apply_ms = median(applies);
+
+    // Policy change -> enforced, with the daemon.
+    let id = lab.spawn(
+        &node.netns,
+        "twill-policy",
+        &[
+            bin.to_str().unwrap(),
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--node-name",
+            "n1",
+            "run",
+            "--poll-ms",
+            "100",
+        ],
+        &[],
+    )?;
+    let applied = |lab: &Lab| lab.log(id).matches("applied ruleset").count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while applied(&lab) == 0 && !lab.log(id).contains("twill-policy running") {
+        if Instant::now() > deadline {
+            bail!("twill-policy run did not start: {}", lab.log(id));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its first sync: the table is already this one (same script), so it may say nothing;
+    // give it a moment.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut lat = Vec::new();
+    let mut policies = w.policies.clone();
+    for i in 0..s.changes {
+        let nsi = (i * 7) % s.namespaces;
+        // Toggle the namespace's default-deny policy between deny-all and one ipBlock.
+        let open = policies[nsi][0]["spec"].get("ingress").is_none();
+        policies[nsi][0]["spec"] = if open {
+            json!({"podSelector": {}, "policyTypes": ["Ingress"],
+                   "ingress": [{"from": [{"ipBlock": {"cidr": format!("203.0.113.{}/32", i % 250)}}]}]})
+        } else {
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]})
+        };
+        let before = applied(&lab);
+        let t = Instant::now();
+        write_atomic(&policies_file(&dir, nsi), &list(&policies[nsi]))?;
+        loop {
+            if applied(&lab) > before {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("change {i} not applied in 60 s: {}", lab.log(id));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        lat.push(ms(t.elapsed()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The kernel holds exactly the last state.
+    let snap2 = ManifestDir::new(&dir)
+        .snapshot()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let marker = ruleset_marker(&compile(&snap2, "n1", &opts).render());
+    let listed = nft.run(&["list", "table", "inet", "twill-policy"], "")?;
+    if !listed.contains(&marker) {
+        bail!("the table does not hold the last change ({marker})");
+    }
+    lab.stop(id, Duration::from_secs(3))?;
+    let p99 = percentile(lat.clone(), 99.0);
+    let p50 = median(lat.clone());
+
+    // Throughput and connection rate, with the ruleset and without any table.
+    let srv = lab.spawn(
+        &sv.netns,
+        "iperf3",
+        &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+        &[],
+    )?;
+    let exe = std::env::current_exe()?;
+    let csrv = lab.spawn(
+        &sv.netns,
+        "conn-server",
+        &[exe.to_str().unwrap(), "conn-server", &CONN_PORT.to_string()],
+        &[],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let server_ip = w.server.2.clone();
+    let mut with = (Vec::new(), Vec::new());
+    let mut without = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        nft.apply(&script)?;
+        with.0.push(iperf(&lab, &c.netns, &server_ip, s.seconds)?);
+        with.1.push(conn_rate(&lab, &c.netns, &server_ip, 3)?);
+        nft.apply(&twill_policy::compile::render_delete(&opts.table))?;
+        without
+            .0
+            .push(iperf(&lab, &c.netns, &server_ip, s.seconds)?);
+        without.1.push(conn_rate(&lab, &c.netns, &server_ip, 3)?);
+        eprintln!(
+            "round {round}: with {:.2} Gbit/s {:.0} conn/s; without {:.2} Gbit/s {:.0} conn/s",
+            with.0[round] / 1e9,
+            with.1[round],
+            without.0[round] / 1e9,
+            without.1[round]
+        );
+    }
+    // A denied flow really is denied with the table (the client is isolated for egress).
+    nft.apply(&script)?;
+    let denied = lab
+        .exec(
+            &c.netns,
+            &[
+                "iperf3",
+                "-c",
+                &server_ip,
+                "-p",
+                "8080",
+                "-t",
+                "1",
+                "--connect-timeout",
+                "1000",
+            ],
+        )?
+        .status
+        .success();
+    if denied {
+        bail!("client -> server:8080 got through although no policy allows it");
+    }
+    lab.stop(srv, Duration::from_secs(2))?;
+    lab.stop(csrv, Duration::from_secs(2))?;
+    let (tw, tn) = (median(with.0) / 1e9, median(without.0) / 1e9);
+    let (cw, cn) = (median(with.1), median(without.1));
+
+    let scale = format!(
+        "{}k pods / {} policies / {} ns",
+        s.pods / 1000,
+        s.policies,
+        s.namespaces
+    );
+    println!("| bench | twill | peer / limit | ratio | target | verdict |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "{}",
+        table_row(
+            &format!(
+                "policy compile, {scale} (node n1: {} chains, {} rules, {} set elements)",
+                stats.chains, stats.rules, stats.set_elements
+            ),
+            &format!("{compile_ms:.0} ms"),
+            "limit 1000 ms",
+            compile_ms / 1000.0,
+            "< 1",
+            compile_ms < 1000.0
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!("policy nft apply, {scale} (one transaction)"),
+            &format!("{apply_ms:.0} ms"),
+            "limit 1000 ms",
+            apply_ms / 1000.0,
+            "< 1",
+            apply_ms < 1000.0
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!("twill-policy apply end to end (read manifests + compile + nft), {scale}"),
+            &format!("{:.0} ms", ms(e2e)),
+            "limit 1000 ms",
+            ms(e2e) / 1000.0,
+            "< 1",
+            ms(e2e) < 1000.0
+        )
+    );
+    let rss_mib = compile_rss_kib as f64 / 1024.0;
+    println!(
+        "{}",
+        table_row(
+            &format!(
+                "twill-policy peak RSS (read + compile), {scale}; with the nft child: {} MiB",
+                rss_kib / 1024
+            ),
+            &format!("{rss_mib:.0} MiB"),
+            "flannel manifest limit 50 MiB",
+            rss_mib / 50.0,
+            "< 1",
+            rss_mib < 50.0
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!(
+                "policy change -> enforced, p99 of {} (manifests, --poll-ms 100), {scale}",
+                s.changes
+            ),
+            &format!("{p99:.0} ms (p50 {p50:.0})"),
+            "limit 1000 ms",
+            p99 / 1000.0,
+            "< 1",
+            p99 < 1000.0
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!("pod-to-pod TCP throughput (iperf3, same node), {scale} vs no table"),
+            &format!("{tw:.2} Gbit/s"),
+            &format!("{tn:.2} Gbit/s"),
+            tw / tn,
+            ">= 0.95",
+            tw / tn >= 0.95
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!("new TCP connections/s (connect+close, 2 threads), {scale} vs no table"),
+            &format!("{cw:.0}/s"),
+            &format!("{cn:.0}/s"),
+            cw / cn,
+            ">= 0.90",
+            cw / cn >= 0.90
+        )
+    );
+    lab.teardown()?;
+    Ok(())
+}
