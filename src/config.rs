@@ -881,33 +881,8 @@ pub mod gocompat {
         }
     }
 
-    /// Append `s` as a JSON string the way Go's `json.Marshal` writes it (HTML-safe escaping,
-    /// `\u2028`/`\u2029` escaped, lowercase hex).
-    pub fn encode_string(s: &str, out: &mut String) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        out.push('"');
-        for c in s.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\t' => out.push_str("\\t"),
-                '\u{8}' => out.push_str("\\b"),
-                '\u{c}' => out.push_str("\\f"),
-                '<' | '>' | '&' | '\u{0}'..='\u{1f}' => {
-                    let b = c as u8;
-                    out.push_str("\\u00");
-                    out.push(HEX[usize::from(b >> 4)] as char);
-                    out.push(HEX[usize::from(b & 0xf)] as char);
-                }
-                '\u{2028}' => out.push_str("\\u2028"),
-                '\u{2029}' => out.push_str("\\u2029"),
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-    }
+    /// Go's `json.Marshal` string escaping: one implementation, shared with the CNI plugin.
+    pub use twill_cni::gojson::encode_string;
 
     /// Append a compact JSON rendering of `v` with Go's string escaping (object keys in the
     /// value's order).

@@ -202,44 +202,10 @@ fn flannel_node_configured_by_hand_interoperates() {
     let envs = start_all(&mut c, &["n1", "n2"]);
 
     // The Flannel node: subnet 10.244.200.0/24, its own VTEP MAC.
-    let fl = c.ns("fl");
     let fl_addr = c.lab.node("fl").addr;
     let fl_subnet: Ipv4Net = "10.244.200.0/24".parse().unwrap();
     let fl_mac = "0e:fa:00:00:c8:01";
-    let sh = |args: &[&str]| {
-        c.lab
-            .exec_ok(&fl, args)
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-    };
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &fl_addr.to_string(),
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
-    sh(&[
-        "ip",
-        "link",
-        "set",
-        "flannel.1",
-        "address",
-        fl_mac,
-        "mtu",
-        "1450",
-        "up",
-    ]);
-    sh(&["ip", "addr", "add", "10.244.200.0/32", "dev", "flannel.1"]);
+    c.lab.flannel_by_hand("fl", fl_subnet, fl_mac).unwrap();
     let grant = c.lab.etcdctl(&["lease", "grant", "86400"]).unwrap();
     let lease_id = grant
         .split_whitespace()
@@ -256,44 +222,10 @@ fn flannel_node_configured_by_hand_interoperates() {
         .unwrap();
     // What flanneld on that node would program for each twill peer, from their leases.
     for n in ["n1", "n2"] {
-        let s = subnet(&envs[n]);
         let mac = c.mac(n, "flannel.1");
-        let base = s.network().to_string();
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            &base,
-            "lladdr",
-            &mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ]);
-        sh(&[
-            "bridge",
-            "fdb",
-            "replace",
-            &mac,
-            "dev",
-            "flannel.1",
-            "dst",
-            &c.lab.node(n).addr.to_string(),
-            "self",
-            "permanent",
-        ]);
-        sh(&[
-            "ip",
-            "route",
-            "replace",
-            &s.to_string(),
-            "via",
-            &base,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ]);
+        c.lab
+            .flannel_peer_by_hand("fl", subnet(&envs[n]), &mac, c.lab.node(n).addr)
+            .unwrap();
     }
     let fl_pod = Ipv4Net::new("10.244.200.2".parse().unwrap(), 24).unwrap();
     c.lab.add_manual_pod("fl", "pfl", fl_pod).unwrap();

@@ -27,7 +27,7 @@ fn write_value(out: &mut String, v: &Value, ctx: Ctx) {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Number(n) => write_number(out, n),
-        Value::String(s) => write_str(out, s),
+        Value::String(s) => encode_string(s, out),
         Value::Array(a) => {
             out.push('[');
             for (i, e) in a.iter().enumerate() {
@@ -52,7 +52,7 @@ fn write_object(out: &mut String, m: &Map<String, Value>, ctx: Ctx) {
         if i > 0 {
             out.push(',');
         }
-        write_str(out, k);
+        encode_string(k, out);
         out.push(':');
         let child = match (ctx, k.as_str()) {
             (_, "ipam") if ctx != Ctx::Struct => Ctx::Ipam,
@@ -76,7 +76,9 @@ fn write_number(out: &mut String, n: &Number) {
     out.push_str(&n.to_string());
 }
 
-fn write_str(out: &mut String, s: &str) {
+/// Appends `s` as a JSON string the way Go's `json.Marshal` writes it: HTML-safe escaping of
+/// `<`, `>` and `&`, `\u2028`/`\u2029` escaped, lowercase hex. twilld's lease JSON uses it too.
+pub fn encode_string(s: &str, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {

@@ -87,6 +87,28 @@ impl Node {
     pub fn underlay(&self) -> Ipv4Net {
         Ipv4Net::new(self.addr, UNDERLAY_PREFIX_LEN).expect("valid prefix length")
     }
+
+    /// This node's subnet.env (where twilld is told to write it).
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    /// The network config a runtime passes the `flannel` plugin for Flannel's default conflist
+    /// (its first entry, with the list's name and cniVersion injected), with every per-node
+    /// file under this node's directory: subnet.env, the saved delegate configs and
+    /// host-local's state.
+    pub fn flannel_netconf(&self) -> String {
+        serde_json::json!({
+            "cniVersion": "0.3.1",
+            "name": "cbr0",
+            "type": "flannel",
+            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+            "subnetFile": self.subnet_file(),
+            "dataDir": self.dir.join("cni-flannel"),
+            "ipam": {"dataDir": self.dir.join("cni-ipam")},
+        })
+        .to_string()
+    }
 }
 
 /// What a CNI plugin was called with and returned for a pod.
@@ -924,6 +946,120 @@ impl Lab {
         };
         self.pods.push(p.clone());
         Ok(p)
+    }
+
+    /// Sets up `node` exactly as flanneld would with VXLAN: `flannel.1` (VNI 1, local = the
+    /// node's underlay address, port 8472, no learning, MTU 1450) with `mac`, and the lease's
+    /// base address `<subnet>.0/32`. For tests and benchmarks that need a Flannel node or the
+    /// hand-made reference topology.
+    pub fn flannel_by_hand(&self, node: &str, subnet: Ipv4Net, mac: &str) -> Result<()> {
+        let n = self.node_checked(node)?;
+        let ns = n.netns.clone();
+        let local = n.addr.to_string();
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        )?;
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "link",
+                "set",
+                "flannel.1",
+                "address",
+                mac,
+                "mtu",
+                "1450",
+                "up",
+            ],
+        )?;
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/32", subnet.network()),
+                "dev",
+                "flannel.1",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// What flanneld programs on `node` for one VXLAN peer, in Flannel's order: permanent
+    /// neighbour, FDB entry, onlink route.
+    pub fn flannel_peer_by_hand(
+        &self,
+        node: &str,
+        peer_subnet: Ipv4Net,
+        peer_mac: &str,
+        peer_addr: Ipv4Addr,
+    ) -> Result<()> {
+        let ns = self.node_checked(node)?.netns.clone();
+        let base = peer_subnet.network().to_string();
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &base,
+                "lladdr",
+                peer_mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        self.exec_ok(
+            &ns,
+            &[
+                "bridge",
+                "fdb",
+                "replace",
+                peer_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &peer_addr.to_string(),
+                "self",
+                "permanent",
+            ],
+        )?;
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "route",
+                "replace",
+                &peer_subnet.trunc().to_string(),
+                "via",
+                &base,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ],
+        )?;
+        Ok(())
     }
 
     /// Removes a pod. For a CNI pod, first runs the plugin with `CNI_COMMAND=DEL` (same config,

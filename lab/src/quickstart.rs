@@ -133,13 +133,7 @@ pub fn up() -> Result<()> {
     let lab_bin = bin_path("twill-lab").to_string_lossy().into_owned();
     let mut ips: Vec<(&str, IpAddr)> = Vec::new();
     for (pod, n, _) in PODS {
-        let dir = lab.node(n).dir.clone();
-        let conf = format!(
-            r#"{{"cniVersion":"0.3.1","name":"cbr0","type":"flannel","delegate":{{"hairpinMode":true,"isDefaultGateway":true}},"subnetFile":"{}","dataDir":"{}","ipam":{{"dataDir":"{}"}}}}"#,
-            dir.join("subnet.env").display(),
-            dir.join("cni-flannel").display(),
-            dir.join("cni-ipam").display()
-        );
+        let conf = lab.node(n).flannel_netconf();
         let p = lab.add_cni_pod(n, pod, &cni, &conf)?;
         lab.spawn(
             &p.netns,

@@ -76,11 +76,7 @@ fn twill_cluster() -> Result<Twill> {
             std::thread::sleep(Duration::from_millis(100));
             waited += 1;
         }
-        let conf = format!(
-            r#"{{"cniVersion":"0.3.1","name":"cbr0","type":"flannel","delegate":{{"hairpinMode":true,"isDefaultGateway":true}},"subnetFile":"{sf}","dataDir":"{}","ipam":{{"dataDir":"{}"}}}}"#,
-            node.dir.join("flannel").display(),
-            node.dir.join("ipam").display()
-        );
+        let conf = node.flannel_netconf();
         let pod = lab.add_cni_pod(
             n,
             &format!("p{n}"),
@@ -106,81 +102,9 @@ fn hand_cluster() -> Result<Twill> {
     let subnets: [Ipv4Net; 2] = ["10.244.1.0/24".parse()?, "10.244.2.0/24".parse()?];
     let macs = ["0e:00:00:00:01:00", "0e:00:00:00:02:00"];
     for (i, node) in nodes.iter().enumerate() {
-        let ns = node.netns.clone();
-        let sh = |args: &[&str]| lab.exec_ok(&ns, args);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            &node.addr.to_string(),
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ])?;
-        sh(&[
-            "ip",
-            "link",
-            "set",
-            "flannel.1",
-            "address",
-            macs[i],
-            "mtu",
-            "1450",
-            "up",
-        ])?;
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/32", subnets[i].network()),
-            "dev",
-            "flannel.1",
-        ])?;
         let j = 1 - i;
-        let base = subnets[j].network().to_string();
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            &base,
-            "lladdr",
-            macs[j],
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ])?;
-        sh(&[
-            "bridge",
-            "fdb",
-            "replace",
-            macs[j],
-            "dev",
-            "flannel.1",
-            "dst",
-            &nodes[j].addr.to_string(),
-            "self",
-            "permanent",
-        ])?;
-        sh(&[
-            "ip",
-            "route",
-            "replace",
-            &subnets[j].to_string(),
-            "via",
-            &base,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ])?;
+        lab.flannel_by_hand(&node.name, subnets[i], macs[i])?;
+        lab.flannel_peer_by_hand(&node.name, subnets[j], macs[j], nodes[j].addr)?;
     }
     let mut pods = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
