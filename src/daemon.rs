@@ -228,6 +228,7 @@ async fn bring_up(
     env.write_atomic(&flags.subnet_file)
         .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
     readiness.set_ready();
+    health::notify_systemd_ready();
     tracing::info!(file = %flags.subnet_file.display(), "wrote subnet.env; ready");
     Ok(masq_inputs)
 }

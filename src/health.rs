@@ -22,6 +22,29 @@ impl Readiness {
     }
 }
 
+/// Tells systemd the daemon is up (`sd_notify READY=1`, as flanneld does after start-up), so
+/// `Type=notify` units order dependants after the network is ready. A no-op outside systemd.
+pub fn notify_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| {
+        // A leading '@' names a socket in the abstract namespace.
+        match path.to_str().and_then(|p| p.strip_prefix('@')) {
+            Some(abstract_name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+                sock.send_to_addr(b"READY=1", &addr)
+            }
+            None => sock.send_to(b"READY=1", &path),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(socket = %path.display(), error = %e, "sd_notify READY=1 failed");
+    }
+}
+
 /// Status line and body for a request path. Pure.
 pub fn respond(path: &str, ready: bool) -> (u16, &'static str) {
     match path {
@@ -69,6 +92,21 @@ pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sd_notify_sends_ready_to_the_socket() {
+        let dir = std::env::temp_dir().join(format!("twill-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        notify_systemd_ready();
+        std::env::remove_var("NOTIFY_SOCKET");
+        let mut buf = [0u8; 32];
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn bodies_match_flanneld() {

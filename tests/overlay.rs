@@ -448,3 +448,46 @@ fn deleted_route_and_device_are_restored() {
         Duration::from_secs(10)
     ));
 }
+
+/// `/healthz` and `/readyz` with flanneld's bodies: not ready while twilld waits for its
+/// config, ready once rules are in and subnet.env is written.
+#[test]
+fn healthz_and_readyz_answer_like_flanneld() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("hz", &["n1"], VXLAN);
+    c.lab
+        .etcdctl(&["del", "/coreos.com/network/config"])
+        .unwrap();
+    c.start("n1", &["--healthz-port=8081", "--healthz-ip=127.0.0.1"]);
+    let get = |c: &Cluster, path: &str| -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/8081 && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        c.lab
+            .exec(&c.ns("n1"), &["bash", "-c", &script])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !get(&c, "/healthz").contains("200 OK") {
+        assert!(Instant::now() < deadline, "no /healthz:\n{}", c.log("n1"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(get(&c, "/healthz").ends_with("flanneld is running"));
+    let not_ready = get(&c, "/readyz");
+    assert!(
+        not_ready.starts_with("HTTP/1.1 503") && not_ready.ends_with("flanneld is not ready yet"),
+        "{not_ready}"
+    );
+    c.lab
+        .etcdctl(&["put", "/coreos.com/network/config", VXLAN])
+        .unwrap();
+    c.wait_ready("n1");
+    let ready = get(&c, "/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.ends_with("flanneld is ready"),
+        "{ready}"
+    );
+}
