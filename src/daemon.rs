@@ -442,6 +442,9 @@ struct Dataplane {
     /// Shared with the netlink monitor so it can tell our devices' events from others'.
     watched: Arc<[AtomicU32; 2]>,
     last_skipped: BTreeSet<(String, String)>,
+    /// The underlay guard's template (peers filled in per pass) and the ruleset last applied.
+    guard: crate::underlay::GuardInput,
+    guard_applied: Option<String>,
 }
 
 impl Dataplane {
@@ -503,6 +506,18 @@ impl Dataplane {
                 (BackendKind::HostGw, 0, ext.mtu, None, None)
             }
         };
+        let guard = crate::underlay::GuardInput {
+            vxlan_port: vxlan4.as_ref().or(vxlan6.as_ref()).map(|v| {
+                if v.port == 0 {
+                    8472
+                } else {
+                    v.port
+                }
+            }),
+            external: ext.name.clone(),
+            networks: networks.clone(),
+            ..Default::default()
+        };
         let topo = Topology {
             backend: kind,
             networks,
@@ -529,6 +544,8 @@ impl Dataplane {
             own_subnets: Vec::new(),
             watched: Arc::new([AtomicU32::new(0), AtomicU32::new(0)]),
             last_skipped: BTreeSet::new(),
+            guard,
+            guard_applied: None,
         })
     }
 
@@ -566,6 +583,7 @@ impl Dataplane {
             .chain(key.ipv6.map(IpNet::V6))
             .collect();
         self.topo.own_subnets = self.own_subnets.clone();
+        self.guard.own_subnets = self.own_subnets.clone();
     }
 
     /// Makes sure each VXLAN device exists (recreating a deleted or altered one with the same
@@ -659,6 +677,20 @@ impl Dataplane {
             tracing::warn!(lease = %peer, %reason, "not programming peer");
         }
         self.last_skipped = skipped_now;
+        // The underlay guard first: a new peer is allowed before its FDB entry exists.
+        let skipped_peers: BTreeSet<&str> =
+            self.last_skipped.iter().map(|(p, _)| p.as_str()).collect();
+        let mut guard = self.guard.clone();
+        for p in peers
+            .iter()
+            .filter(|p| !skipped_peers.contains(p.name.as_str()))
+        {
+            for fam in p.v4.iter().chain(p.v6.iter()) {
+                guard.peer_ips.insert(fam.public_ip);
+                guard.peer_subnets.insert(fam.subnet);
+            }
+        }
+        self.apply_guard(&guard);
         let actual = self.nl.observe(&self.links, &self.topo).await?;
         let ops = diff(&desired, &actual);
         if !ops.is_empty() {
@@ -681,6 +713,36 @@ impl Dataplane {
             }
         }
         Ok(ops.len())
+    }
+
+    /// Applies the underlay guard when it changed or went missing; a failure is retried on
+    /// the next pass.
+    fn apply_guard(&mut self, guard: &crate::underlay::GuardInput) {
+        let text = crate::underlay::ruleset(guard);
+        if self.guard_applied.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        match crate::underlay::apply(guard) {
+            Ok(()) => {
+                tracing::info!(
+                    peers = guard.peer_ips.len(),
+                    "underlay guard updated (inet twill-underlay)"
+                );
+                self.guard_applied = Some(text);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "underlay guard not applied; retrying on the next pass");
+                self.guard_applied = None;
+            }
+        }
+    }
+
+    /// Drift check on the resync tick: a deleted table is rebuilt on the next pass.
+    fn check_guard(&mut self) {
+        if self.guard_applied.is_some() && !crate::underlay::installed() {
+            tracing::warn!("underlay guard table was removed; re-applying");
+            self.guard_applied = None;
+        }
     }
 
     async fn refresh_external(&mut self) {
@@ -1030,6 +1092,7 @@ async fn event_loop<S: LeaseSource>(
             }
             _ = resync.tick() => {
                 dataplane.refresh_external().await;
+                dataplane.check_guard();
                 dirty = true;
             }
             _ = rules_check.tick() => {
