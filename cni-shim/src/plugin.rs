@@ -255,6 +255,7 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
         // the runtime's DEL can undo the attachment.
         Ok(out) => {
             durable?;
+            refuse_router_advertisements(&out)?;
             netconf::convert_result(&out, &conf.cni_version)
         }
         Err(e) => {
@@ -265,6 +266,78 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
             Err(e)
         }
     }
+}
+
+/// CVE-2020-10749: a pod's router advertisements must never configure the host. The delegate's
+/// result lists the host-side interfaces (the bridge and the pod's veth: entries without a
+/// `sandbox`); each gets `accept_ra=0` in this (the node's) namespace. A host without IPv6 has
+/// nothing to protect. Any other failure fails the ADD; the runtime's DEL then removes the
+/// attachment, so no pod runs on a host that would listen to it.
+pub fn refuse_router_advertisements(result: &[u8]) -> Result<(), CniError> {
+    let Ok(v) = serde_json::from_slice::<Value>(result) else {
+        return Ok(());
+    };
+    for name in host_interfaces(&v) {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+        match fs::write(&path, b"0") {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(CniError::new(
+                    code::IO_FAILURE,
+                    format!("failed to set {path} to 0: {}", go_io_text(&e)),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Host-side interface names in a CNI result, checked like `CNI_IFNAME` before they are used
+/// in a path.
+pub fn host_interfaces(result: &Value) -> Vec<String> {
+    result
+        .get("interfaces")
+        .and_then(Value::as_array)
+        .map(|ifs| {
+            ifs.iter()
+                .filter(|i| {
+                    i.get("sandbox")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .is_empty()
+                })
+                .filter_map(|i| i.get("name").and_then(Value::as_str))
+                .filter(|n| crate::validate::ifname(n).is_ok())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// DEL of a stale attachment from its saved delegate config, outside any netns (the pod is
+/// gone): the delegate releases its IPAM reservation. Flannel's scratch files do not record the
+/// interface name; Kubernetes always uses `eth0`. An unreadable config is left for an operator.
+fn gc_delete(path: &Path, cid: &str, cni_path: &str) -> Result<(), CniError> {
+    let bytes = fs::read(path).map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?;
+    let typ = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("type")?.as_str().map(String::from))
+        .ok_or_else(|| CniError::new(code::DECODE_FAILURE, "saved netconf has no type"))?;
+    let plugin = delegate::find_in_path(&typ, cni_path)?;
+    delegate::run_env(
+        &plugin,
+        "DEL",
+        &bytes,
+        "gc: failed to delegate del",
+        &[
+            ("CNI_CONTAINERID", cid),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", ""),
+            ("CNI_PATH", cni_path),
+        ],
+    )
+    .map(|_| ())
 }
 
 fn read_saved(conf: &FlannelConf, cid: &str) -> (PathBuf, io::Result<Vec<u8>>) {
@@ -400,7 +473,14 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
         }
     };
     for name in netconf::gc_stale(&entries, &valid) {
+        // A stale attachment (an ADD or DEL killed half-way, a DEL that never came) is
+        // deleted through its saved delegate config, which releases its address even with
+        // delegates too old to implement GC; the scratch file goes only once that worked.
         let p = conf.data_dir.join(name);
+        if let Err(e) = gc_delete(&p, name, cni_path) {
+            errors.push(format!("{}: {}", p.display(), e.msg));
+            continue;
+        }
         if let Err(e) = fs::remove_file(&p) {
             errors.push(format!("remove {}: {e}", p.display()));
         }
@@ -437,4 +517,20 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
         return Err(CniError::new(code::IO_FAILURE, msg));
     }
     delegate_err.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod ra_tests {
+    use super::*;
+
+    #[test]
+    fn host_side_interfaces_are_those_without_a_sandbox() {
+        let r: Value = serde_json::from_str(
+            r#"{"interfaces":[{"name":"cni0","mac":"aa"},{"name":"veth1234","mac":"bb"},
+                {"name":"eth0","mac":"cc","sandbox":"/run/netns/p"},{"name":"../x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(host_interfaces(&r), vec!["cni0", "veth1234"]);
+        assert!(host_interfaces(&serde_json::json!({})).is_empty());
+    }
 }

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
@@ -386,4 +387,147 @@ fn dual_stack_add_check_del_with_reference_plugins() {
     assert_eq!(out["code"], 3, "{out}");
     assert!(node.reservations().is_empty(), "{:?}", node.reservations());
     assert!(node.veths().is_empty());
+}
+
+fn sysctl(ns: &str, key: &str) -> String {
+    let (ok, out) = sh(&["ip", "netns", "exec", ns, "sysctl", "-n", key]);
+    assert!(ok, "sysctl {key}: {out}");
+    out.trim().to_string()
+}
+
+/// CVE-2020-10749: router advertisements from pods never configure the host. The node's
+/// namespace starts with accept_ra=1 (the kernel default), so the zeros below are twill-cni's.
+#[test]
+fn host_side_bridge_and_veth_refuse_router_advertisements() {
+    if !root_or_skip("host_side_bridge_and_veth_refuse_router_advertisements") {
+        return;
+    }
+    let node = Node::new(
+        "ra",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    assert_eq!(sysctl(&node.ns.0, "net.ipv6.conf.default.accept_ra"), "1");
+    let pod = Ns::new(format!("twcni{}pra", std::process::id()));
+    let conf = node.conf(DEFAULT_DELEGATE);
+    let (code, res) = node.cni("ADD", "pod-ra", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    let host: Vec<&str> = res["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i.get("sandbox").is_none_or(|s| s == ""))
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert!(host.contains(&"cni0") && host.len() == 2, "{res}");
+    for ifname in host {
+        assert_eq!(
+            sysctl(&node.ns.0, &format!("net.ipv6.conf.{ifname}.accept_ra")),
+            "0",
+            "{ifname}"
+        );
+    }
+    let (code, _) = node.cni("DEL", "pod-ra", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0);
+}
+
+/// A tiny xorshift, seeded from the clock and printed, so a failing run can be replayed with
+/// TWILL_SEED.
+fn rng() -> impl FnMut() -> u64 {
+    let mut x: u64 = std::env::var("TWILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("TWILL_SEED={x}");
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Runs twill-cni in the node and SIGKILLs it after `delay` (it may finish first).
+fn cni_killed(node: &Node, cmd: &str, cid: &str, netns: &str, conf: &str, delay: Duration) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.ns.0, BIN])
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_NETNS", netns)
+        .env("CNI_PATH", CNI_PATH)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.as_bytes())
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The CNI plugin SIGKILLed at random points of ADD and of DEL (the runtime then drops the
+/// pod's namespace, as it does after a failed ADD): once GC has run with the attachments that
+/// are still valid, no address, scratch file or host-side veth of a dead pod is left, and the
+/// valid pod keeps its address.
+#[test]
+fn cni_killed_mid_add_and_mid_del_leaks_nothing_after_gc() {
+    if !root_or_skip("cni_killed_mid_add_and_mid_del_leaks_nothing_after_gc") {
+        return;
+    }
+    const ROUNDS: usize = 20;
+    let node = Node::new(
+        "k",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.6.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let conf = node.conf(DEFAULT_DELEGATE);
+    let keeper = Ns::new(format!("twcni{}kk", std::process::id()));
+    let (code, res) = node.cni("ADD", "keeper", "eth0", &keeper.path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    let kept = result_addr(&res).addr().to_string();
+    let mut next = rng();
+    for i in 0..ROUNDS {
+        let pod = Ns::new(format!("twcni{}k{i}", std::process::id()));
+        let cid = format!("killed-{i}");
+        if i % 2 == 0 {
+            // Killed somewhere in ADD (0-40 ms covers validation, scratch save, the delegate).
+            let d = Duration::from_micros(next() % 40_000);
+            cni_killed(&node, "ADD", &cid, &pod.path(), &conf, d);
+        } else {
+            let (code, res) = node.cni("ADD", &cid, "eth0", &pod.path(), &conf);
+            assert_eq!(code, 0, "{res}");
+            let d = Duration::from_micros(next() % 20_000);
+            cni_killed(&node, "DEL", &cid, &pod.path(), &conf, d);
+        }
+        // The delegate (bridge, host-local) outlives a killed shim: let it finish.
+        std::thread::sleep(Duration::from_millis(100));
+        drop(pod);
+    }
+    let gc_conf = conf.replacen("\"0.3.1\"", "\"1.1.0\"", 1).replacen(
+        "\"type\":\"flannel\"",
+        r#""type":"flannel","cni.dev/valid-attachments":[{"containerID":"keeper","ifname":"eth0"}]"#,
+        1,
+    );
+    let (code, res) = node.cni("GC", "", "", "", &gc_conf);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(node.reservations(), vec![kept], "addresses left after GC");
+    let scratch: Vec<String> = fs::read_dir(node.data())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(scratch, vec!["keeper".to_string()]);
+    assert_eq!(node.veths().len(), 1, "{:?}", node.veths());
+    let (code, _) = node.cni("DEL", "keeper", "eth0", &keeper.path(), &conf);
+    assert_eq!(code, 0);
 }
