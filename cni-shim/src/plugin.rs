@@ -51,7 +51,22 @@ fn nonempty(v: &Option<String>) -> Option<&str> {
 }
 
 /// Run one CNI command. `Ok(Some(bytes))` is printed on stdout; errors become the error JSON.
-pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
+/// A request that passed every check made before anything touches disk or the kernel.
+#[derive(Debug)]
+pub enum Prepared {
+    /// VERSION's answer.
+    Version(Vec<u8>),
+    Command {
+        command: String,
+        conf: FlannelConf,
+        container_id: String,
+        cni_path: String,
+    },
+}
+
+/// Validates the environment and stdin (the fuzzed surface: no writes, no delegate runs; the
+/// netns check only looks at the path).
+pub fn prepare(env: &CniEnv, stdin: &[u8]) -> Result<Prepared, CniError> {
     let Some(command) = nonempty(&env.command) else {
         return Err(CniError::new(
             code::INVALID_ENV,
@@ -65,7 +80,7 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
             let requested = serde_json::from_slice::<Value>(stdin)
                 .ok()
                 .and_then(|v| v.get("cniVersion")?.as_str().map(String::from));
-            return Ok(Some(
+            return Ok(Prepared::Version(
                 validate::version_json(requested.as_deref()).into_bytes(),
             ));
         }
@@ -109,7 +124,26 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
 
     let conf = FlannelConf::parse(stdin)?;
     validate::check_version(&conf.cni_version, command)?;
-    match command {
+    Ok(Prepared::Command {
+        command: command.to_string(),
+        conf,
+        container_id: cid.to_string(),
+        cni_path: cni_path.to_string(),
+    })
+}
+
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
+    let (command, conf, cid, cni_path) = match prepare(env, stdin)? {
+        Prepared::Version(v) => return Ok(Some(v)),
+        Prepared::Command {
+            command,
+            conf,
+            container_id,
+            cni_path,
+        } => (command, conf, container_id, cni_path),
+    };
+    let (cid, cni_path) = (cid.as_str(), cni_path.as_str());
+    match command.as_str() {
         "ADD" => cmd_add(&conf, cid, cni_path).map(Some),
         "DEL" => cmd_del(&conf, cid, cni_path).map(|_| None),
         "CHECK" => cmd_check(&conf, cid, cni_path).map(|_| None),
