@@ -87,6 +87,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         registry,
         own,
         margin: Duration::from_secs(flags.subnet_lease_renew_margin as u64 * 60),
+        renew_failures: 0,
     };
     event_loop(flags, config, source, dataplane, masq_inputs).await
 }
@@ -927,6 +928,8 @@ struct EtcdSource {
     registry: EtcdRegistry,
     own: OwnLease,
     margin: Duration,
+    /// Renewal attempts failed in a row (the retry backoff).
+    renew_failures: u32,
 }
 
 impl LeaseSource for EtcdSource {
@@ -961,14 +964,21 @@ impl LeaseSource for EtcdSource {
         match self.registry.put(&own.key, &own.attrs, own.ttl).await {
             Ok(Some(ttl)) => {
                 own.renew_at = Some(renew_deadline(ttl, Some(self.margin)));
-                tracing::info!(subnet = %own.key, "renewed lease");
+                tracing::info!(subnet = %own.key, after_failures = self.renew_failures, "renewed lease");
             }
             Ok(None) => own.renew_at = None,
             Err(e) => {
-                tracing::warn!(error = %e, "renewing lease failed; retrying in 1 minute");
-                own.renew_at = Some(Instant::now() + Duration::from_secs(60));
+                // Flannel waits a minute; twill retries sooner (1 s doubling to 30 s), so a
+                // renewal that fell due during an etcd outage is made soon after etcd is back.
+                self.renew_failures += 1;
+                let retry = Duration::from_secs(1 << self.renew_failures.min(5))
+                    .min(Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?retry, "renewing lease failed; retrying");
+                own.renew_at = Some(Instant::now() + retry);
+                return;
             }
         }
+        self.renew_failures = 0;
     }
 }
 
