@@ -454,3 +454,101 @@ fn subnet_env_dir_read_only_or_full_gives_a_clear_error_and_no_partial_file() {
         let _ = c.lab.etcdctl(&["del", &format!("{PREFIX}/subnets/"), "--prefix"]);
     }
 }
+
+/// twill-policy SIGKILLed and restarted again and again (also during its own start-up) under a
+/// default-deny policy, while a pod on another node pings the isolated pod every 50 ms: not a
+/// single reply gets through at any point (fail closed), and the pod is isolated at the end.
+#[test]
+fn twill_policy_killed_and_restarted_stays_closed() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("pkill", &["n1", "n2"], VXLAN);
+    c.start("n1", &[]);
+    c.start("n2", &[]);
+    let e1 = c.wait_ready("n1");
+    let e2 = c.wait_ready("n2");
+    let victim = c.pod("n1", "victim", &e1);
+    c.pod("n2", "client", &e2);
+    let client = c.lab.pod("client").netns.clone();
+    assert!(c
+        .lab
+        .wait_ping(&client, victim.into(), Duration::from_secs(10)));
+
+    let dir = c.lab.dir().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        format!(
+            "kind: Namespace\nmetadata: {{name: x}}\n---\nkind: Pod\nmetadata: {{name: victim, namespace: x}}\nspec: {{nodeName: n1}}\nstatus: {{phase: Running, podIPs: [{{ip: {victim}}}]}}\n---\nkind: NetworkPolicy\nmetadata: {{name: deny, namespace: x}}\nspec: {{podSelector: {{}}}}\n"
+        ),
+    )
+    .unwrap();
+    let bin = twill_lab::bin_path("twill-policy");
+    let bin = bin.to_str().unwrap().to_string();
+    let n1 = c.ns("n1");
+    let dir_s = dir.to_str().unwrap().to_string();
+    let spawn = |c: &mut Cluster, i: usize| {
+        c.lab
+            .spawn(
+                &n1,
+                &format!("twill-policy-{i}"),
+                &[&bin, "--manifests", &dir_s, "run"],
+                &[("NODE_NAME", "n1")],
+            )
+            .unwrap()
+    };
+    let mut policy = spawn(&mut c, 0);
+    wait_until("victim isolated", Duration::from_secs(30), || {
+        c.lab
+            .exec_ok(&n1, &["nft", "list", "table", "inet", "twill-policy"])
+            .is_ok_and(|s| s.contains("jump pod-in/x/victim"))
+    });
+    assert!(!c
+        .lab
+        .ping(&client, victim.into(), 3, Duration::from_secs(2)));
+
+    let pinger = c
+        .lab
+        .spawn(
+            &client,
+            "ping-isolated",
+            &["ping", "-n", "-i", "0.05", "-w", "15", &victim.to_string()],
+            &[],
+        )
+        .unwrap();
+    let mut seed = Instant::now().elapsed().as_nanos() as u64 | 1;
+    let mut restarts = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(12) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        c.lab.kill(policy, Signal::SIGKILL).unwrap();
+        let _ = c.lab.wait(policy, Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(seed % 300));
+        restarts += 1;
+        policy = spawn(&mut c, restarts);
+        // Sometimes killed during its start-up, sometimes after it settled.
+        std::thread::sleep(Duration::from_millis((seed >> 16) % 1000));
+    }
+    c.lab.wait(pinger, Duration::from_secs(30)).unwrap();
+    let out = c.lab.log(pinger);
+    let summary = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary:\n{out}"));
+    assert!(
+        summary.contains(" 0 received"),
+        "replies got through: {summary}"
+    );
+    wait_until("still isolated", Duration::from_secs(30), || {
+        c.lab
+            .exec_ok(&n1, &["nft", "list", "table", "inet", "twill-policy"])
+            .is_ok_and(|s| s.contains("jump pod-in/x/victim"))
+    });
+    assert!(!c
+        .lab
+        .ping(&client, victim.into(), 3, Duration::from_secs(2)));
+    eprintln!("{restarts} kills and restarts; ping: {summary}");
+}
