@@ -395,3 +395,238 @@ fn host_gw_refuses_pod_sources_not_leased_to_a_peer() {
         "without the guard it should arrive"
     );
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a certificate signed by it (P-256), with `ext` (SANs, key usage) as extensions.
+fn issue(dir: &std::path::Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+fn new_ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
+/// etcd with TLS and client-certificate authentication, certificates made by the test:
+/// twilld with --etcd-cafile/--etcd-certfile/--etcd-keyfile gets its lease and programs its
+/// peer; a twilld whose client certificate comes from another CA is refused and never ready.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut lab = twill_lab::Lab::new("tls").expect("lab");
+    let pki = lab.dir().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    new_ca(&pki, "ca");
+    new_ca(&pki, "rogue-ca");
+    issue(
+        &pki,
+        "ca",
+        "server",
+        "etcd",
+        "subjectAltName=IP:198.18.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    );
+    issue(
+        &pki,
+        "ca",
+        "client",
+        "twilld",
+        "extendedKeyUsage=clientAuth\n",
+    );
+    issue(
+        &pki,
+        "rogue-ca",
+        "rogue",
+        "twilld",
+        "extendedKeyUsage=clientAuth\n",
+    );
+    let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
+    let data = lab.dir().join("etcd-tls").to_string_lossy().into_owned();
+    let sw = lab.switch_ns();
+    let etcd = lab
+        .spawn(
+            &sw,
+            "etcd-tls",
+            &[
+                "etcd",
+                "--name",
+                "sw",
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                "https://198.18.0.1:2379,https://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "https://198.18.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "sw=http://127.0.0.1:2380",
+                "--cert-file",
+                &p("server.crt"),
+                "--key-file",
+                &p("server.key"),
+                "--trusted-ca-file",
+                &p("ca.crt"),
+                "--client-cert-auth",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ],
+            &[],
+        )
+        .unwrap();
+    let etcdctl = |lab: &twill_lab::Lab, key: &str, args: &[&str]| {
+        let (cert, k) = (p(&format!("{key}.crt")), p(&format!("{key}.key")));
+        let ca = p("ca.crt");
+        let mut argv = vec![
+            "etcdctl",
+            "--endpoints=https://127.0.0.1:2379",
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &k,
+            "--dial-timeout=2s",
+        ];
+        argv.extend_from_slice(args);
+        lab.exec_env(&sw, &argv, &[("ETCDCTL_API", "3")]).unwrap()
+    };
+    wait_until_ok(
+        || {
+            etcdctl(&lab, "client", &["endpoint", "health"])
+                .status
+                .success()
+        },
+        &lab,
+        etcd,
+    );
+    assert!(
+        !etcdctl(&lab, "rogue", &["endpoint", "health"])
+            .status
+            .success(),
+        "etcd accepted a certificate from another CA"
+    );
+    let put = etcdctl(
+        &lab,
+        "client",
+        &["put", &format!("{}/config", common::PREFIX), VXLAN],
+    );
+    assert!(put.status.success());
+    lab.add_node("n1").unwrap();
+    lab.add_node("n2").unwrap();
+    let mut c = Cluster::from_lab(lab);
+    let tls = |who: &str| {
+        vec![
+            "--etcd-endpoints=https://198.18.0.1:2379".to_string(),
+            format!("--etcd-cafile={}", p("ca.crt")),
+            format!("--etcd-certfile={}", p(&format!("{who}.crt"))),
+            format!("--etcd-keyfile={}", p(&format!("{who}.key"))),
+        ]
+    };
+    for n in ["n1", "n2"] {
+        let args = tls("client");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.start(n, &args);
+    }
+    let e1 = c.wait_ready("n1");
+    let e2 = c.wait_ready("n2");
+    let (s2, a2, mac2) = (subnet(&e2), c.lab.node("n2").addr, c.mac("n2", "flannel.1"));
+    c.wait_entries("n1", "flannel.1", "peer over TLS", |e| {
+        e.has_peer(&s2, a2, &mac2)
+    });
+    assert_ne!(subnet(&e1), s2);
+
+    // A client certificate from another CA: refused, never ready, and says why.
+    c.kill("n2", Signal::SIGKILL);
+    let args = tls("rogue");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.start("n2", &args);
+    std::thread::sleep(Duration::from_secs(5));
+    let log = c.log("n2");
+    assert!(!log.contains("wrote subnet.env; ready"), "{log}");
+    assert!(log.contains("etcd"), "no etcd error logged:\n{log}");
+}
+
+fn wait_until_ok(mut f: impl FnMut() -> bool, lab: &twill_lab::Lab, etcd: twill_lab::ProcId) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS etcd not healthy:\n{}",
+            lab.log(etcd)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
