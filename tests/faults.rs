@@ -63,6 +63,24 @@ fn guard_peers(c: &Cluster, node: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// A log without its terminal colours.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
 fn wait_until(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !pred() {
@@ -206,7 +224,7 @@ fn etcd_outage_keeps_traffic_then_catches_up_and_renews() {
         Duration::from_secs(45),
         || lease_id(&c, &key1) != lease_before,
     );
-    let log = c.log("n1");
+    let log = plain(&c.log("n1"));
     assert!(
         log.contains("renewing lease failed"),
         "no renewal fell due during the outage:\n{log}"
