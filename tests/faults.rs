@@ -570,3 +570,81 @@ fn twill_policy_killed_and_restarted_stays_closed() {
         .ping(&client, victim.into(), 3, Duration::from_secs(2)));
     eprintln!("{restarts} kills and restarts; ping: {summary}");
 }
+
+/// Peer leases with garbage BackendData (and worse) next to good ones: each is skipped with its
+/// key named; the good peers' entries stay, a good lease written after the garbage is
+/// programmed, and no garbage address enters the underlay guard.
+#[test]
+fn garbage_peer_leases_never_affect_other_peers() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("garb", &["n1", "n2"], VXLAN);
+    c.start("n1", &[]);
+    c.start("n2", &[]);
+    c.wait_ready("n1");
+    let s2 = c.wait_ready("n2").subnet_network().unwrap();
+    let (a2, mac2) = (c.lab.node("n2").addr, c.mac("n2", "flannel.1"));
+    c.wait_entries("n1", "flannel.1", "n2", |e| e.has_peer(&s2, a2, &mac2));
+    let before = c.entries("n1", "flannel.1");
+    let garbage = [
+        (
+            "10.244.220.0/24",
+            r#"{"PublicIP":"198.18.0.220","BackendType":"vxlan","BackendData":"x"}"#,
+        ),
+        (
+            "10.244.221.0/24",
+            r#"{"PublicIP":"198.18.0.221","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:zz"}}"#,
+        ),
+        (
+            "10.244.222.0/24",
+            r#"{"PublicIP":"198.18.0.222","BackendType":"vxlan","BackendData":{"VNI":99,"VtepMAC":"0a:00:00:00:22:02"}}"#,
+        ),
+        (
+            "10.244.223.0/24",
+            r#"{"PublicIP":"198.18.0.223","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}}"#,
+        ),
+        (
+            "10.244.224.0/24",
+            r#"{"PublicIP":"198.18.0.224","BackendType":"vxlan"}"#,
+        ),
+        ("10.244.225.0/24", "not json at all"),
+        (
+            "10.244.226.0/24",
+            r#"{"PublicIP":"0.0.0.0","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:00:00:00:22:06"}}"#,
+        ),
+    ];
+    for (net, value) in garbage {
+        let net: Ipv4Net = net.parse().unwrap();
+        c.lab.etcdctl(&["put", &subnet_key(&net), value]).unwrap();
+    }
+    let good: Ipv4Net = "10.244.230.0/24".parse().unwrap();
+    let good_ip: Ipv4Addr = "198.18.0.230".parse().unwrap();
+    c.lab
+        .etcdctl(&[
+            "put",
+            &subnet_key(&good),
+            &fake_lease(good_ip, "0a:00:00:00:23:00"),
+        ])
+        .unwrap();
+    c.wait_entries("n1", "flannel.1", "good peer after garbage", |e| {
+        e.has_peer(&good, good_ip, "0a:00:00:00:23:00")
+            && e.has_peer(&s2, a2, &mac2)
+            && e.routes.len() == 2
+            && e.fdb.len() == 2
+    });
+    let after = c.entries("n1", "flannel.1");
+    assert!(before.routes.is_subset(&after.routes) && before.fdb.is_subset(&after.fdb));
+    wait_until("guard: only real peers", Duration::from_secs(30), || {
+        guard_peers(&c, "n1") == [a2.to_string(), good_ip.to_string()].into()
+    });
+    let log = plain(&c.log("n1"));
+    for (net, _) in garbage {
+        let key = net.replace('/', "-");
+        assert!(
+            log.contains(&key),
+            "garbage lease {key} not named in the log:\n{log}"
+        );
+    }
+    assert!(c.lab.is_running(c.daemon("n1")));
+}
