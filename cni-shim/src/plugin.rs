@@ -58,7 +58,7 @@ pub enum Prepared {
     Version(Vec<u8>),
     Command {
         command: String,
-        conf: FlannelConf,
+        conf: Box<FlannelConf>,
         container_id: String,
         cni_path: String,
     },
@@ -126,7 +126,7 @@ pub fn prepare(env: &CniEnv, stdin: &[u8]) -> Result<Prepared, CniError> {
     validate::check_version(&conf.cni_version, command)?;
     Ok(Prepared::Command {
         command: command.to_string(),
-        conf,
+        conf: Box::new(conf),
         container_id: cid.to_string(),
         cni_path: cni_path.to_string(),
     })
