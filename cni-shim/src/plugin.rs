@@ -289,7 +289,8 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
         // the runtime's DEL can undo the attachment.
         Ok(out) => {
             durable?;
-            refuse_router_advertisements(&out)?;
+            let bridge = d.get("bridge").and_then(Value::as_str).unwrap_or("cni0");
+            refuse_router_advertisements(&out, bridge)?;
             netconf::convert_result(&out, &conf.cni_version)
         }
         Err(e) => {
@@ -302,16 +303,22 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
     }
 }
 
-/// CVE-2020-10749: a pod's router advertisements must never configure the host. The delegate's
-/// result lists the host-side interfaces (the bridge and the pod's veth: entries without a
-/// `sandbox`); each gets `accept_ra=0` in this (the node's) namespace. A host without IPv6 has
-/// nothing to protect. Any other failure fails the ADD; the runtime's DEL then removes the
-/// attachment, so no pod runs on a host that would listen to it.
-pub fn refuse_router_advertisements(result: &[u8]) -> Result<(), CniError> {
+/// CVE-2020-10749: a pod's router advertisements must never configure the host. Of the
+/// host-side interfaces in the delegate's result (entries without a `sandbox`), the bridge and
+/// its ports (the pods' veths: `/sys/class/net/<if>/master` is the bridge) get `accept_ra=0`
+/// in this (the node's) namespace; nothing else is touched, whatever a delegate reports. A
+/// host without IPv6 has nothing to protect. Any other failure fails the ADD; the runtime's DEL
+/// then removes the attachment, so no pod runs on a host that would listen to it.
+pub fn refuse_router_advertisements(result: &[u8], bridge: &str) -> Result<(), CniError> {
     let Ok(v) = serde_json::from_slice::<Value>(result) else {
         return Ok(());
     };
-    for name in host_interfaces(&v) {
+    let on_bridge = |name: &str| {
+        name == bridge
+            || fs::read_link(format!("/sys/class/net/{name}/master"))
+                .is_ok_and(|m| m.file_name().is_some_and(|f| f == bridge))
+    };
+    for name in host_interfaces(&v).iter().filter(|n| on_bridge(n)) {
         let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
         match fs::write(&path, b"0") {
             Ok(()) => {}
@@ -347,6 +354,17 @@ pub fn host_interfaces(result: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether `name` is a scratch temp file (`.<id>.<pid>.tmp`) whose writer is gone.
+fn dead_writer_temp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    match rest.rsplit_once('.').map(|(_, pid)| pid.parse::<u32>()) {
+        Some(Ok(pid)) => !Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false,
+    }
 }
 
 /// DEL of a stale attachment from its saved delegate config, outside any netns (the pod is
@@ -520,6 +538,15 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
         }
     }
 
+    // Temp files of a scratch save whose writer died before its rename (an ADD killed
+    // half-way): `.<containerID>.<pid>.tmp` with no such process left.
+    for name in entries.iter().filter(|n| dead_writer_temp(n)) {
+        let p = conf.data_dir.join(name);
+        if let Err(e) = fs::remove_file(&p) {
+            errors.push(format!("remove {}: {e}", p.display()));
+        }
+    }
+
     let mut delegate_err = None;
     match load_subnet_env(&conf.subnet_file) {
         Err(e) => eprintln!("twill-cni: GC not forwarded to the delegate: {}", e.msg),
@@ -566,5 +593,14 @@ mod ra_tests {
         .unwrap();
         assert_eq!(host_interfaces(&r), vec!["cni0", "veth1234"]);
         assert!(host_interfaces(&serde_json::json!({})).is_empty());
+    }
+
+    #[test]
+    fn only_temp_files_of_dead_writers_are_stale() {
+        let me = std::process::id();
+        assert!(!dead_writer_temp(&format!(".pod-a.{me}.tmp")));
+        assert!(dead_writer_temp(".pod-a.4294967295.tmp"));
+        assert!(!dead_writer_temp("pod-a"));
+        assert!(!dead_writer_temp(".pod-a.tmp"));
     }
 }

@@ -486,7 +486,7 @@ fn cni_killed_mid_add_and_mid_del_leaks_nothing_after_gc() {
     if !root_or_skip("cni_killed_mid_add_and_mid_del_leaks_nothing_after_gc") {
         return;
     }
-    const ROUNDS: usize = 20;
+    const ROUNDS: usize = 40;
     let node = Node::new(
         "k",
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.6.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
