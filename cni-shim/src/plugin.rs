@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::antispoof;
 use crate::delegate;
 use crate::error::{code, CniError};
 use crate::gojson;
@@ -291,6 +292,7 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
             durable?;
             let bridge = d.get("bridge").and_then(Value::as_str).unwrap_or("cni0");
             refuse_router_advertisements(&out, bridge)?;
+            guard_pod_port(&out, bridge)?;
             netconf::convert_result(&out, &conf.cni_version)
         }
         Err(e) => {
@@ -313,12 +315,10 @@ pub fn refuse_router_advertisements(result: &[u8], bridge: &str) -> Result<(), C
     let Ok(v) = serde_json::from_slice::<Value>(result) else {
         return Ok(());
     };
-    let on_bridge = |name: &str| {
-        name == bridge
-            || fs::read_link(format!("/sys/class/net/{name}/master"))
-                .is_ok_and(|m| m.file_name().is_some_and(|f| f == bridge))
-    };
-    for name in host_interfaces(&v).iter().filter(|n| on_bridge(n)) {
+    for name in host_interfaces(&v)
+        .iter()
+        .filter(|n| *n == bridge || is_bridge_port(n, bridge))
+    {
         let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
         match fs::write(&path, b"0") {
             Ok(()) => {}
@@ -332,6 +332,45 @@ pub fn refuse_router_advertisements(result: &[u8], bridge: &str) -> Result<(), C
         }
     }
     Ok(())
+}
+
+/// Whether `name` is a port of `bridge` in this namespace.
+pub fn is_bridge_port(name: &str, bridge: &str) -> bool {
+    fs::read_link(format!("/sys/class/net/{name}/master"))
+        .is_ok_and(|m| m.file_name().is_some_and(|f| f == bridge))
+}
+
+/// Per-pod anti-spoofing after ADD (see [`crate::antispoof`]), for a veth on the bridge only.
+fn guard_pod_port(result: &[u8], bridge: &str) -> Result<(), CniError> {
+    let Ok(v) = serde_json::from_slice::<Value>(result) else {
+        return Ok(());
+    };
+    match antispoof::pod_port(&v, bridge) {
+        Some(p) if is_bridge_port(&p.veth, bridge) => antispoof::apply(&antispoof::add_script(&p)),
+        _ => Ok(()),
+    }
+}
+
+/// Best effort after DEL: the pod's anti-spoofing elements, when the runtime passed
+/// `prevResult` and this node has the pod bridge (never elsewhere, e.g. a test's root namespace).
+fn forget_pod_port(conf: &FlannelConf, saved: &[u8]) {
+    let bridge = serde_json::from_slice::<Value>(saved)
+        .ok()
+        .and_then(|d| d.get("bridge")?.as_str().map(String::from))
+        .unwrap_or_else(|| "cni0".into());
+    let Some(port) = conf
+        .raw
+        .get("prevResult")
+        .and_then(|r| antispoof::pod_port(r, &bridge))
+    else {
+        return;
+    };
+    if !Path::new(&format!("/sys/class/net/{bridge}")).exists() {
+        return;
+    }
+    if let Err(e) = antispoof::apply(&antispoof::del_script(&port)) {
+        eprintln!("twill-cni: {}", e.msg);
+    }
 }
 
 /// Host-side interface names in a CNI result, checked like `CNI_IFNAME` before they are used
@@ -423,6 +462,7 @@ fn cmd_del(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<(), CniError
     };
     let plugin = delegate::find_in_path(&typ, cni_path)?;
     delegate::run(&plugin, "DEL", &bytes, "failed to delegate del")?;
+    forget_pod_port(conf, &bytes);
     if let Err(e) = fs::remove_file(&path) {
         eprintln!("twill-cni: failed to remove {}: {e}", path.display());
     }

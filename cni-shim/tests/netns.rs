@@ -531,3 +531,170 @@ fn cni_killed_mid_add_and_mid_del_leaks_nothing_after_gc() {
     let (code, _) = node.cni("DEL", "keeper", "eth0", &keeper.path(), &conf);
     assert_eq!(code, 0);
 }
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = fs::File::open(&path).unwrap();
+        nix::sched::setns(
+            std::os::fd::AsFd::as_fd(&file),
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )
+        .unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether a datagram sent from `from_ns` (bound to `src`) reaches `to:7777` in `to_ns`.
+fn udp_arrives(
+    from_ns: &str,
+    src: Ipv4Addr,
+    to_ns: &str,
+    to: Ipv4Addr,
+    token: &'static [u8],
+) -> bool {
+    let sock = in_ns(to_ns, || {
+        std::net::UdpSocket::bind(("0.0.0.0", 7777)).unwrap()
+    });
+    sock.set_read_timeout(Some(Duration::from_millis(1000)))
+        .unwrap();
+    in_ns(from_ns, move || {
+        let s = std::net::UdpSocket::bind((src, 0)).unwrap();
+        for _ in 0..3 {
+            let _ = s.send_to(token, (to, 7777));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut buf = [0u8; 64];
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        if &buf[..n] == token {
+            return true;
+        }
+    }
+    false
+}
+
+/// Per-pod anti-spoofing (table `bridge twill-antispoof`): a pod that takes a neighbour pod's
+/// address on the same bridge cannot send with it; its own address works; without the table
+/// the spoofed packet arrives. DEL (with prevResult) removes the pod's elements.
+#[test]
+fn pod_cannot_send_with_a_neighbour_pods_address() {
+    if !root_or_skip("pod_cannot_send_with_a_neighbour_pods_address") {
+        return;
+    }
+    let node = Node::new(
+        "as",
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let conf = node.conf(DEFAULT_DELEGATE);
+    let pods: Vec<Ns> = ["a", "b", "c"]
+        .iter()
+        .map(|p| Ns::new(format!("twcni{}as{p}", std::process::id())))
+        .collect();
+    let mut addrs = Vec::new();
+    let mut results = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        let (code, res) = node.cni("ADD", &format!("as-{i}"), "eth0", &p.path(), &conf);
+        assert_eq!(code, 0, "{res}");
+        addrs.push(result_addr(&res).addr());
+        results.push(res);
+    }
+    let (a, c) = (&pods[0].0, &pods[2].0);
+    // a takes b's address as a second address.
+    let (ok, out) = sh(&[
+        "ip",
+        "-n",
+        a,
+        "addr",
+        "add",
+        &format!("{}/32", addrs[1]),
+        "dev",
+        "eth0",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        udp_arrives(a, addrs[0], c, addrs[2], b"own"),
+        "own address must work"
+    );
+    assert!(
+        !udp_arrives(a, addrs[1], c, addrs[2], b"spoof"),
+        "spoofed source arrived"
+    );
+    let (ok, table) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.0,
+        "nft",
+        "list",
+        "table",
+        "bridge",
+        "twill-antispoof",
+    ]);
+    assert!(ok && table.contains("IPv4 source spoofing"), "{table}");
+
+    // DEL with prevResult forgets that pod's elements (and only those).
+    let with_prev = conf.replacen(
+        "\"type\":\"flannel\"",
+        &format!("\"type\":\"flannel\",\"prevResult\":{}", results[2]),
+        1,
+    );
+    let (code, _) = node.cni("DEL", "as-2", "eth0", &pods[2].path(), &with_prev);
+    assert_eq!(code, 0);
+    let (_, table) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.0,
+        "nft",
+        "list",
+        "set",
+        "bridge",
+        "twill-antispoof",
+        "src4",
+    ]);
+    assert!(
+        !table.contains(&addrs[2].to_string()) && table.contains(&addrs[0].to_string()),
+        "{table}"
+    );
+
+    // Without the table (Flannel's node): the spoofed packet reaches b's neighbour.
+    let (ok, out) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.0,
+        "nft",
+        "delete",
+        "table",
+        "bridge",
+        "twill-antispoof",
+    ]);
+    assert!(ok, "{out}");
+    let (code, res) = node.cni("ADD", "as-3", "eth0", &pods[2].path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    let c_addr = result_addr(&res).addr();
+    let (ok, out) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.0,
+        "nft",
+        "delete",
+        "table",
+        "bridge",
+        "twill-antispoof",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        udp_arrives(a, addrs[1], c, c_addr, b"flannel"),
+        "without the table it should arrive"
+    );
+    for (i, p) in pods.iter().enumerate().take(2) {
+        node.cni("DEL", &format!("as-{i}"), "eth0", &p.path(), &conf);
+    }
+    node.cni("DEL", "as-3", "eth0", &pods[2].path(), &conf);
+}
