@@ -105,6 +105,59 @@ pub fn del_script(p: &PodPort) -> String {
     s
 }
 
+/// The elements of veths that no longer exist (`exists` says which do), from the JSON listing
+/// of the table, as one delete transaction; `None` when there is nothing to delete. Pure.
+pub fn prune_script(listing: &Value, exists: impl Fn(&str) -> bool) -> Option<String> {
+    let t = format!("bridge {TABLE}");
+    let mut s = String::new();
+    for item in listing.get("nftables")?.as_array()? {
+        let Some(set) = item.get("set") else { continue };
+        let Some(name) = set.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        for e in set
+            .get("elem")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (veth, text) = match e {
+                Value::String(v) => (v.clone(), format!("\"{v}\"")),
+                _ => match e.get("concat").and_then(Value::as_array).map(Vec::as_slice) {
+                    Some([Value::String(v), Value::String(a)]) => {
+                        (v.clone(), format!("\"{v}\" . {a}"))
+                    }
+                    _ => continue,
+                },
+            };
+            if crate::validate::ifname(&veth).is_ok() && !exists(&veth) {
+                s += &format!("delete element {t} {name} {{ {text} }}\n");
+            }
+        }
+    }
+    (!s.is_empty()).then_some(s)
+}
+
+/// GC: removes the elements of veths gone from this namespace (pods deleted without a DEL
+/// that carried prevResult). Does nothing where the table does not exist.
+pub fn prune() -> Result<(), CniError> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "bridge", TABLE])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| CniError::new(code::IO_FAILURE, format!("running nft: {e}")))?;
+    if !out.status.success() {
+        return Ok(());
+    }
+    let listing: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    match prune_script(&listing, |v| {
+        std::path::Path::new(&format!("/sys/class/net/{v}")).exists()
+    }) {
+        Some(script) => apply(&script),
+        None => Ok(()),
+    }
+}
+
 /// Runs `nft -f -` with `script`.
 pub fn apply(script: &str) -> Result<(), CniError> {
     let fail = |m: String| CniError::new(code::IO_FAILURE, format!("anti-spoofing rules: {m}"));
@@ -171,6 +224,22 @@ mod tests {
         assert!(src4 < port && src6 < port);
         assert!(s.contains("flush chain bridge twill-antispoof pods\n"));
         assert!(s.contains("icmpv6 type nd-router-advert counter drop"));
+    }
+
+    #[test]
+    fn prune_deletes_only_elements_of_vanished_veths() {
+        let listing = serde_json::json!({"nftables":[
+            {"metainfo":{}},
+            {"set":{"name":"ports","elem":["veth1","veth2"]}},
+            {"set":{"name":"src4","elem":[{"concat":["veth1","10.244.1.5"]},{"concat":["veth2","10.244.1.6"]}]}},
+            {"set":{"name":"src6"}}
+        ]});
+        let s = prune_script(&listing, |v| v == "veth1").unwrap();
+        assert_eq!(
+            s,
+            "delete element bridge twill-antispoof ports { \"veth2\" }\ndelete element bridge twill-antispoof src4 { \"veth2\" . 10.244.1.6 }\n"
+        );
+        assert!(prune_script(&listing, |_| true).is_none());
     }
 
     #[test]

@@ -587,6 +587,20 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
         }
     }
 
+    // Anti-spoofing elements of pods whose veth is gone, on a node that has the pod bridge.
+    let bridge = conf
+        .raw
+        .get("delegate")
+        .and_then(|d| d.get("bridge")?.as_str())
+        .unwrap_or("cni0");
+    if crate::validate::ifname(bridge).is_ok()
+        && Path::new(&format!("/sys/class/net/{bridge}")).exists()
+    {
+        if let Err(e) = antispoof::prune() {
+            errors.push(e.msg);
+        }
+    }
+
     let mut delegate_err = None;
     match load_subnet_env(&conf.subnet_file) {
         Err(e) => eprintln!("twill-cni: GC not forwarded to the delegate: {}", e.msg),

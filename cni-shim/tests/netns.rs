@@ -661,6 +661,34 @@ fn pod_cannot_send_with_a_neighbour_pods_address() {
         "{table}"
     );
 
+    // b vanishes without a DEL (its namespace, and so its veth, just gone): GC prunes its
+    // elements and keeps a's.
+    let (ok, out) = sh(&["ip", "netns", "del", &pods[1].0]);
+    assert!(ok, "{out}");
+    let gc_conf = conf.replacen("\"0.3.1\"", "\"1.1.0\"", 1).replacen(
+        "\"type\":\"flannel\"",
+        r#""type":"flannel","cni.dev/valid-attachments":[{"containerID":"as-0","ifname":"eth0"}]"#,
+        1,
+    );
+    let (code, res) = node.cni("GC", "", "", "", &gc_conf);
+    assert_eq!(code, 0, "{res}");
+    let (_, table) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.0,
+        "nft",
+        "list",
+        "set",
+        "bridge",
+        "twill-antispoof",
+        "src4",
+    ]);
+    assert!(
+        !table.contains(&format!("{} ", addrs[1])) && table.contains(&addrs[0].to_string()),
+        "{table}"
+    );
+
     // Without the table (Flannel's node): the spoofed packet reaches b's neighbour.
     let (ok, out) = sh(&[
         "ip",
@@ -693,8 +721,6 @@ fn pod_cannot_send_with_a_neighbour_pods_address() {
         udp_arrives(a, addrs[1], c, c_addr, b"flannel"),
         "without the table it should arrive"
     );
-    for (i, p) in pods.iter().enumerate().take(2) {
-        node.cni("DEL", &format!("as-{i}"), "eth0", &p.path(), &conf);
-    }
+    node.cni("DEL", "as-0", "eth0", &pods[0].path(), &conf);
     node.cni("DEL", "as-3", "eth0", &pods[2].path(), &conf);
 }
