@@ -19,6 +19,9 @@ echo "== cargo test"
 # suits a 2-core machine.
 cargo test --workspace --locked -- --test-threads="${TWILL_TEST_THREADS:-2}"
 
+echo "== fuzz (each target ${TWILL_FUZZ_SECS:-20}s)"
+scripts/fuzz.sh
+
 after=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 leftover=$(comm -13 <(echo "$before") <(echo "$after"))
 if [ -n "$leftover" ]; then

@@ -87,6 +87,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         registry,
         own,
         margin: Duration::from_secs(flags.subnet_lease_renew_margin as u64 * 60),
+        renew_failures: 0,
     };
     event_loop(flags, config, source, dataplane, masq_inputs).await
 }
@@ -443,6 +444,9 @@ struct Dataplane {
     /// Shared with the netlink monitor so it can tell our devices' events from others'.
     watched: Arc<[AtomicU32; 2]>,
     last_skipped: BTreeSet<(String, String)>,
+    /// The underlay guard's template (peers filled in per pass) and the ruleset last applied.
+    guard: crate::underlay::GuardInput,
+    guard_applied: Option<String>,
 }
 
 impl Dataplane {
@@ -504,6 +508,18 @@ impl Dataplane {
                 (BackendKind::HostGw, 0, ext.mtu, None, None)
             }
         };
+        let guard = crate::underlay::GuardInput {
+            vxlan_port: vxlan4.as_ref().or(vxlan6.as_ref()).map(|v| {
+                if v.port == 0 {
+                    8472
+                } else {
+                    v.port
+                }
+            }),
+            external: ext.name.clone(),
+            networks: networks.clone(),
+            ..Default::default()
+        };
         let topo = Topology {
             backend: kind,
             networks,
@@ -530,6 +546,8 @@ impl Dataplane {
             own_subnets: Vec::new(),
             watched: Arc::new([AtomicU32::new(0), AtomicU32::new(0)]),
             last_skipped: BTreeSet::new(),
+            guard,
+            guard_applied: None,
         })
     }
 
@@ -567,6 +585,7 @@ impl Dataplane {
             .chain(key.ipv6.map(IpNet::V6))
             .collect();
         self.topo.own_subnets = self.own_subnets.clone();
+        self.guard.own_subnets = self.own_subnets.clone();
     }
 
     /// Makes sure each VXLAN device exists (recreating a deleted or altered one with the same
@@ -660,6 +679,20 @@ impl Dataplane {
             tracing::warn!(lease = %peer, %reason, "not programming peer");
         }
         self.last_skipped = skipped_now;
+        // The underlay guard first: a new peer is allowed before its FDB entry exists.
+        let skipped_peers: BTreeSet<&str> =
+            self.last_skipped.iter().map(|(p, _)| p.as_str()).collect();
+        let mut guard = self.guard.clone();
+        for p in peers
+            .iter()
+            .filter(|p| !skipped_peers.contains(p.name.as_str()))
+        {
+            for fam in p.v4.iter().chain(p.v6.iter()) {
+                guard.peer_ips.insert(fam.public_ip);
+                guard.peer_subnets.insert(fam.subnet);
+            }
+        }
+        self.apply_guard(&guard);
         let actual = self.nl.observe(&self.links, &self.topo).await?;
         let ops = diff(&desired, &actual);
         if !ops.is_empty() {
@@ -682,6 +715,36 @@ impl Dataplane {
             }
         }
         Ok(ops.len())
+    }
+
+    /// Applies the underlay guard when it changed or went missing; a failure is retried on
+    /// the next pass.
+    fn apply_guard(&mut self, guard: &crate::underlay::GuardInput) {
+        let text = crate::underlay::ruleset(guard);
+        if self.guard_applied.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        match crate::underlay::apply(guard) {
+            Ok(()) => {
+                tracing::info!(
+                    peers = guard.peer_ips.len(),
+                    "underlay guard updated (inet twill-underlay)"
+                );
+                self.guard_applied = Some(text);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "underlay guard not applied; retrying on the next pass");
+                self.guard_applied = None;
+            }
+        }
+    }
+
+    /// Drift check on the resync tick: a deleted table is rebuilt on the next pass.
+    fn check_guard(&mut self) {
+        if self.guard_applied.is_some() && !crate::underlay::installed() {
+            tracing::warn!("underlay guard table was removed; re-applying");
+            self.guard_applied = None;
+        }
     }
 
     async fn refresh_external(&mut self) {
@@ -866,6 +929,8 @@ struct EtcdSource {
     registry: EtcdRegistry,
     own: OwnLease,
     margin: Duration,
+    /// Renewal attempts failed in a row (the retry backoff).
+    renew_failures: u32,
 }
 
 impl LeaseSource for EtcdSource {
@@ -900,14 +965,21 @@ impl LeaseSource for EtcdSource {
         match self.registry.put(&own.key, &own.attrs, own.ttl).await {
             Ok(Some(ttl)) => {
                 own.renew_at = Some(renew_deadline(ttl, Some(self.margin)));
-                tracing::info!(subnet = %own.key, "renewed lease");
+                tracing::info!(subnet = %own.key, after_failures = self.renew_failures, "renewed lease");
             }
             Ok(None) => own.renew_at = None,
             Err(e) => {
-                tracing::warn!(error = %e, "renewing lease failed; retrying in 1 minute");
-                own.renew_at = Some(Instant::now() + Duration::from_secs(60));
+                // Flannel waits a minute; twill retries sooner (1 s doubling to 30 s), so a
+                // renewal that fell due during an etcd outage is made soon after etcd is back.
+                self.renew_failures += 1;
+                let retry = Duration::from_secs(1 << self.renew_failures.min(5))
+                    .min(Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?retry, "renewing lease failed; retrying");
+                own.renew_at = Some(Instant::now() + retry);
+                return;
             }
         }
+        self.renew_failures = 0;
     }
 }
 
@@ -1031,6 +1103,7 @@ async fn event_loop<S: LeaseSource>(
             }
             _ = resync.tick() => {
                 dataplane.refresh_external().await;
+                dataplane.check_guard();
                 dirty = true;
             }
             _ = rules_check.tick() => {

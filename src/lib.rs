@@ -10,3 +10,4 @@ pub mod iface;
 pub mod masq;
 pub mod nft;
 pub mod registry;
+pub mod underlay;

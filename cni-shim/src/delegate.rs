@@ -34,8 +34,20 @@ pub fn find_in_path(plugin: &str, cni_path: &str) -> Result<PathBuf, CniError> {
 /// Run `plugin` for `command` with `stdin`; its stdout on success. On failure the delegate's own
 /// CNI error (code and details kept, message prefixed with `what`), or a plugin-specific error.
 pub fn run(plugin: &Path, command: &str, stdin: &[u8], what: &str) -> Result<Vec<u8>, CniError> {
+    run_env(plugin, command, stdin, what, &[])
+}
+
+/// [`run`] with extra environment variables (GC runs DEL for an attachment of its own choosing).
+pub fn run_env(
+    plugin: &Path,
+    command: &str,
+    stdin: &[u8],
+    what: &str,
+    env: &[(&str, &str)],
+) -> Result<Vec<u8>, CniError> {
     let fail = |msg: String| CniError::new(code::DELEGATE_FAILED, format!("{what}: {msg}"));
     let mut child = Command::new(plugin)
+        .envs(env.iter().copied())
         .env("CNI_COMMAND", command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -1,6 +1,7 @@
 //! twill's Flannel-compatible CNI plugin (installed as `/opt/cni/bin/flannel`) and the shared
 //! `subnet.env` parser/renderer.
 
+pub mod antispoof;
 pub mod delegate;
 pub mod error;
 pub mod gojson;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::antispoof;
 use crate::delegate;
 use crate::error::{code, CniError};
 use crate::gojson;
@@ -51,7 +52,22 @@ fn nonempty(v: &Option<String>) -> Option<&str> {
 }
 
 /// Run one CNI command. `Ok(Some(bytes))` is printed on stdout; errors become the error JSON.
-pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
+/// A request that passed every check made before anything touches disk or the kernel.
+#[derive(Debug)]
+pub enum Prepared {
+    /// VERSION's answer.
+    Version(Vec<u8>),
+    Command {
+        command: String,
+        conf: Box<FlannelConf>,
+        container_id: String,
+        cni_path: String,
+    },
+}
+
+/// Validates the environment and stdin (the fuzzed surface: no writes, no delegate runs; the
+/// netns check only looks at the path).
+pub fn prepare(env: &CniEnv, stdin: &[u8]) -> Result<Prepared, CniError> {
     let Some(command) = nonempty(&env.command) else {
         return Err(CniError::new(
             code::INVALID_ENV,
@@ -65,7 +81,7 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
             let requested = serde_json::from_slice::<Value>(stdin)
                 .ok()
                 .and_then(|v| v.get("cniVersion")?.as_str().map(String::from));
-            return Ok(Some(
+            return Ok(Prepared::Version(
                 validate::version_json(requested.as_deref()).into_bytes(),
             ));
         }
@@ -109,7 +125,26 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
 
     let conf = FlannelConf::parse(stdin)?;
     validate::check_version(&conf.cni_version, command)?;
-    match command {
+    Ok(Prepared::Command {
+        command: command.to_string(),
+        conf: Box::new(conf),
+        container_id: cid.to_string(),
+        cni_path: cni_path.to_string(),
+    })
+}
+
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Vec<u8>>, CniError> {
+    let (command, conf, cid, cni_path) = match prepare(env, stdin)? {
+        Prepared::Version(v) => return Ok(Some(v)),
+        Prepared::Command {
+            command,
+            conf,
+            container_id,
+            cni_path,
+        } => (command, conf, container_id, cni_path),
+    };
+    let (cid, cni_path) = (cid.as_str(), cni_path.as_str());
+    match command.as_str() {
         "ADD" => cmd_add(&conf, cid, cni_path).map(Some),
         "DEL" => cmd_del(&conf, cid, cni_path).map(|_| None),
         "CHECK" => cmd_check(&conf, cid, cni_path).map(|_| None),
@@ -255,6 +290,9 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
         // the runtime's DEL can undo the attachment.
         Ok(out) => {
             durable?;
+            let bridge = d.get("bridge").and_then(Value::as_str).unwrap_or("cni0");
+            refuse_router_advertisements(&out, bridge)?;
+            guard_pod_port(&out, bridge)?;
             netconf::convert_result(&out, &conf.cni_version)
         }
         Err(e) => {
@@ -265,6 +303,132 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
             Err(e)
         }
     }
+}
+
+/// CVE-2020-10749: a pod's router advertisements must never configure the host. Of the
+/// host-side interfaces in the delegate's result (entries without a `sandbox`), the bridge and
+/// its ports (the pods' veths: `/sys/class/net/<if>/master` is the bridge) get `accept_ra=0`
+/// in this (the node's) namespace; nothing else is touched, whatever a delegate reports. A
+/// host without IPv6 has nothing to protect. Any other failure fails the ADD; the runtime's DEL
+/// then removes the attachment, so no pod runs on a host that would listen to it.
+pub fn refuse_router_advertisements(result: &[u8], bridge: &str) -> Result<(), CniError> {
+    let Ok(v) = serde_json::from_slice::<Value>(result) else {
+        return Ok(());
+    };
+    for name in host_interfaces(&v)
+        .iter()
+        .filter(|n| *n == bridge || is_bridge_port(n, bridge))
+    {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+        match fs::write(&path, b"0") {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(CniError::new(
+                    code::IO_FAILURE,
+                    format!("failed to set {path} to 0: {}", go_io_text(&e)),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a port of `bridge` in this namespace.
+pub fn is_bridge_port(name: &str, bridge: &str) -> bool {
+    fs::read_link(format!("/sys/class/net/{name}/master"))
+        .is_ok_and(|m| m.file_name().is_some_and(|f| f == bridge))
+}
+
+/// Per-pod anti-spoofing after ADD (see [`crate::antispoof`]), for a veth on the bridge only.
+fn guard_pod_port(result: &[u8], bridge: &str) -> Result<(), CniError> {
+    let Ok(v) = serde_json::from_slice::<Value>(result) else {
+        return Ok(());
+    };
+    match antispoof::pod_port(&v, bridge) {
+        Some(p) if is_bridge_port(&p.veth, bridge) => antispoof::apply(&antispoof::add_script(&p)),
+        _ => Ok(()),
+    }
+}
+
+/// Best effort after DEL: the pod's anti-spoofing elements, when the runtime passed
+/// `prevResult` and this node has the pod bridge (never elsewhere, e.g. a test's root namespace).
+fn forget_pod_port(conf: &FlannelConf, saved: &[u8]) {
+    let bridge = serde_json::from_slice::<Value>(saved)
+        .ok()
+        .and_then(|d| d.get("bridge")?.as_str().map(String::from))
+        .unwrap_or_else(|| "cni0".into());
+    let Some(port) = conf
+        .raw
+        .get("prevResult")
+        .and_then(|r| antispoof::pod_port(r, &bridge))
+    else {
+        return;
+    };
+    if !Path::new(&format!("/sys/class/net/{bridge}")).exists() {
+        return;
+    }
+    if let Err(e) = antispoof::apply(&antispoof::del_script(&port)) {
+        eprintln!("twill-cni: {}", e.msg);
+    }
+}
+
+/// Host-side interface names in a CNI result, checked like `CNI_IFNAME` before they are used
+/// in a path.
+pub fn host_interfaces(result: &Value) -> Vec<String> {
+    result
+        .get("interfaces")
+        .and_then(Value::as_array)
+        .map(|ifs| {
+            ifs.iter()
+                .filter(|i| {
+                    i.get("sandbox")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .is_empty()
+                })
+                .filter_map(|i| i.get("name").and_then(Value::as_str))
+                .filter(|n| crate::validate::ifname(n).is_ok())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `name` is a scratch temp file (`.<id>.<pid>.tmp`) whose writer is gone.
+fn dead_writer_temp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    match rest.rsplit_once('.').map(|(_, pid)| pid.parse::<u32>()) {
+        Some(Ok(pid)) => !Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false,
+    }
+}
+
+/// DEL of a stale attachment from its saved delegate config, outside any netns (the pod is
+/// gone): the delegate releases its IPAM reservation. Flannel's scratch files do not record the
+/// interface name; Kubernetes always uses `eth0`. An unreadable config is left for an operator.
+fn gc_delete(path: &Path, cid: &str, cni_path: &str) -> Result<(), CniError> {
+    let bytes = fs::read(path).map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?;
+    let typ = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("type")?.as_str().map(String::from))
+        .ok_or_else(|| CniError::new(code::DECODE_FAILURE, "saved netconf has no type"))?;
+    let plugin = delegate::find_in_path(&typ, cni_path)?;
+    delegate::run_env(
+        &plugin,
+        "DEL",
+        &bytes,
+        "gc: failed to delegate del",
+        &[
+            ("CNI_CONTAINERID", cid),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", ""),
+            ("CNI_PATH", cni_path),
+        ],
+    )
+    .map(|_| ())
 }
 
 fn read_saved(conf: &FlannelConf, cid: &str) -> (PathBuf, io::Result<Vec<u8>>) {
@@ -298,6 +462,7 @@ fn cmd_del(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<(), CniError
     };
     let plugin = delegate::find_in_path(&typ, cni_path)?;
     delegate::run(&plugin, "DEL", &bytes, "failed to delegate del")?;
+    forget_pod_port(conf, &bytes);
     if let Err(e) = fs::remove_file(&path) {
         eprintln!("twill-cni: failed to remove {}: {e}", path.display());
     }
@@ -400,9 +565,39 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
         }
     };
     for name in netconf::gc_stale(&entries, &valid) {
+        // A stale attachment (an ADD or DEL killed half-way, a DEL that never came) is
+        // deleted through its saved delegate config, which releases its address even with
+        // delegates too old to implement GC; the scratch file goes only once that worked.
+        let p = conf.data_dir.join(name);
+        if let Err(e) = gc_delete(&p, name, cni_path) {
+            errors.push(format!("{}: {}", p.display(), e.msg));
+            continue;
+        }
+        if let Err(e) = fs::remove_file(&p) {
+            errors.push(format!("remove {}: {e}", p.display()));
+        }
+    }
+
+    // Temp files of a scratch save whose writer died before its rename (an ADD killed
+    // half-way): `.<containerID>.<pid>.tmp` with no such process left.
+    for name in entries.iter().filter(|n| dead_writer_temp(n)) {
         let p = conf.data_dir.join(name);
         if let Err(e) = fs::remove_file(&p) {
             errors.push(format!("remove {}: {e}", p.display()));
+        }
+    }
+
+    // Anti-spoofing elements of pods whose veth is gone, on a node that has the pod bridge.
+    let bridge = conf
+        .raw
+        .get("delegate")
+        .and_then(|d| d.get("bridge")?.as_str())
+        .unwrap_or("cni0");
+    if crate::validate::ifname(bridge).is_ok()
+        && Path::new(&format!("/sys/class/net/{bridge}")).exists()
+    {
+        if let Err(e) = antispoof::prune() {
+            errors.push(e.msg);
         }
     }
 
@@ -437,4 +632,29 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
         return Err(CniError::new(code::IO_FAILURE, msg));
     }
     delegate_err.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod ra_tests {
+    use super::*;
+
+    #[test]
+    fn host_side_interfaces_are_those_without_a_sandbox() {
+        let r: Value = serde_json::from_str(
+            r#"{"interfaces":[{"name":"cni0","mac":"aa"},{"name":"veth1234","mac":"bb"},
+                {"name":"eth0","mac":"cc","sandbox":"/run/netns/p"},{"name":"../x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(host_interfaces(&r), vec!["cni0", "veth1234"]);
+        assert!(host_interfaces(&serde_json::json!({})).is_empty());
+    }
+
+    #[test]
+    fn only_temp_files_of_dead_writers_are_stale() {
+        let me = std::process::id();
+        assert!(!dead_writer_temp(&format!(".pod-a.{me}.tmp")));
+        assert!(dead_writer_temp(".pod-a.4294967295.tmp"));
+        assert!(!dead_writer_temp("pod-a"));
+        assert!(!dead_writer_temp(".pod-a.tmp"));
+    }
 }

@@ -63,14 +63,20 @@ impl Cluster {
         let netns = self.lab.node(node).netns.clone();
         let subnet_file = self.subnet_file(node).to_string_lossy().into_owned();
         let bin = twilld_bin();
-        let mut argv = vec![
-            bin.as_str(),
-            "--etcd-endpoints=http://198.18.0.1:2379",
+        // The lab's plain-HTTP etcd unless the caller names its own endpoints (TLS).
+        let endpoints = if extra.iter().any(|a| a.starts_with("--etcd-endpoints")) {
+            None
+        } else {
+            Some("--etcd-endpoints=http://198.18.0.1:2379")
+        };
+        let mut argv: Vec<&str> = vec![bin.as_str()];
+        argv.extend(endpoints);
+        argv.extend_from_slice(&[
             "--ip-masq",
             "--resync-period=2",
             "--subnet-file",
             subnet_file.as_str(),
-        ];
+        ]);
         argv.extend_from_slice(extra);
         let id = self
             .lab

@@ -1,0 +1,21 @@
+//! NetworkPolicy manifests (YAML, the manifests-directory source): parsing, then compiling the
+//! snapshot for every node it mentions and rendering the nft script, never panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use twill_policy::compile::{compile, Options};
+use twill_policy::source::manifests::parse_str;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(snap) = parse_str(text, "fuzz.yaml") else {
+        return;
+    };
+    let mut nodes: Vec<String> = snap.pods.iter().filter_map(|p| p.node.clone()).collect();
+    nodes.push("n1".into());
+    nodes.dedup();
+    for node in nodes.iter().take(4) {
+        let _ = compile(&snap, node, &Options::default()).render();
+    }
+});

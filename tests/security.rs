@@ -1,0 +1,632 @@
+//! Lab tests of the underlay guard (`inet twill-underlay`, issue 7): VXLAN accepted only from
+//! current peers (flannel#961), pods kept off every VXLAN port and unable to spoof their
+//! source, routed pod traffic only from peers' subnets. Each attack is also shown to work
+//! without twill's table, the way a Flannel node is exposed. Root only; skipped outside CI.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use common::{cluster, Cluster};
+use twill_cni::subnet_env::SubnetEnv;
+use twill_lab::{Ipv4Net, Signal};
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const LISTEN: u16 = 7777;
+
+/// Runs `f` on a thread that has entered the network namespace `ns` (sockets it creates stay
+/// in that namespace); the test process itself never leaves the root namespace.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread in namespace")
+}
+
+/// A UDP socket on `LISTEN` inside `ns`.
+fn listener(ns: &str) -> UdpSocket {
+    let s = in_ns(ns, || UdpSocket::bind(("0.0.0.0", LISTEN)).expect("bind"));
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    s
+}
+
+/// Whether `sock` receives a datagram carrying `token` (others are skipped) before the timeout.
+fn received(sock: &UdpSocket, token: &[u8]) -> bool {
+    let mut buf = [0u8; 2048];
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        if &buf[..n] == token {
+            return true;
+        }
+    }
+    false
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A VXLAN payload (8-byte header, VNI) carrying Ethernet + IPv4 + UDP to `dst:LISTEN` from
+/// `src` (any address: that is the point), built by hand.
+fn vxlan_payload(vni: u32, dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, data: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x08, 0, 0, 0];
+    p.extend_from_slice(&(vni << 8).to_be_bytes());
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&[0x02, 0xde, 0xad, 0xbe, 0xef, 0x01]);
+    p.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + data.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&40000u16.to_be_bytes());
+    p.extend_from_slice(&LISTEN.to_be_bytes());
+    p.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(data);
+    p
+}
+
+/// Sends `payload` over UDP from namespace `ns` (bound to `from` if given) to `to`.
+fn send_from(ns: &str, from: Option<Ipv4Addr>, to: SocketAddr, payload: Vec<u8>) {
+    in_ns(ns, move || {
+        let s = UdpSocket::bind((from.unwrap_or(Ipv4Addr::UNSPECIFIED), 0)).expect("bind");
+        // Several copies: the first may wait for ARP.
+        for _ in 0..3 {
+            let _ = s.send_to(&payload, to);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+fn subnet(env: &SubnetEnv) -> Ipv4Net {
+    env.subnet_network().unwrap()
+}
+
+fn host(net: &Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + n)
+}
+
+/// Waits until `node`'s guard lists exactly `peers` (sorted dotted quads) in `peers4`.
+fn wait_guard(c: &Cluster, node: &str, peers: &[Ipv4Addr]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = c
+            .lab
+            .exec(
+                &c.ns(node),
+                &[
+                    "nft",
+                    "-j",
+                    "list",
+                    "set",
+                    "inet",
+                    "twill-underlay",
+                    "peers4",
+                ],
+            )
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let mut have: Vec<String> = v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["set"]["elem"].as_array())
+            .flatten()
+            .filter_map(|e| e.as_str().map(String::from))
+            .collect();
+        have.sort();
+        let mut want: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
+        want.sort();
+        if !out.is_empty() && have == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guard on {node} never listed {want:?} (has {have:?}):\n{}",
+            c.log(node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// flannel#961: a VXLAN packet from a host that holds no lease, with a spoofed pod source,
+/// reaches a pod on a Flannel node; on a twill node it is dropped, while the same packet from
+/// a peer still arrives.
+#[test]
+fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    // n3 is the attacker: on the same underlay, no twilld, no lease.
+    let mut c = cluster("inj", &["n1", "n2", "n3"], VXLAN);
+    c.start("n1", &[]);
+    c.start("n2", &[]);
+    let e1 = c.wait_ready("n1");
+    let e2 = c.wait_ready("n2");
+    let (a1, a2) = (c.lab.node("n1").addr, c.lab.node("n2").addr);
+    wait_guard(&c, "n1", &[a2]);
+    let target = c.pod("n1", "victim", &e1);
+    let victim_ns = c.lab.pod("victim").netns.clone();
+    let sock = listener(&victim_ns);
+    let vtep = parse_mac(&c.mac("n1", "flannel.1"));
+    let spoofed = host(&subnet(&e2), 77);
+    let to: SocketAddr = (a1, 8472).into();
+    let attacker = c.ns("n3");
+    let peer = c.ns("n2");
+
+    let inject = |ns: &str, token: &[u8]| {
+        send_from(ns, None, to, vxlan_payload(1, vtep, spoofed, target, token));
+    };
+
+    inject(&attacker, b"twill-1");
+    assert!(
+        !received(&sock, b"twill-1"),
+        "VXLAN from a non-peer reached the pod"
+    );
+    inject(&peer, b"peer");
+    assert!(
+        received(&sock, b"peer"),
+        "the same packet from a peer did not arrive: the probe is broken"
+    );
+    let drops = c
+        .lab
+        .exec_ok(
+            &c.ns("n1"),
+            &["nft", "list", "chain", "inet", "twill-underlay", "input"],
+        )
+        .unwrap();
+    assert!(!drops.contains("packets 0 "), "{drops}");
+
+    // Flannel's node: the same devices and entries, no twill table.
+    c.kill("n1", Signal::SIGKILL);
+    c.lab
+        .exec_ok(
+            &c.ns("n1"),
+            &["nft", "delete", "table", "inet", "twill-underlay"],
+        )
+        .unwrap();
+    inject(&attacker, b"flannel");
+    assert!(
+        received(&sock, b"flannel"),
+        "without the guard the injected packet should arrive (flannel#961)"
+    );
+
+    // twilld back: the guard is rebuilt and the attack fails again.
+    c.start("n1", &[]);
+    c.wait_ready("n1");
+    wait_guard(&c, "n1", &[a2]);
+    inject(&attacker, b"twill-2");
+    assert!(!received(&sock, b"twill-2"), "guard not rebuilt on restart");
+}
+
+/// Pods cannot use any node's VXLAN port (their own node's or a peer's) to inject frames, and
+/// cannot send with a source outside their node's subnet (another node's pod, an outside
+/// host). Without the guard each of these works.
+#[test]
+fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("pod", &["n1", "n2"], VXLAN);
+    c.start("n1", &[]);
+    c.start("n2", &[]);
+    let e1 = c.wait_ready("n1");
+    let e2 = c.wait_ready("n2");
+    let (a1, a2) = (c.lab.node("n1").addr, c.lab.node("n2").addr);
+    wait_guard(&c, "n1", &[a2]);
+    wait_guard(&c, "n2", &[a1]);
+    let p1 = c.pod("n1", "evil", &e1);
+    let p2 = c.pod("n2", "victim", &e2);
+    let evil = c.lab.pod("evil").netns.clone();
+    let victim = c.lab.pod("victim").netns.clone();
+    let sock1 = listener(&evil);
+    let sock2 = listener(&victim);
+    assert!(c.lab.wait_ping(&evil, p2.into(), Duration::from_secs(10)));
+    let mac1 = parse_mac(&c.mac("n1", "flannel.1"));
+    let mac2 = parse_mac(&c.mac("n2", "flannel.1"));
+    // A source on the victim's own node, so nothing but the guard could refuse it there.
+    let spoofed = host(&subnet(&e2), 99);
+    let other_node_src = host(&subnet(&e2), 98);
+    c.lab
+        .exec_ok(
+            &evil,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{other_node_src}/32"),
+                "dev",
+                "eth0",
+            ],
+        )
+        .unwrap();
+
+    let attacks = |tag: &str| -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        let t = format!("{tag}-peer-port");
+        send_from(
+            &evil,
+            None,
+            (a2, 8472).into(),
+            vxlan_payload(1, mac2, spoofed, p2, t.as_bytes()),
+        );
+        out.push((
+            "VXLAN to a peer's port".into(),
+            received(&sock2, t.as_bytes()),
+        ));
+        let t = format!("{tag}-own-port");
+        send_from(
+            &evil,
+            None,
+            (a1, 8472).into(),
+            vxlan_payload(1, mac1, spoofed, p1, t.as_bytes()),
+        );
+        out.push((
+            "VXLAN to its own node's port".into(),
+            received(&sock1, t.as_bytes()),
+        ));
+        let t = format!("{tag}-spoof");
+        send_from(
+            &evil,
+            Some(other_node_src),
+            (p2, LISTEN).into(),
+            t.as_bytes().to_vec(),
+        );
+        out.push((
+            "another node's pod address as source".into(),
+            received(&sock2, t.as_bytes()),
+        ));
+        out
+    };
+
+    for (what, got) in attacks("twill") {
+        assert!(!got, "with twill's guard, a pod succeeded: {what}");
+    }
+    // A pod's own address still works (the guard is not simply dropping the pod).
+    send_from(&evil, Some(p1), (p2, LISTEN).into(), b"honest".to_vec());
+    assert!(received(&sock2, b"honest"));
+
+    for n in ["n1", "n2"] {
+        c.kill(n, Signal::SIGKILL);
+        c.lab
+            .exec_ok(
+                &c.ns(n),
+                &["nft", "delete", "table", "inet", "twill-underlay"],
+            )
+            .unwrap();
+    }
+    for (what, got) in attacks("flannel") {
+        assert!(
+            got,
+            "without the guard this should work (Flannel's exposure): {what}"
+        );
+    }
+}
+
+/// host-gw: a packet arriving on the underlay with a pod-network source that is not leased
+/// to any peer is dropped; a peer's pods still get through.
+#[test]
+fn host_gw_refuses_pod_sources_not_leased_to_a_peer() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("hgs", &["n1", "n2", "n3"], HOST_GW);
+    c.start("n1", &[]);
+    c.start("n2", &[]);
+    let e1 = c.wait_ready("n1");
+    let e2 = c.wait_ready("n2");
+    wait_guard(&c, "n1", &[c.lab.node("n2").addr]);
+    let p1 = c.pod("n1", "victim", &e1);
+    let p2 = c.pod("n2", "friend", &e2);
+    let victim = c.lab.pod("victim").netns.clone();
+    let friend = c.lab.pod("friend").netns.clone();
+    let sock = listener(&victim);
+    send_from(&friend, Some(p2), (p1, LISTEN).into(), b"peer".to_vec());
+    assert!(received(&sock, b"peer"), "a peer's pod must get through");
+
+    // n3 (no lease) claims a pod address nobody leased and routes to n1's pods via n1.
+    let a1 = c.lab.node("n1").addr;
+    let n3 = c.ns("n3");
+    c.lab
+        .exec_ok(
+            &n3,
+            &["ip", "addr", "add", "10.244.250.5/32", "dev", "eth0"],
+        )
+        .unwrap();
+    c.lab
+        .exec_ok(
+            &n3,
+            &[
+                "ip",
+                "route",
+                "add",
+                &subnet(&e1).to_string(),
+                "via",
+                &a1.to_string(),
+            ],
+        )
+        .unwrap();
+    let from: Ipv4Addr = "10.244.250.5".parse().unwrap();
+    send_from(&n3, Some(from), (p1, LISTEN).into(), b"rogue".to_vec());
+    assert!(
+        !received(&sock, b"rogue"),
+        "an unleased pod source got through"
+    );
+
+    c.kill("n1", Signal::SIGKILL);
+    c.lab
+        .exec_ok(
+            &c.ns("n1"),
+            &["nft", "delete", "table", "inet", "twill-underlay"],
+        )
+        .unwrap();
+    send_from(&n3, Some(from), (p1, LISTEN).into(), b"flannel".to_vec());
+    assert!(
+        received(&sock, b"flannel"),
+        "without the guard it should arrive"
+    );
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a certificate signed by it (P-256), with `ext` (SANs, key usage) as extensions.
+fn issue(dir: &std::path::Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+fn new_ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
+/// etcd with TLS and client-certificate authentication, certificates made by the test:
+/// twilld with --etcd-cafile/--etcd-certfile/--etcd-keyfile gets its lease and programs its
+/// peer; a twilld whose client certificate comes from another CA is refused and never ready.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut lab = twill_lab::Lab::new("tls").expect("lab");
+    let pki = lab.dir().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    new_ca(&pki, "ca");
+    new_ca(&pki, "rogue-ca");
+    issue(
+        &pki,
+        "ca",
+        "server",
+        "etcd",
+        "subjectAltName=IP:198.18.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    );
+    issue(
+        &pki,
+        "ca",
+        "client",
+        "twilld",
+        "extendedKeyUsage=clientAuth\n",
+    );
+    issue(
+        &pki,
+        "rogue-ca",
+        "rogue",
+        "twilld",
+        "extendedKeyUsage=clientAuth\n",
+    );
+    let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
+    let data = lab.dir().join("etcd-tls").to_string_lossy().into_owned();
+    let sw = lab.switch_ns();
+    let etcd = lab
+        .spawn(
+            &sw,
+            "etcd-tls",
+            &[
+                "etcd",
+                "--name",
+                "sw",
+                "--data-dir",
+                &data,
+                "--listen-client-urls",
+                "https://198.18.0.1:2379,https://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "https://198.18.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "sw=http://127.0.0.1:2380",
+                "--cert-file",
+                &p("server.crt"),
+                "--key-file",
+                &p("server.key"),
+                "--trusted-ca-file",
+                &p("ca.crt"),
+                "--client-cert-auth",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ],
+            &[],
+        )
+        .unwrap();
+    let etcdctl = |lab: &twill_lab::Lab, key: &str, args: &[&str]| {
+        let (cert, k) = (p(&format!("{key}.crt")), p(&format!("{key}.key")));
+        let ca = p("ca.crt");
+        let mut argv = vec![
+            "etcdctl",
+            "--endpoints=https://127.0.0.1:2379",
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &k,
+            "--dial-timeout=2s",
+        ];
+        argv.extend_from_slice(args);
+        lab.exec_env(&sw, &argv, &[("ETCDCTL_API", "3")]).unwrap()
+    };
+    wait_until_ok(
+        || {
+            etcdctl(&lab, "client", &["endpoint", "health"])
+                .status
+                .success()
+        },
+        &lab,
+        etcd,
+    );
+    assert!(
+        !etcdctl(&lab, "rogue", &["endpoint", "health"])
+            .status
+            .success(),
+        "etcd accepted a certificate from another CA"
+    );
+    let put = etcdctl(
+        &lab,
+        "client",
+        &["put", &format!("{}/config", common::PREFIX), VXLAN],
+    );
+    assert!(put.status.success());
+    lab.add_node("n1").unwrap();
+    lab.add_node("n2").unwrap();
+    let mut c = Cluster::from_lab(lab);
+    let tls = |who: &str| {
+        vec![
+            "--etcd-endpoints=https://198.18.0.1:2379".to_string(),
+            format!("--etcd-cafile={}", p("ca.crt")),
+            format!("--etcd-certfile={}", p(&format!("{who}.crt"))),
+            format!("--etcd-keyfile={}", p(&format!("{who}.key"))),
+        ]
+    };
+    for n in ["n1", "n2"] {
+        let args = tls("client");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        c.start(n, &args);
+    }
+    let e1 = c.wait_ready("n1");
+    let e2 = c.wait_ready("n2");
+    let (s2, a2, mac2) = (subnet(&e2), c.lab.node("n2").addr, c.mac("n2", "flannel.1"));
+    c.wait_entries("n1", "flannel.1", "peer over TLS", |e| {
+        e.has_peer(&s2, a2, &mac2)
+    });
+    assert_ne!(subnet(&e1), s2);
+
+    // A client certificate from another CA: refused, never ready, and says why.
+    c.kill("n2", Signal::SIGKILL);
+    let args = tls("rogue");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.start("n2", &args);
+    std::thread::sleep(Duration::from_secs(5));
+    let log = c.log("n2");
+    assert!(!log.contains("wrote subnet.env; ready"), "{log}");
+    assert!(log.contains("etcd"), "no etcd error logged:\n{log}");
+}
+
+fn wait_until_ok(mut f: impl FnMut() -> bool, lab: &twill_lab::Lab, etcd: twill_lab::ProcId) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TLS etcd not healthy:\n{}",
+            lab.log(etcd)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
