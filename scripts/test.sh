@@ -17,7 +17,12 @@ before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 echo "== cargo test"
 # Each lab test brings up etcd and several daemons in namespaces of its own; two at a time
 # suits a 2-core machine.
-cargo test --workspace --locked -- --test-threads="${TWILL_TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked -- --test-threads="${TWILL_TEST_THREADS:-2}" 2>&1 | tee "$log"
+
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
 
 echo "== fuzz (each target ${TWILL_FUZZ_SECS:-20}s)"
 scripts/fuzz.sh
@@ -29,3 +34,7 @@ if [ -n "$leftover" ]; then
   echo "$leftover" >&2
   exit 1
 fi
+
+
+# Repeated as the suite's closing line.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
