@@ -216,6 +216,20 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
             );
             true
         }
+        Applied::Incremental => {
+            info!(
+                chains = s.chains,
+                rules = s.rules,
+                sets = s.sets,
+                set_elements = s.set_elements,
+                map_elements = s.map_elements,
+                changed_chains = r.changed_chains.len(),
+                changed_elements = r.changed_elements,
+                "applied ruleset incrementally in {:?}",
+                r.duration
+            );
+            true
+        }
         Applied::Unchanged => true,
         Applied::FailClosed { error } => {
             error!("apply failed: {error}; installed the fail-closed table (selected pods refuse new connections)");

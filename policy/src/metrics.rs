@@ -4,7 +4,7 @@
 //! | metric | type | what |
 //! |---|---|---|
 //! | `twill_policy_sync_duration_seconds` | histogram | compile + apply of one sync |
-//! | `twill_policy_syncs_total{result}` | counter | syncs by result: full, unchanged, fail_closed, failed |
+//! | `twill_policy_syncs_total{result}` | counter | syncs by result: full, incremental, unchanged, fail_closed, failed |
 //! | `twill_policy_sync_errors_total{kind}` | counter | `apply` (full ruleset rejected), `fail_closed` (isolation-only table rejected too), `source` (invalid manifests) |
 //! | `twill_policy_rules`, `_chains`, `_sets`, `_set_elements`, `_map_elements` | gauge | size of the ruleset of the last sync |
 //! | `twill_policy_fail_closed` | gauge | 1 while the isolation-only table is loaded |
@@ -85,7 +85,7 @@ impl Metrics {
         );
         registry.register(
             "syncs",
-            "Syncs by result (full, unchanged, fail_closed, failed)",
+            "Syncs by result (full, incremental, unchanged, fail_closed, failed)",
             m.syncs.clone(),
         );
         registry.register(
@@ -128,13 +128,14 @@ impl Metrics {
         self.sync_duration.observe(r.duration.as_secs_f64());
         let result = match &r.applied {
             Applied::Full => "full",
+            Applied::Incremental => "incremental",
             Applied::Unchanged => "unchanged",
             Applied::FailClosed { .. } => "fail_closed",
             Applied::Failed { .. } => "failed",
         };
         self.syncs.get_or_create(&label("result", result)).inc();
         match &r.applied {
-            Applied::Full | Applied::Unchanged => {
+            Applied::Full | Applied::Incremental | Applied::Unchanged => {
                 let s = r.stats;
                 self.rules.set(s.rules as i64);
                 self.chains.set(s.chains as i64);
@@ -240,6 +241,21 @@ impl DropTracker {
         self.seen = now.clone();
     }
 
+    /// An incremental update added, refilled or deleted these chains: their counters
+    /// start again from zero, the others keep counting.
+    pub fn chains_reset(&mut self, chains: &[String]) {
+        for c in chains {
+            let key = if let Some(p) = c.strip_prefix("pod-in/") {
+                (p.to_string(), "ingress".to_string())
+            } else if let Some(p) = c.strip_prefix("pod-out/") {
+                (p.to_string(), "egress".to_string())
+            } else {
+                continue;
+            };
+            self.seen.remove(&key);
+        }
+    }
+
     /// The table was replaced: its counters start again from zero.
     pub fn table_replaced(&mut self) {
         self.seen.clear();
@@ -283,8 +299,10 @@ impl Shared {
         let mut t = self.drops.lock().unwrap_or_else(|e| e.into_inner());
         self.read_drops(&mut t);
         let r = enf.sync(snap);
-        if r.applied != Applied::Unchanged {
-            t.table_replaced();
+        match r.applied {
+            Applied::Unchanged => {}
+            Applied::Incremental => t.chains_reset(&r.changed_chains),
+            _ => t.table_replaced(),
         }
         drop(t);
         self.metrics.record_sync(&r);
@@ -367,6 +385,8 @@ mod tests {
                 map_elements: 3,
             },
             duration: Duration::from_millis(30),
+            changed_chains: vec![],
+            changed_elements: 0,
         });
         m.record_sync(&SyncReport {
             applied: Applied::FailClosed {
@@ -374,6 +394,8 @@ mod tests {
             },
             stats: Stats::default(),
             duration: Duration::from_millis(2),
+            changed_chains: vec![],
+            changed_elements: 0,
         });
         m.record_source_error();
         let mut t = DropTracker::default();
