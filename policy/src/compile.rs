@@ -295,6 +295,11 @@ struct Builder<'a> {
     /// Identical peer sets are emitted once: contents -> set name.
     by_content: BTreeMap<(Family, Vec<(u128, u128)>), String>,
     tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
+    /// Policy pods by namespace (built once per compile: a peer selector only looks at
+    /// the pods of the namespaces it selects, not at every pod).
+    by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
+    /// Labels of every namespace that has policy pods.
+    ns_labels: BTreeMap<&'a str, crate::model::Labels>,
 }
 
 impl<'a> Builder<'a> {
@@ -312,12 +317,24 @@ impl<'a> Builder<'a> {
                     let block = Ranges(vec![r]).subtract(&Ranges::normalize(cut));
                     v[fam as usize].extend(block.0);
                 }
-                Peer::Pods { .. } => {
-                    for pod in &self.snap.pods {
-                        if self.snap.peer_selects_pod(peer, ns, pod) {
-                            for ip in &pod.ips {
-                                let n = ip_num(*ip);
-                                v[Family::of(*ip) as usize].push((n, n));
+                Peer::Pods { pods, namespaces } => {
+                    let mut visit = |n: &str| {
+                        for pod in self.by_ns.get(n).into_iter().flatten() {
+                            if pods.matches(&pod.labels) {
+                                for ip in &pod.ips {
+                                    let n = ip_num(*ip);
+                                    v[Family::of(*ip) as usize].push((n, n));
+                                }
+                            }
+                        }
+                    };
+                    match namespaces {
+                        None => visit(ns),
+                        Some(sel) => {
+                            for (n, labels) in &self.ns_labels {
+                                if sel.matches(labels) {
+                                    visit(n);
+                                }
                             }
                         }
                     }
@@ -477,6 +494,14 @@ fn port_groups(rule: &Rule, dst: Option<&Pod>) -> Option<Vec<ProtoPorts>> {
 
 /// Compiles the ruleset for the pods on `node`.
 pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
+    let mut by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for p in snap.pods.iter().filter(|p| p.is_policy_pod()) {
+        by_ns.entry(p.namespace.as_str()).or_default().push(p);
+    }
+    let ns_labels = by_ns
+        .keys()
+        .map(|n| (*n, snap.namespace_labels(n)))
+        .collect();
     let mut b = Builder {
         snap,
         addr_sets: BTreeMap::new(),
@@ -484,6 +509,8 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         peer_sets: BTreeMap::new(),
         by_content: BTreeMap::new(),
         tuple_names: BTreeMap::new(),
+        by_ns,
+        ns_labels,
     };
     let mut chains = Vec::new();
     let mut ingress_map = Vec::new();
