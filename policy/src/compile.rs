@@ -168,6 +168,9 @@ fn net_range(n: &ipnet::IpNet) -> (Family, (u128, u128)) {
 pub struct AddrSet {
     pub name: String,
     pub family: Family,
+    /// Interval set (ipBlocks); otherwise a hash set of single addresses (pod IPs), whose
+    /// `ranges` are all one address wide and never merged.
+    pub interval: bool,
     pub ranges: Ranges,
     pub comment: String,
 }
@@ -291,9 +294,9 @@ struct Builder<'a> {
     addr_sets: BTreeMap<String, AddrSet>,
     tuple_sets: BTreeMap<String, TupleSet>,
     /// (policy index, dir, rule index) -> per-family peer set names.
-    peer_sets: BTreeMap<(usize, PolicyType, usize), [Option<String>; 2]>,
-    /// Identical peer sets are emitted once: contents -> set name.
-    by_content: BTreeMap<(Family, Vec<(u128, u128)>), String>,
+    peer_sets: BTreeMap<(usize, PolicyType, usize), [Vec<String>; 2]>,
+    /// Identical peer sets are emitted once: (family, interval, contents) -> set name.
+    by_content: BTreeMap<(Family, bool, Vec<(u128, u128)>), String>,
     tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
     /// Policy pods by namespace (built once per compile: a peer selector only looks at
     /// the pods of the namespaces it selects, not at every pod).
@@ -305,7 +308,21 @@ struct Builder<'a> {
 impl<'a> Builder<'a> {
     /// Peer addresses of a rule as per-family ranges.
     fn peer_ranges(&self, ns: &str, rule: &Rule) -> [Ranges; 2] {
+        let [(a4, b4), (a6, b6)] = self.peer_parts(ns, rule);
+        [
+            Ranges::normalize(a4.0.into_iter().chain(b4.0).collect()),
+            Ranges::normalize(a6.0.into_iter().chain(b6.0).collect()),
+        ]
+    }
+
+    /// Peer addresses of a rule per family, as (pod addresses: sorted single addresses,
+    /// ipBlocks: normalized ranges). Kept apart so that pod addresses go into hash sets:
+    /// nft (1.0.6) reads every element of every interval set of the table before any
+    /// element change, which made a one-element update cost as much as listing 110k
+    /// elements; ipBlock sets are small.
+    fn peer_parts(&self, ns: &str, rule: &Rule) -> [(Ranges, Ranges); 2] {
         let mut v: [Vec<(u128, u128)>; 2] = [vec![], vec![]];
+        let mut pods_v: [Vec<(u128, u128)>; 2] = [vec![], vec![]];
         for peer in &rule.peers {
             match peer {
                 Peer::IpBlock(b) => {
@@ -323,7 +340,7 @@ impl<'a> Builder<'a> {
                             if pods.matches(&pod.labels) {
                                 for ip in &pod.ips {
                                     let n = ip_num(*ip);
-                                    v[Family::of(*ip) as usize].push((n, n));
+                                    pods_v[Family::of(*ip) as usize].push((n, n));
                                 }
                             }
                         }
@@ -342,49 +359,65 @@ impl<'a> Builder<'a> {
             }
         }
         let [a, b] = v;
-        [Ranges::normalize(a), Ranges::normalize(b)]
+        let [mut pa, mut pb] = pods_v;
+        pa.sort_unstable();
+        pa.dedup();
+        pb.sort_unstable();
+        pb.dedup();
+        [
+            (Ranges(pa), Ranges::normalize(a)),
+            (Ranges(pb), Ranges::normalize(b)),
+        ]
     }
 
-    fn peer_set(&mut self, pi: usize, dir: PolicyType, ri: usize) -> [Option<String>; 2] {
+    fn peer_set(&mut self, pi: usize, dir: PolicyType, ri: usize) -> [Vec<String>; 2] {
         if let Some(s) = self.peer_sets.get(&(pi, dir, ri)) {
             return s.clone();
         }
         let pol = &self.snap.policies[pi];
-        let ranges = self.peer_ranges(&pol.namespace, &pol.rules(dir)[ri]);
+        let parts = self.peer_parts(&pol.namespace, &pol.rules(dir)[ri]);
         let short = match dir {
             PolicyType::Ingress => "in",
             PolicyType::Egress => "eg",
         };
-        let mut names = [None, None];
+        let mut names: [Vec<String>; 2] = [vec![], vec![]];
         for fam in FAMILIES {
-            let r = &ranges[fam as usize];
-            if r.0.is_empty() {
-                continue;
+            let (pods, blocks) = &parts[fam as usize];
+            for (interval, r, kind) in [(false, pods, "peers"), (true, blocks, "cidrs")] {
+                if r.0.is_empty() {
+                    continue;
+                }
+                if let Some(name) = self.by_content.get(&(fam, interval, r.0.clone())) {
+                    names[fam as usize].push(name.clone());
+                    continue;
+                }
+                let name = ident(
+                    format!(
+                        "{kind}/{}/{}/{short}{ri}/{}",
+                        pol.namespace,
+                        pol.name,
+                        fam.suffix()
+                    ),
+                    || format!("{kind}/p{pi}/{short}{ri}/{}", fam.suffix()),
+                );
+                self.addr_sets.insert(
+                    name.clone(),
+                    AddrSet {
+                        name: name.clone(),
+                        family: fam,
+                        interval,
+                        ranges: r.clone(),
+                        comment: format!(
+                            "{} {dir}[{ri}] {}",
+                            pol.key(),
+                            if interval { "ipBlocks" } else { "peer pods" }
+                        ),
+                    },
+                );
+                self.by_content
+                    .insert((fam, interval, r.0.clone()), name.clone());
+                names[fam as usize].push(name);
             }
-            if let Some(name) = self.by_content.get(&(fam, r.0.clone())) {
-                names[fam as usize] = Some(name.clone());
-                continue;
-            }
-            let name = ident(
-                format!(
-                    "peers/{}/{}/{short}{ri}/{}",
-                    pol.namespace,
-                    pol.name,
-                    fam.suffix()
-                ),
-                || format!("peers/p{pi}/{short}{ri}/{}", fam.suffix()),
-            );
-            self.addr_sets.insert(
-                name.clone(),
-                AddrSet {
-                    name: name.clone(),
-                    family: fam,
-                    ranges: r.clone(),
-                    comment: format!("{} {dir}[{ri}] peers", pol.key()),
-                },
-            );
-            self.by_content.insert((fam, r.0.clone()), name.clone());
-            names[fam as usize] = Some(name);
         }
         self.peer_sets.insert((pi, dir, ri), names.clone());
         names
@@ -566,7 +599,9 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
                             let names = b.peer_set(pi, dir, ri);
                             FAMILIES
                                 .iter()
-                                .filter_map(|f| names[*f as usize].clone().map(|n| Some((*f, n))))
+                                .flat_map(|f| {
+                                    names[*f as usize].iter().map(|n| Some((*f, n.clone())))
+                                })
                                 .collect()
                         };
                         let dst = (dir == PolicyType::Ingress).then_some(pod);
@@ -773,11 +808,18 @@ impl Ruleset {
         for set in &self.addr_sets {
             sets.push(SetDef {
                 name: set.name.clone(),
-                decl: vec![
-                    format!("type {}", set.family.addr_type()),
-                    "flags interval".into(),
-                    format!("comment {:?}", set.comment),
-                ],
+                decl: if set.interval {
+                    vec![
+                        format!("type {}", set.family.addr_type()),
+                        "flags interval".into(),
+                        format!("comment {:?}", set.comment),
+                    ]
+                } else {
+                    vec![
+                        format!("type {}", set.family.addr_type()),
+                        format!("comment {:?}", set.comment),
+                    ]
+                },
                 elems: set.ranges.render(set.family),
             });
         }
