@@ -289,6 +289,9 @@ fn local_pods<'a>(snap: &'a Snapshot, node: &str) -> Vec<&'a Pod> {
         .collect()
 }
 
+/// (family, interval, contents) of a peer set.
+type ContentKey = (Family, bool, Vec<(u128, u128)>);
+
 struct Builder<'a> {
     snap: &'a Snapshot,
     addr_sets: BTreeMap<String, AddrSet>,
@@ -296,7 +299,7 @@ struct Builder<'a> {
     /// (policy index, dir, rule index) -> per-family peer set names.
     peer_sets: BTreeMap<(usize, PolicyType, usize), [Vec<String>; 2]>,
     /// Identical peer sets are emitted once: (family, interval, contents) -> set name.
-    by_content: BTreeMap<(Family, bool, Vec<(u128, u128)>), String>,
+    by_content: BTreeMap<ContentKey, String>,
     tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
     /// Policy pods by namespace (built once per compile: a peer selector only looks at
     /// the pods of the namespaces it selects, not at every pod).
