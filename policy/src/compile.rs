@@ -1100,6 +1100,13 @@ impl TableDef {
         )?;
         writeln!(w, "add table inet {t}")?;
         writeln!(w, "delete table inet {t}")?;
+        self.write_body(w, inner)
+    }
+
+    /// The `table inet T { ... }` block of the full script (after the commands that
+    /// clear the old table).
+    pub fn write_body(&self, w: &mut impl std::fmt::Write, inner: &str) -> std::fmt::Result {
+        let t = &self.table;
         writeln!(w, "table inet {t} {{")?;
         w.write_str(inner)?;
         for set in &self.sets {

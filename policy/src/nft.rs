@@ -15,6 +15,7 @@
 //!   last good full table, or an earlier isolation-only one), and the error is reported;
 //!   the next sync retries.
 
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -330,6 +331,60 @@ impl Enforcer {
         Some((script, st))
     }
 
+    /// The transaction that turns whatever table named `def.table` the kernel holds into
+    /// `def` without deleting the table; None if there is no such table (or it cannot be
+    /// listed).
+    fn refill_script(&self, def: &TableDef, id: &str) -> Option<String> {
+        let t = &def.table;
+        // -t: without set elements.
+        let listing = self
+            .nft
+            .run(&["-t", "-j", "list", "table", "inet", t], "")
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&listing).ok()?;
+        let keep_sets: std::collections::HashSet<&str> = def
+            .sets
+            .iter()
+            .chain(&def.node_sets)
+            .map(|s| s.name.as_str())
+            .chain(def.maps.iter().map(|m| m.name.as_str()))
+            .chain(["ruleset-id"])
+            .collect();
+        let keep_chains: std::collections::HashSet<&str> = def
+            .chains
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(["forward", "input"])
+            .chain(
+                (!def.node_sets.is_empty())
+                    .then_some(["unknown-ingress", "unknown-egress"])
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect();
+        let mut head = format!("add table inet {t}\nflush table inet {t}\n");
+        let mut tail = String::new();
+        for item in v.get("nftables")?.as_array()? {
+            for (kind, what) in [("set", "set"), ("map", "map")] {
+                if let Some(name) = item.get(kind).and_then(|o| o.get("name")?.as_str()) {
+                    let _ = writeln!(head, "flush {what} inet {t} {name}");
+                    if !keep_sets.contains(name) {
+                        let _ = writeln!(tail, "delete {what} inet {t} {name}");
+                    }
+                }
+            }
+            if let Some(name) = item.get("chain").and_then(|o| o.get("name")?.as_str()) {
+                if !keep_chains.contains(name) {
+                    let _ = writeln!(head, "delete chain inet {t} {name}");
+                }
+            }
+        }
+        let mut s = head;
+        s.push_str(&tail);
+        let _ = def.write_body(&mut s, &id_set(id));
+        Some(s)
+    }
+
     /// Makes the kernel enforce `snap`: with one transaction that changes only what
     /// differs from the last applied ruleset when possible, else by replacing the whole
     /// table; falls back to the isolation-only table when the full one is rejected.
@@ -364,6 +419,25 @@ impl Enforcer {
                 Err(e) => {
                     tracing::warn!("incremental update rejected ({e}); replacing the whole table")
                 }
+            }
+        }
+        // The whole ruleset. If the table exists, refill it in place (flush its rules and
+        // sets, delete what the new ruleset lacks, define the rest) so that its base
+        // chains stay hooked: deleting and re-creating the table swaps the hooks, and on
+        // kernel 6.18 a packet can pass between the old and new base chain (atomic_lab
+        // saw 1 datagram in 1000 such replacements). Only when that is rejected (e.g. a
+        // set changed type) is the table deleted and created again.
+        if let Some(script) = self.refill_script(&def, &id) {
+            match self.nft.apply(&script) {
+                Ok(()) => {
+                    self.last = Some(Loaded { def, id });
+                    report.applied = Applied::Full;
+                    report.duration = start.elapsed();
+                    return report;
+                }
+                Err(e) => tracing::warn!(
+                    "refilling the table in place rejected ({e}); deleting and re-creating it"
+                ),
             }
         }
         let script = marked_script(&def, &id);
