@@ -284,8 +284,12 @@ fn cmd_run(
     let mut changed = true;
     loop {
         if changed {
+            let t = Instant::now();
             match load(src.as_mut()) {
-                Ok(s) => last_good = Some(s),
+                Ok(s) => {
+                    tracing::debug!("read the source in {:?}", t.elapsed());
+                    last_good = Some(s)
+                }
                 Err(e) => {
                     shared.metrics.record_source_error();
                     warn!("{e}; keeping the last good state")

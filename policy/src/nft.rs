@@ -389,12 +389,20 @@ impl Enforcer {
     /// differs from the last applied ruleset when possible, else by replacing the whole
     /// table; falls back to the isolation-only table when the full one is rejected.
     pub fn sync(&mut self, snap: &Snapshot) -> SyncReport {
+        self.sync_with(snap, || {})
+    }
+
+    /// [`Enforcer::sync`], calling `before_apply` once after the compile and before nft
+    /// runs (the metrics read the drop counters in parallel with the compile and must
+    /// be done before the table changes).
+    pub fn sync_with(&mut self, snap: &Snapshot, before_apply: impl FnOnce()) -> SyncReport {
         let start = Instant::now();
         let rs = compile(snap, &self.node, &self.opts);
         let stats = rs.stats();
         let def = rs.table_def();
         drop(rs);
         let id = def_id(&def);
+        before_apply();
         let mut report = SyncReport {
             applied: Applied::Unchanged,
             stats,

@@ -469,7 +469,7 @@ fn main() -> Result<()> {
             "--poll-ms",
             "100",
         ],
-        &[],
+        &[("RUST_LOG", "info,twill_policy=debug")],
     )?;
     let applied = |lab: &Lab| lab.log(id).matches("applied ruleset").count();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -517,6 +517,12 @@ fn main() -> Result<()> {
     let listed = nft.run(&["list", "table", "inet", "twill-policy"], "")?;
     if !listed.contains(&marker) {
         bail!("the table does not hold the last change ({marker})");
+    }
+    // The daemon's own account of each sync (compile + nft) and source read.
+    for l in lab.log(id).lines() {
+        if l.contains("applied ruleset") || l.contains("read the source") {
+            eprintln!("daemon: {}", l.trim());
+        }
     }
     lab.stop(id, Duration::from_secs(3))?;
     let p99 = percentile(lat.clone(), 99.0);
