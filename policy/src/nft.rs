@@ -399,10 +399,17 @@ impl Enforcer {
         let start = Instant::now();
         let rs = compile(snap, &self.node, &self.opts);
         let stats = rs.stats();
+        let compiled = start.elapsed();
         let def = rs.table_def();
         drop(rs);
         let id = def_id(&def);
+        let rendered = start.elapsed();
         before_apply();
+        tracing::debug!(
+            "sync: compile {compiled:?}, table definition and id {:?}, waited for the counters {:?}",
+            rendered - compiled,
+            start.elapsed() - rendered
+        );
         let mut report = SyncReport {
             applied: Applied::Unchanged,
             stats,
@@ -414,8 +421,16 @@ impl Enforcer {
             report.duration = start.elapsed();
             return report;
         }
+        let t = Instant::now();
         if let Some((script, st)) = self.incremental_script(&def, &id) {
-            match self.nft.apply(&script) {
+            let diffed = t.elapsed();
+            let res = self.nft.apply(&script);
+            tracing::debug!(
+                "sync: diff {diffed:?}, incremental nft -f ({} bytes) {:?}",
+                script.len(),
+                t.elapsed() - diffed
+            );
+            match res {
                 Ok(()) => {
                     self.last = Some(Loaded { def, id });
                     report.applied = Applied::Incremental;

@@ -520,7 +520,7 @@ fn main() -> Result<()> {
     }
     // The daemon's own account of each sync (compile + nft) and source read.
     for l in lab.log(id).lines() {
-        if l.contains("applied ruleset") || l.contains("read the source") {
+        if l.contains("applied ruleset") || l.contains("read the source") || l.contains("sync: ") {
             eprintln!("daemon: {}", l.trim());
         }
     }
