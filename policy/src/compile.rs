@@ -6,8 +6,10 @@
 //! ```text
 //! map ingress_v4/_v6 { ipv4_addr|ipv6_addr : verdict }  local pod IP -> jump pod-in/<ns>/<pod>
 //! map egress_v4/_v6  { ...                 : verdict }  local pod IP -> jump pod-out/<ns>/<pod>
-//! set peers/<ns>/<policy>/<in|eg><i>/<v4|v6>   interval set: the rule's peers (pod IPs of
-//!      selected pods, plus each ipBlock minus its own excepts), one per policy rule
+//! set peers/<ns>/<policy>/<in|eg><i>/<v4|v6>   hash set: addresses of the rule's selected
+//!      pods, one per policy rule
+//! set cidrs/<ns>/<policy>/<in|eg><i>/<v4|v6>   interval set: the rule's ipBlocks, each minus
+//!      its own excepts
 //! set named/<ns>/<policy>/eg<i>/<v4|v6>       addr . inet_proto . inet_service: egress
 //!      named ports resolved against each destination pod
 //! chain forward  hook forward priority filter (0): after DNAT (-100), before flannel's
@@ -26,7 +28,7 @@
 //! Node-originated traffic (OUTPUT path, e.g. kubelet probes) never meets these chains,
 //! so it is always allowed. Per-packet cost: two map lookups, then only the rules of the
 //! policies that select the pod at hand, each a set lookup; nothing walks all pods or all
-//! policies. The whole table is replaced in one transaction (add; delete; add + contents).
+//! policies. Changes are applied by [`TableDef::diff`] transactions (see `nft`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

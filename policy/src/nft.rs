@@ -4,8 +4,10 @@
 //! Fail-closed design:
 //! - The table is never deleted on exit or restart: after a restart the previous run's
 //!   table (the last good state) stays enforced until the first sync replaces it.
-//! - Every sync replaces the whole table in one transaction; if nft rejects the full
-//!   ruleset, the transaction is rolled back by the kernel and the enforcer then installs
+//! - Every sync is one transaction: only the differences from the last applied ruleset
+//!   when possible, else the whole table refilled in place (see README, Updates); if nft
+//!   rejects the full ruleset, the transaction is rolled back by the kernel and the
+//!   enforcer then installs
 //!   the *isolation-only* table compiled from the same snapshot: every local pod that a
 //!   policy isolates gets its map entry and a chain that only logs and drops, so new
 //!   connections to/from selected pods are refused (established ones keep working through
