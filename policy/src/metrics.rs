@@ -270,6 +270,8 @@ pub struct Shared {
     pub nft: Nft,
     pub table: String,
     pub drops: Mutex<DropTracker>,
+    /// The drop-counter thread of the last sync.
+    pending: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -279,6 +281,7 @@ impl Shared {
             nft,
             table: table.to_string(),
             drops: Mutex::new(DropTracker::default()),
+            pending: Mutex::new(None),
         }
     }
 
@@ -293,32 +296,43 @@ impl Shared {
         }
     }
 
-    /// Syncs `snap` through `enf` and records it; the drop counters are read by a listing
-    /// started before the compile and accounted before the counters that the apply reset
-    /// are forgotten. The listing (`nft -t -j`, ~0.2-1 s at 110k set elements on a busy
-    /// node) is not waited for before the apply: nft dumps the table at its start, long
-    /// before the apply, and formats JSON for the rest of the time. Should the dump come
-    /// after the apply, a refilled chain's few new drops are counted twice.
-    pub fn sync(&self, enf: &mut Enforcer, snap: &Snapshot) -> SyncReport {
-        let mut t = self.drops.lock().unwrap_or_else(|e| e.into_inner());
-        let r = std::thread::scope(|sc| {
-            let listing = sc.spawn(|| {
-                self.nft
-                    // -t: without set elements.
-                    .run(&["-t", "-j", "list", "table", "inet", &self.table], "")
-            });
-            let r = enf.sync(snap);
-            if let Ok(Ok(out)) = listing.join() {
-                t.observe(&parse_drop_counters(&out), &self.metrics);
+    /// Syncs `snap` through `enf` and records it. The drop counters are read by a listing
+    /// started before the compile, on a thread of its own that accounts them and then
+    /// forgets the counters the apply reset; the sync does not wait for it (`nft -t -j
+    /// list table` takes 0.2-1 s at 110k set elements on a busy node, the incremental
+    /// apply ~20 ms). nft dumps the table at its start, long before the apply; should the
+    /// dump come after it, a refilled chain's few new drops are counted twice. Each
+    /// listing thread first waits for the previous one, so accounting stays in order.
+    pub fn sync(self: &Arc<Self>, enf: &mut Enforcer, snap: &Snapshot) -> SyncReport {
+        let (tx, rx) = std::sync::mpsc::channel::<(Applied, Vec<String>)>();
+        let me = Arc::clone(self);
+        let prev = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let handle = std::thread::spawn(move || {
+            let out = me
+                .nft
+                // -t: without set elements.
+                .run(&["-t", "-j", "list", "table", "inet", &me.table], "");
+            if let Some(p) = prev {
+                let _ = p.join();
             }
-            r
+            let reset = rx.recv().ok();
+            let mut t = me.drops.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(out) = out {
+                t.observe(&parse_drop_counters(&out), &me.metrics);
+            }
+            match reset {
+                None | Some((Applied::Unchanged, _)) => {}
+                Some((Applied::Incremental, chains)) => t.chains_reset(&chains),
+                Some(_) => t.table_replaced(),
+            }
         });
-        match r.applied {
-            Applied::Unchanged => {}
-            Applied::Incremental => t.chains_reset(&r.changed_chains),
-            _ => t.table_replaced(),
-        }
-        drop(t);
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        let r = enf.sync(snap);
+        let _ = tx.send((r.applied.clone(), r.changed_chains.clone()));
         self.metrics.record_sync(&r);
         r
     }
