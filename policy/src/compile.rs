@@ -6,8 +6,10 @@
 //! ```text
 //! map ingress_v4/_v6 { ipv4_addr|ipv6_addr : verdict }  local pod IP -> jump pod-in/<ns>/<pod>
 //! map egress_v4/_v6  { ...                 : verdict }  local pod IP -> jump pod-out/<ns>/<pod>
-//! set peers/<ns>/<policy>/<in|eg><i>/<v4|v6>   interval set: the rule's peers (pod IPs of
-//!      selected pods, plus each ipBlock minus its own excepts), one per policy rule
+//! set peers/<ns>/<policy>/<in|eg><i>/<v4|v6>   hash set: addresses of the rule's selected
+//!      pods, one per policy rule
+//! set cidrs/<ns>/<policy>/<in|eg><i>/<v4|v6>   interval set: the rule's ipBlocks, each minus
+//!      its own excepts
 //! set named/<ns>/<policy>/eg<i>/<v4|v6>       addr . inet_proto . inet_service: egress
 //!      named ports resolved against each destination pod
 //! chain forward  hook forward priority filter (0): after DNAT (-100), before flannel's
@@ -26,7 +28,7 @@
 //! Node-originated traffic (OUTPUT path, e.g. kubelet probes) never meets these chains,
 //! so it is always allowed. Per-packet cost: two map lookups, then only the rules of the
 //! policies that select the pod at hand, each a set lookup; nothing walks all pods or all
-//! policies. The whole table is replaced in one transaction (add; delete; add + contents).
+//! policies. Changes are applied by [`TableDef::diff`] transactions (see `nft`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -168,6 +170,9 @@ fn net_range(n: &ipnet::IpNet) -> (Family, (u128, u128)) {
 pub struct AddrSet {
     pub name: String,
     pub family: Family,
+    /// Interval set (ipBlocks); otherwise a hash set of single addresses (pod IPs), whose
+    /// `ranges` are all one address wide and never merged.
+    pub interval: bool,
     pub ranges: Ranges,
     pub comment: String,
 }
@@ -286,21 +291,43 @@ fn local_pods<'a>(snap: &'a Snapshot, node: &str) -> Vec<&'a Pod> {
         .collect()
 }
 
+/// (family, interval, contents) of a peer set.
+type ContentKey = (Family, bool, Vec<(u128, u128)>);
+
 struct Builder<'a> {
     snap: &'a Snapshot,
     addr_sets: BTreeMap<String, AddrSet>,
     tuple_sets: BTreeMap<String, TupleSet>,
     /// (policy index, dir, rule index) -> per-family peer set names.
-    peer_sets: BTreeMap<(usize, PolicyType, usize), [Option<String>; 2]>,
-    /// Identical peer sets are emitted once: contents -> set name.
-    by_content: BTreeMap<(Family, Vec<(u128, u128)>), String>,
+    peer_sets: BTreeMap<(usize, PolicyType, usize), [Vec<String>; 2]>,
+    /// Identical peer sets are emitted once: (family, interval, contents) -> set name.
+    by_content: BTreeMap<ContentKey, String>,
     tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
+    /// Policy pods by namespace (built once per compile: a peer selector only looks at
+    /// the pods of the namespaces it selects, not at every pod).
+    by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
+    /// Labels of every namespace that has policy pods.
+    ns_labels: BTreeMap<&'a str, crate::model::Labels>,
 }
 
 impl<'a> Builder<'a> {
     /// Peer addresses of a rule as per-family ranges.
     fn peer_ranges(&self, ns: &str, rule: &Rule) -> [Ranges; 2] {
+        let [(a4, b4), (a6, b6)] = self.peer_parts(ns, rule);
+        [
+            Ranges::normalize(a4.0.into_iter().chain(b4.0).collect()),
+            Ranges::normalize(a6.0.into_iter().chain(b6.0).collect()),
+        ]
+    }
+
+    /// Peer addresses of a rule per family, as (pod addresses: sorted single addresses,
+    /// ipBlocks: normalized ranges). Kept apart so that pod addresses go into hash sets:
+    /// nft (1.0.6) reads every element of every interval set of the table before any
+    /// element change, which made a one-element update cost as much as listing 110k
+    /// elements; ipBlock sets are small.
+    fn peer_parts(&self, ns: &str, rule: &Rule) -> [(Ranges, Ranges); 2] {
         let mut v: [Vec<(u128, u128)>; 2] = [vec![], vec![]];
+        let mut pods_v: [Vec<(u128, u128)>; 2] = [vec![], vec![]];
         for peer in &rule.peers {
             match peer {
                 Peer::IpBlock(b) => {
@@ -312,12 +339,24 @@ impl<'a> Builder<'a> {
                     let block = Ranges(vec![r]).subtract(&Ranges::normalize(cut));
                     v[fam as usize].extend(block.0);
                 }
-                Peer::Pods { .. } => {
-                    for pod in &self.snap.pods {
-                        if self.snap.peer_selects_pod(peer, ns, pod) {
-                            for ip in &pod.ips {
-                                let n = ip_num(*ip);
-                                v[Family::of(*ip) as usize].push((n, n));
+                Peer::Pods { pods, namespaces } => {
+                    let mut visit = |n: &str| {
+                        for pod in self.by_ns.get(n).into_iter().flatten() {
+                            if pods.matches(&pod.labels) {
+                                for ip in &pod.ips {
+                                    let n = ip_num(*ip);
+                                    pods_v[Family::of(*ip) as usize].push((n, n));
+                                }
+                            }
+                        }
+                    };
+                    match namespaces {
+                        None => visit(ns),
+                        Some(sel) => {
+                            for (n, labels) in &self.ns_labels {
+                                if sel.matches(labels) {
+                                    visit(n);
+                                }
                             }
                         }
                     }
@@ -325,49 +364,65 @@ impl<'a> Builder<'a> {
             }
         }
         let [a, b] = v;
-        [Ranges::normalize(a), Ranges::normalize(b)]
+        let [mut pa, mut pb] = pods_v;
+        pa.sort_unstable();
+        pa.dedup();
+        pb.sort_unstable();
+        pb.dedup();
+        [
+            (Ranges(pa), Ranges::normalize(a)),
+            (Ranges(pb), Ranges::normalize(b)),
+        ]
     }
 
-    fn peer_set(&mut self, pi: usize, dir: PolicyType, ri: usize) -> [Option<String>; 2] {
+    fn peer_set(&mut self, pi: usize, dir: PolicyType, ri: usize) -> [Vec<String>; 2] {
         if let Some(s) = self.peer_sets.get(&(pi, dir, ri)) {
             return s.clone();
         }
         let pol = &self.snap.policies[pi];
-        let ranges = self.peer_ranges(&pol.namespace, &pol.rules(dir)[ri]);
+        let parts = self.peer_parts(&pol.namespace, &pol.rules(dir)[ri]);
         let short = match dir {
             PolicyType::Ingress => "in",
             PolicyType::Egress => "eg",
         };
-        let mut names = [None, None];
+        let mut names: [Vec<String>; 2] = [vec![], vec![]];
         for fam in FAMILIES {
-            let r = &ranges[fam as usize];
-            if r.0.is_empty() {
-                continue;
+            let (pods, blocks) = &parts[fam as usize];
+            for (interval, r, kind) in [(false, pods, "peers"), (true, blocks, "cidrs")] {
+                if r.0.is_empty() {
+                    continue;
+                }
+                if let Some(name) = self.by_content.get(&(fam, interval, r.0.clone())) {
+                    names[fam as usize].push(name.clone());
+                    continue;
+                }
+                let name = ident(
+                    format!(
+                        "{kind}/{}/{}/{short}{ri}/{}",
+                        pol.namespace,
+                        pol.name,
+                        fam.suffix()
+                    ),
+                    || format!("{kind}/p{pi}/{short}{ri}/{}", fam.suffix()),
+                );
+                self.addr_sets.insert(
+                    name.clone(),
+                    AddrSet {
+                        name: name.clone(),
+                        family: fam,
+                        interval,
+                        ranges: r.clone(),
+                        comment: format!(
+                            "{} {dir}[{ri}] {}",
+                            pol.key(),
+                            if interval { "ipBlocks" } else { "peer pods" }
+                        ),
+                    },
+                );
+                self.by_content
+                    .insert((fam, interval, r.0.clone()), name.clone());
+                names[fam as usize].push(name);
             }
-            if let Some(name) = self.by_content.get(&(fam, r.0.clone())) {
-                names[fam as usize] = Some(name.clone());
-                continue;
-            }
-            let name = ident(
-                format!(
-                    "peers/{}/{}/{short}{ri}/{}",
-                    pol.namespace,
-                    pol.name,
-                    fam.suffix()
-                ),
-                || format!("peers/p{pi}/{short}{ri}/{}", fam.suffix()),
-            );
-            self.addr_sets.insert(
-                name.clone(),
-                AddrSet {
-                    name: name.clone(),
-                    family: fam,
-                    ranges: r.clone(),
-                    comment: format!("{} {dir}[{ri}] peers", pol.key()),
-                },
-            );
-            self.by_content.insert((fam, r.0.clone()), name.clone());
-            names[fam as usize] = Some(name);
         }
         self.peer_sets.insert((pi, dir, ri), names.clone());
         names
@@ -477,6 +532,14 @@ fn port_groups(rule: &Rule, dst: Option<&Pod>) -> Option<Vec<ProtoPorts>> {
 
 /// Compiles the ruleset for the pods on `node`.
 pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
+    let mut by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for p in snap.pods.iter().filter(|p| p.is_policy_pod()) {
+        by_ns.entry(p.namespace.as_str()).or_default().push(p);
+    }
+    let ns_labels = by_ns
+        .keys()
+        .map(|n| (*n, snap.namespace_labels(n)))
+        .collect();
     let mut b = Builder {
         snap,
         addr_sets: BTreeMap::new(),
@@ -484,6 +547,8 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         peer_sets: BTreeMap::new(),
         by_content: BTreeMap::new(),
         tuple_names: BTreeMap::new(),
+        by_ns,
+        ns_labels,
     };
     let mut chains = Vec::new();
     let mut ingress_map = Vec::new();
@@ -539,7 +604,9 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
                             let names = b.peer_set(pi, dir, ri);
                             FAMILIES
                                 .iter()
-                                .filter_map(|f| names[*f as usize].clone().map(|n| Some((*f, n))))
+                                .flat_map(|f| {
+                                    names[*f as usize].iter().map(|n| Some((*f, n.clone())))
+                                })
                                 .collect()
                         };
                         let dst = (dir == PolicyType::Ingress).then_some(pod);
@@ -736,61 +803,65 @@ impl Ruleset {
     /// The nft script that replaces the table atomically: `add table; delete table;
     /// table { ... }` (nft -f applies a file as one transaction).
     pub fn render(&self) -> String {
-        let mut s = String::new();
-        let t = &self.table;
-        let _ = writeln!(
-            s,
-            "# generated by twill-policy; replaced as a whole on every sync"
-        );
-        let _ = writeln!(s, "add table inet {t}");
-        let _ = writeln!(s, "delete table inet {t}");
-        let _ = writeln!(s, "table inet {t} {{");
+        self.table_def().render()
+    }
+
+    /// The table as named objects (sets, maps, chains with their rule lines) that both the
+    /// full script and the incremental transactions ([`TableDef::diff`]) are written from.
+    pub fn table_def(&self) -> TableDef {
+        let mut sets = Vec::with_capacity(self.addr_sets.len() + self.tuple_sets.len());
         for set in &self.addr_sets {
-            let _ = writeln!(s, "\tset {} {{", set.name);
-            let _ = writeln!(s, "\t\ttype {}", set.family.addr_type());
-            let _ = writeln!(s, "\t\tflags interval");
-            let _ = writeln!(s, "\t\tcomment {:?}", set.comment);
-            let _ = writeln!(
-                s,
-                "\t\telements = {{ {} }}",
-                set.ranges.render(set.family).join(", ")
-            );
-            let _ = writeln!(s, "\t}}");
+            sets.push(SetDef {
+                name: set.name.clone(),
+                decl: if set.interval {
+                    vec![
+                        format!("type {}", set.family.addr_type()),
+                        "flags interval".into(),
+                        format!("comment {:?}", set.comment),
+                    ]
+                } else {
+                    vec![
+                        format!("type {}", set.family.addr_type()),
+                        format!("comment {:?}", set.comment),
+                    ]
+                },
+                elems: set.ranges.render(set.family),
+            });
         }
         for set in &self.tuple_sets {
-            let _ = writeln!(s, "\tset {} {{", set.name);
-            let _ = writeln!(
-                s,
-                "\t\ttype {} . inet_proto . inet_service",
-                set.family.addr_type()
-            );
-            let _ = writeln!(s, "\t\tcomment {:?}", set.comment);
-            let elems: Vec<String> = set
-                .elems
-                .iter()
-                .map(|(ip, p, n)| format!("{ip} . {} . {n}", p.nft()))
-                .collect();
-            let _ = writeln!(s, "\t\telements = {{ {} }}", elems.join(", "));
-            let _ = writeln!(s, "\t}}");
+            sets.push(SetDef {
+                name: set.name.clone(),
+                decl: vec![
+                    format!(
+                        "type {} . inet_proto . inet_service",
+                        set.family.addr_type()
+                    ),
+                    format!("comment {:?}", set.comment),
+                ],
+                elems: set
+                    .elems
+                    .iter()
+                    .map(|(ip, p, n)| format!("{ip} . {} . {n}", p.nft()))
+                    .collect(),
+            });
         }
+        let mut maps = Vec::with_capacity(4);
         for (dir, map) in [("ingress", &self.ingress_map), ("egress", &self.egress_map)] {
             for fam in FAMILIES {
-                let elems: Vec<String> = map
-                    .iter()
-                    .filter(|(ip, _)| Family::of(*ip) == fam)
-                    .map(|(ip, c)| format!("{ip} : jump {c}"))
-                    .collect();
-                let _ = writeln!(s, "\tmap {dir}_{} {{", fam.suffix());
-                let _ = writeln!(s, "\t\ttype {} : verdict", fam.addr_type());
-                if !elems.is_empty() {
-                    let _ = writeln!(s, "\t\telements = {{ {} }}", elems.join(",\n\t\t\t     "));
-                }
-                let _ = writeln!(s, "\t}}");
+                maps.push(MapDef {
+                    name: format!("{dir}_{}", fam.suffix()),
+                    decl: format!("type {} : verdict", fam.addr_type()),
+                    elems: map
+                        .iter()
+                        .filter(|(ip, _)| Family::of(*ip) == fam)
+                        .map(|(ip, c)| (ip.to_string(), format!("jump {c}")))
+                        .collect(),
+                });
             }
         }
+        let mut chains = Vec::with_capacity(self.chains.len());
         for c in &self.chains {
-            let _ = writeln!(s, "\tchain {} {{", c.name);
-            let _ = writeln!(s, "\t\tcomment \"{} of pod {}\"", c.dir, c.pod);
+            let mut rules = Vec::with_capacity(c.rules.len() + 2);
             for r in &c.rules {
                 let mut line = String::new();
                 let addr_key = match c.dir {
@@ -830,54 +901,59 @@ impl Ruleset {
                         }
                     }
                 }
-                let _ = writeln!(s, "\t\t{line}return comment {:?}", r.comment);
+                let _ = write!(line, "return comment {:?}", r.comment);
+                rules.push(line);
             }
             let mut prefix = format!("twill-policy drop {} {}: ", c.dir, c.pod);
             if prefix.len() > 120 {
                 prefix.truncate(116);
                 prefix.push_str("..: ");
             }
-            let _ = writeln!(
-                s,
-                "\t\tlimit rate {}/second burst {} packets log prefix {prefix:?} level info",
+            rules.push(format!(
+                "limit rate {}/second burst {} packets log prefix {prefix:?} level info",
                 self.log_rate,
                 self.log_rate * 2
-            );
-            let _ = writeln!(s, "\t\tcounter drop");
-            let _ = writeln!(s, "\t}}");
+            ));
+            rules.push("counter drop".into());
+            chains.push(ChainDef {
+                name: c.name.clone(),
+                comment: format!("{} of pod {}", c.dir, c.pod),
+                rules,
+            });
         }
         let unknown = self.unknown_families();
+        let mut node_sets = Vec::new();
         for fam in &unknown {
             let f = fam.suffix();
-            let cidrs: Vec<String> = self
-                .pod_cidrs
-                .iter()
-                .filter(|n| Family::of(n.addr()) == *fam)
-                .map(|n| n.trunc().to_string())
-                .collect();
-            let _ = writeln!(s, "\tset node_pods_{f} {{");
-            let _ = writeln!(s, "\t\ttype {}", fam.addr_type());
-            let _ = writeln!(s, "\t\tflags interval");
-            let _ = writeln!(s, "\t\tcomment \"this node's pod subnets\"");
-            let _ = writeln!(s, "\t\telements = {{ {} }}", cidrs.join(", "));
-            let _ = writeln!(s, "\t}}");
-            let known: Vec<String> = self
-                .known_local
-                .iter()
-                .filter(|ip| Family::of(**ip) == *fam)
-                .map(|ip| ip.to_string())
-                .collect();
-            let _ = writeln!(s, "\tset known_pods_{f} {{");
-            let _ = writeln!(s, "\t\ttype {}", fam.addr_type());
-            let _ = writeln!(
-                s,
-                "\t\tcomment \"addresses of the local pods the source knows\""
-            );
-            if !known.is_empty() {
-                let _ = writeln!(s, "\t\telements = {{ {} }}", known.join(", "));
-            }
-            let _ = writeln!(s, "\t}}");
+            node_sets.push(SetDef {
+                name: format!("node_pods_{f}"),
+                decl: vec![
+                    format!("type {}", fam.addr_type()),
+                    "flags interval".into(),
+                    "comment \"this node's pod subnets\"".into(),
+                ],
+                elems: self
+                    .pod_cidrs
+                    .iter()
+                    .filter(|n| Family::of(n.addr()) == *fam)
+                    .map(|n| n.trunc().to_string())
+                    .collect(),
+            });
+            node_sets.push(SetDef {
+                name: format!("known_pods_{f}"),
+                decl: vec![
+                    format!("type {}", fam.addr_type()),
+                    "comment \"addresses of the local pods the source knows\"".into(),
+                ],
+                elems: self
+                    .known_local
+                    .iter()
+                    .filter(|ip| Family::of(**ip) == *fam)
+                    .map(|ip| ip.to_string())
+                    .collect(),
+            });
         }
+        let mut s = String::new();
         if !unknown.is_empty() {
             for dir in ["ingress", "egress"] {
                 let _ = writeln!(s, "\tchain unknown-{dir} {{");
@@ -936,8 +1012,305 @@ impl Ruleset {
         let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
         let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
         let _ = writeln!(s, "\t}}");
-        let _ = writeln!(s, "}}");
+        TableDef {
+            table: self.table.clone(),
+            sets,
+            maps,
+            chains,
+            node_sets,
+            tail: s,
+        }
+    }
+}
+
+/// A named set as written into the script: declaration lines and elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDef {
+    pub name: String,
+    /// `type ...`, `flags ...`, `comment ...`.
+    pub decl: Vec<String>,
+    pub elems: Vec<String>,
+}
+
+/// A verdict map: declaration and (key, verdict) elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapDef {
+    pub name: String,
+    pub decl: String,
+    pub elems: Vec<(String, String)>,
+}
+
+/// A regular (pod) chain: comment and rule lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainDef {
+    pub name: String,
+    pub comment: String,
+    pub rules: Vec<String>,
+}
+
+/// The whole table as named objects. `tail` is the fixed part (unknown-pod chains and the
+/// base chains), which only changes with the table's shape (pod subnets' families, log
+/// rate); incremental updates never touch it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableDef {
+    pub table: String,
+    pub sets: Vec<SetDef>,
+    pub maps: Vec<MapDef>,
+    pub chains: Vec<ChainDef>,
+    /// node_pods_*/known_pods_* (unknown-pod isolation).
+    pub node_sets: Vec<SetDef>,
+    pub tail: String,
+}
+
+/// What an incremental transaction changes, for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiffStats {
+    /// Set and map elements added or deleted.
+    pub elements: usize,
+    /// Chains added, flushed and refilled, or deleted.
+    pub chains: Vec<String>,
+    /// Sets added or deleted.
+    pub sets: usize,
+}
+
+impl TableDef {
+    fn write_set(w: &mut impl std::fmt::Write, set: &SetDef) -> std::fmt::Result {
+        writeln!(w, "\tset {} {{", set.name)?;
+        for d in &set.decl {
+            writeln!(w, "\t\t{d}")?;
+        }
+        if !set.elems.is_empty() {
+            write!(w, "\t\telements = {{ ")?;
+            for (i, e) in set.elems.iter().enumerate() {
+                if i > 0 {
+                    w.write_str(", ")?;
+                }
+                w.write_str(e)?;
+            }
+            writeln!(w, " }}")?;
+        }
+        writeln!(w, "\t}}")
+    }
+
+    /// Writes the full script (see [`Ruleset::render`]) into `w`; `inner` is written
+    /// right after the table's opening line (the ruleset id set, [`crate::nft::mark`]).
+    pub fn write_script(&self, w: &mut impl std::fmt::Write, inner: &str) -> std::fmt::Result {
+        let t = &self.table;
+        writeln!(
+            w,
+            "# generated by twill-policy; replaced as a whole on every sync"
+        )?;
+        writeln!(w, "add table inet {t}")?;
+        writeln!(w, "delete table inet {t}")?;
+        self.write_body(w, inner)
+    }
+
+    /// The `table inet T { ... }` block of the full script (after the commands that
+    /// clear the old table).
+    pub fn write_body(&self, w: &mut impl std::fmt::Write, inner: &str) -> std::fmt::Result {
+        let t = &self.table;
+        writeln!(w, "table inet {t} {{")?;
+        w.write_str(inner)?;
+        for set in &self.sets {
+            Self::write_set(w, set)?;
+        }
+        for m in &self.maps {
+            writeln!(w, "\tmap {} {{", m.name)?;
+            writeln!(w, "\t\t{}", m.decl)?;
+            if !m.elems.is_empty() {
+                write!(w, "\t\telements = {{ ")?;
+                for (i, (k, v)) in m.elems.iter().enumerate() {
+                    if i > 0 {
+                        w.write_str(",\n\t\t\t     ")?;
+                    }
+                    write!(w, "{k} : {v}")?;
+                }
+                writeln!(w, " }}")?;
+            }
+            writeln!(w, "\t}}")?;
+        }
+        for c in &self.chains {
+            writeln!(w, "\tchain {} {{", c.name)?;
+            writeln!(w, "\t\tcomment {:?}", c.comment)?;
+            for r in &c.rules {
+                writeln!(w, "\t\t{r}")?;
+            }
+            writeln!(w, "\t}}")?;
+        }
+        for set in &self.node_sets {
+            Self::write_set(w, set)?;
+        }
+        w.write_str(&self.tail)?;
+        writeln!(w, "}}")
+    }
+
+    /// The full script.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = self.write_script(&mut s, "");
         s
+    }
+
+    /// The commands that turn the loaded table `old` into `self` inside one transaction
+    /// (the caller wraps them with its own first and last commands), or None when the
+    /// change needs a full replacement (another table, another fixed part, a set whose
+    /// type changed, a chain whose comment changed).
+    ///
+    /// Order matters inside the transaction: new sets (with their elements) first, then
+    /// element changes of kept sets (deletions before additions: interval sets reject
+    /// overlaps), new chains (empty), flush and refill of changed chains and fill of new
+    /// ones (their rules may name new sets and are all in place before any map element
+    /// jumps to them), map elements (deletions, then additions), then dead chains
+    /// (flushed, then deleted: nothing jumps to them any more) and last dead sets (no rule
+    /// names them any more).
+    pub fn diff(&self, old: &TableDef) -> Option<(String, DiffStats)> {
+        use std::collections::{HashMap, HashSet};
+        if self.table != old.table || self.tail != old.tail {
+            return None;
+        }
+        let t = &self.table;
+        let mut st = DiffStats::default();
+        let mut out = String::new();
+        let old_sets: HashMap<&str, &SetDef> = old
+            .sets
+            .iter()
+            .chain(&old.node_sets)
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+        let new_sets: Vec<&SetDef> = self.sets.iter().chain(&self.node_sets).collect();
+        let new_names: HashSet<&str> = new_sets.iter().map(|s| s.name.as_str()).collect();
+        let elems_cmd = |out: &mut String, verb: &str, name: &str, elems: &[&str]| {
+            if elems.is_empty() {
+                return;
+            }
+            let _ = write!(out, "{verb} element inet {t} {name} {{ ");
+            for (i, e) in elems.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(e);
+            }
+            out.push_str(" }\n");
+        };
+        // New sets and element changes of kept ones.
+        for set in &new_sets {
+            match old_sets.get(set.name.as_str()) {
+                None => {
+                    let _ = write!(out, "add set inet {t} {} {{ ", set.name);
+                    for d in &set.decl {
+                        let _ = write!(out, "{d}; ");
+                    }
+                    out.push_str("}\n");
+                    let e: Vec<&str> = set.elems.iter().map(String::as_str).collect();
+                    elems_cmd(&mut out, "add", &set.name, &e);
+                    st.sets += 1;
+                    st.elements += e.len();
+                }
+                Some(o) if o.decl != set.decl => return None,
+                Some(o) if o.elems == set.elems => {}
+                Some(o) => {
+                    let before: HashSet<&str> = o.elems.iter().map(String::as_str).collect();
+                    let after: HashSet<&str> = set.elems.iter().map(String::as_str).collect();
+                    let del: Vec<&str> = o
+                        .elems
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|e| !after.contains(e))
+                        .collect();
+                    let add: Vec<&str> = set
+                        .elems
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|e| !before.contains(e))
+                        .collect();
+                    elems_cmd(&mut out, "delete", &set.name, &del);
+                    elems_cmd(&mut out, "add", &set.name, &add);
+                    st.elements += del.len() + add.len();
+                }
+            }
+        }
+        // Chains: new ones created empty, then every new or changed chain (re)filled.
+        let old_chains: HashMap<&str, &ChainDef> =
+            old.chains.iter().map(|c| (c.name.as_str(), c)).collect();
+        let mut fill = Vec::new();
+        for c in &self.chains {
+            match old_chains.get(c.name.as_str()) {
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "add chain inet {t} {} {{ comment {:?}; }}",
+                        c.name, c.comment
+                    );
+                    fill.push(c);
+                }
+                Some(o) if o.comment != c.comment => return None,
+                Some(o) if o.rules == c.rules => {}
+                Some(_) => {
+                    let _ = writeln!(out, "flush chain inet {t} {}", c.name);
+                    fill.push(c);
+                }
+            }
+        }
+        for c in fill {
+            for r in &c.rules {
+                let _ = writeln!(out, "add rule inet {t} {} {r}", c.name);
+            }
+            st.chains.push(c.name.clone());
+        }
+        // Map elements.
+        if self.maps.len() != old.maps.len() {
+            return None;
+        }
+        for (m, o) in self.maps.iter().zip(&old.maps) {
+            if m.name != o.name || m.decl != o.decl {
+                return None;
+            }
+            if m.elems == o.elems {
+                continue;
+            }
+            let before: HashMap<&str, &str> = o
+                .elems
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let after: HashMap<&str, &str> = m
+                .elems
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let del: Vec<&str> = o
+                .elems
+                .iter()
+                .filter(|(k, v)| after.get(k.as_str()) != Some(&v.as_str()))
+                .map(|(k, _)| k.as_str())
+                .collect();
+            let add: Vec<String> = m
+                .elems
+                .iter()
+                .filter(|(k, v)| before.get(k.as_str()) != Some(&v.as_str()))
+                .map(|(k, v)| format!("{k} : {v}"))
+                .collect();
+            elems_cmd(&mut out, "delete", &m.name, &del);
+            let add_ref: Vec<&str> = add.iter().map(String::as_str).collect();
+            elems_cmd(&mut out, "add", &m.name, &add_ref);
+            st.elements += del.len() + add.len();
+        }
+        // Dead chains, then dead sets.
+        let new_chains: HashSet<&str> = self.chains.iter().map(|c| c.name.as_str()).collect();
+        for c in &old.chains {
+            if !new_chains.contains(c.name.as_str()) {
+                let _ = writeln!(out, "flush chain inet {t} {}", c.name);
+                let _ = writeln!(out, "delete chain inet {t} {}", c.name);
+                st.chains.push(c.name.clone());
+            }
+        }
+        for s in old.sets.iter().chain(&old.node_sets) {
+            if !new_names.contains(s.name.as_str()) {
+                let _ = writeln!(out, "delete set inet {t} {}", s.name);
+                st.sets += 1;
+            }
+        }
+        Some((out, st))
     }
 }
 

@@ -216,6 +216,20 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
             );
             true
         }
+        Applied::Incremental => {
+            info!(
+                chains = s.chains,
+                rules = s.rules,
+                sets = s.sets,
+                set_elements = s.set_elements,
+                map_elements = s.map_elements,
+                changed_chains = r.changed_chains.len(),
+                changed_elements = r.changed_elements,
+                "applied ruleset incrementally in {:?}",
+                r.duration
+            );
+            true
+        }
         Applied::Unchanged => true,
         Applied::FailClosed { error } => {
             error!("apply failed: {error}; installed the fail-closed table (selected pods refuse new connections)");
@@ -270,8 +284,12 @@ fn cmd_run(
     let mut changed = true;
     loop {
         if changed {
+            let t = Instant::now();
             match load(src.as_mut()) {
-                Ok(s) => last_good = Some(s),
+                Ok(s) => {
+                    tracing::debug!("read the source in {:?}", t.elapsed());
+                    last_good = Some(s)
+                }
                 Err(e) => {
                     shared.metrics.record_source_error();
                     warn!("{e}; keeping the last good state")

@@ -4,8 +4,10 @@
 //! Fail-closed design:
 //! - The table is never deleted on exit or restart: after a restart the previous run's
 //!   table (the last good state) stays enforced until the first sync replaces it.
-//! - Every sync replaces the whole table in one transaction; if nft rejects the full
-//!   ruleset, the transaction is rolled back by the kernel and the enforcer then installs
+//! - Every sync is one transaction: only the differences from the last applied ruleset
+//!   when possible, else the whole table refilled in place (see README, Updates); if nft
+//!   rejects the full ruleset, the transaction is rolled back by the kernel and the
+//!   enforcer then installs
 //!   the *isolation-only* table compiled from the same snapshot: every local pod that a
 //!   policy isolates gets its map entry and a chain that only logs and drops, so new
 //!   connections to/from selected pods are refused (established ones keep working through
@@ -15,12 +17,13 @@
 //!   last good full table, or an earlier isolation-only one), and the error is reported;
 //!   the next sync retries.
 
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::compile::{compile, Options, Stats};
+use crate::compile::{compile, DiffStats, Options, Stats, TableDef};
 use crate::model::Snapshot;
 
 /// Errors from running nft.
@@ -70,42 +73,49 @@ impl Nft {
                 err,
             })?;
         let mut sin = child.stdin.take().expect("piped");
-        let input = stdin.to_string();
-        let writer = std::thread::spawn(move || {
-            let _ = sin.write_all(input.as_bytes());
-        });
         let mut sout = child.stdout.take().expect("piped");
         let mut serr = child.stderr.take().expect("piped");
-        let out_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = sout.read_to_string(&mut s);
-            s
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = serr.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + self.timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break st,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
+        // Scoped threads: the script is written from the caller's buffer, not a copy (a
+        // full table is several MiB).
+        let waited = std::thread::scope(|sc| {
+            let writer = sc.spawn(move || {
+                let _ = sin.write_all(stdin.as_bytes());
+            });
+            let out_t = sc.spawn(move || {
+                let mut s = String::new();
+                let _ = sout.read_to_string(&mut s);
+                s
+            });
+            let err_t = sc.spawn(move || {
+                let mut s = String::new();
+                let _ = serr.read_to_string(&mut s);
+                s
+            });
+            let deadline = Instant::now() + self.timeout;
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => break Some(st),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
                 }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(NftError::Timeout {
-                        args: argstr,
-                        timeout: self.timeout,
-                    });
-                }
-            }
+            };
+            let _ = writer.join();
+            let stdout = out_t.join().unwrap_or_default();
+            let stderr = err_t.join().unwrap_or_default();
+            status.map(|st| (st, stdout, stderr))
+        });
+        let Some((status, stdout, stderr)) = waited else {
+            return Err(NftError::Timeout {
+                args: argstr,
+                timeout: self.timeout,
+            });
         };
-        let _ = writer.join();
-        let stdout = out_t.join().unwrap_or_default();
-        let stderr = err_t.join().unwrap_or_default();
         if status.success() {
             Ok(stdout)
         } else {
@@ -142,34 +152,77 @@ impl Nft {
     }
 }
 
-/// A short fingerprint (FNV-1a, 64 bits, hex) of a rendered ruleset. The enforcer writes
-/// it into the table's comment (`twill-policy ruleset <id>`), so anyone can tell cheaply,
-/// with `nft list table`, which ruleset the kernel holds (the lab tests wait on it).
-pub fn ruleset_id(script: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in script.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// FNV-1a (64 bits) over everything written into it.
+struct Fnv(u64);
+
+impl std::fmt::Write for Fnv {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for b in s.bytes() {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok(())
     }
-    format!("{h:016x}")
 }
 
-/// The table comment that marks a loaded ruleset.
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A short fingerprint (FNV-1a, 64 bits, hex) of a rendered ruleset. The enforcer writes
+/// it into the table (`twill-policy ruleset <id>`, the comment of the one element of set
+/// `ruleset-id`), so anyone can tell cheaply, with `nft list table`, which ruleset the
+/// kernel holds (the lab tests wait on it).
+pub fn ruleset_id(script: &str) -> String {
+    let mut h = Fnv(FNV_START);
+    let _ = std::fmt::Write::write_str(&mut h, script);
+    format!("{:016x}", h.0)
+}
+
+/// [`ruleset_id`] of `def.render()`, without building the script.
+pub fn def_id(def: &TableDef) -> String {
+    let mut h = Fnv(FNV_START);
+    let _ = def.write_script(&mut h, "");
+    format!("{:016x}", h.0)
+}
+
+/// The marker of a loaded ruleset: `twill-policy ruleset <id>` of `script`.
 pub fn ruleset_marker(script: &str) -> String {
-    format!("twill-policy ruleset {}", ruleset_id(script))
+    marker_of(&ruleset_id(script))
 }
 
-/// `script` (from [`crate::compile::Ruleset::render`]) with the table comment
-/// [`ruleset_marker`] added as the table's first statement.
+fn marker_of(id: &str) -> String {
+    format!("twill-policy ruleset {id}")
+}
+
+/// The element of set `ruleset-id` that stands for ruleset `id`: the 64-bit id as an IPv6
+/// address (sets need a typed key), commented with the marker.
+fn id_elem(id: &str) -> String {
+    let n = u64::from_str_radix(id, 16).unwrap_or(0);
+    std::net::Ipv6Addr::from(u128::from(n)).to_string()
+}
+
+/// The `ruleset-id` set of a table holding ruleset `id`. The table's own comment cannot
+/// be changed by a later transaction (the kernel keeps the first one), a set element
+/// can; deleting the old element also makes every incremental transaction check, inside
+/// the transaction, that the kernel still holds the ruleset it was computed against.
+fn id_set(id: &str) -> String {
+    format!(
+        "\tset ruleset-id {{\n\t\ttype ipv6_addr\n\t\telements = {{ {} comment {:?} }}\n\t}}\n",
+        id_elem(id),
+        marker_of(id)
+    )
+}
+
+/// `script` (from [`crate::compile::Ruleset::render`]) with the `ruleset-id` set naming
+/// [`ruleset_id`] of it added as the table's first object.
 pub fn mark(script: &str, table: &str) -> String {
     let head = format!("table inet {table} {{\n");
     match script.find(&head) {
         Some(i) => {
             let at = i + head.len();
             format!(
-                "{}\tcomment {:?}\n{}",
+                "{}{}{}",
                 &script[..at],
-                ruleset_marker(script),
+                id_set(&ruleset_id(script)),
                 &script[at..]
             )
         }
@@ -177,11 +230,22 @@ pub fn mark(script: &str, table: &str) -> String {
     }
 }
 
+/// The marked full script of `def` (same text as `mark(&def.render(), table)`), written
+/// once.
+pub fn marked_script(def: &TableDef, id: &str) -> String {
+    let mut s = String::new();
+    let _ = def.write_script(&mut s, &id_set(id));
+    s
+}
+
 /// What a sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    /// The full ruleset is loaded.
+    /// The full ruleset is loaded (the table was replaced as a whole).
     Full,
+    /// The full ruleset is loaded by one transaction that changed only what differs
+    /// from the previously loaded ruleset.
+    Incremental,
     /// Nothing changed since the last successful apply.
     Unchanged,
     /// The full ruleset failed; the isolation-only table is loaded.
@@ -199,6 +263,17 @@ pub struct SyncReport {
     pub applied: Applied,
     pub stats: Stats,
     pub duration: Duration,
+    /// Incremental: the chains added, refilled or deleted (their counters restart).
+    pub changed_chains: Vec<String>,
+    /// Incremental: set and map elements added or deleted.
+    pub changed_elements: usize,
+}
+
+/// What the enforcer believes the kernel holds.
+#[derive(Debug)]
+struct Loaded {
+    def: TableDef,
+    id: String,
 }
 
 /// Applies snapshots for one node.
@@ -207,8 +282,10 @@ pub struct Enforcer {
     pub nft: Nft,
     pub node: String,
     pub opts: Options,
-    /// Script of the last successful full apply.
-    last: Option<String>,
+    /// The last successfully applied full ruleset.
+    last: Option<Loaded>,
+    /// When false, every change replaces the whole table.
+    pub incremental: bool,
 }
 
 impl Enforcer {
@@ -218,6 +295,7 @@ impl Enforcer {
             node: node.to_string(),
             opts,
             last: None,
+            incremental: true,
         }
     }
 
@@ -238,44 +316,182 @@ impl Enforcer {
         mark(&compile(snap, &self.node, &opts).render(), &opts.table)
     }
 
-    /// Makes the kernel enforce `snap`; falls back to the isolation-only table when the
-    /// full one is rejected. Forgets the unchanged-check so the next sync reapplies.
-    pub fn sync(&mut self, snap: &Snapshot) -> SyncReport {
-        let start = Instant::now();
-        let rs = compile(snap, &self.node, &self.opts);
-        let stats = rs.stats();
-        let script = mark(&rs.render(), &self.opts.table);
-        let applied = if self.last.as_deref() == Some(script.as_str()) {
-            Applied::Unchanged
-        } else {
-            match self.nft.apply(&script) {
-                Ok(()) => {
-                    self.last = Some(script);
-                    Applied::Full
-                }
-                Err(e) => {
-                    self.last = None;
-                    match self.nft.apply(&self.fail_closed_script(snap)) {
-                        Ok(()) => Applied::FailClosed {
-                            error: e.to_string(),
-                        },
-                        Err(e2) => Applied::Failed {
-                            error: e.to_string(),
-                            fail_closed_error: e2.to_string(),
-                        },
+    /// The incremental transaction from `last` to `def` (id `id`), if one can do it:
+    /// first delete the old id element (fails, and so aborts the whole transaction, if
+    /// the kernel does not hold the ruleset we think it holds: table missing, replaced or
+    /// changed by someone else), then the changes, then the new id element.
+    fn incremental_script(&self, def: &TableDef, id: &str) -> Option<(String, DiffStats)> {
+        let last = self.last.as_ref().filter(|_| self.incremental)?;
+        let (body, st) = def.diff(&last.def)?;
+        let t = &def.table;
+        let script = format!(
+            "delete element inet {t} ruleset-id {{ {} }}\n{body}add element inet {t} ruleset-id {{ {} comment {:?} }}\n",
+            id_elem(&last.id),
+            id_elem(id),
+            marker_of(id)
+        );
+        Some((script, st))
+    }
+
+    /// The transaction that turns whatever table named `def.table` the kernel holds into
+    /// `def` without deleting the table; None if there is no such table (or it cannot be
+    /// listed).
+    fn refill_script(&self, def: &TableDef, id: &str) -> Option<String> {
+        let t = &def.table;
+        // -t: without set elements.
+        let listing = self
+            .nft
+            .run(&["-t", "-j", "list", "table", "inet", t], "")
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&listing).ok()?;
+        let keep_sets: std::collections::HashSet<&str> = def
+            .sets
+            .iter()
+            .chain(&def.node_sets)
+            .map(|s| s.name.as_str())
+            .chain(def.maps.iter().map(|m| m.name.as_str()))
+            .chain(["ruleset-id"])
+            .collect();
+        let keep_chains: std::collections::HashSet<&str> = def
+            .chains
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(["forward", "input"])
+            .chain(
+                (!def.node_sets.is_empty())
+                    .then_some(["unknown-ingress", "unknown-egress"])
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect();
+        let mut head = format!("add table inet {t}\nflush table inet {t}\n");
+        let mut tail = String::new();
+        for item in v.get("nftables")?.as_array()? {
+            for (kind, what) in [("set", "set"), ("map", "map")] {
+                if let Some(name) = item.get(kind).and_then(|o| o.get("name")?.as_str()) {
+                    let _ = writeln!(head, "flush {what} inet {t} {name}");
+                    if !keep_sets.contains(name) {
+                        let _ = writeln!(tail, "delete {what} inet {t} {name}");
                     }
                 }
             }
-        };
-        SyncReport {
-            applied,
-            stats,
-            duration: start.elapsed(),
+            if let Some(name) = item.get("chain").and_then(|o| o.get("name")?.as_str()) {
+                if !keep_chains.contains(name) {
+                    let _ = writeln!(head, "delete chain inet {t} {name}");
+                }
+            }
         }
+        let mut s = head;
+        s.push_str(&tail);
+        let _ = def.write_body(&mut s, &id_set(id));
+        Some(s)
     }
 
-    /// Forces the next sync to reapply even if nothing changed (periodic resync repairs
-    /// drift, e.g. someone deleting the table by hand).
+    /// Makes the kernel enforce `snap`: with one transaction that changes only what
+    /// differs from the last applied ruleset when possible, else by replacing the whole
+    /// table; falls back to the isolation-only table when the full one is rejected.
+    pub fn sync(&mut self, snap: &Snapshot) -> SyncReport {
+        self.sync_with(snap, || {})
+    }
+
+    /// [`Enforcer::sync`], calling `before_apply` once after the compile and before nft
+    /// runs (the metrics read the drop counters in parallel with the compile and must
+    /// be done before the table changes).
+    pub fn sync_with(&mut self, snap: &Snapshot, before_apply: impl FnOnce()) -> SyncReport {
+        let start = Instant::now();
+        let rs = compile(snap, &self.node, &self.opts);
+        let stats = rs.stats();
+        let compiled = start.elapsed();
+        let def = rs.table_def();
+        drop(rs);
+        let id = def_id(&def);
+        let rendered = start.elapsed();
+        before_apply();
+        tracing::debug!(
+            "sync: compile {compiled:?}, table definition and id {:?}, waited for the counters {:?}",
+            rendered - compiled,
+            start.elapsed() - rendered
+        );
+        let mut report = SyncReport {
+            applied: Applied::Unchanged,
+            stats,
+            duration: Duration::ZERO,
+            changed_chains: Vec::new(),
+            changed_elements: 0,
+        };
+        if self.last.as_ref().is_some_and(|l| l.id == id) {
+            report.duration = start.elapsed();
+            return report;
+        }
+        let t = Instant::now();
+        if let Some((script, st)) = self.incremental_script(&def, &id) {
+            let diffed = t.elapsed();
+            let res = self.nft.apply(&script);
+            tracing::debug!(
+                "sync: diff {diffed:?}, incremental nft -f ({} bytes) {:?}",
+                script.len(),
+                t.elapsed() - diffed
+            );
+            match res {
+                Ok(()) => {
+                    self.last = Some(Loaded { def, id });
+                    report.applied = Applied::Incremental;
+                    report.changed_chains = st.chains;
+                    report.changed_elements = st.elements;
+                    report.duration = start.elapsed();
+                    return report;
+                }
+                Err(e) => {
+                    tracing::warn!("incremental update rejected ({e}); replacing the whole table")
+                }
+            }
+        }
+        // The whole ruleset. If the table exists, refill it in place (flush its rules and
+        // sets, delete what the new ruleset lacks, define the rest) so that its base
+        // chains stay hooked: deleting and re-creating the table swaps the hooks, and on
+        // kernel 6.18 a packet can pass between the old and new base chain (atomic_lab
+        // saw 1 datagram in 1000 such replacements). Only when that is rejected (e.g. a
+        // set changed type) is the table deleted and created again.
+        if let Some(script) = self.refill_script(&def, &id) {
+            match self.nft.apply(&script) {
+                Ok(()) => {
+                    self.last = Some(Loaded { def, id });
+                    report.applied = Applied::Full;
+                    report.duration = start.elapsed();
+                    return report;
+                }
+                Err(e) => tracing::warn!(
+                    "refilling the table in place rejected ({e}); deleting and re-creating it"
+                ),
+            }
+        }
+        let script = marked_script(&def, &id);
+        report.applied = match self.nft.apply(&script) {
+            Ok(()) => {
+                drop(script);
+                self.last = Some(Loaded { def, id });
+                Applied::Full
+            }
+            Err(e) => {
+                self.last = None;
+                drop(script);
+                match self.nft.apply(&self.fail_closed_script(snap)) {
+                    Ok(()) => Applied::FailClosed {
+                        error: e.to_string(),
+                    },
+                    Err(e2) => Applied::Failed {
+                        error: e.to_string(),
+                        fail_closed_error: e2.to_string(),
+                    },
+                }
+            }
+        };
+        report.duration = start.elapsed();
+        report
+    }
+
+    /// Forces the next sync to replace the whole table even if nothing changed (periodic
+    /// resync repairs drift, e.g. someone deleting the table or a chain by hand).
     pub fn invalidate(&mut self) {
         self.last = None;
     }

@@ -5,7 +5,9 @@
 //! opens only port 81 on the server and isolates the client's egress to port 81). Any
 //! intermediate state of a non-atomic replacement (table deleted, map entry or chain
 //! missing, set empty) would let a packet of the flow through; the server counts every
-//! datagram and connection it gets, and must count zero.
+//! datagram and connection it gets, and must count zero. The updates alternate between a
+//! whole-table replacement and an incremental transaction (A <-> B changes map elements,
+//! chains and sets in one `nft -f`), so both paths are held to it.
 //!
 //! Controls in the same run show the probe would notice: a deliberately non-atomic
 //! replacement (delete the table, pause, load it again) lets packets through, and so does
@@ -198,9 +200,23 @@ fn a_thousand_table_replacements_never_let_a_denied_packet_through() {
 
     let start = Instant::now();
     for i in 0..UPDATES {
+        // Alternately a whole-table replacement and an incremental transaction (only the
+        // changed sets, chains and map elements): both must be atomic.
+        let mode = std::env::var("ATOMIC_MODE").unwrap_or_default();
         let snap = if i % 2 == 0 { &b } else { &a };
+        let full = match mode.as_str() {
+            "inc" => false,
+            "full" => true,
+            _ => i % 2 == 0,
+        };
+        let want = if full {
+            enf.invalidate();
+            Applied::Full
+        } else {
+            Applied::Incremental
+        };
         let r = enf.sync(snap);
-        assert_eq!(r.applied, Applied::Full, "update {i}");
+        assert_eq!(r.applied, want, "update {i}");
     }
     let took = start.elapsed();
     // Let in-flight packets land.

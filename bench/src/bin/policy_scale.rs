@@ -17,6 +17,7 @@
 //! target/release/policy_scale`.
 //!
 //! Usage: policy_scale [--pods N] [--policies N] [--namespaces N] [--changes N] [--seconds S]
+//! [--rounds N (throughput rounds, default 5)]
 //! Internal (run inside lab pods): policy_scale conn-server PORT | conn-client IP PORT SECONDS
 
 use std::io::Read;
@@ -43,6 +44,8 @@ struct Scale {
     namespaces: usize,
     changes: usize,
     seconds: u64,
+    /// Throughput / connection-rate rounds (with and without the table), median taken.
+    rounds: usize,
 }
 
 /// Pod `p`: namespace `p % NS`, app `a<(p / NS) % 10>`, node `(p % NS + 13 * (p / NS)) %
@@ -339,6 +342,7 @@ fn main() -> Result<()> {
         namespaces: 100,
         changes: 20,
         seconds: 5,
+        rounds: 5,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -352,6 +356,7 @@ fn main() -> Result<()> {
             "--namespaces" => s.namespaces = v,
             "--changes" => s.changes = v,
             "--seconds" => s.seconds = v as u64,
+            "--rounds" => s.rounds = v.max(1),
             _ => bail!("unknown argument {a}"),
         }
     }
@@ -464,7 +469,7 @@ fn main() -> Result<()> {
             "--poll-ms",
             "100",
         ],
-        &[],
+        &[("RUST_LOG", "info,twill_policy=debug")],
     )?;
     let applied = |lab: &Lab| lab.log(id).matches("applied ruleset").count();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -513,6 +518,12 @@ fn main() -> Result<()> {
     if !listed.contains(&marker) {
         bail!("the table does not hold the last change ({marker})");
     }
+    // The daemon's own account of each sync (compile + nft) and source read.
+    for l in lab.log(id).lines() {
+        if l.contains("applied ruleset") || l.contains("read the source") || l.contains("sync: ") {
+            eprintln!("daemon: {}", l.trim());
+        }
+    }
     lab.stop(id, Duration::from_secs(3))?;
     let p99 = percentile(lat.clone(), 99.0);
     let p50 = median(lat.clone());
@@ -535,7 +546,7 @@ fn main() -> Result<()> {
     let server_ip = w.server.2.clone();
     let mut with = (Vec::new(), Vec::new());
     let mut without = (Vec::new(), Vec::new());
-    for round in 0..2 {
+    for round in 0..s.rounds {
         nft.apply(&script)?;
         with.0.push(iperf(&lab, &c.netns, &server_ip, s.seconds)?);
         with.1.push(conn_rate(&lab, &c.netns, &server_ip, 3)?);

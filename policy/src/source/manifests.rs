@@ -17,7 +17,7 @@ use crate::model::{
 };
 
 /// Objects parsed from manifests.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Objects {
     namespaces: Vec<Namespace>,
     pods: Vec<Pod>,
@@ -25,7 +25,7 @@ struct Objects {
 }
 
 fn add_object(
-    v: Value,
+    mut v: Value,
     objs: &mut Objects,
     origin: &str,
     document: usize,
@@ -47,14 +47,17 @@ fn add_object(
                 errors.push(err("kind".into(), "a List inside a List".into()));
                 return;
             }
-            let Some(items) = v.get("items").and_then(Value::as_array) else {
-                if v.get("items").is_some_and(|i| !i.is_null()) {
+            // Items are moved out, not cloned: a 10k-pod list is most of the memory.
+            let items = match v.get_mut("items").map(Value::take) {
+                Some(Value::Array(items)) => items,
+                Some(Value::Null) | None => return,
+                Some(_) => {
                     errors.push(err("items".into(), "must be a list".into()));
+                    return;
                 }
-                return;
             };
-            for (i, it) in items.iter().enumerate() {
-                add_object(it.clone(), objs, origin, document, Some(i), errors);
+            for (i, it) in items.into_iter().enumerate() {
+                add_object(it, objs, origin, document, Some(i), errors);
             }
         }
         "Namespace" => match from_json_value::<NamespaceObject>(v).and_then(|o| o.into_model()) {
@@ -187,11 +190,24 @@ fn finish(objs: Objects, errors: Vec<ObjectError>) -> Result<Snapshot, SourceErr
     }
 }
 
-/// Reads a directory of manifests.
+/// What identifies one version of a file: size, modification time, inode.
+type FileKey = (u64, Option<SystemTime>, u64);
+
+/// One file's parse result, kept until the file changes.
+#[derive(Debug)]
+struct Parsed {
+    key: FileKey,
+    objs: Objects,
+    errors: Vec<ObjectError>,
+}
+
+/// Reads a directory of manifests. Each file's parsed objects are cached by size,
+/// modification time and inode: a snapshot re-reads only files that changed.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
-    seen: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    seen: Vec<(PathBuf, FileKey)>,
+    cache: std::collections::HashMap<PathBuf, Parsed>,
     /// How often `wait_change` looks.
     pub poll: Duration,
 }
@@ -201,6 +217,7 @@ impl ManifestDir {
         ManifestDir {
             dir: dir.into(),
             seen: Vec::new(),
+            cache: std::collections::HashMap::new(),
             poll: Duration::from_secs(1),
         }
     }
@@ -219,15 +236,13 @@ impl ManifestDir {
         Ok(out)
     }
 
-    fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn fingerprint(&self) -> Vec<(PathBuf, FileKey)> {
         self.files()
             .unwrap_or_default()
             .into_iter()
             .map(|p| {
-                let md = std::fs::metadata(&p).ok();
-                let len = md.as_ref().map(|m| m.len()).unwrap_or(0);
-                let mtime = md.and_then(|m| m.modified().ok());
-                (p, len, mtime)
+                let key = file_key(&p);
+                (p, key)
             })
             .collect()
     }
@@ -236,6 +251,35 @@ impl ManifestDir {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+fn file_key(p: &Path) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(p) {
+        Ok(m) => (m.len(), m.modified().ok(), m.ino()),
+        Err(_) => (0, None, 0),
+    }
+}
+
+/// Reads and parses one file.
+fn parse_file(f: &Path) -> (Objects, Vec<ObjectError>) {
+    let origin = f.display().to_string();
+    let mut objs = Objects::default();
+    let mut errors = Vec::new();
+    match std::fs::read_to_string(f) {
+        Ok(text) if f.extension().is_some_and(|e| e == "json") => {
+            parse_json(&text, &origin, &mut objs, &mut errors)
+        }
+        Ok(text) => parse_text(&text, &origin, &mut objs, &mut errors),
+        Err(e) => errors.push(ObjectError {
+            origin,
+            document: None,
+            item: None,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        }),
+    }
+    (objs, errors)
 }
 
 impl Source for ManifestDir {
@@ -252,22 +296,26 @@ impl Source for ManifestDir {
         })?;
         let mut objs = Objects::default();
         let mut errors = Vec::new();
+        let mut cache = std::collections::HashMap::with_capacity(files.len());
         for f in files {
-            let origin = f.display().to_string();
-            match std::fs::read_to_string(&f) {
-                Ok(text) if f.extension().is_some_and(|e| e == "json") => {
-                    parse_json(&text, &origin, &mut objs, &mut errors)
+            // The key is taken before reading: a write during the read changes the key
+            // again, so the file is read once more next time.
+            let key = file_key(&f);
+            let parsed = match self.cache.remove(&f) {
+                Some(p) if p.key == key && key.1.is_some() => p,
+                _ => {
+                    let (objs, errors) = parse_file(&f);
+                    Parsed { key, objs, errors }
                 }
-                Ok(text) => parse_text(&text, &origin, &mut objs, &mut errors),
-                Err(e) => errors.push(ObjectError {
-                    origin,
-                    document: None,
-                    item: None,
-                    field: String::new(),
-                    message: format!("cannot read: {e}"),
-                }),
-            }
+            };
+            objs.namespaces
+                .extend(parsed.objs.namespaces.iter().cloned());
+            objs.pods.extend(parsed.objs.pods.iter().cloned());
+            objs.policies.extend(parsed.objs.policies.iter().cloned());
+            errors.extend(parsed.errors.iter().cloned());
+            cache.insert(f, parsed);
         }
+        self.cache = cache;
         finish(objs, errors)
     }
 
