@@ -36,6 +36,11 @@ use crate::registry::lease::{validate_peer, Lease, LeaseAttrs, Mac, SubnetKey, V
 
 use crate::alloc::RACE_RETRIES;
 
+/// A lease-event burst is taken as over once the watch has been quiet this long...
+const LEASE_BURST_QUIET: Duration = Duration::from_millis(10);
+/// ...or after this long at most, so a steady trickle of events still gets programmed.
+const LEASE_BURST_MAX: Duration = Duration::from_millis(100);
+
 /// The node's own lease, as held in etcd.
 #[derive(Clone, Debug)]
 struct OwnLease {
@@ -1082,8 +1087,21 @@ async fn event_loop<S: LeaseSource>(
     let mut dirty = true;
     loop {
         if dirty {
-            while let Ok(ev) = rx.try_recv() {
-                source.handle(ev, &mut table).await?;
+            // Coalesce a burst of lease events (1000 leases arrive as a few dozen watch
+            // responses) into one pass: keep draining until the watch is quiet for
+            // LEASE_BURST_QUIET, but never wait longer than LEASE_BURST_MAX.
+            let burst_deadline = tokio::time::Instant::now() + LEASE_BURST_MAX;
+            loop {
+                while let Ok(ev) = rx.try_recv() {
+                    source.handle(ev, &mut table).await?;
+                }
+                let quiet_until =
+                    (tokio::time::Instant::now() + LEASE_BURST_QUIET).min(burst_deadline);
+                match tokio::time::timeout_at(quiet_until, rx.recv()).await {
+                    Ok(Some(ev)) => source.handle(ev, &mut table).await?,
+                    Ok(None) => bail!("the registry watch stopped"),
+                    Err(_) => break,
+                }
             }
             if let Err(e) = dataplane.reconcile(&table.list()).await {
                 tracing::warn!(error = %e, "reconcile failed; retrying on the next pass");
