@@ -106,10 +106,7 @@ fn etcd_outage_keeps_traffic_then_catches_up_and_renews() {
     if !twill_lab::require_root() {
         return;
     }
-    let outage: u64 = std::env::var("TWILL_ETCD_OUTAGE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
+    let outage: u64 = common::env_number("TWILL_ETCD_OUTAGE_SECS", 120);
     assert!(outage >= 70, "the outage must cover a renewal (>= 70 s)");
     let mut c = cluster("eout", &["n1", "n2"], VXLAN);
     let gone: Ipv4Net = "10.244.201.0/24".parse().unwrap();
@@ -364,10 +361,7 @@ fn twilld_killed_at_random_start_up_points_converges_every_time() {
     if !twill_lab::require_root() {
         return;
     }
-    let points: usize = std::env::var("TWILL_KILL_POINTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let points: usize = common::env_number("TWILL_KILL_POINTS", 50);
     let mut c = cluster("kill", &["n1", "n2"], VXLAN);
     c.start("n2", &[]);
     let s2 = subnet_of(&mut c, "n2");
@@ -482,10 +476,8 @@ fn twill_policy_killed_and_restarted_stays_closed() {
         return;
     }
     let mut c = cluster("pkill", &["n1", "n2"], VXLAN);
-    c.start("n1", &[]);
-    c.start("n2", &[]);
-    let e1 = c.wait_ready("n1");
-    let e2 = c.wait_ready("n2");
+    let envs = c.start_all(&["n1", "n2"]);
+    let (e1, e2) = (envs["n1"].clone(), envs["n2"].clone());
     let victim = c.pod("n1", "victim", &e1);
     c.pod("n2", "client", &e2);
     let client = c.lab.pod("client").netns.clone();

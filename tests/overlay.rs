@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -13,16 +12,6 @@ use twill_lab::{Ipv4Net, Signal};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
-
-fn start_all(c: &mut Cluster, nodes: &[&str]) -> BTreeMap<String, SubnetEnv> {
-    for n in nodes {
-        c.start(n, &[]);
-    }
-    nodes
-        .iter()
-        .map(|n| (n.to_string(), c.wait_ready(n)))
-        .collect()
-}
 
 fn subnet(env: &SubnetEnv) -> Ipv4Net {
     env.subnet_network().expect("FLANNEL_SUBNET")
@@ -53,7 +42,7 @@ fn vxlan_three_nodes_flannel_leases_entries_and_pod_reachability() {
     }
     let nodes = ["n1", "n2", "n3"];
     let mut c = cluster("vx3", &nodes, VXLAN);
-    let envs = start_all(&mut c, &nodes);
+    let envs = c.start_all(&nodes);
 
     let subnets: Vec<Ipv4Net> = envs.values().map(subnet).collect();
     assert_eq!(
@@ -152,7 +141,7 @@ fn host_gw_three_nodes_route_via_peers_and_pods_reach_each_other() {
     }
     let nodes = ["n1", "n2", "n3"];
     let mut c = cluster("hgw", &nodes, HOST_GW);
-    let envs = start_all(&mut c, &nodes);
+    let envs = c.start_all(&nodes);
     for n in nodes {
         let s = subnet(&envs[n]);
         assert_eq!(
@@ -199,7 +188,7 @@ fn flannel_node_configured_by_hand_interoperates() {
         return;
     }
     let mut c = cluster("flx", &["n1", "n2", "fl"], VXLAN);
-    let envs = start_all(&mut c, &["n1", "n2"]);
+    let envs = c.start_all(&["n1", "n2"]);
 
     // The Flannel node: subnet 10.244.200.0/24, its own VTEP MAC.
     let fl_addr = c.lab.node("fl").addr;
@@ -256,7 +245,7 @@ fn lease_added_and_deleted_converges_on_every_node() {
     }
     let nodes = ["n1", "n2", "n3"];
     let mut c = cluster("cvg", &nodes, VXLAN);
-    start_all(&mut c, &nodes);
+    c.start_all(&nodes);
     for n in nodes {
         c.wait_entries(n, "flannel.1", "initial peers", |e| e.routes.len() == 2);
     }
@@ -303,7 +292,7 @@ fn kill9_and_restart_is_hitless() {
     }
     let nodes = ["n1", "n2"];
     let mut c = cluster("k9", &nodes, VXLAN);
-    let envs = start_all(&mut c, &nodes);
+    let envs = c.start_all(&nodes);
     for n in nodes {
         c.wait_entries(n, "flannel.1", "peer", |e| e.routes.len() == 1);
     }
@@ -369,7 +358,7 @@ fn stale_peer_entries_are_removed_at_start() {
     }
     let nodes = ["n1", "n2", "n3"];
     let mut c = cluster("gc", &nodes, VXLAN);
-    let envs = start_all(&mut c, &nodes);
+    let envs = c.start_all(&nodes);
     for n in nodes {
         c.wait_entries(n, "flannel.1", "peers", |e| e.routes.len() == 2);
     }
@@ -412,7 +401,7 @@ fn deleted_route_and_device_are_restored() {
     }
     let nodes = ["n1", "n2", "n3"];
     let mut c = cluster("drift", &nodes, VXLAN);
-    let envs = start_all(&mut c, &nodes);
+    let envs = c.start_all(&nodes);
     c.wait_entries("n1", "flannel.1", "peers", |e| e.routes.len() == 2);
     let full = c.entries("n1", "flannel.1");
     let mac = c.mac("n1", "flannel.1");

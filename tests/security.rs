@@ -168,10 +168,8 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
     }
     // n3 is the attacker: on the same underlay, no twilld, no lease.
     let mut c = cluster("inj", &["n1", "n2", "n3"], VXLAN);
-    c.start("n1", &[]);
-    c.start("n2", &[]);
-    let e1 = c.wait_ready("n1");
-    let e2 = c.wait_ready("n2");
+    let envs = c.start_all(&["n1", "n2"]);
+    let (e1, e2) = (envs["n1"].clone(), envs["n2"].clone());
     let (a1, a2) = (c.lab.node("n1").addr, c.lab.node("n2").addr);
     wait_guard(&c, "n1", &[a2]);
     let target = c.pod("n1", "victim", &e1);
@@ -237,10 +235,8 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
         return;
     }
     let mut c = cluster("pod", &["n1", "n2"], VXLAN);
-    c.start("n1", &[]);
-    c.start("n2", &[]);
-    let e1 = c.wait_ready("n1");
-    let e2 = c.wait_ready("n2");
+    let envs = c.start_all(&["n1", "n2"]);
+    let (e1, e2) = (envs["n1"].clone(), envs["n2"].clone());
     let (a1, a2) = (c.lab.node("n1").addr, c.lab.node("n2").addr);
     wait_guard(&c, "n1", &[a2]);
     wait_guard(&c, "n2", &[a1]);
@@ -340,10 +336,8 @@ fn host_gw_refuses_pod_sources_not_leased_to_a_peer() {
         return;
     }
     let mut c = cluster("hgs", &["n1", "n2", "n3"], HOST_GW);
-    c.start("n1", &[]);
-    c.start("n2", &[]);
-    let e1 = c.wait_ready("n1");
-    let e2 = c.wait_ready("n2");
+    let envs = c.start_all(&["n1", "n2"]);
+    let (e1, e2) = (envs["n1"].clone(), envs["n2"].clone());
     wait_guard(&c, "n1", &[c.lab.node("n2").addr]);
     let p1 = c.pod("n1", "victim", &e1);
     let p2 = c.pod("n2", "friend", &e2);

@@ -92,6 +92,17 @@ impl Cluster {
         id
     }
 
+    /// Starts twilld on every node in `nodes` and waits until each is ready.
+    pub fn start_all(&mut self, nodes: &[&str]) -> BTreeMap<String, SubnetEnv> {
+        for n in nodes {
+            self.start(n, &[]);
+        }
+        nodes
+            .iter()
+            .map(|n| (n.to_string(), self.wait_ready(n)))
+            .collect()
+    }
+
     pub fn daemon(&self, node: &str) -> ProcId {
         self.daemons[node]
     }
@@ -315,4 +326,12 @@ pub fn subnet_key(subnet: &Ipv4Net) -> String {
         subnet.network(),
         subnet.prefix_len()
     )
+}
+
+/// A number from the environment (test knobs like TWILL_ETCD_OUTAGE_SECS), else `default`.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
