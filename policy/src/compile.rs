@@ -22,7 +22,8 @@
 //!      way (the node is an address outside the pod network: ipBlocks or open rules).
 //! chain pod-in/<ns>/<pod>, pod-out/<ns>/<pod>: one rule per (policy rule, family,
 //!      protocol) that `return`s when it matches, then a rate-limited log naming the pod
-//!      and direction, then `counter drop`.
+//!      and direction, then `counter name "<chain>" drop` (a named counter per pod chain,
+//!      read by the metrics without listing the table).
 //! ```
 //!
 //! Node-originated traffic (OUTPUT path, e.g. kubelet probes) never meets these chains,
@@ -914,7 +915,9 @@ impl Ruleset {
                 self.log_rate,
                 self.log_rate * 2
             ));
-            rules.push("counter drop".into());
+            // A named counter (same name as the chain): it survives the chain being
+            // flushed and refilled, so drop totals need no listing before each update.
+            rules.push(format!("counter name {:?} drop", c.name));
             chains.push(ChainDef {
                 name: c.name.clone(),
                 comment: format!("{} of pod {}", c.dir, c.pod),
@@ -956,6 +959,7 @@ impl Ruleset {
         let mut s = String::new();
         if !unknown.is_empty() {
             for dir in ["ingress", "egress"] {
+                let _ = writeln!(s, "\tcounter unknown-{dir} {{\n\t}}");
                 let _ = writeln!(s, "\tchain unknown-{dir} {{");
                 let _ = writeln!(
                     s,
@@ -967,7 +971,7 @@ impl Ruleset {
                     self.log_rate,
                     self.log_rate * 2
                 );
-                let _ = writeln!(s, "\t\tcounter drop");
+                let _ = writeln!(s, "\t\tcounter name \"unknown-{dir}\" drop");
                 let _ = writeln!(s, "\t}}");
             }
         }
@@ -1130,6 +1134,7 @@ impl TableDef {
             writeln!(w, "\t}}")?;
         }
         for c in &self.chains {
+            writeln!(w, "\tcounter {} {{\n\t}}", c.name)?;
             writeln!(w, "\tchain {} {{", c.name)?;
             writeln!(w, "\t\tcomment {:?}", c.comment)?;
             for r in &c.rules {
@@ -1161,7 +1166,8 @@ impl TableDef {
     /// overlaps), new chains (empty), flush and refill of changed chains and fill of new
     /// ones (their rules may name new sets and are all in place before any map element
     /// jumps to them), map elements (deletions, then additions), then dead chains
-    /// (flushed, then deleted: nothing jumps to them any more) and last dead sets (no rule
+    /// (flushed, then deleted: nothing jumps to them any more) with their counters, and last
+    /// dead sets (no rule
     /// names them any more).
     pub fn diff(&self, old: &TableDef) -> Option<(String, DiffStats)> {
         use std::collections::{HashMap, HashSet};
@@ -1236,6 +1242,7 @@ impl TableDef {
         for c in &self.chains {
             match old_chains.get(c.name.as_str()) {
                 None => {
+                    let _ = writeln!(out, "add counter inet {t} {}", c.name);
                     let _ = writeln!(
                         out,
                         "add chain inet {t} {} {{ comment {:?}; }}",
@@ -1301,6 +1308,7 @@ impl TableDef {
             if !new_chains.contains(c.name.as_str()) {
                 let _ = writeln!(out, "flush chain inet {t} {}", c.name);
                 let _ = writeln!(out, "delete chain inet {t} {}", c.name);
+                let _ = writeln!(out, "delete counter inet {t} {}", c.name);
                 st.chains.push(c.name.clone());
             }
         }

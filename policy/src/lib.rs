@@ -1,5 +1,6 @@
 pub mod compile;
 pub mod conformance;
+pub mod counters;
 pub mod eval;
 pub mod metrics;
 pub mod model;

@@ -258,7 +258,7 @@ fn cmd_run(
         bin: common.nft.clone(),
         ..Nft::default()
     };
-    let shared = Arc::new(Shared::new(nft.clone(), &common.table));
+    let shared = Arc::new(Shared::new(&common.table));
     if let Some(addr) = metrics_addr {
         let local =
             serve(addr, shared.clone()).with_context(|| format!("serving metrics on {addr}"))?;

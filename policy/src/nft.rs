@@ -380,6 +380,13 @@ impl Enforcer {
                     let _ = writeln!(head, "delete chain inet {t} {name}");
                 }
             }
+            // Counters of kept pod chains keep counting; the others go once no rule
+            // names them (`flush table` emptied every chain).
+            if let Some(name) = item.get("counter").and_then(|o| o.get("name")?.as_str()) {
+                if !keep_chains.contains(name) {
+                    let _ = writeln!(tail, "delete counter inet {t} {name}");
+                }
+            }
         }
         let mut s = head;
         s.push_str(&tail);
@@ -391,13 +398,6 @@ impl Enforcer {
     /// differs from the last applied ruleset when possible, else by replacing the whole
     /// table; falls back to the isolation-only table when the full one is rejected.
     pub fn sync(&mut self, snap: &Snapshot) -> SyncReport {
-        self.sync_with(snap, || {})
-    }
-
-    /// [`Enforcer::sync`], calling `before_apply` once after the compile and before nft
-    /// runs (the metrics read the drop counters in parallel with the compile and must
-    /// be done before the table changes).
-    pub fn sync_with(&mut self, snap: &Snapshot, before_apply: impl FnOnce()) -> SyncReport {
         let start = Instant::now();
         let rs = compile(snap, &self.node, &self.opts);
         let stats = rs.stats();
@@ -405,12 +405,9 @@ impl Enforcer {
         let def = rs.table_def();
         drop(rs);
         let id = def_id(&def);
-        let rendered = start.elapsed();
-        before_apply();
         tracing::debug!(
-            "sync: compile {compiled:?}, table definition and id {:?}, waited for the counters {:?}",
-            rendered - compiled,
-            start.elapsed() - rendered
+            "sync: compile {compiled:?}, table definition and id {:?}",
+            start.elapsed() - compiled
         );
         let mut report = SyncReport {
             applied: Applied::Unchanged,

@@ -57,7 +57,10 @@ fn failed_apply_installs_isolation_only_table() {
     let closed = std::fs::read_to_string(dir.join("applied.nft")).unwrap();
     assert!(closed.contains("10.244.1.2 : jump pod-in/x/a"), "{closed}");
     assert!(!closed.contains("return"), "{closed}");
-    assert!(closed.contains("counter drop"));
+    assert!(
+        closed.contains("counter name \"pod-in/x/a\" drop"),
+        "{closed}"
+    );
     // A failed sync is retried next time, not skipped as unchanged.
     assert!(matches!(
         bad.sync(&snap).applied,
