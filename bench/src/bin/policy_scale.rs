@@ -9,8 +9,9 @@
 //!   policy files rewritten one after the other, time from the rename to the daemon's
 //!   "applied ruleset" log line (printed after nft returns);
 //! - pod-to-pod TCP throughput (iperf3, two pods on n1's bridge, both selected by
-//!   policies) with the ruleset against no table;
-//! - new TCP connections per second between the same pods, with and without.
+//!   policies) with the ruleset against the same node without it (both with Flannel's
+//!   masquerade tables, as twilld installs them), and against a node with no table at all;
+//! - new TCP connections per second between the same pods, in the same three arms.
 //!
 //! Prints markdown rows in the format of `twill_bench::table_row`. Needs root and a
 //! release build: `cargo build --release -p twill-policy -p twill-bench &&
@@ -544,23 +545,43 @@ fn main() -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_millis(500));
     let server_ip = w.server.2.clone();
+    // Three arms, interleaved per round: the policy table on a node as twilld leaves it
+    // (Flannel's masquerade and forward tables, kube-flannel.yml's --ip-masq), that node
+    // without the policy table (the peer of the target), and the bare node without any
+    // nftables table. Flannel's NAT chain switches conntrack on for every packet, as
+    // kube-proxy does on any Kubernetes node; the bare arm shows that cost on its own.
+    let flannel = twill::masq::ruleset(&twill::masq::MasqInput {
+        network: "10.244.0.0/16".parse()?,
+        subnet: "10.244.1.0/24".parse()?,
+        masquerade: true,
+        fully_random: true,
+        forward: true,
+    });
+    let no_flannel = "add table ip flannel-ipv4\ndelete table ip flannel-ipv4\n";
+    let no_policy = twill_policy::compile::render_delete(&opts.table);
     let mut with = (Vec::new(), Vec::new());
-    let mut without = (Vec::new(), Vec::new());
+    let mut flannel_only = (Vec::new(), Vec::new());
+    let mut bare = (Vec::new(), Vec::new());
     for round in 0..s.rounds {
-        nft.apply(&script)?;
-        with.0.push(iperf(&lab, &c.netns, &server_ip, s.seconds)?);
-        with.1.push(conn_rate(&lab, &c.netns, &server_ip, 3)?);
-        nft.apply(&twill_policy::compile::render_delete(&opts.table))?;
-        without
-            .0
-            .push(iperf(&lab, &c.netns, &server_ip, s.seconds)?);
-        without.1.push(conn_rate(&lab, &c.netns, &server_ip, 3)?);
+        for (arm, setup) in [
+            (&mut with, [flannel.as_str(), script.as_str()]),
+            (&mut flannel_only, [flannel.as_str(), no_policy.as_str()]),
+            (&mut bare, [no_flannel, no_policy.as_str()]),
+        ] {
+            for step in setup {
+                nft.apply(step)?;
+            }
+            arm.0.push(iperf(&lab, &c.netns, &server_ip, s.seconds)?);
+            arm.1.push(conn_rate(&lab, &c.netns, &server_ip, 3)?);
+        }
         eprintln!(
-            "round {round}: with {:.2} Gbit/s {:.0} conn/s; without {:.2} Gbit/s {:.0} conn/s",
+            "round {round}: policy+flannel {:.2} Gbit/s {:.0} conn/s; flannel only {:.2} Gbit/s {:.0} conn/s; no tables {:.2} Gbit/s {:.0} conn/s",
             with.0[round] / 1e9,
             with.1[round],
-            without.0[round] / 1e9,
-            without.1[round]
+            flannel_only.0[round] / 1e9,
+            flannel_only.1[round],
+            bare.0[round] / 1e9,
+            bare.1[round]
         );
     }
     // A denied flow really is denied with the table (the client is isolated for egress).
@@ -587,8 +608,12 @@ fn main() -> Result<()> {
     }
     lab.stop(srv, Duration::from_secs(2))?;
     lab.stop(csrv, Duration::from_secs(2))?;
-    let (tw, tn) = (median(with.0) / 1e9, median(without.0) / 1e9);
-    let (cw, cn) = (median(with.1), median(without.1));
+    let (tw, tn, tb) = (
+        median(with.0) / 1e9,
+        median(flannel_only.0) / 1e9,
+        median(bare.0) / 1e9,
+    );
+    let (cw, cn, cb) = (median(with.1), median(flannel_only.1), median(bare.1));
 
     let scale = format!(
         "{}k pods / {} policies / {} ns",
@@ -666,7 +691,9 @@ fn main() -> Result<()> {
     println!(
         "{}",
         table_row(
-            &format!("pod-to-pod TCP throughput (iperf3, same node), {scale} vs no table"),
+            &format!(
+                "pod-to-pod TCP throughput (iperf3, same node), {scale} vs the same node without the policy table (Flannel's masq tables in both)"
+            ),
             &format!("{tw:.2} Gbit/s"),
             &format!("{tn:.2} Gbit/s"),
             tw / tn,
@@ -677,12 +704,36 @@ fn main() -> Result<()> {
     println!(
         "{}",
         table_row(
-            &format!("new TCP connections/s (connect+close, 2 threads), {scale} vs no table"),
+            &format!("pod-to-pod TCP throughput, {scale} vs a node without any nftables table (no conntrack)"),
+            &format!("{tw:.2} Gbit/s"),
+            &format!("{tb:.2} Gbit/s"),
+            tw / tb,
+            "(reported)",
+            true
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!(
+                "new TCP connections/s (connect+close, 2 threads), {scale} vs the same node without the policy table"
+            ),
             &format!("{cw:.0}/s"),
             &format!("{cn:.0}/s"),
             cw / cn,
             ">= 0.90",
             cw / cn >= 0.90
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!("new TCP connections/s, {scale} vs a node without any nftables table (no conntrack)"),
+            &format!("{cw:.0}/s"),
+            &format!("{cb:.0}/s"),
+            cw / cb,
+            "(reported)",
+            true
         )
     );
     lab.teardown()?;
