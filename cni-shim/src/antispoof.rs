@@ -4,10 +4,16 @@
 //! source (IPv6 link-local and unspecified allowed, for neighbour discovery and DAD), and no
 //! pod may send router advertisements (CVE-2020-10749, towards other pods).
 //!
-//! ADD rebuilds the chain (flush + rules, the same every time) and adds the pod's elements in
-//! one nft transaction; elements of other pods are never flushed. DEL removes the pod's elements
-//! when it knows them (`prevResult`); an element left behind only names a veth that no longer
-//! exists (names are `veth` + 32 random bits, so reuse by another pod is not a practical risk).
+//! ADD adds the pod's elements with one nf_tables netlink transaction ([`crate::nfnl`]): no
+//! `nft` process on the per-pod path. Only when that fails (the first pod on the node: no
+//! table yet) does it run `nft` with the whole table: sets, chain rebuilt (flush + rules, the
+//! same every time) and the pod's elements, in one transaction; elements of other pods are never
+//! flushed. GC rebuilds the chain the same way, repairing rules changed by hand. The set names
+//! are the rule layout's version: should the rules ever change incompatibly, new set names make
+//! the fast path fail on an old table and fall back to the rebuild. DEL removes the pod's
+//! elements when it knows them (`prevResult`); an element left behind only names a veth that no
+//! longer exists (names are `veth` + 32 random bits, so reuse by another pod is not a practical
+//! risk).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -16,6 +22,7 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 
 use crate::error::{code, CniError};
+use crate::nfnl;
 
 pub const TABLE: &str = "twill-antispoof";
 
@@ -58,11 +65,11 @@ fn elements(p: &PodPort) -> (String, String, String) {
     (format!("\"{}\"", p.veth), v4.join(", "), v6.join(", "))
 }
 
-/// The ADD transaction. Pure.
-pub fn add_script(p: &PodPort) -> String {
+/// The table, its sets and the chain, rebuilt (flush + rules); no elements. Pure.
+pub fn chain_script() -> String {
     let t = format!("bridge {TABLE}");
     let c = format!("{t} pods");
-    let mut s = format!(
+    format!(
         "add table {t} {{ comment \"twill-cni: pods send only from their own addresses\" ; }}\n\
          add set {t} ports {{ type ifname ; }}\n\
          add set {t} src4 {{ type ifname . ipv4_addr ; }}\n\
@@ -75,7 +82,13 @@ pub fn add_script(p: &PodPort) -> String {
          add rule {c} icmpv6 type nd-router-advert counter drop comment \"router advertisement from a pod (CVE-2020-10749)\"\n\
          add rule {c} ether type ip6 ip6 saddr {{ ::, fe80::/10 }} accept\n\
          add rule {c} ether type ip6 iifname . ip6 saddr != @src6 counter drop comment \"IPv6 source spoofing\"\n"
-    );
+    )
+}
+
+/// The ADD transaction for `nft`: [`chain_script`] plus the pod's elements. Pure.
+pub fn add_script(p: &PodPort) -> String {
+    let t = format!("bridge {TABLE}");
+    let mut s = chain_script();
     let (port, v4, v6) = elements(p);
     if !v4.is_empty() {
         s += &format!("add element {t} src4 {{ {v4} }}\n");
@@ -89,20 +102,99 @@ pub fn add_script(p: &PodPort) -> String {
     s
 }
 
-/// The DEL transaction: idempotent (each element is added, then deleted). Pure.
-pub fn del_script(p: &PodPort) -> String {
-    let t = format!("bridge {TABLE}");
-    let mut s = format!(
-        "add table {t}\nadd set {t} ports {{ type ifname ; }}\nadd set {t} src4 {{ type ifname . ipv4_addr ; }}\nadd set {t} src6 {{ type ifname . ipv6_addr ; }}\n"
-    );
-    let (port, v4, v6) = elements(p);
-    s += &format!("add element {t} ports {{ {port} }}\ndelete element {t} ports {{ {port} }}\n");
-    for (set, e) in [("src4", v4), ("src6", v6)] {
-        if !e.is_empty() {
-            s += &format!("add element {t} {set} {{ {e} }}\ndelete element {t} {set} {{ {e} }}\n");
+/// Set keys as the kernel stores them: an `ifname` is IFNAMSIZ (16) bytes, NUL padded;
+/// concatenations put each field at a 4-byte boundary (16 + 4 for IPv4, 16 + 16 for IPv6);
+/// addresses in network order. `(ports, src4, src6)`. Pure.
+pub fn keys(p: &PodPort) -> (Vec<u8>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut port = vec![0u8; 16];
+    let n = p.veth.len().min(15);
+    port[..n].copy_from_slice(&p.veth.as_bytes()[..n]);
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for a in &p.addrs {
+        let mut k = port.clone();
+        match a {
+            IpAddr::V4(a) => {
+                k.extend_from_slice(&a.octets());
+                v4.push(k);
+            }
+            IpAddr::V6(a) => {
+                k.extend_from_slice(&a.octets());
+                v6.push(k);
+            }
         }
     }
-    s
+    (port, v4, v6)
+}
+
+/// The netlink messages that add the pod's elements: addresses first, the port last (in one
+/// transaction, so the order only documents the intent). Pure.
+pub fn add_messages(p: &PodPort) -> Vec<nfnl::Msg> {
+    let (port, v4, v6) = keys(p);
+    let mut out = Vec::new();
+    for (set, k) in [("src4", v4), ("src6", v6), ("ports", vec![port])] {
+        if !k.is_empty() {
+            out.push(nfnl::set_elements(
+                nfnl::NFT_MSG_NEWSETELEM,
+                nfnl::NFPROTO_BRIDGE,
+                TABLE,
+                set,
+                &k,
+            ));
+        }
+    }
+    out
+}
+
+/// The netlink messages that remove the pod's elements, idempotently: each element is added,
+/// then deleted, in the same transaction (a plain delete of a missing element would fail the
+/// whole transaction). Pure.
+pub fn del_messages(p: &PodPort) -> Vec<nfnl::Msg> {
+    let (port, v4, v6) = keys(p);
+    let mut out = Vec::new();
+    for (set, k) in [("ports", vec![port]), ("src4", v4), ("src6", v6)] {
+        if !k.is_empty() {
+            for msg in [nfnl::NFT_MSG_NEWSETELEM, nfnl::NFT_MSG_DELSETELEM] {
+                out.push(nfnl::set_elements(
+                    msg,
+                    nfnl::NFPROTO_BRIDGE,
+                    TABLE,
+                    set,
+                    &k,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Registers the pod's port and addresses: one netlink transaction when the table exists,
+/// else (first pod on the node, or the fast path refused) the whole table through `nft`.
+pub fn add(p: &PodPort) -> Result<(), CniError> {
+    let fast = nfnl::Conn::open().and_then(|mut c| c.transaction(&add_messages(p)));
+    match fast {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if e.raw_os_error() != Some(nix::libc::ENOENT) {
+                eprintln!("twill-cni: anti-spoofing elements over netlink: {e}; using nft");
+            }
+            apply(&add_script(p))
+        }
+    }
+}
+
+/// Removes the pod's elements; a missing table means there is nothing to remove.
+pub fn remove(p: &PodPort) -> Result<(), CniError> {
+    match nfnl::Conn::open().and_then(|mut c| c.transaction(&del_messages(p))) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+        Err(e) => Err(CniError::new(
+            code::IO_FAILURE,
+            format!(
+                "anti-spoofing rules: removing the elements of {}: {e}",
+                p.veth
+            ),
+        )),
+    }
 }
 
 /// The elements of veths that no longer exist (`exists` says which do), from the JSON listing
@@ -139,7 +231,8 @@ pub fn prune_script(listing: &Value, exists: impl Fn(&str) -> bool) -> Option<St
 }
 
 /// GC: removes the elements of veths gone from this namespace (pods deleted without a DEL
-/// that carried prevResult). Does nothing where the table does not exist.
+/// that carried prevResult) and rebuilds the chain. Does nothing where the table does not
+/// exist.
 pub fn prune() -> Result<(), CniError> {
     let out = Command::new("nft")
         .args(["-j", "list", "table", "bridge", TABLE])
@@ -150,12 +243,15 @@ pub fn prune() -> Result<(), CniError> {
         return Ok(());
     }
     let listing: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    match prune_script(&listing, |v| {
+    // The chain is rebuilt in the same transaction: ADD no longer touches it once the table
+    // exists, so GC is where rules changed by hand are repaired.
+    let mut script = chain_script();
+    if let Some(deletions) = prune_script(&listing, |v| {
         std::path::Path::new(&format!("/sys/class/net/{v}")).exists()
     }) {
-        Some(script) => apply(&script),
-        None => Ok(()),
+        script += &deletions;
     }
+    apply(&script)
 }
 
 /// Runs `nft -f -` with `script`.
@@ -243,9 +339,53 @@ mod tests {
     }
 
     #[test]
-    fn del_is_idempotent_add_then_delete() {
-        let s = del_script(&pod_port(&result(), "cni0").unwrap());
-        assert!(s.contains("add element bridge twill-antispoof ports { \"veth0a1b2c3d\" }\ndelete element bridge twill-antispoof ports { \"veth0a1b2c3d\" }\n"));
-        assert!(!s.contains("flush"));
+    fn keys_are_laid_out_as_the_kernel_stores_them() {
+        let (port, v4, v6) = keys(&pod_port(&result(), "cni0").unwrap());
+        let mut name = b"veth0a1b2c3d".to_vec();
+        name.resize(16, 0);
+        assert_eq!(port, name);
+        assert_eq!(v4, vec![[name.clone(), vec![10, 244, 1, 5]].concat()]);
+        assert_eq!(v6.len(), 1);
+        assert_eq!(v6[0].len(), 32);
+        assert_eq!(&v6[0][16..18], &[0xfd, 0x00]);
+        assert_eq!(v6[0][31], 5);
+    }
+
+    #[test]
+    fn netlink_add_is_addresses_then_port_and_del_is_add_then_delete() {
+        let p = pod_port(&result(), "cni0").unwrap();
+        let kinds = |m: &[nfnl::Msg]| -> Vec<(u16, Vec<u8>)> {
+            m.iter()
+                .map(|m| {
+                    let b = m.bytes(1);
+                    let set = nfnl::attrs(&b[20..])
+                        .find(|(t, _)| *t == nfnl::NFTA_SET_ELEM_LIST_SET)
+                        .unwrap()
+                        .1
+                        .to_vec();
+                    (u16::from_ne_bytes([b[4], b[5]]) & 0xff, set)
+                })
+                .collect()
+        };
+        let (new, del) = (nfnl::NFT_MSG_NEWSETELEM, nfnl::NFT_MSG_DELSETELEM);
+        assert_eq!(
+            kinds(&add_messages(&p)),
+            vec![
+                (new, b"src4\0".to_vec()),
+                (new, b"src6\0".to_vec()),
+                (new, b"ports\0".to_vec())
+            ]
+        );
+        assert_eq!(
+            kinds(&del_messages(&p)),
+            vec![
+                (new, b"ports\0".to_vec()),
+                (del, b"ports\0".to_vec()),
+                (new, b"src4\0".to_vec()),
+                (del, b"src4\0".to_vec()),
+                (new, b"src6\0".to_vec()),
+                (del, b"src6\0".to_vec())
+            ]
+        );
     }
 }

@@ -346,7 +346,7 @@ fn guard_pod_port(result: &[u8], bridge: &str) -> Result<(), CniError> {
         return Ok(());
     };
     match antispoof::pod_port(&v, bridge) {
-        Some(p) if is_bridge_port(&p.veth, bridge) => antispoof::apply(&antispoof::add_script(&p)),
+        Some(p) if is_bridge_port(&p.veth, bridge) => antispoof::add(&p),
         _ => Ok(()),
     }
 }
@@ -368,7 +368,7 @@ fn forget_pod_port(conf: &FlannelConf, saved: &[u8]) {
     if !Path::new(&format!("/sys/class/net/{bridge}")).exists() {
         return;
     }
-    if let Err(e) = antispoof::apply(&antispoof::del_script(&port)) {
+    if let Err(e) = antispoof::remove(&port) {
         eprintln!("twill-cni: {}", e.msg);
     }
 }
