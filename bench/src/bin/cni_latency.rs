@@ -2,9 +2,10 @@
 //! plugin directly with the very delegate config twill-cni saved, pod by pod, alternating, in
 //! the same run; p50 and p99 over N pods (default 200).
 //!
-//! Both plugins are started the same way (fork, setns into the node namespace, exec), so the
-//! ratio shows twill-cni's own cost: reading subnet.env, building and saving the delegate
-//! config, and the extra exec of the delegate.
+//! Both plugins are started the same way (fork, setns into the node namespace, a private
+//! mount namespace with the node's /sys as `ip netns exec` gives, exec), so the ratio shows
+//! twill-cni's own cost: reading subnet.env, building and saving the delegate config, the
+//! extra exec of the delegate, and registering the pod's anti-spoofing elements.
 //!
 //! Usage: cni_latency [--pods N]   (root; builds its own lab)
 
@@ -48,11 +49,40 @@ fn invoke(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only setns(2) runs, which is async-signal-safe.
+    // As `ip netns exec` does, and as a runtime on a real node has it: /sys shows the node's
+    // interfaces (twill-cni reads /sys/class/net/<veth>/master before registering the pod's
+    // anti-spoofing elements; with the root namespace's /sys it would skip that step).
+    let (sysfs, sys) = (c"sysfs", c"/sys");
+    // SAFETY: between fork and exec only raw syscalls run (setns, unshare, mount, umount2),
+    // all async-signal-safe; the C strings were built before the fork.
     unsafe {
         command.pre_exec(move || {
+            use nix::libc;
             nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            let check = |rc: libc::c_int| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_SLAVE | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::umount2(sys.as_ptr(), libc::MNT_DETACH))?;
+            check(libc::mount(
+                sysfs.as_ptr(),
+                sys.as_ptr(),
+                sysfs.as_ptr(),
+                0,
+                std::ptr::null(),
+            ))
         });
     }
     let start = Instant::now();
@@ -145,6 +175,26 @@ fn main() -> Result<()> {
         add.0.push(ms(ta));
         add.1.push(ms(tb));
         names.push((pa, pb));
+    }
+    // twill-cni really registered every pod's port for anti-spoofing (the production path).
+    let ports = lab.exec_ok(
+        &node.netns,
+        &[
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "bridge",
+            "twill-antispoof",
+            "ports",
+        ],
+    )?;
+    let registered = ports.matches("\"veth").count();
+    if registered < pods + 1 {
+        bail!(
+            "only {registered} of {} pod ports registered for anti-spoofing",
+            pods + 1
+        );
     }
     for (i, (pa, pb)) in names.iter().enumerate() {
         // Alternate which goes first, so neither always runs right after the other's
