@@ -146,20 +146,12 @@ fn parse_text(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<Obj
 /// is the i-th value). serde_json, not the YAML parser: large `kubectl get -o json`
 /// lists (10k pods) exceed the YAML parser's node budget and parse faster this way.
 fn parse_json(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<ObjectError>) {
-    for (i, v) in serde_json::Deserializer::from_str(text)
-        .into_iter::<Value>()
+    for (i, doc) in serde_json::Deserializer::from_str(text)
+        .into_iter::<JsonDoc>()
         .enumerate()
     {
-        match v {
-            Ok(Value::Null) => {}
-            Ok(v @ Value::Object(_)) => add_object(v, objs, origin, i, None, errors),
-            Ok(_) => errors.push(ObjectError {
-                origin: origin.to_string(),
-                document: Some(i),
-                item: None,
-                field: String::new(),
-                message: "not an object".into(),
-            }),
+        match doc {
+            Ok(doc) => doc.add_to(objs, origin, i, errors),
             Err(e) => {
                 errors.push(ObjectError {
                     origin: origin.to_string(),
@@ -171,6 +163,187 @@ fn parse_json(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<Obj
                 break;
             }
         }
+    }
+}
+
+/// One top-level JSON document, read as a stream: the elements of its `items` are converted
+/// to model objects one at a time, as they are parsed, so a 10k-pod list never exists as one
+/// `Value` tree (that tree used to be most of twill-policy's peak memory). Whether they were
+/// list items is only known at the end (`kubectl` writes `items` before `kind`).
+enum JsonDoc {
+    Null,
+    NotAnObject,
+    Object {
+        /// Every member but `items`.
+        rest: serde_json::Map<String, Value>,
+        items: Option<JsonItems>,
+    },
+}
+
+/// The `items` member, already converted (origin and document are filled in later).
+enum JsonItems {
+    Converted(Box<Objects>, Vec<ObjectError>),
+    NotAList,
+}
+
+impl JsonDoc {
+    fn add_to(
+        self,
+        objs: &mut Objects,
+        origin: &str,
+        document: usize,
+        errors: &mut Vec<ObjectError>,
+    ) {
+        let (rest, items) = match self {
+            JsonDoc::Null => return,
+            JsonDoc::NotAnObject => {
+                errors.push(ObjectError {
+                    origin: origin.to_string(),
+                    document: Some(document),
+                    item: None,
+                    field: String::new(),
+                    message: "not an object".into(),
+                });
+                return;
+            }
+            JsonDoc::Object { rest, items } => (rest, items),
+        };
+        let kind = rest.get("kind").and_then(Value::as_str).unwrap_or_default();
+        if !matches!(
+            kind,
+            "List" | "NamespaceList" | "PodList" | "NetworkPolicyList"
+        ) {
+            // Not a list: the object as a whole (an `items` member means nothing to it).
+            return add_object(Value::Object(rest), objs, origin, document, None, errors);
+        }
+        match items {
+            None => {}
+            Some(JsonItems::NotAList) => errors.push(ObjectError {
+                origin: origin.to_string(),
+                document: Some(document),
+                item: None,
+                field: "items".into(),
+                message: "must be a list".into(),
+            }),
+            Some(JsonItems::Converted(o, errs)) => {
+                let o = *o;
+                objs.namespaces.extend(o.namespaces);
+                objs.pods.extend(o.pods);
+                objs.policies.extend(o.policies);
+                errors.extend(errs.into_iter().map(|e| ObjectError {
+                    origin: origin.to_string(),
+                    document: Some(document),
+                    ..e
+                }));
+            }
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JsonDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JsonDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_unit<E>(self) -> Result<JsonDoc, E> {
+                Ok(JsonDoc::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<JsonDoc, E> {
+                Ok(JsonDoc::NotAnObject)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<JsonDoc, E> {
+                Ok(JsonDoc::NotAnObject)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<JsonDoc, E> {
+                Ok(JsonDoc::NotAnObject)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<JsonDoc, E> {
+                Ok(JsonDoc::NotAnObject)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<JsonDoc, E> {
+                Ok(JsonDoc::NotAnObject)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<JsonDoc, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(JsonDoc::NotAnObject)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<JsonDoc, A::Error> {
+                let mut rest = serde_json::Map::new();
+                let mut items = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "items" {
+                        items = Some(map.next_value::<JsonItems>()?);
+                    } else {
+                        let v = map.next_value::<Value>()?;
+                        rest.insert(key, v);
+                    }
+                }
+                Ok(JsonDoc::Object { rest, items })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JsonItems {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JsonItems;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of objects")
+            }
+            fn visit_unit<E>(self) -> Result<JsonItems, E> {
+                Ok(JsonItems::Converted(Box::default(), Vec::new()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<JsonItems, E> {
+                Ok(JsonItems::NotAList)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<JsonItems, E> {
+                Ok(JsonItems::NotAList)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<JsonItems, E> {
+                Ok(JsonItems::NotAList)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<JsonItems, E> {
+                Ok(JsonItems::NotAList)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<JsonItems, E> {
+                Ok(JsonItems::NotAList)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<JsonItems, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(JsonItems::NotAList)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<JsonItems, A::Error> {
+                let (mut objs, mut errors) = (Objects::default(), Vec::new());
+                let mut i = 0;
+                while let Some(item) = seq.next_element::<Value>()? {
+                    add_object(item, &mut objs, "", 0, Some(i), &mut errors);
+                    i += 1;
+                }
+                Ok(JsonItems::Converted(Box::new(objs), errors))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -407,6 +580,12 @@ spec:
         assert!(e.errors[0].message.contains("invalid YAML"), "{e}");
     }
 
+    fn parse_json_str(text: &str) -> (Objects, Vec<ObjectError>) {
+        let (mut objs, mut errors) = (Objects::default(), Vec::new());
+        parse_json(text, "x.json", &mut objs, &mut errors);
+        (objs, errors)
+    }
+
     #[test]
     fn json_files_are_parsed_as_json_without_the_yaml_node_budget() {
         let dir = std::env::temp_dir().join(format!("twill-policy-json-{}", std::process::id()));
@@ -430,6 +609,35 @@ spec:
         let s = ManifestDir::new(&dir).snapshot().unwrap();
         assert_eq!(s.pods.len(), 20_000);
         assert_eq!(s.namespaces.len(), 2);
+        // Streamed list items keep their file, document, item and field in errors; `items`
+        // may come before `kind` (as kubectl writes it).
+        let e = parse_json_str(
+            r#"{"kind":"Namespace","metadata":{"name":"z"}}
+{"items":[{"kind":"Namespace","metadata":{"name":"q"}},{"kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"ports":[{"containerPort":0}]}]}}],"kind":"List"}
+{"kind":"List","items":7}
+[1]
+{"items":[{"kind":"Namespace","metadata":{"name":"ignored"}}],"kind":"Namespace","metadata":{"name":"w"}}"#,
+        );
+        let msgs: Vec<String> = e.1.iter().map(|e| e.to_string()).collect();
+        assert_eq!(e.1.len(), 3, "{msgs:?}");
+        assert_eq!(
+            (e.1[0].document, e.1[0].item),
+            (Some(1), Some(1)),
+            "{msgs:?}"
+        );
+        assert_eq!(e.1[0].field, "spec.containers[0].ports[0].containerPort");
+        assert!(
+            msgs[0].starts_with("x.json: document 1: items[1]: spec."),
+            "{msgs:?}"
+        );
+        assert_eq!((e.1[1].document, e.1[1].field.as_str()), (Some(2), "items"));
+        assert_eq!(e.1[1].message, "must be a list");
+        assert_eq!(
+            (e.1[2].document, e.1[2].message.as_str()),
+            (Some(3), "not an object")
+        );
+        let names: Vec<&str> = e.0.namespaces.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["z", "q", "w"]);
         std::fs::write(
             dir.join("more.json"),
             r#"{"kind":"Namespace","metadata":{"name":"x"}} {oops"#,
