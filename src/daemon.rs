@@ -449,9 +449,11 @@ struct Dataplane {
     /// Shared with the netlink monitor so it can tell our devices' events from others'.
     watched: Arc<[AtomicU32; 2]>,
     last_skipped: BTreeSet<(String, String)>,
-    /// The underlay guard's template (peers filled in per pass) and the ruleset last applied.
+    /// The underlay guard's template (peers filled in per pass) and the input last applied
+    /// successfully; `None` when the table's state is unknown (never applied, a failure,
+    /// drift), so the next pass replaces the whole table.
     guard: crate::underlay::GuardInput,
-    guard_applied: Option<String>,
+    guard_applied: Option<crate::underlay::GuardInput>,
 }
 
 impl Dataplane {
@@ -722,20 +724,26 @@ impl Dataplane {
         Ok(ops.len())
     }
 
-    /// Applies the underlay guard when it changed or went missing; a failure is retried on
-    /// the next pass.
+    /// Brings the underlay guard to `guard`: element deltas when only peers changed, else the
+    /// whole table; a rejected delta is replaced by the whole table in the same pass. A
+    /// failure leaves the state unknown, so the next pass replaces the whole table.
     fn apply_guard(&mut self, guard: &crate::underlay::GuardInput) {
-        let text = crate::underlay::ruleset(guard);
-        if self.guard_applied.as_deref() == Some(text.as_str()) {
-            return;
-        }
-        match crate::underlay::apply(guard) {
+        use crate::underlay::{self, Update};
+        let result = match underlay::update(self.guard_applied.as_ref(), guard) {
+            Update::Unchanged => return,
+            Update::Whole(script) => crate::nft::apply(&script),
+            Update::Delta(script) => crate::nft::apply(&script).or_else(|e| {
+                tracing::warn!(error = %e, "underlay guard delta rejected (sets changed outside twill?); replacing the whole table");
+                underlay::apply(guard)
+            }),
+        };
+        match result {
             Ok(()) => {
                 tracing::info!(
                     peers = guard.peer_ips.len(),
                     "underlay guard updated (inet twill-underlay)"
                 );
-                self.guard_applied = Some(text);
+                self.guard_applied = Some(guard.clone());
             }
             Err(e) => {
                 tracing::warn!(error = %e, "underlay guard not applied; retrying on the next pass");
