@@ -17,9 +17,10 @@
 //!   with a source outside this node's subnet (IPv6: or link-local, or unspecified for DAD) are dropped in prerouting.
 //!   Per-pod binding (a pod spoofing a neighbour on the same node) is not done here.
 //!
-//! The guard is updated in the same reconcile pass as the dataplane, before the netlink
-//! operations, so a new peer is allowed before its FDB entry exists and a departed one is
-//! refused from the same pass on. The first apply, a structural change (external interface,
+//! The guard is updated in the same reconcile pass as the dataplane, before the FDB entries
+//! and routes that let a peer's traffic in are programmed (twilld runs nft alongside the
+//! deletions and neighbour entries), so a new peer is allowed before its FDB entry exists and
+//! a departed one is refused from the same pass on. The first apply, a structural change (external interface,
 //! Networks, own subnets, VXLAN port) and a repair after drift rebuild the whole table in one
 //! transaction (`add`, `delete`, define); when only peers come and go, [`update`] emits one
 //! transaction of element deltas against the last applied input instead (removals and
@@ -245,6 +246,19 @@ pub fn ruleset(input: &GuardInput) -> String {
 /// Applies the guard as one transaction.
 pub fn apply(input: &GuardInput) -> Result<(), NftError> {
     nft::apply(&ruleset(input))
+}
+
+/// Applies `update`, computed for `next`. A delta nft rejects (the sets no longer hold what
+/// was applied: flushed or edited by hand) is replaced by the whole table in the same call.
+pub fn apply_update(update: &Update, next: &GuardInput) -> Result<(), NftError> {
+    match update {
+        Update::Unchanged => Ok(()),
+        Update::Whole(script) => nft::apply(script),
+        Update::Delta(script) => nft::apply(script).or_else(|e| {
+            tracing::warn!(error = %e, "underlay guard delta rejected (sets changed outside twill?); replacing the whole table");
+            apply(next)
+        }),
+    }
 }
 
 /// Whether the table exists (drift check).
