@@ -817,10 +817,15 @@ impl Dataplane {
         }
     }
 
-    /// Drift check on the resync tick: a deleted table is rebuilt on the next pass.
+    /// Drift check on the resync tick: a table removed or changed by hand (its sets no longer
+    /// what deltas would start from, rules missing) is replaced whole on the next pass.
     fn check_guard(&mut self) {
-        if self.guard_applied.is_some() && !crate::underlay::installed() {
-            tracing::warn!("underlay guard table was removed; re-applying");
+        if self
+            .guard_applied
+            .as_ref()
+            .is_some_and(crate::underlay::drifted)
+        {
+            tracing::warn!("underlay guard table was removed or changed; re-applying it whole");
             self.guard_applied = None;
         }
     }

@@ -261,9 +261,63 @@ pub fn apply_update(update: &Update, next: &GuardInput) -> Result<(), NftError> 
     }
 }
 
-/// Whether the table exists (drift check).
-pub fn installed() -> bool {
-    nft::run(&["list", "table", "inet", TABLE], None).is_ok()
+/// The peer sets' elements and the number of rules in a JSON listing of the table
+/// (`nft -j list table inet twill-underlay`); `None` if it cannot be read as one.
+fn listed(json: &str) -> Option<(Sets, usize)> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let mut sets = Sets::default();
+    let mut rules = 0;
+    for item in v["nftables"].as_array()? {
+        if item.get("rule").is_some() {
+            rules += 1;
+        }
+        let Some(set) = item.get("set") else { continue };
+        let elems = set["elem"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        // Plain addresses, or `{"prefix": {"addr", "len"}}` in the interval sets (where a
+        // single-address subnet is listed as a plain address).
+        let net = |e: &serde_json::Value| -> Option<IpNet> {
+            match e.as_str() {
+                Some(a) => Some(IpNet::from(a.parse::<IpAddr>().ok()?)),
+                None => {
+                    let p = &e["prefix"];
+                    let addr: IpAddr = p["addr"].as_str()?.parse().ok()?;
+                    IpNet::new(addr, u8::try_from(p["len"].as_u64()?).ok()?).ok()
+                }
+            }
+        };
+        let addr = |e: &serde_json::Value| e.as_str()?.parse::<IpAddr>().ok();
+        match set["name"].as_str()? {
+            "peers4" => sets.peers4 = elems.iter().map(addr).collect::<Option<_>>()?,
+            "peers6" => sets.peers6 = elems.iter().map(addr).collect::<Option<_>>()?,
+            "peer_subnets4" => sets.peer_subnets4 = elems.iter().map(net).collect::<Option<_>>()?,
+            "peer_subnets6" => sets.peer_subnets6 = elems.iter().map(net).collect::<Option<_>>()?,
+            _ => {}
+        }
+    }
+    Some((sets, rules))
+}
+
+/// Whether `listing` (JSON) shows the table exactly as applying `applied` left it: the same
+/// peer set elements and the same number of rules.
+fn listing_matches(listing: &str, applied: &GuardInput) -> bool {
+    let rules = ruleset(applied)
+        .lines()
+        .filter(|l| l.starts_with("add rule "))
+        .count();
+    listed(listing) == Some((Sets::of(applied), rules))
+}
+
+/// Drift check: whether the table no longer holds what applying `applied` made it hold
+/// (removed, a set's elements or the rules changed by hand). Deltas rely on the sets holding
+/// exactly what was applied, so a drifted table is replaced whole.
+pub fn drifted(applied: &GuardInput) -> bool {
+    match nft::run(&["-j", "list", "table", "inet", TABLE], None) {
+        Ok(listing) => !listing_matches(&listing, applied),
+        Err(_) => true,
+    }
 }
 
 #[cfg(test)]
@@ -509,6 +563,58 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
             }
             prev = next;
         }
+    }
+
+    /// A listing by nft 1.0.6 of the guard for [`listed_input`] (rule expressions elided).
+    const LISTING: &str = r#"{"nftables": [
+{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+{"table": {"family": "inet", "name": "twill-underlay", "handle": 2}},
+{"set": {"family": "inet", "name": "peers4", "table": "twill-underlay", "type": "ipv4_addr", "handle": 1, "elem": ["198.18.0.12", "198.18.0.13"]}},
+{"set": {"family": "inet", "name": "peers6", "table": "twill-underlay", "type": "ipv6_addr", "handle": 2, "elem": ["2001:db8::12"]}},
+{"set": {"family": "inet", "name": "peer_subnets4", "table": "twill-underlay", "type": "ipv4_addr", "handle": 3, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.244.2.0", "len": 24}}, {"prefix": {"addr": "10.244.3.0", "len": 24}}, "10.244.9.7"]}},
+{"set": {"family": "inet", "name": "peer_subnets6", "table": "twill-underlay", "type": "ipv6_addr", "handle": 4, "flags": ["interval"]}},
+{"chain": {"family": "inet", "table": "twill-underlay", "name": "prerouting", "handle": 5, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "prerouting", "handle": 7, "comment": "pod source spoofing", "expr": []}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "prerouting", "handle": 8, "comment": "pod source not leased to a peer", "expr": []}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "input", "handle": 9, "comment": "VXLAN from a non-peer (flannel#961)", "expr": []}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "forward", "handle": 10, "comment": "pods never reach a VXLAN port", "expr": []}}
+]}"#;
+
+    fn listed_input() -> GuardInput {
+        let mut i = input();
+        i.peer_ips.insert(ip("2001:db8::12"));
+        i.peer_subnets.insert(net("10.244.9.7/32"));
+        i
+    }
+
+    #[test]
+    fn a_listing_of_what_was_applied_is_no_drift() {
+        assert!(listing_matches(LISTING, &listed_input()));
+    }
+
+    #[test]
+    fn elements_or_rules_changed_by_hand_are_drift() {
+        // The table holds fewer or more elements, or fewer rules, than were applied.
+        let mut more = listed_input();
+        more.peer_ips.insert(ip("198.18.0.14"));
+        assert!(!listing_matches(LISTING, &more));
+        let mut fewer = listed_input();
+        fewer.peer_subnets.remove(&net("10.244.3.0/24"));
+        assert!(!listing_matches(LISTING, &fewer));
+        let flushed = LISTING.replace(r#""elem": ["198.18.0.12", "198.18.0.13"]"#, r#""x": 0"#);
+        assert!(!listing_matches(&flushed, &listed_input()));
+        let rule_gone = LISTING.replace(
+            r#"{"rule": {"family": "inet", "table": "twill-underlay", "chain": "input", "handle": 9, "comment": "VXLAN from a non-peer (flannel#961)", "expr": []}},"#,
+            "",
+        );
+        assert_ne!(rule_gone, LISTING);
+        assert!(!listing_matches(&rule_gone, &listed_input()));
+        assert!(!listing_matches("", &listed_input()));
+        let range = LISTING.replace(
+            r#""10.244.9.7""#,
+            r#"{"range": ["10.244.9.7", "10.244.9.9"]}"#,
+        );
+        assert!(!listing_matches(&range, &listed_input()));
     }
 
     #[test]

@@ -336,14 +336,17 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
 }
 
 /// Peers coming and going update the guard by element deltas (a lease's subnet enters and
-/// leaves the interval set exactly); when the sets no longer hold what twilld applied (here
-/// `peers4` flushed by hand), the next delta is refused by nft and the whole table replaces it
-/// in the same pass, restoring every current peer.
+/// leaves the interval set exactly). When the sets no longer hold what twilld applied (here
+/// `peers4` flushed by hand), the resync's drift check notices and the whole table is
+/// re-applied; and a delta that nft refuses because of such a change (a departed peer's element
+/// already gone) is replaced by the whole table in the same pass.
 #[test]
 fn guard_follows_peer_churn_and_replaces_a_set_changed_by_hand() {
     if !twill_lab::require_root() {
         return;
     }
+    const DRIFT: &str = "underlay guard table was removed or changed";
+    const REJECTED: &str = "underlay guard delta rejected";
     let mut c = cluster("gdl", &["n1", "n2"], VXLAN);
     let envs = c.start_all(&["n1", "n2"]);
     let a2 = c.lab.node("n2").addr.to_string();
@@ -376,25 +379,35 @@ fn guard_follows_peer_churn_and_replaces_a_set_changed_by_hand() {
     c.lab.etcdctl(&["del", &key(sy)]).unwrap();
     wait_set(&c, "n1", "peers4", &[a2.clone(), x.into()]);
     wait_set(&c, "n1", "peer_subnets4", &[s2.clone(), sx.into()]);
+    // Two resync periods (2 s in the lab): the drift check finds the table as applied.
+    std::thread::sleep(Duration::from_secs(5));
+    let log = c.log("n1");
     assert!(
-        !c.log("n1").contains("delta rejected"),
-        "peer churn alone should never need the whole table:\n{}",
-        c.log("n1")
+        !log.contains(REJECTED) && !log.contains(DRIFT),
+        "peer churn alone should never need the whole table:\n{log}"
     );
 
-    // Someone flushes peers4; then x leaves: deleting x from the set fails, and the whole
-    // table takes the delta's place.
-    c.lab
-        .exec_ok(
-            &c.ns("n1"),
-            &["nft", "flush", "set", "inet", "twill-underlay", "peers4"],
-        )
-        .unwrap();
+    let flush = |c: &Cluster| {
+        c.lab
+            .exec_ok(
+                &c.ns("n1"),
+                &["nft", "flush", "set", "inet", "twill-underlay", "peers4"],
+            )
+            .unwrap();
+    };
+    // Someone flushes peers4: the next resync puts every peer back.
+    flush(&c);
+    wait_set(&c, "n1", "peers4", &[a2.clone(), x.into()]);
+    assert_eq!(c.log("n1").matches(DRIFT).count(), 1, "{}", c.log("n1"));
+
+    // A resync just ran, so the next is ~2 s away. Flushed again, and x leaves at once:
+    // deleting x from the set fails, and the whole table takes the delta's place.
+    flush(&c);
     c.lab.etcdctl(&["del", &key(sx)]).unwrap();
     wait_set(&c, "n1", "peers4", std::slice::from_ref(&a2));
     wait_set(&c, "n1", "peer_subnets4", std::slice::from_ref(&s2));
     assert!(
-        c.log("n1").contains("delta rejected"),
+        c.log("n1").contains(REJECTED),
         "the flushed set should have made the delta fail:\n{}",
         c.log("n1")
     );
