@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 use twill_backends::netlink::{LinkMap, Netlink};
 use twill_backends::vxlan::{self, VxlanSpec, ENCAP_OVERHEAD};
-use twill_backends::{desired_state, diff, BackendKind, MacAddr, PeerFamily, PeerLease, Topology};
+use twill_backends::{
+    desired_state, diff, BackendKind, MacAddr, Op, PeerFamily, PeerLease, Topology,
+};
 use twill_cni::subnet_env::SubnetEnv;
 
 use crate::alloc::{plan_acquire, AcquireDecision, AcquireInput};
@@ -433,6 +435,9 @@ fn masq_inputs(config: &NetConfig, key: &SubnetKey, flags: &Flags) -> Vec<MasqIn
     out
 }
 
+/// An underlay guard transaction in flight: the input it applied, or why it failed.
+type GuardJob = tokio::task::JoinHandle<Result<crate::underlay::GuardInput, crate::nft::NftError>>;
+
 /// The node's dataplane: the devices it owns and the entries toward its peers.
 struct Dataplane {
     nl: Netlink,
@@ -449,9 +454,11 @@ struct Dataplane {
     /// Shared with the netlink monitor so it can tell our devices' events from others'.
     watched: Arc<[AtomicU32; 2]>,
     last_skipped: BTreeSet<(String, String)>,
-    /// The underlay guard's template (peers filled in per pass) and the ruleset last applied.
+    /// The underlay guard's template (peers filled in per pass) and the input last applied
+    /// successfully; `None` when the table's state is unknown (never applied, a failure,
+    /// drift), so the next pass replaces the whole table.
     guard: crate::underlay::GuardInput,
-    guard_applied: Option<String>,
+    guard_applied: Option<crate::underlay::GuardInput>,
 }
 
 impl Dataplane {
@@ -674,6 +681,7 @@ impl Dataplane {
 
     /// Observe, decide, diff, apply.
     async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize> {
+        let started = Instant::now();
         if !self.devices_intact().await? {
             self.ensure_devices(true).await?;
         }
@@ -684,7 +692,7 @@ impl Dataplane {
             tracing::warn!(lease = %peer, %reason, "not programming peer");
         }
         self.last_skipped = skipped_now;
-        // The underlay guard first: a new peer is allowed before its FDB entry exists.
+        // The underlay guard's input: a new peer is allowed before its FDB entry exists.
         let skipped_peers: BTreeSet<&str> =
             self.last_skipped.iter().map(|(p, _)| p.as_str()).collect();
         let mut guard = self.guard.clone();
@@ -697,21 +705,22 @@ impl Dataplane {
                 guard.peer_subnets.insert(fam.subnet);
             }
         }
-        self.apply_guard(&guard);
-        let actual = self.nl.observe(&self.links, &self.topo).await?;
-        let ops = diff(&desired, &actual);
-        if !ops.is_empty() {
-            let failed = self.nl.apply(&self.links, &ops).await;
-            for (op, err) in &failed {
-                tracing::warn!(?op, error = %err, "dataplane operation failed; will retry on the next pass");
-            }
-            tracing::info!(
-                applied = ops.len() - failed.len(),
-                failed = failed.len(),
-                entries = desired.len(),
-                "reconciled dataplane"
-            );
-        }
+        let decided = Instant::now();
+        // The guard's nft transaction runs on a blocking thread while the entries are read
+        // and diffed and the ops that let no traffic in are applied (deletions, VXLAN
+        // neighbours: without FDB entry and route they carry nothing); FDB entries and routes,
+        // which do let a peer's traffic in, wait for it.
+        let guard_job = self.start_guard(guard);
+        let programmed = self.program(&desired, guard_job).await;
+        let guarded = Instant::now();
+        let ops = programmed?;
+        tracing::debug!(
+            peers = peers.len(),
+            ops,
+            decide = ?decided - started,
+            program = ?guarded - decided,
+            "reconcile pass timings"
+        );
         if self.blackhole {
             for subnet in &self.own_subnets {
                 if let Err(e) = self.nl.ensure_blackhole(*subnet).await {
@@ -719,35 +728,104 @@ impl Dataplane {
                 }
             }
         }
+        Ok(ops)
+    }
+
+    /// Reads the entries, diffs them against `desired` and applies the ops, those letting a
+    /// peer's traffic in (FDB entries, routes) only after `guard_job` finished. The guard job
+    /// is always awaited, whatever fails, so its outcome is recorded.
+    async fn program(
+        &mut self,
+        desired: &twill_backends::DataplaneState,
+        guard_job: Option<GuardJob>,
+    ) -> anyhow::Result<usize> {
+        let ops = self
+            .nl
+            .observe(&self.links, &self.topo)
+            .await
+            .map(|actual| diff(desired, &actual));
+        let (gated, early): (Vec<Op>, Vec<Op>) = match &ops {
+            Ok(ops) => ops
+                .iter()
+                .cloned()
+                .partition(|op| matches!(op, Op::SetFdb { .. } | Op::SetRoute(_))),
+            Err(_) => Default::default(),
+        };
+        let started = Instant::now();
+        let mut failed = self.nl.apply(&self.links, &early).await;
+        let early_done = Instant::now();
+        if let Some(job) = guard_job {
+            self.finish_guard(job).await;
+        }
+        let guard_done = Instant::now();
+        failed.extend(self.nl.apply(&self.links, &gated).await);
+        tracing::debug!(
+            early = ?early_done - started,
+            guard_wait = ?guard_done - early_done,
+            gated = ?guard_done.elapsed(),
+            "programming timings"
+        );
+        let ops = ops?;
+        for (op, err) in &failed {
+            tracing::warn!(?op, error = %err, "dataplane operation failed; will retry on the next pass");
+        }
+        if !ops.is_empty() {
+            tracing::info!(
+                applied = ops.len() - failed.len(),
+                failed = failed.len(),
+                entries = desired.len(),
+                "reconciled dataplane"
+            );
+        }
         Ok(ops.len())
     }
 
-    /// Applies the underlay guard when it changed or went missing; a failure is retried on
-    /// the next pass.
-    fn apply_guard(&mut self, guard: &crate::underlay::GuardInput) {
-        let text = crate::underlay::ruleset(guard);
-        if self.guard_applied.as_deref() == Some(text.as_str()) {
-            return;
+    /// Starts bringing the underlay guard to `guard` on a blocking thread (nft is a process):
+    /// element deltas when only peers changed, else the whole table; a rejected delta is
+    /// replaced by the whole table in the same job. Until [`Self::finish_guard`] records the
+    /// outcome the table's state is unknown, so a pass that never gets there leaves the next
+    /// one to replace the whole table.
+    fn start_guard(&mut self, guard: crate::underlay::GuardInput) -> Option<GuardJob> {
+        use crate::underlay::{self, Update};
+        let update = underlay::update(self.guard_applied.as_ref(), &guard);
+        if update == Update::Unchanged {
+            return None;
         }
-        match crate::underlay::apply(guard) {
-            Ok(()) => {
+        self.guard_applied = None;
+        Some(tokio::task::spawn_blocking(move || {
+            underlay::apply_update(&update, &guard).map(|()| guard)
+        }))
+    }
+
+    /// Waits for the guard job and records what the table now holds; a failure is retried
+    /// (as a whole table) on the next pass.
+    async fn finish_guard(&mut self, job: GuardJob) {
+        match job.await {
+            Ok(Ok(guard)) => {
                 tracing::info!(
                     peers = guard.peer_ips.len(),
                     "underlay guard updated (inet twill-underlay)"
                 );
-                self.guard_applied = Some(text);
+                self.guard_applied = Some(guard);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "underlay guard not applied; retrying on the next pass")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "underlay guard not applied; retrying on the next pass");
-                self.guard_applied = None;
+                tracing::warn!(error = %e, "underlay guard job failed; retrying on the next pass")
             }
         }
     }
 
-    /// Drift check on the resync tick: a deleted table is rebuilt on the next pass.
+    /// Drift check on the resync tick: a table removed or changed by hand (its sets no longer
+    /// what deltas would start from, rules missing) is replaced whole on the next pass.
     fn check_guard(&mut self) {
-        if self.guard_applied.is_some() && !crate::underlay::installed() {
-            tracing::warn!("underlay guard table was removed; re-applying");
+        if self
+            .guard_applied
+            .as_ref()
+            .is_some_and(crate::underlay::drifted)
+        {
+            tracing::warn!("underlay guard table was removed or changed; re-applying it whole");
             self.guard_applied = None;
         }
     }

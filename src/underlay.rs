@@ -17,9 +17,15 @@
 //!   with a source outside this node's subnet (IPv6: or link-local, or unspecified for DAD) are dropped in prerouting.
 //!   Per-pod binding (a pod spoofing a neighbour on the same node) is not done here.
 //!
-//! The table is rebuilt in one transaction (`add`, `delete`, define) in the same reconcile pass
-//! as the dataplane, before the netlink operations, so a new peer is allowed before its FDB
-//! entry exists and a departed one is refused from the same pass on.
+//! The guard is updated in the same reconcile pass as the dataplane, before the FDB entries
+//! and routes that let a peer's traffic in are programmed (twilld runs nft alongside the
+//! deletions and neighbour entries), so a new peer is allowed before its FDB entry exists and
+//! a departed one is refused from the same pass on. The first apply, a structural change (external interface,
+//! Networks, own subnets, VXLAN port) and a repair after drift rebuild the whole table in one
+//! transaction (`add`, `delete`, define); when only peers come and go, [`update`] emits one
+//! transaction of element deltas against the last applied input instead (removals and
+//! additions together), which costs nft far less than re-loading 2000 elements. A delta that
+//! nft rejects (the sets were changed behind twill's back) is replaced by the whole table.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -50,19 +56,111 @@ pub struct GuardInput {
     pub peer_subnets: BTreeSet<IpNet>,
 }
 
-fn elements<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
-    let v: Vec<String> = items.map(|i| i.to_string()).collect();
-    if v.is_empty() {
+/// The contents of the four peer sets exactly as nft is given them (subnets truncated to
+/// their network address), so element deltas match what the last transaction put there.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Sets {
+    peers4: BTreeSet<IpAddr>,
+    peers6: BTreeSet<IpAddr>,
+    peer_subnets4: BTreeSet<IpNet>,
+    peer_subnets6: BTreeSet<IpNet>,
+}
+
+impl Sets {
+    fn of(input: &GuardInput) -> Sets {
+        let (peers4, peers6) = input.peer_ips.iter().partition(|ip| ip.is_ipv4());
+        let (peer_subnets4, peer_subnets6) = input
+            .peer_subnets
+            .iter()
+            .map(IpNet::trunc)
+            .partition(|n| matches!(n, IpNet::V4(_)));
+        Sets {
+            peers4,
+            peers6,
+            peer_subnets4,
+            peer_subnets6,
+        }
+    }
+}
+
+fn list<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn elements<T: std::fmt::Display>(items: &BTreeSet<T>) -> String {
+    if items.is_empty() {
         String::new()
     } else {
-        format!(" elements = {{ {} }} ;", v.join(", "))
+        format!(" elements = {{ {} }} ;", list(items.iter()))
     }
+}
+
+/// Whether `a` and `b` give the same table apart from the peer sets' contents.
+pub fn same_structure(a: &GuardInput, b: &GuardInput) -> bool {
+    a.vxlan_port == b.vxlan_port
+        && a.external == b.external
+        && a.networks == b.networks
+        && a.own_subnets == b.own_subnets
+}
+
+/// One nft transaction taking the guard from what was last applied to `next`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// Nothing to do.
+    Unchanged,
+    /// The whole table ([`ruleset`]): first apply, state unknown, or a structural change.
+    Whole(String),
+    /// Only element deletions and additions in the peer sets; if nft rejects it, the table no
+    /// longer holds what was applied and the caller applies [`ruleset`] instead.
+    Delta(String),
+}
+
+/// The transaction from `prev` (the input last applied successfully; `None` when unknown:
+/// never applied, failed, or drifted) to `next`.
+pub fn update(prev: Option<&GuardInput>, next: &GuardInput) -> Update {
+    let Some(prev) = prev.filter(|p| same_structure(p, next)) else {
+        return Update::Whole(ruleset(next));
+    };
+    let (old, new) = (Sets::of(prev), Sets::of(next));
+    if old == new {
+        return Update::Unchanged;
+    }
+    let mut deletes = String::new();
+    let mut adds = String::new();
+    fn delta<T: Ord + std::fmt::Display>(
+        deletes: &mut String,
+        adds: &mut String,
+        set: &str,
+        old: &BTreeSet<T>,
+        new: &BTreeSet<T>,
+    ) {
+        let t = format!("inet {TABLE}");
+        let gone: Vec<&T> = old.difference(new).collect();
+        if !gone.is_empty() {
+            let _ = writeln!(
+                deletes,
+                "delete element {t} {set} {{ {} }}",
+                list(gone.iter())
+            );
+        }
+        let came: Vec<&T> = new.difference(old).collect();
+        if !came.is_empty() {
+            let _ = writeln!(adds, "add element {t} {set} {{ {} }}", list(came.iter()));
+        }
+    }
+    delta(&mut deletes, &mut adds, "peers4", &old.peers4, &new.peers4);
+    delta(&mut deletes, &mut adds, "peers6", &old.peers6, &new.peers6);
+    let (o4, n4) = (&old.peer_subnets4, &new.peer_subnets4);
+    delta(&mut deletes, &mut adds, "peer_subnets4", o4, n4);
+    let (o6, n6) = (&old.peer_subnets6, &new.peer_subnets6);
+    delta(&mut deletes, &mut adds, "peer_subnets6", o6, n6);
+    // Deletions first: an interval set refuses a new subnet overlapping one still in it.
+    Update::Delta(deletes + &adds)
 }
 
 /// The transaction that makes `inet twill-underlay` hold exactly the guard for `input`.
 pub fn ruleset(input: &GuardInput) -> String {
-    let v4 = |ip: &&IpAddr| ip.is_ipv4();
-    let n4 = |n: &&IpNet| matches!(n, IpNet::V4(_));
+    let sets = Sets::of(input);
     let mut s = String::new();
     let t = format!("inet {TABLE}");
     // `add` + `delete` + define: the whole table is replaced atomically, whatever was there.
@@ -75,28 +173,22 @@ pub fn ruleset(input: &GuardInput) -> String {
     let _ = writeln!(
         s,
         "add set {t} peers4 {{ type ipv4_addr ;{} }}",
-        elements(input.peer_ips.iter().filter(v4))
+        elements(&sets.peers4)
     );
     let _ = writeln!(
         s,
         "add set {t} peers6 {{ type ipv6_addr ;{} }}",
-        elements(input.peer_ips.iter().filter(|i| !v4(i)))
+        elements(&sets.peers6)
     );
     let _ = writeln!(
         s,
         "add set {t} peer_subnets4 {{ type ipv4_addr ; flags interval ;{} }}",
-        elements(input.peer_subnets.iter().filter(n4).map(|n| n.trunc()))
+        elements(&sets.peer_subnets4)
     );
     let _ = writeln!(
         s,
         "add set {t} peer_subnets6 {{ type ipv6_addr ; flags interval ;{} }}",
-        elements(
-            input
-                .peer_subnets
-                .iter()
-                .filter(|n| !n4(n))
-                .map(|n| n.trunc())
-        )
+        elements(&sets.peer_subnets6)
     );
     let _ = writeln!(
         s,
@@ -156,9 +248,76 @@ pub fn apply(input: &GuardInput) -> Result<(), NftError> {
     nft::apply(&ruleset(input))
 }
 
-/// Whether the table exists (drift check).
-pub fn installed() -> bool {
-    nft::run(&["list", "table", "inet", TABLE], None).is_ok()
+/// Applies `update`, computed for `next`. A delta nft rejects (the sets no longer hold what
+/// was applied: flushed or edited by hand) is replaced by the whole table in the same call.
+pub fn apply_update(update: &Update, next: &GuardInput) -> Result<(), NftError> {
+    match update {
+        Update::Unchanged => Ok(()),
+        Update::Whole(script) => nft::apply(script),
+        Update::Delta(script) => nft::apply(script).or_else(|e| {
+            tracing::warn!(error = %e, "underlay guard delta rejected (sets changed outside twill?); replacing the whole table");
+            apply(next)
+        }),
+    }
+}
+
+/// The peer sets' elements and the number of rules in a JSON listing of the table
+/// (`nft -j list table inet twill-underlay`); `None` if it cannot be read as one.
+fn listed(json: &str) -> Option<(Sets, usize)> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let mut sets = Sets::default();
+    let mut rules = 0;
+    for item in v["nftables"].as_array()? {
+        if item.get("rule").is_some() {
+            rules += 1;
+        }
+        let Some(set) = item.get("set") else { continue };
+        let elems = set["elem"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        // Plain addresses, or `{"prefix": {"addr", "len"}}` in the interval sets (where a
+        // single-address subnet is listed as a plain address).
+        let net = |e: &serde_json::Value| -> Option<IpNet> {
+            match e.as_str() {
+                Some(a) => Some(IpNet::from(a.parse::<IpAddr>().ok()?)),
+                None => {
+                    let p = &e["prefix"];
+                    let addr: IpAddr = p["addr"].as_str()?.parse().ok()?;
+                    IpNet::new(addr, u8::try_from(p["len"].as_u64()?).ok()?).ok()
+                }
+            }
+        };
+        let addr = |e: &serde_json::Value| e.as_str()?.parse::<IpAddr>().ok();
+        match set["name"].as_str()? {
+            "peers4" => sets.peers4 = elems.iter().map(addr).collect::<Option<_>>()?,
+            "peers6" => sets.peers6 = elems.iter().map(addr).collect::<Option<_>>()?,
+            "peer_subnets4" => sets.peer_subnets4 = elems.iter().map(net).collect::<Option<_>>()?,
+            "peer_subnets6" => sets.peer_subnets6 = elems.iter().map(net).collect::<Option<_>>()?,
+            _ => {}
+        }
+    }
+    Some((sets, rules))
+}
+
+/// Whether `listing` (JSON) shows the table exactly as applying `applied` left it: the same
+/// peer set elements and the same number of rules.
+fn listing_matches(listing: &str, applied: &GuardInput) -> bool {
+    let rules = ruleset(applied)
+        .lines()
+        .filter(|l| l.starts_with("add rule "))
+        .count();
+    listed(listing) == Some((Sets::of(applied), rules))
+}
+
+/// Drift check: whether the table no longer holds what applying `applied` made it hold
+/// (removed, a set's elements or the rules changed by hand). Deltas rely on the sets holding
+/// exactly what was applied, so a drifted table is replaced whole.
+pub fn drifted(applied: &GuardInput) -> bool {
+    match nft::run(&["-j", "list", "table", "inet", TABLE], None) {
+        Ok(listing) => !listing_matches(&listing, applied),
+        Err(_) => true,
+    }
 }
 
 #[cfg(test)]
@@ -220,6 +379,242 @@ add rule inet twill-underlay forward ip saddr 10.244.0.0/16 udp dport 8472 count
         assert!(s.contains(
             "iifname \"cni0\" ip6 saddr != { fd00:42:0:1::/64, ::, fe80::/10 } counter drop"
         ));
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn first_apply_and_unknown_state_replace_the_whole_table() {
+        assert_eq!(update(None, &input()), Update::Whole(ruleset(&input())));
+        assert_eq!(update(Some(&input()), &input()), Update::Unchanged);
+    }
+
+    #[test]
+    fn structural_changes_replace_the_whole_table() {
+        let changes: [fn(&mut GuardInput); 5] = [
+            |i| i.external = "eth1".into(),
+            |i| i.vxlan_port = Some(4789),
+            |i| i.vxlan_port = None,
+            |i| i.networks.push(net("fd00:42::/56")),
+            |i| i.own_subnets = vec![net("10.244.9.0/24")],
+        ];
+        for change in changes {
+            let mut next = input();
+            change(&mut next);
+            next.peer_ips.insert(ip("198.18.0.14"));
+            assert_eq!(update(Some(&input()), &next), Update::Whole(ruleset(&next)));
+        }
+    }
+
+    #[test]
+    fn peer_changes_are_one_transaction_of_deletions_then_additions() {
+        let mut next = input();
+        next.peer_ips.remove(&ip("198.18.0.12"));
+        next.peer_subnets.remove(&net("10.244.2.0/24"));
+        next.peer_ips.insert(ip("198.18.0.14"));
+        next.peer_ips.insert(ip("198.18.0.15"));
+        next.peer_subnets.insert(net("10.244.4.0/24"));
+        next.peer_subnets.insert(net("10.244.5.0/24"));
+        next.peer_ips.insert(ip("2001:db8::14"));
+        next.peer_subnets.insert(net("fd00:42:0:4::/64"));
+        let golden = "\
+delete element inet twill-underlay peers4 { 198.18.0.12 }
+delete element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
+add element inet twill-underlay peers4 { 198.18.0.14, 198.18.0.15 }
+add element inet twill-underlay peers6 { 2001:db8::14 }
+add element inet twill-underlay peer_subnets4 { 10.244.4.0/24, 10.244.5.0/24 }
+add element inet twill-underlay peer_subnets6 { fd00:42:0:4::/64 }
+";
+        assert_eq!(update(Some(&input()), &next), Update::Delta(golden.into()));
+        // And back: exactly the reverse.
+        let back = "\
+delete element inet twill-underlay peers4 { 198.18.0.14, 198.18.0.15 }
+delete element inet twill-underlay peers6 { 2001:db8::14 }
+delete element inet twill-underlay peer_subnets4 { 10.244.4.0/24, 10.244.5.0/24 }
+delete element inet twill-underlay peer_subnets6 { fd00:42:0:4::/64 }
+add element inet twill-underlay peers4 { 198.18.0.12 }
+add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
+";
+        assert_eq!(update(Some(&next), &input()), Update::Delta(back.into()));
+    }
+
+    #[test]
+    fn deltas_name_subnets_as_applied() {
+        // A subnet written with host bits is applied truncated; the delta names it so, and a
+        // spelling that truncates to what is there is no change at all.
+        let mut prev = input();
+        prev.peer_subnets.insert(net("10.244.7.9/24"));
+        let mut same = input();
+        same.peer_subnets.insert(net("10.244.7.0/24"));
+        assert_eq!(update(Some(&prev), &same), Update::Unchanged);
+        assert_eq!(
+            update(Some(&prev), &input()),
+            Update::Delta(
+                "delete element inet twill-underlay peer_subnets4 { 10.244.7.0/24 }\n".into()
+            )
+        );
+        assert!(
+            ruleset(&prev).contains("elements = { 10.244.2.0/24, 10.244.3.0/24, 10.244.7.0/24 }")
+        );
+    }
+
+    /// Replays a delta on the sets it was computed from: every deleted element must be there,
+    /// every added one must not, and the result must be the target's sets.
+    fn replay(mut sets: Sets, delta: &str) -> Sets {
+        for line in delta.lines() {
+            let (op, rest) = line.split_once(" element inet twill-underlay ").unwrap();
+            let (set, body) = rest.split_once(' ').unwrap();
+            let items = body
+                .trim_start_matches("{ ")
+                .trim_end_matches(" }")
+                .split(", ");
+            for item in items {
+                let present = match set {
+                    "peers4" | "peers6" => {
+                        let s = if set == "peers4" {
+                            &mut sets.peers4
+                        } else {
+                            &mut sets.peers6
+                        };
+                        if op == "delete" {
+                            s.remove(&ip(item))
+                        } else {
+                            !s.insert(ip(item))
+                        }
+                    }
+                    _ => {
+                        let s = if set == "peer_subnets4" {
+                            &mut sets.peer_subnets4
+                        } else {
+                            &mut sets.peer_subnets6
+                        };
+                        if op == "delete" {
+                            s.remove(&net(item))
+                        } else {
+                            !s.insert(net(item))
+                        }
+                    }
+                };
+                assert!(
+                    present == (op == "delete"),
+                    "{op} of {item} in {set} is not exact"
+                );
+            }
+        }
+        sets
+    }
+
+    #[test]
+    fn deltas_are_exact_over_random_peer_churn() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next_rand = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut prev = input();
+        for _ in 0..200 {
+            let mut next = prev.clone();
+            for _ in 0..(next_rand() % 20) {
+                let i = (next_rand() % 64) as u32;
+                let (v4, v6, s4, s6) = (
+                    IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i)),
+                    IpAddr::from(std::net::Ipv6Addr::from(0x2001_0db8u128 << 96 | i as u128)),
+                    IpNet::new(std::net::Ipv4Addr::from(0x0af4_0000 + (i << 8)).into(), 24)
+                        .unwrap(),
+                    IpNet::new(
+                        std::net::Ipv6Addr::from(0xfd00_0042u128 << 96 | (i as u128) << 64).into(),
+                        64,
+                    )
+                    .unwrap(),
+                );
+                if next_rand() % 2 == 0 {
+                    next.peer_ips.extend([v4, v6]);
+                    next.peer_subnets.extend([s4, s6]);
+                } else {
+                    next.peer_ips.retain(|a| *a != v4 && *a != v6);
+                    next.peer_subnets.retain(|n| *n != s4 && *n != s6);
+                }
+            }
+            match update(Some(&prev), &next) {
+                Update::Unchanged => assert_eq!(Sets::of(&prev), Sets::of(&next)),
+                Update::Delta(d) => {
+                    let lines: Vec<&str> = d.lines().collect();
+                    let first_add = lines
+                        .iter()
+                        .position(|l| l.starts_with("add"))
+                        .unwrap_or(lines.len());
+                    assert!(
+                        lines[first_add..]
+                            .iter()
+                            .all(|l| l.starts_with("add element")),
+                        "{d}"
+                    );
+                    assert_eq!(replay(Sets::of(&prev), &d), Sets::of(&next), "{d}");
+                }
+                Update::Whole(_) => panic!("peer churn replaced the whole table"),
+            }
+            prev = next;
+        }
+    }
+
+    /// A listing by nft 1.0.6 of the guard for [`listed_input`] (rule expressions elided).
+    const LISTING: &str = r#"{"nftables": [
+{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+{"table": {"family": "inet", "name": "twill-underlay", "handle": 2}},
+{"set": {"family": "inet", "name": "peers4", "table": "twill-underlay", "type": "ipv4_addr", "handle": 1, "elem": ["198.18.0.12", "198.18.0.13"]}},
+{"set": {"family": "inet", "name": "peers6", "table": "twill-underlay", "type": "ipv6_addr", "handle": 2, "elem": ["2001:db8::12"]}},
+{"set": {"family": "inet", "name": "peer_subnets4", "table": "twill-underlay", "type": "ipv4_addr", "handle": 3, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.244.2.0", "len": 24}}, {"prefix": {"addr": "10.244.3.0", "len": 24}}, "10.244.9.7"]}},
+{"set": {"family": "inet", "name": "peer_subnets6", "table": "twill-underlay", "type": "ipv6_addr", "handle": 4, "flags": ["interval"]}},
+{"chain": {"family": "inet", "table": "twill-underlay", "name": "prerouting", "handle": 5, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "prerouting", "handle": 7, "comment": "pod source spoofing", "expr": []}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "prerouting", "handle": 8, "comment": "pod source not leased to a peer", "expr": []}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "input", "handle": 9, "comment": "VXLAN from a non-peer (flannel#961)", "expr": []}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "forward", "handle": 10, "comment": "pods never reach a VXLAN port", "expr": []}}
+]}"#;
+
+    fn listed_input() -> GuardInput {
+        let mut i = input();
+        i.peer_ips.insert(ip("2001:db8::12"));
+        i.peer_subnets.insert(net("10.244.9.7/32"));
+        i
+    }
+
+    #[test]
+    fn a_listing_of_what_was_applied_is_no_drift() {
+        assert!(listing_matches(LISTING, &listed_input()));
+    }
+
+    #[test]
+    fn elements_or_rules_changed_by_hand_are_drift() {
+        // The table holds fewer or more elements, or fewer rules, than were applied.
+        let mut more = listed_input();
+        more.peer_ips.insert(ip("198.18.0.14"));
+        assert!(!listing_matches(LISTING, &more));
+        let mut fewer = listed_input();
+        fewer.peer_subnets.remove(&net("10.244.3.0/24"));
+        assert!(!listing_matches(LISTING, &fewer));
+        let flushed = LISTING.replace(r#""elem": ["198.18.0.12", "198.18.0.13"]"#, r#""x": 0"#);
+        assert!(!listing_matches(&flushed, &listed_input()));
+        let rule_gone = LISTING.replace(
+            r#"{"rule": {"family": "inet", "table": "twill-underlay", "chain": "input", "handle": 9, "comment": "VXLAN from a non-peer (flannel#961)", "expr": []}},"#,
+            "",
+        );
+        assert_ne!(rule_gone, LISTING);
+        assert!(!listing_matches(&rule_gone, &listed_input()));
+        assert!(!listing_matches("", &listed_input()));
+        let range = LISTING.replace(
+            r#""10.244.9.7""#,
+            r#"{"range": ["10.244.9.7", "10.244.9.9"]}"#,
+        );
+        assert!(!listing_matches(&range, &listed_input()));
     }
 
     #[test]

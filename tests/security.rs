@@ -112,50 +112,57 @@ fn host(net: &Ipv4Net, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + n)
 }
 
-/// Waits until `node`'s guard lists exactly `peers` (sorted dotted quads) in `peers4`.
-fn wait_guard(c: &Cluster, node: &str, peers: &[Ipv4Addr]) {
+/// The elements of one of `node`'s guard sets, sorted (subnets as `addr/len`); `None` when
+/// the set cannot be listed.
+fn guard_set(c: &Cluster, node: &str, set: &str) -> Option<Vec<String>> {
+    let out = c
+        .lab
+        .exec(
+            &c.ns(node),
+            &["nft", "-j", "list", "set", "inet", "twill-underlay", set],
+        )
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let mut have: Vec<String> = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| match (e.as_str(), &e["prefix"]) {
+            (Some(s), _) => Some(s.to_string()),
+            (None, p) => Some(format!("{}/{}", p["addr"].as_str()?, p["len"])),
+        })
+        .collect();
+    have.sort();
+    Some(have)
+}
+
+/// Waits until `node`'s guard set `set` holds exactly `want`.
+fn wait_set(c: &Cluster, node: &str, set: &str, want: &[String]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut want = want.to_vec();
+    want.sort();
     loop {
-        let out = c
-            .lab
-            .exec(
-                &c.ns(node),
-                &[
-                    "nft",
-                    "-j",
-                    "list",
-                    "set",
-                    "inet",
-                    "twill-underlay",
-                    "peers4",
-                ],
-            )
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        let mut have: Vec<String> = v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["set"]["elem"].as_array())
-            .flatten()
-            .filter_map(|e| e.as_str().map(String::from))
-            .collect();
-        have.sort();
-        let mut want: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
-        want.sort();
-        if !out.is_empty() && have == want {
+        let have = guard_set(c, node, set);
+        if have.as_ref() == Some(&want) {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "guard on {node} never listed {want:?} (has {have:?}):\n{}",
+            "guard set {set} on {node} never held {want:?} (has {have:?}):\n{}",
             c.log(node)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits until `node`'s guard lists exactly `peers` in `peers4`.
+fn wait_guard(c: &Cluster, node: &str, peers: &[Ipv4Addr]) {
+    let want: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
+    wait_set(c, node, "peers4", &want);
 }
 
 /// flannel#961: a VXLAN packet from a host that holds no lease, with a spoofed pod source,
@@ -326,6 +333,84 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
             "without the guard this should work (Flannel's exposure): {what}"
         );
     }
+}
+
+/// Peers coming and going update the guard by element deltas (a lease's subnet enters and
+/// leaves the interval set exactly). When the sets no longer hold what twilld applied (here
+/// `peers4` flushed by hand), the resync's drift check notices and the whole table is
+/// re-applied; and a delta that nft refuses because of such a change (a departed peer's element
+/// already gone) is replaced by the whole table in the same pass.
+#[test]
+fn guard_follows_peer_churn_and_replaces_a_set_changed_by_hand() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    const DRIFT: &str = "underlay guard table was removed or changed";
+    const REJECTED: &str = "underlay guard delta rejected";
+    let mut c = cluster("gdl", &["n1", "n2"], VXLAN);
+    let envs = c.start_all(&["n1", "n2"]);
+    let a2 = c.lab.node("n2").addr.to_string();
+    let s2 = subnet(&envs["n2"]).to_string();
+    wait_set(&c, "n1", "peers4", std::slice::from_ref(&a2));
+    wait_set(&c, "n1", "peer_subnets4", std::slice::from_ref(&s2));
+
+    // Two more peers (no daemons: leases only), then one of them leaves.
+    let lease = |ip: &str, mac: &str| {
+        format!(
+            r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
+    };
+    let key = |net: &str| format!("{}/subnets/{}", common::PREFIX, net.replace('/', "-"));
+    let (x, y) = ("198.18.0.200", "198.18.0.201");
+    let (sx, sy) = ("10.244.200.0/24", "10.244.201.0/24");
+    c.lab
+        .etcdctl(&["put", &key(sx), &lease(x, "0a:00:00:00:02:00")])
+        .unwrap();
+    c.lab
+        .etcdctl(&["put", &key(sy), &lease(y, "0a:00:00:00:02:01")])
+        .unwrap();
+    wait_set(&c, "n1", "peers4", &[a2.clone(), x.into(), y.into()]);
+    wait_set(
+        &c,
+        "n1",
+        "peer_subnets4",
+        &[s2.clone(), sx.into(), sy.into()],
+    );
+    c.lab.etcdctl(&["del", &key(sy)]).unwrap();
+    wait_set(&c, "n1", "peers4", &[a2.clone(), x.into()]);
+    wait_set(&c, "n1", "peer_subnets4", &[s2.clone(), sx.into()]);
+    // Two resync periods (2 s in the lab): the drift check finds the table as applied.
+    std::thread::sleep(Duration::from_secs(5));
+    let log = c.log("n1");
+    assert!(
+        !log.contains(REJECTED) && !log.contains(DRIFT),
+        "peer churn alone should never need the whole table:\n{log}"
+    );
+
+    let flush = |c: &Cluster| {
+        c.lab
+            .exec_ok(
+                &c.ns("n1"),
+                &["nft", "flush", "set", "inet", "twill-underlay", "peers4"],
+            )
+            .unwrap();
+    };
+    // Someone flushes peers4: the next resync puts every peer back.
+    flush(&c);
+    wait_set(&c, "n1", "peers4", &[a2.clone(), x.into()]);
+    assert_eq!(c.log("n1").matches(DRIFT).count(), 1, "{}", c.log("n1"));
+
+    // A resync just ran, so the next is ~2 s away. Flushed again, and x leaves at once:
+    // deleting x from the set fails, and the whole table takes the delta's place.
+    flush(&c);
+    c.lab.etcdctl(&["del", &key(sx)]).unwrap();
+    wait_set(&c, "n1", "peers4", std::slice::from_ref(&a2));
+    wait_set(&c, "n1", "peer_subnets4", std::slice::from_ref(&s2));
+    assert!(
+        c.log("n1").contains(REJECTED),
+        "the flushed set should have made the delta fail:\n{}",
+        c.log("n1")
+    );
 }
 
 /// host-gw: a packet arriving on the underlay with a pod-network source that is not leased

@@ -1,6 +1,7 @@
 //! The decide step: from the local node and its peers' leases to the entries the kernel must
 //! hold. Pure: no I/O, no clock; every test of dataplane behaviour starts here.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -81,11 +82,7 @@ fn add_family(topo: &Topology, fam: &PeerFamily, state: &mut DataplaneState) -> 
     if topo.overlaps_own(&subnet) {
         return Err(format!("subnet {subnet} overlaps this node's own subnet"));
     }
-    if let Some(existing) = state
-        .routes
-        .keys()
-        .find(|r| r.contains(&subnet) || subnet.contains(*r))
-    {
+    if let Some(existing) = overlapping(&state.routes, &subnet) {
         return Err(format!(
             "subnet {subnet} overlaps {existing}, already leased by another peer"
         ));
@@ -145,6 +142,20 @@ fn add_family(topo: &Topology, fam: &PeerFamily, state: &mut DataplaneState) -> 
         }
     }
     Ok(())
+}
+
+/// The key of `routes` overlapping `subnet`, if any. The keys never overlap each other (a
+/// subnet is only added after this check), so only the neighbours of `subnet` in key order
+/// can: the last key not after it (which may contain it) and the first key not before it
+/// (which it may contain). Two lookups instead of a scan: 1000 peers were a million checks.
+fn overlapping<'a, V>(routes: &'a BTreeMap<IpNet, V>, subnet: &IpNet) -> Option<&'a IpNet> {
+    let before = routes.range(..=subnet).next_back();
+    let after = routes.range(subnet..).next();
+    before
+        .into_iter()
+        .chain(after)
+        .map(|(r, _)| r)
+        .find(|r| r.contains(subnet) || subnet.contains(*r))
 }
 
 fn direct_route(state: &mut DataplaneState, subnet: IpNet, gateway: IpAddr) {
@@ -448,6 +459,46 @@ mod tests {
         let (state, skipped) = desired_state(&topo, &peers);
         assert!(skipped.is_empty());
         assert_eq!(state.len(), 3000);
+    }
+
+    #[test]
+    fn overlap_lookup_agrees_with_a_scan() {
+        // Random subnets of random lengths (v4 and v6), added when they overlap nothing, as
+        // add_family does; every candidate is checked against a linear scan.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut routes: BTreeMap<IpNet, ()> = BTreeMap::new();
+        for _ in 0..5000 {
+            let r = rand();
+            let candidate = if r % 4 == 0 {
+                let len = 56 + (r >> 8) as u8 % 17;
+                IpNet::new(
+                    std::net::Ipv6Addr::from(0xfd00_0042u128 << 96 | (rand() as u128) << 56).into(),
+                    len,
+                )
+            } else {
+                let len = 12 + (r >> 8) as u8 % 17;
+                IpNet::new(
+                    std::net::Ipv4Addr::from(0x0a00_0000 | (rand() as u32 & 0x00ff_ffff)).into(),
+                    len,
+                )
+            }
+            .unwrap()
+            .trunc();
+            let scan = routes
+                .keys()
+                .find(|k| k.contains(&candidate) || candidate.contains(*k));
+            assert_eq!(overlapping(&routes, &candidate), scan, "{candidate}");
+            if scan.is_none() {
+                routes.insert(candidate, ());
+            }
+        }
+        assert!(routes.len() > 100, "the test should build a crowded table");
     }
 
     #[test]
