@@ -14,7 +14,7 @@ out=bench/RESULTS.md
   echo "|---|---|---|---|---|---|"
   target/release/convergence --rounds 5
   target/release/cni_latency --pods 200
-  target/release/datapath --rounds 3 --seconds 5
+  target/release/datapath --rounds 5 --seconds 5
   if [ -x target/release/policy_scale ]; then
     target/release/policy_scale
   fi
