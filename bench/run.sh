@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --release --workspace --bins --locked --quiet
 export TWILL_BIN_DIR="$PWD/target/release"
+# twill-cni as images ship it: statically linked (see the Dockerfile).
+triple="$(rustc -vV | sed -n 's/^host: //p')"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --quiet -p twill-cni --bins --target "$triple"
+static_cni="$PWD/target/$triple/release/twill-cni"
 out=bench/RESULTS.md
 {
   echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')."
@@ -13,7 +17,7 @@ out=bench/RESULTS.md
   echo "| benchmark | twill | peer or limit | ratio | target | |"
   echo "|---|---|---|---|---|---|"
   target/release/convergence --rounds 5
-  target/release/cni_latency --pods 200
+  target/release/cni_latency --pods 200 --cni "$static_cni"
   target/release/datapath --rounds 5 --seconds 5
   if [ -x target/release/policy_scale ]; then
     target/release/policy_scale

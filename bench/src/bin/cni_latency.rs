@@ -7,7 +7,7 @@
 //! twill-cni's own cost: reading subnet.env, building and saving the delegate config, the
 //! extra exec of the delegate, and registering the pod's anti-spoofing elements.
 //!
-//! Usage: cni_latency [--pods N]   (root; builds its own lab)
+//! Usage: cni_latency [--pods N] [--cni PATH]   (root; builds its own lab)
 
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -134,7 +134,14 @@ fn main() -> Result<()> {
         dir.join("flannel").display(),
         dir.join("ipam").display()
     );
-    let twill = twill_lab::bin_path("twill-cni");
+    // --cni PATH: the plugin binary to measure (bench/run.sh passes the static build that
+    // images ship); default the workspace's own build.
+    let twill = args
+        .iter()
+        .position(|a| a == "--cni")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| twill_lab::bin_path("twill-cni"));
     let bridge = Path::new(CNI_DIR).join("bridge");
 
     // Warm up: one pod through each, which also creates cni0, and gives us the delegate
