@@ -17,10 +17,10 @@ out=bench/RESULTS.md
   echo "| benchmark | twill | peer or limit | ratio | target | |"
   echo "|---|---|---|---|---|---|"
   target/release/convergence --rounds 5
-  target/release/cni_latency --pods 200 --cni "$static_cni"
-  target/release/datapath --rounds 5 --seconds 5
+  target/release/cni_latency --pods 300 --cni "$static_cni"
+  target/release/datapath --rounds 9 --seconds 5
   if [ -x target/release/policy_scale ]; then
-    target/release/policy_scale
+    target/release/policy_scale --rounds 9 --seconds 4
   fi
 } | tee "$out.tmp"
 mv "$out.tmp" "$out"
