@@ -538,6 +538,16 @@ fn request(links: &LinkMap, op: &Op) -> Result<NetlinkMessage<RouteNetlinkMessag
         msg.header.kind = RouteType::Unspec;
         Ok(msg)
     };
+    // The FDB entry as both its add and its delete name it: bridge family, self, MAC -> VTEP.
+    let fdb = |link, mac: MacAddr, dst: IpAddr| -> Result<NeighbourMessage, NetlinkError> {
+        let mut msg = neighbour(AddressFamily::Bridge, link, NeighbourState::Permanent)?;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_address(dst)));
+        Ok(msg)
+    };
     let ip_family = |ip: IpAddr| {
         if ip.is_ipv4() {
             AddressFamily::Inet
@@ -554,15 +564,10 @@ fn request(links: &LinkMap, op: &Op) -> Result<NetlinkMessage<RouteNetlinkMessag
                 .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
             (RouteNetlinkMessage::NewNeighbour(msg), REPLACE)
         }
-        Op::SetFdb { link, mac, dst } => {
-            let mut msg = neighbour(AddressFamily::Bridge, link, NeighbourState::Permanent)?;
-            msg.header.flags = NeighbourFlags::Own;
-            msg.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-            msg.attributes
-                .push(NeighbourAttribute::Destination(neighbour_address(dst)));
-            (RouteNetlinkMessage::NewNeighbour(msg), REPLACE)
-        }
+        Op::SetFdb { link, mac, dst } => (
+            RouteNetlinkMessage::NewNeighbour(fdb(link, mac, dst)?),
+            REPLACE,
+        ),
         Op::SetRoute(r) => {
             let msg = route_message(&r, index(r.link)?, RouteProtocol::Boot)?;
             (RouteNetlinkMessage::NewRoute(msg), REPLACE)
@@ -579,15 +584,10 @@ fn request(links: &LinkMap, op: &Op) -> Result<NetlinkMessage<RouteNetlinkMessag
                 .push(NeighbourAttribute::Destination(neighbour_address(ip)));
             (RouteNetlinkMessage::DelNeighbour(msg), DELETE)
         }
-        Op::DelFdb { link, mac, dst } => {
-            let mut msg = neighbour(AddressFamily::Bridge, link, NeighbourState::Permanent)?;
-            msg.header.flags = NeighbourFlags::Own;
-            msg.attributes
-                .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-            msg.attributes
-                .push(NeighbourAttribute::Destination(neighbour_address(dst)));
-            (RouteNetlinkMessage::DelNeighbour(msg), DELETE)
-        }
+        Op::DelFdb { link, mac, dst } => (
+            RouteNetlinkMessage::DelNeighbour(fdb(link, mac, dst)?),
+            DELETE,
+        ),
     };
     let mut req = NetlinkMessage::from(msg);
     req.header.flags = flags;
