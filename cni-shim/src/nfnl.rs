@@ -292,16 +292,17 @@ impl Conn {
     pub fn dump(&mut self, request: &Msg, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
         let seq = self.next_seq();
         send(self.fd.as_raw_fd(), &request.bytes(seq), MsgFlags::empty())?;
+        let fd = self.fd.as_raw_fd();
+        let buf = &mut self.buf;
         loop {
-            let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+            let n = recv(fd, buf, MsgFlags::empty())?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "netlink dump ended early",
                 ));
             }
-            let buf = self.buf[..n].to_vec();
-            for r in replies(&buf)? {
+            for r in replies(&buf[..n])? {
                 match r {
                     Reply::Done => return Ok(()),
                     Reply::Ack { errno: 0, .. } => {}

@@ -125,7 +125,17 @@ impl Node {
         )
     }
 
-    fn cni(&self, cmd: &str, cid: &str, ifname: &str, netns: &str, conf: &str) -> (i32, Value) {
+    /// Starts twill-cni in this node with `conf` on its stdin; `output` is where its stdout
+    /// and stderr go.
+    fn spawn_cni(
+        &self,
+        cmd: &str,
+        cid: &str,
+        ifname: &str,
+        netns: &str,
+        conf: &str,
+        output: fn() -> Stdio,
+    ) -> std::process::Child {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns.0, BIN])
             .env("CNI_COMMAND", cmd)
@@ -134,8 +144,8 @@ impl Node {
             .env("CNI_NETNS", netns)
             .env("CNI_PATH", CNI_PATH)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(output())
+            .stderr(output())
             .spawn()
             .unwrap();
         child
@@ -144,6 +154,11 @@ impl Node {
             .unwrap()
             .write_all(conf.as_bytes())
             .unwrap();
+        child
+    }
+
+    fn cni(&self, cmd: &str, cid: &str, ifname: &str, netns: &str, conf: &str) -> (i32, Value) {
+        let child = self.spawn_cni(cmd, cid, ifname, netns, conf, Stdio::piped);
         let o = child.wait_with_output().unwrap();
         let code = o.status.code().unwrap_or(-1);
         let stdout = String::from_utf8_lossy(&o.stdout);
@@ -454,24 +469,7 @@ fn rng() -> impl FnMut() -> u64 {
 
 /// Runs twill-cni in the node and SIGKILLs it after `delay` (it may finish first).
 fn cni_killed(node: &Node, cmd: &str, cid: &str, netns: &str, conf: &str, delay: Duration) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.ns.0, BIN])
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_NETNS", netns)
-        .env("CNI_PATH", CNI_PATH)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.as_bytes())
-        .unwrap();
+    let mut child = node.spawn_cni(cmd, cid, "eth0", netns, conf, Stdio::null);
     std::thread::sleep(delay);
     let _ = child.kill();
     let _ = child.wait();

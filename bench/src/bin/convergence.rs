@@ -193,30 +193,8 @@ fn round_batch(n: u32) -> Result<Duration> {
     let mut lab = Lab::new("bcb")?;
     let node = lab.add_node("n1")?;
     let ns = node.netns.clone();
-    lab.exec_ok(
-        &ns,
-        &[
-            "ip",
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            &node.addr.to_string(),
-            "dev",
-            "eth0",
-            "dstport",
-            "8472",
-            "nolearning",
-        ],
-    )?;
-    lab.exec_ok(
-        &ns,
-        &["ip", "link", "set", "flannel.1", "mtu", "1450", "up"],
-    )?;
+    // flannel.1 as flanneld makes it; its own subnet (10.0.0.0/24) is outside every peer's.
+    lab.flannel_by_hand("n1", "10.0.0.0/24".parse()?, "0e:be:ff:ff:ff:ff")?;
     let mut ip_batch = String::new();
     let mut bridge_batch = String::new();
     let mut routes = String::new();

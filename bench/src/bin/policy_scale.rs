@@ -413,19 +413,23 @@ fn main() -> Result<()> {
         w.client.0, w.client.1, w.client.2, w.server.0, w.server.1, w.server.2
     );
 
+    // `twill-policy <cmd>` on the node's manifests, timed, with its peak RSS.
+    let run_policy = |cmd: &str| {
+        run_with_maxrss(
+            &lab,
+            &node.netns,
+            &[
+                bin.to_str().unwrap(),
+                "--manifests",
+                dir.to_str().unwrap(),
+                "--node-name",
+                "n1",
+                cmd,
+            ],
+        )
+    };
     // End to end through the binary (also turns on bridge-nf-call-iptables in the node).
-    let (e2e, rss_kib, log) = run_with_maxrss(
-        &lab,
-        &node.netns,
-        &[
-            bin.to_str().unwrap(),
-            "--manifests",
-            dir.to_str().unwrap(),
-            "--node-name",
-            "n1",
-            "apply",
-        ],
-    )?;
+    let (e2e, rss_kib, log) = run_policy("apply")?;
     eprintln!(
         "twill-policy apply: {e2e:?}, peak RSS {} MiB; {}",
         rss_kib / 1024,
@@ -433,18 +437,7 @@ fn main() -> Result<()> {
     );
 
     // The daemon's own memory: compile only (the apply above includes the nft child).
-    let (_, compile_rss_kib, _) = run_with_maxrss(
-        &lab,
-        &node.netns,
-        &[
-            bin.to_str().unwrap(),
-            "--manifests",
-            dir.to_str().unwrap(),
-            "--node-name",
-            "n1",
-            "compile",
-        ],
-    )?;
+    let (_, compile_rss_kib, _) = run_policy("compile")?;
 
     // nft apply alone.
     let nft = nft_in(&lab, &node.netns)?;
