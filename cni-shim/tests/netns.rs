@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
@@ -196,6 +196,21 @@ impl Node {
         let (ok, out) = sh(&["ip", "-n", &self.ns.0, "-o", "link", "show", "type", "veth"]);
         assert!(ok, "{out}");
         out.lines().map(String::from).collect()
+    }
+
+    /// Waits (up to 30 s) until `n` veths are left on the node and returns them. `ip netns del`
+    /// returns before the kernel has torn the namespace down (that runs later, on a work
+    /// queue), so a pod's host-side veth can outlive its namespace by a moment; GC must not
+    /// run in that moment if the test expects the veth's elements to go.
+    fn wait_for_veths(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let veths = self.veths();
+            if veths.len() == n || Instant::now() > deadline {
+                return veths;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -512,6 +527,8 @@ fn cni_killed_mid_add_and_mid_del_leaks_nothing_after_gc() {
         std::thread::sleep(Duration::from_millis(100));
         drop(pod);
     }
+    let left = node.wait_for_veths(1);
+    assert_eq!(left.len(), 1, "veths of deleted pods never went: {left:?}");
     let gc_conf = conf.replacen("\"0.3.1\"", "\"1.1.0\"", 1).replacen(
         "\"type\":\"flannel\"",
         r#""type":"flannel","cni.dev/valid-attachments":[{"containerID":"keeper","ifname":"eth0"}]"#,
@@ -663,6 +680,8 @@ fn pod_cannot_send_with_a_neighbour_pods_address() {
     // elements and keeps a's.
     let (ok, out) = sh(&["ip", "netns", "del", &pods[1].0]);
     assert!(ok, "{out}");
+    let left = node.wait_for_veths(1);
+    assert_eq!(left.len(), 1, "b's veth never went: {left:?}");
     let gc_conf = conf.replacen("\"0.3.1\"", "\"1.1.0\"", 1).replacen(
         "\"type\":\"flannel\"",
         r#""type":"flannel","cni.dev/valid-attachments":[{"containerID":"as-0","ifname":"eth0"}]"#,
