@@ -19,10 +19,20 @@ echo "== cargo test"
 # suits a 2-core machine.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked -- --test-threads="${TWILL_TEST_THREADS:-2}" 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary must not hide how the others fared.
+status=0
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${TWILL_TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
 
 # One closing line for the whole suite, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+summary() {
+  awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+}
+summary
+if [ "$status" -ne 0 ]; then
+  echo "failed tests:" >&2
+  grep -E '^test .* FAILED$' "$log" >&2 || true
+  exit "$status"
+fi
 
 echo "== fuzz (each target ${TWILL_FUZZ_SECS:-20}s)"
 scripts/fuzz.sh
@@ -37,4 +47,4 @@ fi
 
 
 # Repeated as the suite's closing line.
-awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+summary
