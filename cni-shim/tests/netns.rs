@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -146,6 +147,9 @@ impl Node {
             .stdin(Stdio::piped())
             .stdout(output())
             .stderr(output())
+            // A process group of its own: the delegates it starts stay in it, so a test that
+            // kills the plugin can wait for them (see `wait_group_gone`).
+            .process_group(0)
             .spawn()
             .unwrap();
         child
@@ -483,11 +487,45 @@ fn rng() -> impl FnMut() -> u64 {
 }
 
 /// Runs twill-cni in the node and SIGKILLs it after `delay` (it may finish first).
+/// Then waits until the delegates it had started (bridge, host-local) have finished too: a
+/// runtime that kills the plugin does not kill those, and they go on changing the node.
 fn cni_killed(node: &Node, cmd: &str, cid: &str, netns: &str, conf: &str, delay: Duration) {
     let mut child = node.spawn_cni(cmd, cid, "eth0", netns, conf, Stdio::null);
     std::thread::sleep(delay);
     let _ = child.kill();
     let _ = child.wait();
+    wait_group_gone(child.id());
+}
+
+/// Waits (up to 30 s) until no live process is left in process group `pgid`.
+fn wait_group_gone(pgid: u32) {
+    let in_group = || -> Vec<String> {
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| {
+            let stat = fs::read_to_string(e.ok()?.path().join("stat")).ok()?;
+            // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after the last ')'.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let pgrp: u32 = fields.nth(1)?.parse().ok()?;
+            (pgrp == pgid && state != "Z").then(|| head.to_string() + ")")
+        })
+        .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = in_group();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delegates of a killed plugin still running after 30 s: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The CNI plugin SIGKILLed at random points of ADD and of DEL (the runtime then drops the
@@ -523,8 +561,6 @@ fn cni_killed_mid_add_and_mid_del_leaks_nothing_after_gc() {
             let d = Duration::from_micros(next() % 20_000);
             cni_killed(&node, "DEL", &cid, &pod.path(), &conf, d);
         }
-        // The delegate (bridge, host-local) outlives a killed shim: let it finish.
-        std::thread::sleep(Duration::from_millis(100));
         drop(pod);
     }
     let left = node.wait_for_veths(1);
