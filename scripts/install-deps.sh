@@ -11,6 +11,8 @@ packages=(
   iproute2 iputils-ping iperf3     # the lab: ip/bridge, reachability, throughput
   ca-certificates openssl          # TLS material for the etcd TLS tests
   procps psmisc                    # ps/pkill/killall used by lab cleanup
+  kmod                             # modprobe: twill-policy loads br_netfilter when missing
+  python3                          # the policy lab tests' TCP/UDP/SCTP probe servers
 )
 
 missing=()

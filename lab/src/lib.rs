@@ -425,7 +425,7 @@ impl Lab {
     /// Adds a node: namespace `<prefix><name>`, `lo` up, veth `eth0` (in the node) ⇄ `n<idx>`
     /// (in the switch, enslaved to `br0`), `eth0` 198.18.0.<10+idx>/24 up, default route via
     /// 198.18.0.1 (so "default-route interface" selection works; the switch has no uplink),
-    /// `net.ipv4.ip_forward=1`, and the per-node directory `<lab dir>/<name>/`.
+    /// `net.ipv4.ip_forward=1`, loose `rp_filter`, and the per-node directory `<lab dir>/<name>/`.
     pub fn add_node(&mut self, name: &str) -> Result<Node> {
         self.check_new_ns_name("node", name)?;
         let idx = self.next_node;
@@ -466,7 +466,19 @@ impl Lab {
                 node.switch_port
             )],
         )?;
-        ns_exec_ok(&node.netns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // rp_filter set rather than inherited: a new namespace copies the root namespace's
+        // value, which differs between hosts (strict 1 would drop what a test sends on
+        // purpose). Loose (2) is the common distribution default for nodes.
+        ns_exec_ok(
+            &node.netns,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=2",
+                "net.ipv4.conf.default.rp_filter=2",
+            ],
+        )?;
         self.nodes.push(node.clone());
         Ok(node)
     }

@@ -144,12 +144,14 @@ pub fn up() -> Result<()> {
         println!("    {pod:<9} on {n}  {}", p.addr);
         ips.push((pod, IpAddr::V4(p.ip())));
     }
-    std::thread::sleep(Duration::from_millis(300));
 
     step(
         "Reachability before any policy (TCP 80, every pod to every pod, across nodes over VXLAN)",
     );
-    let before = matrix(&lab, &lab_bin, &ips)?;
+    // subnet.env comes before twilld's first peer pass, and a server may not listen yet: wait
+    // for the full matrix (every pod reaching every pod) rather than probe once.
+    let all = vec![vec![true; ips.len()]; ips.len()];
+    let before = matrix_until(&lab, &lab_bin, &ips, &all, Duration::from_secs(60))?;
     print!("{}", render(&ips, &before));
 
     step("twill-policy on every node, and a NetworkPolicy: web pods accept TCP 80 only from app=client");
@@ -187,14 +189,7 @@ pub fn up() -> Result<()> {
                 .collect()
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let after = loop {
-        let m = matrix(&lab, &lab_bin, &ips)?;
-        if m == expected || Instant::now() > deadline {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let after = matrix_until(&lab, &lab_bin, &ips, &expected, Duration::from_secs(60))?;
 
     step("Reachability with the policy (rows: from, columns: to)");
     print!("{}", render(&ips, &after));
@@ -252,6 +247,24 @@ fn cluster_manifest(ips: &[(&str, IpAddr)]) -> String {
         );
     }
     s
+}
+
+/// Probes the matrix until it equals `expected` or `timeout` has passed; returns the last one.
+fn matrix_until(
+    lab: &Lab,
+    lab_bin: &str,
+    ips: &[(&str, IpAddr)],
+    expected: &[Vec<bool>],
+    timeout: Duration,
+) -> Result<Vec<Vec<bool>>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = matrix(lab, lab_bin, ips)?;
+        if m == expected || Instant::now() > deadline {
+            return Ok(m);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Probes TCP 80 from every pod to every pod, in parallel.

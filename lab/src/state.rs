@@ -8,7 +8,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -223,6 +224,9 @@ pub fn list_labs() -> Result<Vec<LabInfo>> {
 /// longer names it): their processes, namespaces and directories. Returns the prefixes removed.
 /// Safe to call while other labs (in this or other processes) are in use.
 pub fn cleanup_stale() -> Result<Vec<String>> {
+    // Two processes removing the same crashed lab at once would each meet the other's
+    // half-done removal (a namespace already unmounted, a directory half gone) as an error.
+    let _lock = cleanup_lock()?;
     let mut removed = Vec::new();
     let mut errs = Vec::new();
     for lab in list_labs()? {
@@ -237,6 +241,19 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
     } else {
         bail!("cleanup_stale: {}", errs.join("; "))
     }
+}
+
+/// Holds an exclusive lock on `/tmp/twill-lab.lock` until dropped.
+fn cleanup_lock() -> Result<Flock<fs::File>> {
+    let path = Path::new(LAB_ROOT).join("twill-lab.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("locking {}: {e}", path.display()))
 }
 
 /// Kills every process inside namespaces starting with `prefix`, deletes those namespaces (the
@@ -267,10 +284,11 @@ pub(crate) fn remove_prefix(prefix: &str, dir: &Path) -> Vec<String> {
             }
         }
     }
-    if dir.exists() {
-        if let Err(e) = fs::remove_dir_all(dir) {
-            errs.push(format!("removing {}: {e}", dir.display()));
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            errs.push(format!("removing {}: {e}", dir.display()))
         }
+        _ => {}
     }
     errs
 }
