@@ -322,8 +322,8 @@ impl World {
                     self.lab.log(id)
                 );
                 assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "{n} did not apply {marker} in 20 s:\n{}",
+                    start.elapsed() < Duration::from_secs(60),
+                    "{n} did not apply {marker} in 60 s:\n{}",
                     self.lab.log(id)
                 );
                 std::thread::sleep(Duration::from_millis(20));
@@ -497,8 +497,12 @@ fn upstream_conformance_scenarios_in_a_three_node_lab() {
                 let want: BTreeSet<String> = probe.expect_denied.iter().cloned().collect();
                 let mut got = w.matrix(probe.port, probe.protocol);
                 matrices += 1;
-                if got != want {
-                    // As upstream: re-probe the whole matrix once.
+                // As upstream, a mismatch is re-probed before it counts; twice here, since on
+                // two shared cores a probe's 1 s can pass before an allowed peer is scheduled.
+                for _ in 0..2 {
+                    if got == want {
+                        break;
+                    }
                     eprintln!("{what}: mismatch, re-probing: {}", diff(&want, &got));
                     std::thread::sleep(Duration::from_secs(1));
                     got = w.matrix(probe.port, probe.protocol);
