@@ -6,9 +6,8 @@
 mod common;
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::time::Duration;
 
-use common::{cluster, PREFIX};
+use common::{cluster, wait_for, DEADLINE, PREFIX};
 use twill_cni::subnet_env::SubnetEnv;
 use twill_lab::Ipv4Net;
 
@@ -151,39 +150,24 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
         c.wait_entries(n, "flannel.1", "v4 peer", |e| {
             e.has_peer(&want_v4, c.lab.node(peer).addr, &c.mac(peer, "flannel.1"))
         });
-        let routes6 = c
-            .lab
-            .exec_ok(
-                &c.ns(n),
-                &["ip", "-6", "route", "show", "dev", "flannel-v6.1"],
-            )
-            .unwrap();
-        assert!(
-            routes6.contains(&format!("{pv6} via {} ", pv6.network())),
-            "{routes6}"
-        );
-        let neigh6 = c
-            .lab
-            .exec_ok(
-                &c.ns(n),
-                &["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"],
-            )
-            .unwrap();
-        assert!(
-            neigh6.contains(&format!("{} lladdr {mac6} PERMANENT", pv6.network())),
-            "{neigh6}"
-        );
-        let fdb6 = c
-            .lab
-            .exec_ok(&c.ns(n), &["bridge", "fdb", "show", "dev", "flannel-v6.1"])
-            .unwrap();
-        assert!(
-            fdb6.contains(&format!(
-                "{mac6} dst {} self permanent",
-                v6_underlay(c.lab.node(peer).idx)
-            )),
-            "{fdb6}"
-        );
+        // The v6 entries may come in a later pass (or later in the same one) than the v4 ones.
+        let peer_v6 = v6_underlay(c.lab.node(peer).idx);
+        wait_for(&format!("v6 peer on {n}"), DEADLINE, || {
+            let show = |argv: &[&str]| c.lab.exec_ok(&c.ns(n), argv).unwrap();
+            let routes6 = show(&["ip", "-6", "route", "show", "dev", "flannel-v6.1"]);
+            if !routes6.contains(&format!("{pv6} via {} ", pv6.network())) {
+                return Err(format!("route: {routes6}"));
+            }
+            let neigh6 = show(&["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"]);
+            if !neigh6.contains(&format!("{} lladdr {mac6} PERMANENT", pv6.network())) {
+                return Err(format!("neighbour: {neigh6}"));
+            }
+            let fdb6 = show(&["bridge", "fdb", "show", "dev", "flannel-v6.1"]);
+            if !fdb6.contains(&format!("{mac6} dst {peer_v6} self permanent")) {
+                return Err(format!("fdb: {fdb6}"));
+            }
+            Ok(())
+        });
         let rules6 = c
             .lab
             .exec_ok(&c.ns(n), &["nft", "list", "table", "ip6", "flannel-ipv6"])
@@ -197,13 +181,11 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
         let (from, ..) = &pods[i];
         let (_, to4, to6, ..) = &pods[1 - i];
         assert!(
-            c.lab
-                .wait_ping(from, IpAddr::V4(*to4), Duration::from_secs(10)),
+            c.lab.wait_ping(from, IpAddr::V4(*to4), DEADLINE),
             "v4 {from} -> {to4}"
         );
         assert!(
-            c.lab
-                .wait_ping(from, IpAddr::V6(*to6), Duration::from_secs(10)),
+            c.lab.wait_ping(from, IpAddr::V6(*to6), DEADLINE),
             "v6 {from} -> {to6}"
         );
     }

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::Cluster;
+use common::{Cluster, DEADLINE};
 use serde_json::{json, Value};
 use twill_fake_apiserver::client;
 use twill_lab::{Ipv4Net, Lab};
@@ -47,7 +47,7 @@ fn kube_cluster(name: &str, nodes: &[&str]) -> Kube {
         &[],
     )
     .expect("spawn fake apiserver");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + DEADLINE;
     while client::request(&socket, "GET", "/api/v1/nodes", "", "").is_err() {
         assert!(Instant::now() < deadline, "fake API server did not start");
         std::thread::sleep(Duration::from_millis(50));
@@ -201,8 +201,8 @@ fn kube_three_nodes_flannel_annotations_peers_changes_and_deletions() {
             .filter(|(key, _)| key.starts_with(A))
             .collect();
         assert_eq!(Value::Object(ours), flannel_annotations(&addr, &mac), "{n}");
-        // NetworkUnavailable=False, reason FlannelIsUp.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // NetworkUnavailable=False, reason FlannelIsUp (set after ready).
+        let deadline = Instant::now() + DEADLINE;
         loop {
             let conds = k.node(n)["status"]["conditions"].clone();
             let ok = conds.as_array().is_some_and(|c| {
@@ -258,8 +258,7 @@ fn kube_three_nodes_flannel_annotations_peers_changes_and_deletions() {
     for (_, from, _) in &pods {
         for (to_name, _, to_ip) in &pods {
             assert!(
-                k.c.lab
-                    .wait_ping(from, (*to_ip).into(), Duration::from_secs(10)),
+                k.c.lab.wait_ping(from, (*to_ip).into(), DEADLINE),
                 "{from} cannot reach {to_name} ({to_ip})"
             );
         }

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{cluster, subnet_key};
+use common::{cluster, subnet_key, DEADLINE, POLL};
 use twill_lab::{Ipv4Net, Signal};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -90,17 +90,26 @@ fn own_lease_deleted_while_running_is_reacquired() {
     let key = subnet_key(&s1);
     let value = c.etcd_get(&key).unwrap();
     c.lab.etcdctl(&["del", &key]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + DEADLINE;
     while c.etcd_get(&key).as_deref() != Some(value.as_str()) {
         assert!(
             Instant::now() < deadline,
             "lease not re-acquired:\n{}",
             c.log("n1")
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(POLL);
+    }
+    // twilld logs it once the create RPC has returned, which can be after the key is seen.
+    let deadline = Instant::now() + DEADLINE;
+    while !c.log("n1").contains("re-acquired lease") {
+        assert!(
+            Instant::now() < deadline,
+            "key back but no \"re-acquired lease\" logged:\n{}",
+            c.log("n1")
+        );
+        std::thread::sleep(POLL);
     }
     assert!(c.lab.is_running(c.daemon("n1")));
-    assert!(c.log("n1").contains("re-acquired lease"));
     let mac = c.mac("n1", "flannel.1");
     c.wait_entries("n2", "flannel.1", "n1 programmed again", |e| {
         e.has_peer(&s1, c.lab.node("n1").addr, &mac)
@@ -121,7 +130,7 @@ fn own_subnet_taken_by_another_node_stops_the_daemon() {
     let other = r#"{"PublicIP":"198.18.0.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}}"#;
     c.lab.etcdctl(&["put", &key, other]).unwrap();
     let id = c.daemon("n1");
-    let status = c.lab.wait(id, Duration::from_secs(10)).unwrap();
+    let status = c.lab.wait(id, DEADLINE).unwrap();
     assert!(
         status.is_some_and(|s| !s.success()),
         "twilld kept running:\n{}",

@@ -32,21 +32,40 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
 
 /// A UDP socket on `LISTEN` inside `ns`.
 fn listener(ns: &str) -> UdpSocket {
-    let s = in_ns(ns, || UdpSocket::bind(("0.0.0.0", LISTEN)).expect("bind"));
-    s.set_read_timeout(Some(Duration::from_millis(1500)))
-        .unwrap();
-    s
+    in_ns(ns, || UdpSocket::bind(("0.0.0.0", LISTEN)).expect("bind"))
 }
 
-/// Whether `sock` receives a datagram carrying `token` (others are skipped) before the timeout.
-fn received(sock: &UdpSocket, token: &[u8]) -> bool {
+/// How long a datagram the test expects to be dropped is waited for: one that gets through
+/// arrives within milliseconds (the positive checks next to each negative one show it).
+const DROPPED_WAIT: Duration = Duration::from_millis(1500);
+
+/// Whether `sock` receives a datagram carrying `token` (others are skipped) within `wait`.
+fn received_within(sock: &UdpSocket, token: &[u8], wait: Duration) -> bool {
+    let deadline = std::time::Instant::now() + wait;
     let mut buf = [0u8; 2048];
-    while let Ok((n, _)) = sock.recv_from(&mut buf) {
-        if &buf[..n] == token {
-            return true;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        sock.set_read_timeout(Some(left)).unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) if &buf[..n] == token => return true,
+            Ok(_) => {}
+            Err(_) => return false,
         }
     }
-    false
+}
+
+/// A datagram that must arrive: waited for up to [`common::DEADLINE`] (delivery is
+/// asynchronous, and slow on a busy machine).
+fn received(sock: &UdpSocket, token: &[u8]) -> bool {
+    received_within(sock, token, common::DEADLINE)
+}
+
+/// A datagram that must be dropped: true if it did not arrive within [`DROPPED_WAIT`].
+fn dropped(sock: &UdpSocket, token: &[u8]) -> bool {
+    !received_within(sock, token, DROPPED_WAIT)
 }
 
 fn checksum(data: &[u8]) -> u16 {
@@ -194,7 +213,7 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
 
     inject(&attacker, b"twill-1");
     assert!(
-        !received(&sock, b"twill-1"),
+        dropped(&sock, b"twill-1"),
         "VXLAN from a non-peer reached the pod"
     );
     inject(&peer, b"peer");
@@ -230,7 +249,7 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
     c.wait_ready("n1");
     wait_guard(&c, "n1", &[a2]);
     inject(&attacker, b"twill-2");
-    assert!(!received(&sock, b"twill-2"), "guard not rebuilt on restart");
+    assert!(dropped(&sock, b"twill-2"), "guard not rebuilt on restart");
 }
 
 /// Pods cannot use any node's VXLAN port (their own node's or a peer's) to inject frames, and
@@ -253,7 +272,7 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
     let victim = c.lab.pod("victim").netns.clone();
     let sock1 = listener(&evil);
     let sock2 = listener(&victim);
-    assert!(c.lab.wait_ping(&evil, p2.into(), Duration::from_secs(10)));
+    assert!(c.lab.wait_ping(&evil, p2.into(), common::DEADLINE));
     let mac1 = parse_mac(&c.mac("n1", "flannel.1"));
     let mac2 = parse_mac(&c.mac("n2", "flannel.1"));
     // A source on the victim's own node, so nothing but the guard could refuse it there.
@@ -273,7 +292,8 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
         )
         .unwrap();
 
-    let attacks = |tag: &str| -> Vec<(String, bool)> {
+    // Which attacks got through; each packet is waited for up to `wait`.
+    let attacks = |tag: &str, wait: Duration| -> Vec<(String, bool)> {
         let mut out = Vec::new();
         let t = format!("{tag}-peer-port");
         send_from(
@@ -284,7 +304,7 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
         );
         out.push((
             "VXLAN to a peer's port".into(),
-            received(&sock2, t.as_bytes()),
+            received_within(&sock2, t.as_bytes(), wait),
         ));
         let t = format!("{tag}-own-port");
         send_from(
@@ -295,7 +315,7 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
         );
         out.push((
             "VXLAN to its own node's port".into(),
-            received(&sock1, t.as_bytes()),
+            received_within(&sock1, t.as_bytes(), wait),
         ));
         let t = format!("{tag}-spoof");
         send_from(
@@ -306,12 +326,12 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
         );
         out.push((
             "another node's pod address as source".into(),
-            received(&sock2, t.as_bytes()),
+            received_within(&sock2, t.as_bytes(), wait),
         ));
         out
     };
 
-    for (what, got) in attacks("twill") {
+    for (what, got) in attacks("twill", DROPPED_WAIT) {
         assert!(!got, "with twill's guard, a pod succeeded: {what}");
     }
     // A pod's own address still works (the guard is not simply dropping the pod).
@@ -327,11 +347,67 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
             )
             .unwrap();
     }
-    for (what, got) in attacks("flannel") {
+    for (what, got) in attacks("flannel", common::DEADLINE) {
         assert!(
             got,
             "without the guard this should work (Flannel's exposure): {what}"
         );
+    }
+}
+
+/// An `nft` for twilld's PATH that runs the real one and then appends the arguments of the
+/// call to `log` (one line per finished call): how the test knows that twilld's resync has
+/// run its drift check (`nft -j list table inet twill-underlay`, made nowhere else), rather
+/// than sleeping and hoping. Returns the PATH to start twilld with.
+fn nft_recorder(c: &Cluster, log: &std::path::Path) -> String {
+    let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("nft");
+    let dir = c.lab.dir().join(format!(
+        "nft-recorder-{}",
+        log.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("nft");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n{real} \"$@\"\nrc=$?\necho \"$*\" >> '{}'\nexit $rc\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// How many drift checks (finished `nft` listings of the guard table) `log` records.
+fn drift_checks(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.trim() == "-j list table inet twill-underlay")
+        .count()
+}
+
+/// Waits until `log` records at least `n` drift checks.
+fn wait_drift_checks(c: &Cluster, node: &str, log: &std::path::Path, n: usize) {
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    while drift_checks(log) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{node}: {} drift checks in {:?}, waiting for {n}:\n{}",
+            drift_checks(log),
+            common::DEADLINE,
+            c.log(node)
+        );
+        std::thread::sleep(common::POLL);
     }
 }
 
@@ -348,9 +424,13 @@ fn guard_follows_peer_churn_and_replaces_a_set_changed_by_hand() {
     const DRIFT: &str = "underlay guard table was removed or changed";
     const REJECTED: &str = "underlay guard delta rejected";
     let mut c = cluster("gdl", &["n1", "n2"], VXLAN);
-    let envs = c.start_all(&["n1", "n2"]);
+    let checks = c.lab.dir().join("n1-nft-0.log");
+    let path = nft_recorder(&c, &checks);
+    c.start_env("n1", &[], &[("PATH", &path)]);
+    c.start("n2", &[]);
+    let s2 = subnet(&c.wait_ready("n2")).to_string();
+    c.wait_ready("n1");
     let a2 = c.lab.node("n2").addr.to_string();
-    let s2 = subnet(&envs["n2"]).to_string();
     wait_set(&c, "n1", "peers4", std::slice::from_ref(&a2));
     wait_set(&c, "n1", "peer_subnets4", std::slice::from_ref(&s2));
 
@@ -379,8 +459,11 @@ fn guard_follows_peer_churn_and_replaces_a_set_changed_by_hand() {
     c.lab.etcdctl(&["del", &key(sy)]).unwrap();
     wait_set(&c, "n1", "peers4", &[a2.clone(), x.into()]);
     wait_set(&c, "n1", "peer_subnets4", &[s2.clone(), sx.into()]);
-    // Two resync periods (2 s in the lab): the drift check finds the table as applied.
-    std::thread::sleep(Duration::from_secs(5));
+    // Two drift checks of the table as the churn left it (2 s resync in the lab): both find
+    // it as applied. A check finishes its listing before the next can start, so once a third
+    // has listed, the second's verdict is in the log.
+    let settled = drift_checks(&checks);
+    wait_drift_checks(&c, "n1", &checks, settled + 3);
     let log = c.log("n1");
     assert!(
         !log.contains(REJECTED) && !log.contains(DRIFT),
@@ -395,21 +478,36 @@ fn guard_follows_peer_churn_and_replaces_a_set_changed_by_hand() {
             )
             .unwrap();
     };
-    // Someone flushes peers4: the next resync puts every peer back.
+    // Someone flushes peers4: the next resync's drift check puts every peer back.
     flush(&c);
     wait_set(&c, "n1", "peers4", &[a2.clone(), x.into()]);
     assert_eq!(c.log("n1").matches(DRIFT).count(), 1, "{}", c.log("n1"));
+    assert!(!c.log("n1").contains(REJECTED), "{}", c.log("n1"));
 
-    // A resync just ran, so the next is ~2 s away. Flushed again, and x leaves at once:
-    // deleting x from the set fails, and the whole table takes the delta's place.
+    // Now the delta path alone, with no resync that could notice the flush first: n1
+    // restarted with a resync period of an hour. Its interval's first tick comes right after
+    // the first pass (which applies the whole table); once that drift check has listed the
+    // table, the next is an hour away. Then peers4 is flushed and x leaves: deleting x from
+    // the set fails, and the whole table takes the delta's place.
+    c.kill("n1", Signal::SIGTERM);
+    let checks = c.lab.dir().join("n1-nft-1.log");
+    let path = nft_recorder(&c, &checks);
+    c.start_env("n1", &["--resync-period=3600"], &[("PATH", &path)]);
+    c.wait_ready("n1");
+    wait_drift_checks(&c, "n1", &checks, 1);
+    wait_set(&c, "n1", "peers4", &[a2.clone(), x.into()]);
     flush(&c);
     c.lab.etcdctl(&["del", &key(sx)]).unwrap();
     wait_set(&c, "n1", "peers4", std::slice::from_ref(&a2));
     wait_set(&c, "n1", "peer_subnets4", std::slice::from_ref(&s2));
+    let log = c.log("n1");
     assert!(
-        c.log("n1").contains(REJECTED),
-        "the flushed set should have made the delta fail:\n{}",
-        c.log("n1")
+        log.contains(REJECTED),
+        "the flushed set should have made the delta fail:\n{log}"
+    );
+    assert!(
+        !log.contains(DRIFT) && drift_checks(&checks) == 1,
+        "a resync ran its drift check after the flush, so the delta was not what repaired it:\n{log}"
     );
 }
 
@@ -428,6 +526,11 @@ fn host_gw_refuses_pod_sources_not_leased_to_a_peer() {
     let p2 = c.pod("n2", "friend", &e2);
     let victim = c.lab.pod("victim").netns.clone();
     let friend = c.lab.pod("friend").netns.clone();
+    // n2's route to n1's pods is programmed by n2, independently of n1's guard.
+    assert!(
+        c.lab.wait_ping(&friend, p1.into(), common::DEADLINE),
+        "a peer's pod cannot reach the victim"
+    );
     let sock = listener(&victim);
     send_from(&friend, Some(p2), (p1, LISTEN).into(), b"peer".to_vec());
     assert!(received(&sock, b"peer"), "a peer's pod must get through");
@@ -457,7 +560,7 @@ fn host_gw_refuses_pod_sources_not_leased_to_a_peer() {
     let from: Ipv4Addr = "10.244.250.5".parse().unwrap();
     send_from(&n3, Some(from), (p1, LISTEN).into(), b"rogue".to_vec());
     assert!(
-        !received(&sock, b"rogue"),
+        dropped(&sock, b"rogue"),
         "an unleased pod source got through"
     );
 
@@ -692,10 +795,27 @@ fn etcd_over_tls_with_client_certificates() {
     let args = tls("rogue");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.start("n2", &args);
-    std::thread::sleep(Duration::from_secs(5));
+    // Refused twice (it retries every second): it was refused, and it stayed refused.
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    while etcd_errors(&c.log("n2")) < 2 {
+        let log = c.log("n2");
+        assert!(!log.contains("wrote subnet.env; ready"), "{log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no etcd error logged twice:\n{log}"
+        );
+        std::thread::sleep(common::POLL);
+    }
     let log = c.log("n2");
     assert!(!log.contains("wrote subnet.env; ready"), "{log}");
-    assert!(log.contains("etcd"), "no etcd error logged:\n{log}");
+}
+
+/// How many errors naming etcd (the connection or the request it refused) `log` has.
+fn etcd_errors(log: &str) -> usize {
+    common::plain(log)
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("etcd"))
+        .count()
 }
 
 fn wait_until_ok(mut f: impl FnMut() -> bool, lab: &twill_lab::Lab, etcd: twill_lab::ProcId) {

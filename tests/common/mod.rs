@@ -3,14 +3,23 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use twill_cni::subnet_env::SubnetEnv;
 use twill_lab::{Ipv4Net, Lab, ProcId, Signal};
 
 pub const PREFIX: &str = "/coreos.com/network";
+
+/// How long a test waits for something asynchronous to happen (daemons converging, a process
+/// starting or exiting, a log line): generous, since CI runs on a busy 2-core machine and only
+/// a failure ever waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// How often a test polls for a state it waits for: each poll starts processes (`ip netns
+/// exec`), so polling faster would take CPU from the daemons being waited for.
+pub const POLL: Duration = Duration::from_millis(100);
 
 pub struct Cluster {
     pub lab: Lab,
@@ -53,7 +62,8 @@ impl Cluster {
         }
     }
 
-    /// Starts twilld on `node` with the lab's flags plus `extra`.
+    /// Starts twilld on `node` with the lab's flags plus `extra` (which may override the
+    /// lab's `--resync-period=2` and etcd endpoints).
     pub fn start(&mut self, node: &str, extra: &[&str]) -> ProcId {
         self.start_env(node, extra, &[])
     }
@@ -69,14 +79,17 @@ impl Cluster {
         } else {
             Some("--etcd-endpoints=http://198.18.0.1:2379")
         };
+        // A 2 s resync unless the caller picks its own period.
+        let resync = if extra.iter().any(|a| a.starts_with("--resync-period")) {
+            None
+        } else {
+            Some("--resync-period=2")
+        };
         let mut argv: Vec<&str> = vec![bin.as_str()];
         argv.extend(endpoints);
-        argv.extend_from_slice(&[
-            "--ip-masq",
-            "--resync-period=2",
-            "--subnet-file",
-            subnet_file.as_str(),
-        ]);
+        argv.push("--ip-masq");
+        argv.extend(resync);
+        argv.extend_from_slice(&["--subnet-file", subnet_file.as_str()]);
         argv.extend_from_slice(extra);
         let id = self
             .lab
@@ -107,10 +120,17 @@ impl Cluster {
         self.daemons[node]
     }
 
+    /// Sends `signal` to twilld on `node` and waits until it has exited, so that nothing the
+    /// test does next can race with it.
     pub fn kill(&mut self, node: &str, signal: Signal) {
         let id = self.daemon(node);
         self.lab.kill(id, signal).expect("kill");
-        let _ = self.lab.wait(id, Duration::from_secs(10));
+        let status = self.lab.wait(id, DEADLINE).expect("wait for twilld");
+        assert!(
+            status.is_some(),
+            "twilld on {node} still running {DEADLINE:?} after {signal}:\n{}",
+            self.lab.log(id)
+        );
     }
 
     pub fn log(&self, node: &str) -> String {
@@ -142,7 +162,7 @@ impl Cluster {
                 "twilld on {node} not ready in 60s:\n{}",
                 self.lab.log(id)
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(POLL);
         }
     }
 
@@ -233,7 +253,9 @@ impl Cluster {
         e
     }
 
-    /// Polls until `pred` holds for `node`'s entries; returns how long it took.
+    /// Polls (every [`POLL`]) until `pred` holds for `node`'s entries; returns how long it
+    /// took, to within a poll: not a measurement (lease_added_and_deleted_converges_on_every_node
+    /// takes its times from twilld's log).
     pub fn wait_entries(
         &self,
         node: &str,
@@ -248,11 +270,11 @@ impl Cluster {
                 return start.elapsed();
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what} on {node} not reached in 30s; entries: {e:#?}\nlog:\n{}",
+                start.elapsed() < DEADLINE,
+                "{what} on {node} not reached in {DEADLINE:?}; entries: {e:#?}\nlog:\n{}",
                 self.log(node)
             );
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(POLL);
         }
     }
 
@@ -334,4 +356,203 @@ pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// Polls `pred` every [`POLL`] until it holds; panics naming `what` after `timeout`. Returns
+/// how long it took (to within a poll).
+pub fn wait_until(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !pred() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not reached in {timeout:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+    start.elapsed()
+}
+
+/// Polls `check` every [`POLL`] until it returns `Ok`; after `timeout` panics with `what` and
+/// the last error `check` gave (what it saw instead).
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(e) => assert!(
+                start.elapsed() < timeout,
+                "{what}: not reached in {timeout:?}: {e}"
+            ),
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A log without its terminal colours.
+pub fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// The timestamps of twilld's log lines that contain `message`, in log order (tracing's
+/// `2026-01-02T03:04:05.678901Z`, UTC, at the start of each line).
+pub fn log_times(log: &str, message: &str) -> Vec<SystemTime> {
+    plain(log)
+        .lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| parse_timestamp(l.split_whitespace().next()?))
+        .collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC) as a `SystemTime`.
+fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    Some(
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(days * 86_400 + h * 3_600 + min * 60 + sec)
+            + Duration::from_nanos(u64::from(nanos)),
+    )
+}
+
+/// A continuous ping from a lab namespace: one probe every `interval` until stopped. iputils
+/// prints (and flushes) a line per reply, so which probes were answered is read from its log
+/// by `icmp_seq`: a reply that comes late is still counted, unlike ping's own summary, which
+/// counts a reply to the last probe as lost when it arrives after ping has stopped waiting.
+pub struct Pinger {
+    id: ProcId,
+    to: IpAddr,
+}
+
+impl Pinger {
+    /// Starts pinging `to` from `netns` every `interval` (ping's `-i`, e.g. "0.01"); the
+    /// process stops itself after `limit` at the latest (a bound, not a test deadline: the
+    /// test stops it with [`Pinger::stop`] long before).
+    pub fn start(
+        lab: &mut Lab,
+        netns: &str,
+        name: &str,
+        to: IpAddr,
+        interval: &str,
+        limit: Duration,
+    ) -> Pinger {
+        let limit = limit.as_secs().max(1).to_string();
+        let to_s = to.to_string();
+        let id = lab
+            .spawn(
+                netns,
+                name,
+                &["ping", "-n", "-i", interval, "-W", "1", "-w", &limit, &to_s],
+                &[],
+            )
+            .expect("spawn ping");
+        Pinger { id, to }
+    }
+
+    /// The sequence numbers of the probes answered so far.
+    pub fn answered(&self, lab: &Lab) -> BTreeSet<u64> {
+        lab.log(self.id)
+            .lines()
+            .filter(|l| l.contains(" bytes from "))
+            .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect()
+    }
+
+    /// The highest sequence number answered so far (0 before any reply).
+    pub fn last_answered(&self, lab: &Lab) -> u64 {
+        self.answered(lab).last().copied().unwrap_or(0)
+    }
+
+    /// Waits until probe `seq` or a later one has been answered (so traffic has flowed up to
+    /// that point); panics after [`DEADLINE`] or if ping stopped.
+    pub fn wait_answered(&self, lab: &mut Lab, seq: u64) {
+        let start = Instant::now();
+        while self.last_answered(lab) < seq {
+            assert!(
+                lab.is_running(self.id),
+                "ping to {} stopped before probe {seq} was answered:\n{}",
+                self.to,
+                lab.log(self.id)
+            );
+            assert!(
+                start.elapsed() < DEADLINE,
+                "ping to {}: probe {seq} not answered in {DEADLINE:?}:\n{}",
+                self.to,
+                lab.log(self.id)
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Stops ping (SIGINT, as Ctrl-C) and returns what it saw. It must still have been
+    /// running: one that reached its own limit would have left the end of the test unwatched.
+    pub fn stop(self, lab: &mut Lab) -> PingReport {
+        assert!(
+            lab.is_running(self.id),
+            "ping to {} ended before the test stopped it:\n{}",
+            self.to,
+            lab.log(self.id)
+        );
+        lab.kill(self.id, Signal::SIGINT).expect("SIGINT ping");
+        let status = lab.wait(self.id, DEADLINE).expect("wait for ping");
+        assert!(status.is_some(), "ping did not stop on SIGINT");
+        let log = lab.log(self.id);
+        PingReport {
+            answered: self.answered(lab),
+            summary: log
+                .lines()
+                .find(|l| l.contains("packets transmitted"))
+                .unwrap_or("")
+                .to_string(),
+            log,
+        }
+    }
+}
+
+/// What a stopped [`Pinger`] saw.
+pub struct PingReport {
+    /// Sequence numbers of the answered probes.
+    pub answered: BTreeSet<u64>,
+    /// ping's own summary line ("N packets transmitted, M received, ...").
+    pub summary: String,
+    pub log: String,
+}
+
+impl PingReport {
+    /// The probes sent before the last answered one that got no answer: none when not a
+    /// packet was lost while ping ran (the probes after the last answer were in flight when
+    /// ping was stopped).
+    pub fn lost(&self) -> Vec<u64> {
+        let last = self.answered.last().copied().unwrap_or(0);
+        (1..last).filter(|s| !self.answered.contains(s)).collect()
+    }
+
+    pub fn last_answered(&self) -> u64 {
+        self.answered.last().copied().unwrap_or(0)
+    }
 }
