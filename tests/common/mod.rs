@@ -418,26 +418,7 @@ pub fn log_times(log: &str, message: &str) -> Vec<SystemTime> {
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC) as a `SystemTime`.
 fn parse_timestamp(s: &str) -> Option<SystemTime> {
-    let s = s.strip_suffix('Z')?;
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
-    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
-    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
-    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
-    Some(
-        SystemTime::UNIX_EPOCH
-            + Duration::from_secs(days * 86_400 + h * 3_600 + min * 60 + sec)
-            + Duration::from_nanos(u64::from(nanos)),
-    )
+    s.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
 }
 
 /// A continuous ping from a lab namespace: one probe every `interval` until stopped. iputils
