@@ -6,8 +6,10 @@
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use ipnet::{Ipv4Net, Ipv6Net};
+use regex::Regex;
 
 use crate::config::gocompat::{self, GoValue, SyntaxError, TypeError};
 use crate::config::NetConfig;
@@ -196,120 +198,22 @@ fn parse_uint_bits(s: &str, bits: u32) -> Option<u8> {
     Some(n as u8)
 }
 
-/// Longest key we run the regex on; longer keys are matched on their last this-many characters
-/// (a real subnet key is under 100 characters).
-const MAX_KEY_SCAN: usize = 1024;
-
-#[derive(Clone, Copy)]
-enum Tok {
-    Plus(fn(char) -> bool),
-    One(fn(char) -> bool),
-    Save(usize),
-    Opt(&'static [Tok]),
-    End,
-}
-
-fn is_digit(c: char) -> bool {
-    c.is_ascii_digit()
-}
-fn is_dot(c: char) -> bool {
-    c == '.'
-}
-fn is_any(c: char) -> bool {
-    c != '\n'
-}
-fn is_dash(c: char) -> bool {
-    c == '-'
-}
-fn is_amp(c: char) -> bool {
-    c == '&'
-}
-fn is_hexcolon(c: char) -> bool {
-    matches!(c, 'a'..='f' | '0'..='9' | ':')
-}
-
-const V6_PART: &[Tok] = &[
-    Tok::One(is_amp),
-    Tok::Save(4),
-    Tok::Plus(is_hexcolon),
-    Tok::Save(5),
-    Tok::One(is_dash),
-    Tok::Save(6),
-    Tok::Plus(is_digit),
-    Tok::Save(7),
-];
-
-const SUBNET_RE: &[Tok] = &[
-    Tok::Save(0),
-    Tok::Plus(is_digit),
-    Tok::One(is_dot),
-    Tok::Plus(is_digit),
-    Tok::One(is_any),
-    Tok::Plus(is_digit),
-    Tok::One(is_any),
-    Tok::Plus(is_digit),
-    Tok::Save(1),
-    Tok::One(is_dash),
-    Tok::Save(2),
-    Tok::Plus(is_digit),
-    Tok::Save(3),
-    Tok::Opt(V6_PART),
-    Tok::End,
-];
-
-type Caps = [Option<usize>; 8];
-
-/// Backtracking matcher (Go's RE2 reports the submatches a backtracking engine would).
-fn bt(
-    s: &[char],
-    pos: usize,
-    toks: &[Tok],
-    caps: &mut Caps,
-    k: &dyn Fn(usize, &mut Caps) -> bool,
-) -> bool {
-    let Some((first, rest)) = toks.split_first() else {
-        return k(pos, caps);
-    };
-    match *first {
-        Tok::One(f) => pos < s.len() && f(s[pos]) && bt(s, pos + 1, rest, caps, k),
-        Tok::Plus(f) => {
-            let n = s[pos..].iter().take_while(|c| f(**c)).count();
-            (1..=n).rev().any(|j| bt(s, pos + j, rest, caps, k))
-        }
-        Tok::Save(i) => {
-            let old = caps[i];
-            caps[i] = Some(pos);
-            if bt(s, pos, rest, caps, k) {
-                return true;
-            }
-            caps[i] = old;
-            false
-        }
-        Tok::Opt(inner) => {
-            let then_rest = |p: usize, c: &mut Caps| bt(s, p, rest, c, k);
-            bt(s, pos, inner, caps, &then_rest) || bt(s, pos, rest, caps, k)
-        }
-        Tok::End => pos == s.len() && bt(s, pos, rest, caps, k),
-    }
+/// Flannel's `subnetRegex`. `[0-9]` where Go writes `\d`: Go's `\d` is ASCII only, the regex
+/// crate's is Unicode. Both engines report leftmost-first submatches in linear time, so a
+/// garbage key in etcd costs microseconds, never a stalled watch.
+fn subnet_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(r"([0-9]+\.[0-9]+.[0-9]+.[0-9]+)-([0-9]+)(?:&([a-f0-9:]+)-([0-9]+))?$")
+            .expect("subnet regex")
+    })
 }
 
 /// The four submatches of Flannel's subnet regex (group 3/4 empty when absent).
 fn subnet_regex(s: &str) -> Option<[&str; 4]> {
-    let mut offsets: Vec<usize> = s.char_indices().map(|(i, _)| i).collect();
-    offsets.push(s.len());
-    let chars: Vec<char> = s.chars().collect();
-    let first = chars.len().saturating_sub(MAX_KEY_SCAN);
-    for start in first..=chars.len() {
-        let mut caps: Caps = [None; 8];
-        if bt(&chars, start, SUBNET_RE, &mut caps, &|_, _| true) {
-            let g = |a: usize, b: usize| match (caps[a], caps[b]) {
-                (Some(x), Some(y)) => &s[offsets[x]..offsets[y]],
-                _ => "",
-            };
-            return Some([g(0, 1), g(2, 3), g(4, 5), g(6, 7)]);
-        }
-    }
-    None
+    let caps = subnet_re().captures(s)?;
+    let g = |i: usize| caps.get(i).map_or("", |m| m.as_str());
+    Some([g(1), g(2), g(3), g(4)])
 }
 
 impl fmt::Display for SubnetKey {
@@ -920,6 +824,19 @@ mod tests {
         // Long garbage does not hang.
         let long = "1".repeat(5000);
         assert!(SubnetKey::parse(&long).is_none());
+        // The fuzzer's find against the old hand-written backtracker (10 s for this key, from
+        // digits that `\d+.\d+.\d+` can split in O(n^4) ways); also a seed of the lease_json
+        // fuzz target, whose 10 s timeout guards the time.
+        let garbage = format!(
+            "\t{}.{}0{}2",
+            "7".repeat(37),
+            "7".repeat(200),
+            "7".repeat(60)
+        );
+        assert!(SubnetKey::parse(&garbage).is_none());
+        // Dashes give the backtracker more to try; the regex still finds the leftmost match.
+        let dashes = format!("{}-{}10.1.2.0-24", "7.".repeat(200), "7-".repeat(200));
+        assert_eq!(key(&dashes).to_string(), "10.1.2.0-24");
     }
 
     #[test]
