@@ -8,9 +8,15 @@
 //!    (IPv6 chosen independently when enabled), else `out of subnets`.
 //!
 //! The caller executes the plan (delete, then put / create-if-absent). When the create loses a
-//! race (key already exists), the caller re-lists and calls [`plan_acquire`] again, up to
-//! [`RACE_RETRIES`] times, then fails with [`AllocError::MaxRetries`]. Flannel exits instead on a
-//! lost race; retrying is compatible. The plan is deterministic given the rng.
+//! race (key already exists), the caller re-lists and calls [`plan_acquire`] again, pausing
+//! briefly after every [`RACE_RETRIES`] lost races. Flannel gives up after [`RACE_RETRIES`]
+//! with [`AllocError::MaxRetries`]'s text and exits; retrying is compatible, and every key in
+//! the listing (a garbage value included) counts as taken, so a race is only lost to a node
+//! that created its key after the listing. The plan is deterministic given the rng.
+//!
+//! The free-subnet scan jumps over each taken range instead of testing every candidate against
+//! every lease (Flannel's way): a lease whose key covers much of the range (a leftover /8 v6
+//! key when subnets are /64) would otherwise mean 2^32 steps before `out of subnets`.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -129,6 +135,49 @@ fn overlaps6(a: Ipv6Net, b: Ipv6Net) -> bool {
     u128::from(a.addr()) & mask == u128::from(b.addr()) & mask
 }
 
+/// Addresses in a subnet of prefix `len` out of `bits` (saturating at `u128::MAX` for a /0 of
+/// IPv6, which then holds a single candidate).
+fn block_size(bits: u32, len: u8) -> u128 {
+    1u128
+        .checked_shl(bits - u32::from(len).min(bits))
+        .unwrap_or(u128::MAX)
+}
+
+/// The first [`MAX_CANDIDATES`] subnets (as start addresses of `size`-address blocks stepped
+/// from `min`, as Flannel's `sn.Next()` does, up to a start of `max`) that overlap none of
+/// `taken` (inclusive address ranges, in any order). Each taken range is passed in one jump,
+/// so the cost is O(L log L + candidates), whatever the size of the range. `min` is on a
+/// block boundary (the config check refuses a SubnetMin that is not).
+fn free_blocks(min: u128, max: u128, size: u128, mut taken: Vec<(u128, u128)>) -> Vec<u128> {
+    taken.sort_unstable();
+    let mut taken = taken.into_iter().peekable();
+    let mut free = Vec::new();
+    let mut ip = min;
+    while ip <= max && free.len() < MAX_CANDIDATES {
+        let last = ip.saturating_add(size - 1);
+        // A range ending before this block ends before every later block too.
+        while taken.next_if(|&(_, end)| end < ip).is_some() {}
+        // Sorted by start: if the first remaining range starts after this block, none touches it.
+        let next = match taken.peek() {
+            Some(&(start, end)) if start <= last => {
+                // Taken: the first block that starts after `end`.
+                ((end - ip) / size + 1)
+                    .checked_mul(size)
+                    .and_then(|step| ip.checked_add(step))
+            }
+            _ => {
+                free.push(ip);
+                ip.checked_add(size)
+            }
+        };
+        match next {
+            Some(n) => ip = n,
+            None => break,
+        }
+    }
+    free
+}
+
 /// Decide which subnet to take. See the module docs for the rules.
 pub fn plan_acquire<R: rand::Rng + ?Sized>(
     input: &AcquireInput,
@@ -210,40 +259,49 @@ pub fn plan_acquire<R: rand::Rng + ?Sized>(
 
     // 3. Allocate.
     let len = config.subnet_len;
-    let size = 1u32.checked_shl(32 - u32::from(len)).unwrap_or(0).max(1);
-    let mut cands: Vec<Ipv4Net> = Vec::new();
-    let mut ip = u32::from(min);
-    while ip <= u32::from(max) && cands.len() < MAX_CANDIDATES {
-        let sn = Ipv4Net::new(Ipv4Addr::from(ip), len).expect("len <= 32");
-        if !input.existing.iter().any(|l| overlaps4(sn, l.key.ipv4)) {
-            cands.push(sn);
-        }
-        match ip.checked_add(size) {
-            Some(n) => ip = n,
-            None => break,
-        }
-    }
+    let taken4 = input
+        .existing
+        .iter()
+        .map(|l| {
+            let n = l.key.ipv4.trunc();
+            (
+                u128::from(u32::from(n.network())),
+                u128::from(u32::from(n.broadcast())),
+            )
+        })
+        .collect();
+    let cands: Vec<Ipv4Net> = free_blocks(
+        u128::from(u32::from(min)),
+        u128::from(u32::from(max)),
+        block_size(32, len),
+        taken4,
+    )
+    .into_iter()
+    .map(|ip| Ipv4Net::new(Ipv4Addr::from(ip as u32), len).expect("len <= 32"))
+    .collect();
     let mut cands6: Vec<Ipv6Net> = Vec::new();
     if let Some((min6, max6)) = v6_range {
         let len6 = config.ipv6_subnet_len;
-        let size6 = 1u128.checked_shl(128 - u32::from(len6)).unwrap_or(0).max(1);
-        let mut ip6 = u128::from(min6);
-        while ip6 <= u128::from(max6) && cands6.len() < MAX_CANDIDATES {
-            let sn6 = Ipv6Net::new(Ipv6Addr::from(ip6), len6).expect("len <= 128");
-            // Leases without a v6 part do not block v6 subnets (Flannel would dereference a nil
-            // IP here).
-            let taken = input.existing.iter().any(|l| match l.key.ipv6 {
-                Some(l6) if !v6_empty(Some(l6)) => overlaps6(sn6, l6),
-                _ => false,
-            });
-            if !taken {
-                cands6.push(sn6);
-            }
-            match ip6.checked_add(size6) {
-                Some(n) => ip6 = n,
-                None => break,
-            }
-        }
+        // Leases without a v6 part do not block v6 subnets (Flannel would dereference a nil
+        // IP here).
+        let taken6 = input
+            .existing
+            .iter()
+            .filter_map(|l| l.key.ipv6.filter(|n| !v6_empty(Some(*n))))
+            .map(|n| {
+                let n = n.trunc();
+                (u128::from(n.network()), u128::from(n.broadcast()))
+            })
+            .collect();
+        cands6 = free_blocks(
+            u128::from(min6),
+            u128::from(max6),
+            block_size(128, len6),
+            taken6,
+        )
+        .into_iter()
+        .map(|ip| Ipv6Net::new(Ipv6Addr::from(ip), len6).expect("len <= 128"))
+        .collect();
     }
     if cands.is_empty() || (v6_range.is_some() && cands6.is_empty()) {
         return Err(AllocError::OutOfSubnets);
@@ -265,10 +323,65 @@ mod tests {
     use std::collections::BTreeSet;
 
     use rand::rngs::StdRng;
+    use rand::Rng;
     use rand::SeedableRng;
 
     use super::*;
     use crate::registry::lease::LeaseAttrs;
+
+    /// The scan as Flannel writes it: every block against every range.
+    fn free_blocks_naive(min: u128, max: u128, size: u128, taken: &[(u128, u128)]) -> Vec<u128> {
+        let mut free = Vec::new();
+        let mut ip = min;
+        while ip <= max && free.len() < MAX_CANDIDATES {
+            let last = ip + size - 1;
+            if !taken.iter().any(|&(a, b)| a <= last && b >= ip) {
+                free.push(ip);
+            }
+            ip += size;
+        }
+        free
+    }
+
+    #[test]
+    fn free_blocks_matches_the_block_by_block_scan() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..2000 {
+            let size = 1u128 << rng.random_range(0..4);
+            let min = size * rng.random_range(0..4);
+            let max = min + size * rng.random_range(0..200);
+            let taken: Vec<(u128, u128)> = (0..rng.random_range(0..12))
+                .map(|_| {
+                    // Aligned CIDR blocks of any size, as lease keys are, inside and around the range.
+                    let bsize = 1u128 << rng.random_range(0..8);
+                    let start = bsize * rng.random_range(0..(max + 64) / bsize + 1);
+                    (start, start + bsize - 1)
+                })
+                .collect();
+            assert_eq!(
+                free_blocks(min, max, size, taken.clone()),
+                free_blocks_naive(min, max, size, &taken),
+                "min {min} max {max} size {size} taken {taken:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_covering_the_whole_range_is_passed_in_one_step() {
+        // /64 subnets of a /32: 2^32 candidates, all inside one leftover /8 key. Block by block
+        // this takes minutes; here it is one jump.
+        let size = block_size(128, 64);
+        let min = 0xfc00_0000u128 << 96;
+        let max = min + (u128::from(u32::MAX) << 64);
+        let all = (
+            0xfc00u128 << 112,
+            (0xfc00u128 << 112) | ((1u128 << 120) - 1),
+        );
+        assert!(free_blocks(min, max, size, vec![all]).is_empty());
+        // And the block after a taken range is found.
+        let first = (min, min + 5 * size - 1);
+        assert_eq!(free_blocks(min, max, size, vec![first])[0], min + 5 * size);
+    }
 
     fn cfg(json: &str) -> NetConfig {
         NetConfig::parse_and_check(json).unwrap()

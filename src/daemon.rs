@@ -315,14 +315,19 @@ fn previous_vtep_macs(
     }
 }
 
-fn records_to_leases(records: &[LeaseRecord]) -> Vec<Lease> {
+/// Every subnet key as a lease for the allocation decision. A key whose value cannot be read
+/// still occupies its subnet (creating it again would fail), so it counts as taken, with
+/// empty attributes that never match this node's public IP. Dropping it instead made a node
+/// whose previous subnet held garbage try to re-create that key forever.
+fn leases_for_allocation(records: &[LeaseRecord]) -> Vec<Lease> {
     records
         .iter()
-        .filter_map(|r| {
-            r.attrs
-                .as_ref()
-                .ok()
-                .map(|a| record_to_lease(&r.key, a, r.lease_id))
+        .map(|r| match &r.attrs {
+            Ok(a) => record_to_lease(&r.key, a, r.lease_id),
+            Err(e) => {
+                tracing::warn!(subnet = %r.key, error = %e, "unreadable lease; its subnet counts as taken");
+                record_to_lease(&r.key, &LeaseAttrs::default(), r.lease_id)
+            }
         })
         .collect()
 }
@@ -340,7 +345,7 @@ async fn acquire(
     loop {
         attempt += 1;
         let listing = list_with_retry(registry).await;
-        let leases = records_to_leases(&listing.records);
+        let leases = leases_for_allocation(&listing.records);
         let input = AcquireInput {
             config,
             existing: &leases,

@@ -77,6 +77,32 @@ fn subnet_env_brings_back_the_same_subnet_after_the_lease_is_gone() {
     assert!(c.etcd_get(&subnet_key(&before)).is_some());
 }
 
+/// The node's previous subnet (from subnet.env) is held by a key whose value is garbage: the
+/// key still occupies the subnet, so twilld allocates another one at once instead of trying to
+/// create that key again and again, and it leaves the garbage key alone.
+#[test]
+fn previous_subnet_held_by_an_unreadable_lease_is_not_retried_forever() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("garb", &["n1"], VXLAN);
+    c.start("n1", &[]);
+    let before = c.wait_ready("n1").subnet_network().unwrap();
+    c.kill("n1", Signal::SIGKILL);
+    let key = subnet_key(&before);
+    c.lab.etcdctl(&["put", &key, "not json {"]).unwrap();
+    c.start("n1", &[]);
+    let after = c.wait_ready("n1").subnet_network().unwrap();
+    assert_ne!(after, before);
+    assert_eq!(c.etcd_get(&key).as_deref(), Some("not json {"));
+    let log = c.log("n1");
+    assert!(
+        log.contains("unreadable lease; its subnet counts as taken"),
+        "{log}"
+    );
+    assert!(!log.contains("lost a race"), "{log}");
+}
+
 #[test]
 fn own_lease_deleted_while_running_is_reacquired() {
     if !twill_lab::require_root() {
