@@ -343,7 +343,7 @@ struct PodIpWire {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PodStatusWire {
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
     #[serde(default, rename = "podIPs", deserialize_with = "nullable")]
     pod_ips: Vec<PodIpWire>,
@@ -1054,5 +1054,12 @@ mod tests {
         assert_eq!(p.named_port("http", Protocol::Tcp), Some(8080));
         assert_eq!(p.named_port("http", Protocol::Udp), None);
         assert_eq!(p.node.as_deref(), Some("n1"));
+        // `status.podIP` (spelled so, not podIp) alone is the pod's address.
+        let v = serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": "10.0.0.9"}});
+        let p = from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert_eq!(p.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
     }
 }
