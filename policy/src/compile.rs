@@ -37,7 +37,9 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::rc::Rc;
 
-use crate::model::{Labels, Peer, Pod, PolicyType, Port, Protocol, Rule, Snapshot};
+use crate::model::{
+    LabelSelector, Labels, Operator, Peer, Pod, PolicyType, Port, Protocol, Rule, Snapshot,
+};
 
 /// Default table name.
 pub const DEFAULT_TABLE: &str = "twill-policy";
@@ -319,10 +321,66 @@ type RuleKey = (
 );
 
 /// A namespace that has policy pods.
-struct NsPods {
+struct NsPods<'a> {
     labels: Labels,
     /// Indices into [`Builder::pods`].
     pods: Vec<usize>,
+    /// Built on first use.
+    index: Option<LabelIndex<'a>>,
+}
+
+/// The pods of a namespace by label: key -> (the pods that have it, value -> the pods
+/// with that value). Lets a selector look only at the pods that can match it.
+type LabelIndex<'a> = HashMap<&'a str, (Vec<usize>, HashMap<&'a str, Vec<usize>>)>;
+
+fn label_index<'a>(pods: &[&'a Pod], ns: &NsPods) -> LabelIndex<'a> {
+    let mut index: LabelIndex<'a> = HashMap::new();
+    for &i in &ns.pods {
+        for (k, v) in &pods[i].labels {
+            let (with_key, by_value) = index.entry(k.as_str()).or_default();
+            with_key.push(i);
+            by_value.entry(v.as_str()).or_default().push(i);
+        }
+    }
+    index
+}
+
+/// The pods of a namespace that `sel` can match, as lists of indices: those with one of its
+/// matchLabels pairs, with one of the values of an `In`, or with the key of an `Exists`,
+/// whichever are fewest. None: `sel` has no such requirement (any pod can match).
+fn candidates<'i>(index: &'i LabelIndex, sel: &LabelSelector) -> Option<Vec<&'i [usize]>> {
+    let mut best: Option<(usize, Vec<&'i [usize]>)> = None;
+    let mut consider = |lists: Vec<&'i [usize]>| {
+        let n = lists.iter().map(|l| l.len()).sum();
+        if best.as_ref().is_none_or(|(m, _)| n < *m) {
+            best = Some((n, lists));
+        }
+    };
+    for (k, v) in &sel.match_labels {
+        let list = index.get(k.as_str()).and_then(|(_, by)| by.get(v.as_str()));
+        consider(list.map(Vec::as_slice).into_iter().collect());
+    }
+    for r in &sel.match_expressions {
+        let Some((with_key, by_value)) = index.get(r.key.as_str()) else {
+            if matches!(r.operator, Operator::In | Operator::Exists) {
+                consider(vec![]);
+            }
+            continue;
+        };
+        match r.operator {
+            Operator::Exists => consider(vec![with_key]),
+            // A pod has one value per key, so the lists do not overlap. Not worth more
+            // lookups than there are pods with the key.
+            Operator::In if r.values.len() <= with_key.len() => consider(
+                r.values
+                    .iter()
+                    .filter_map(|v| by_value.get(v.as_str()).map(Vec::as_slice))
+                    .collect(),
+            ),
+            _ => {}
+        }
+    }
+    best.map(|(_, lists)| lists)
 }
 
 /// Named container ports: (name, protocol) -> (pod index, number), for each policy pod
@@ -343,7 +401,7 @@ struct Builder<'a> {
     /// Namespaces that have policy pods, sorted by name, with their labels and pods (built
     /// once per compile: a peer selector only looks at the pods of the namespaces it
     /// selects, not at every pod).
-    namespaces: Vec<NsPods>,
+    namespaces: Vec<NsPods<'a>>,
     /// Namespace name -> index into `namespaces`.
     ns_index: BTreeMap<&'a str, usize>,
     /// Expanded peers by (policy namespace, peers): a peer list that several rules or
@@ -380,6 +438,7 @@ impl<'a> Builder<'a> {
             namespaces.push(NsPods {
                 labels: snap.namespace_labels(n),
                 pods,
+                index: None,
             });
         }
         Builder {
@@ -465,17 +524,28 @@ impl<'a> Builder<'a> {
                     };
                     let all = pods.is_empty();
                     for k in targets {
-                        let n = &self.namespaces[k];
-                        if ns_count[k] == n.pods.len() {
+                        if ns_count[k] == self.namespaces[k].pods.len() {
                             continue;
                         }
-                        self.visits += n.pods.len();
-                        for &i in &n.pods {
-                            if self.mark[i] != stamp && (all || pods.matches(&self.pods[i].labels))
-                            {
-                                self.mark[i] = stamp;
-                                ns_count[k] += 1;
-                                selected.push(i);
+                        if !all && self.namespaces[k].index.is_none() {
+                            self.namespaces[k].index =
+                                Some(label_index(&self.pods, &self.namespaces[k]));
+                        }
+                        let n = &self.namespaces[k];
+                        let lists = match n.index.as_ref().and_then(|ix| candidates(ix, pods)) {
+                            Some(lists) => lists,
+                            None => vec![n.pods.as_slice()],
+                        };
+                        for list in lists {
+                            self.visits += list.len();
+                            for &i in list {
+                                if self.mark[i] != stamp
+                                    && (all || pods.matches(&self.pods[i].labels))
+                                {
+                                    self.mark[i] = stamp;
+                                    ns_count[k] += 1;
+                                    selected.push(i);
+                                }
                             }
                         }
                     }
@@ -1663,7 +1733,85 @@ mod tests {
             .filter(|p| p.namespace == "x" || p.labels["app"] == "a1")
             .count();
         assert_eq!(parts[0].0 .0.len(), want);
-        assert_eq!(b.visits, 300, "x once, then y and z once");
+        // x once; then in y and z only the a1 pods (label index).
+        let a1_elsewhere = snap
+            .pods
+            .iter()
+            .filter(|p| p.namespace != "x" && p.labels["app"] == "a1")
+            .count();
+        assert_eq!(b.visits, 100 + a1_elsewhere);
+    }
+
+    fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
+        Requirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn selectors_look_only_at_the_pods_they_can_match() {
+        // 20k distinct selectors that match no pod: 20k times every pod before; the label
+        // index answers each with a lookup.
+        let peers: Vec<Peer> = (0..20_000)
+            .map(|i| Peer::Pods {
+                pods: app(&format!("nope{i}")),
+                namespaces: Some(LabelSelector::default()),
+            })
+            .collect();
+        let snap = world(3000, vec![policy("p", vec![rule(peers, vec![])], vec![])]);
+        let mut b = Builder::new(&snap);
+        let parts = b.peer_parts("x", &snap.policies[0].ingress[0].peers);
+        assert!(parts[0].0 .0.is_empty());
+        assert_eq!(b.visits, 0);
+        // The index only narrows the pods looked at: every kind of requirement selects
+        // exactly what the selector matches.
+        let mut snap = world(600, vec![]);
+        for (i, p) in snap.pods.iter_mut().enumerate() {
+            if i % 4 != 0 {
+                p.labels.insert("tier".into(), format!("t{}", i % 5));
+            }
+        }
+        use Operator::*;
+        let sels = [
+            vec![req("app", In, &["a0", "a2", "zz"])],
+            vec![req("app", In, &["zz"])],
+            vec![req("nokey", In, &["a"])],
+            vec![req("tier", Exists, &[])],
+            vec![req("nokey", Exists, &[])],
+            vec![req("tier", DoesNotExist, &[])],
+            vec![req("tier", NotIn, &["t1", "t2"])],
+            vec![req("app", In, &["a1"]), req("tier", NotIn, &["t3"])],
+            vec![req("tier", Exists, &[]), req("app", In, &["a0", "a1"])],
+        ];
+        let mut peers = Vec::new();
+        for m in sels {
+            for labels in [Labels::new(), labels(&[("app", "a2")])] {
+                peers.push(vec![Peer::Pods {
+                    pods: LabelSelector {
+                        match_labels: labels,
+                        match_expressions: m.clone(),
+                    },
+                    namespaces: Some(LabelSelector::default()),
+                }]);
+            }
+        }
+        let mut b = Builder::new(&snap);
+        for ps in &peers {
+            let got = b.peer_parts("x", ps);
+            let Peer::Pods { pods: sel, .. } = &ps[0] else {
+                unreachable!()
+            };
+            let mut want: Vec<(u128, u128)> = snap
+                .pods
+                .iter()
+                .filter(|p| sel.matches(&p.labels))
+                .map(|p| (ip_num(p.ips[0]), ip_num(p.ips[0])))
+                .collect();
+            want.sort();
+            assert_eq!(got[0].0 .0, want, "{sel}");
+        }
     }
 
     #[test]
