@@ -16,9 +16,10 @@
 //! totals monotonic.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -268,48 +269,94 @@ impl Shared {
     }
 }
 
+/// Longest request head (request line and headers) that is read: 8 KiB.
+const MAX_HEAD: usize = 8 << 10;
+
+/// How long a client has to send its request head, and then to take the response.
+const DEADLINE: Duration = Duration::from_secs(3);
+
+/// Reads a request head from `conn`: up to its blank line, at most `MAX_HEAD` bytes,
+/// until `deadline` (the whole request, not each read: a client sending a byte now and
+/// then cannot hold the server). Returns the bytes and whether the head is complete.
+fn read_head(conn: &mut TcpStream, deadline: Instant) -> (Vec<u8>, bool) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            return (buf, true);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if buf.len() >= MAX_HEAD || left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return (buf, false);
+        }
+        let want = (MAX_HEAD - buf.len()).min(chunk.len());
+        match conn.read(&mut chunk[..want]) {
+            Ok(0) | Err(_) => return (buf, false),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Writes `data` to `conn` until `deadline` (a client that does not read is dropped).
+fn write_until(conn: &mut TcpStream, mut data: &[u8], deadline: Instant) {
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.write(data) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data = &data[n..],
+        }
+    }
+}
+
+/// Answers one connection: the request head is read within [`DEADLINE`] and
+/// [`MAX_HEAD`] bytes, the response written within another [`DEADLINE`].
+fn handle(mut conn: TcpStream, shared: &Shared, deadline: Duration) {
+    let (head, complete) = read_head(&mut conn, Instant::now() + deadline);
+    let head = String::from_utf8_lossy(&head);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, ctype, body) = if !complete {
+        (
+            "400 Bad Request",
+            "text/plain",
+            "request head too long or too slow\n".to_string(),
+        )
+    } else if path == "/metrics" || path == "/" {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.scrape(),
+        )
+    } else {
+        ("404 Not Found", "text/plain", "not found\n".to_string())
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    write_until(&mut conn, reply.as_bytes(), Instant::now() + deadline);
+}
+
 /// Serves `GET /metrics` (and `/`) on `addr` from a background thread; other paths get 404.
+/// One connection at a time, each bounded in size and time (see [`handle`]).
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    serve_with(addr, shared, DEADLINE)
+}
+
+fn serve_with(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    deadline: Duration,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-                let mut reader = BufReader::new(match conn.try_clone() {
-                    Ok(c) => c,
-                    Err(_) => continue,
-                });
-                let mut request = String::new();
-                if reader.read_line(&mut request).is_err() {
-                    continue;
-                }
-                // Drain the headers.
-                loop {
-                    let mut l = String::new();
-                    match reader.read_line(&mut l) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) if l == "\r\n" || l == "\n" => break,
-                        Ok(_) => {}
-                    }
-                }
-                let path = request.split_whitespace().nth(1).unwrap_or("");
-                let (status, ctype, body) = if path == "/metrics" || path == "/" {
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        shared.scrape(),
-                    )
-                } else {
-                    ("404 Not Found", "text/plain", "not found\n".to_string())
-                };
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+            for conn in listener.incoming().flatten() {
+                handle(conn, &shared, deadline);
             }
         })?;
     Ok(local)
@@ -396,6 +443,69 @@ mod tests {
         assert_eq!(c[&("x/a".to_string(), "ingress".to_string())], 3);
         assert_eq!(c[&("y/b".to_string(), "egress".to_string())], 0);
         assert_eq!(c[&("unknown".to_string(), "egress".to_string())], 2);
+    }
+
+    #[test]
+    fn request_heads_are_bounded_in_size_and_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A request line with no end: read_line kept it all in memory.
+        let flood = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let _ = c.write_all(&vec![b'A'; 1 << 20]);
+        });
+        let (mut conn, _) = listener.accept().unwrap();
+        let (head, complete) = read_head(&mut conn, Instant::now() + Duration::from_secs(10));
+        assert_eq!((head.len(), complete), (MAX_HEAD, false));
+        drop(conn);
+        flood.join().unwrap();
+        // A byte every 20 ms: the 5 s read timeout was renewed by every byte; the deadline
+        // is for the whole head.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let trickle = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if c.write_all(b"x").is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let (mut conn, _) = listener.accept().unwrap();
+        let (head, complete) = read_head(&mut conn, Instant::now() + Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(!complete);
+        assert!(!head.is_empty() && head.len() < 100, "{}", head.len());
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn slow_or_huge_requests_do_not_hold_the_server() {
+        use std::io::Read;
+        let shared = Arc::new(Shared::new("t"));
+        let addr = serve_with(
+            "127.0.0.1:0".parse().unwrap(),
+            shared,
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        // A client that connects and says nothing, then one that sends 1 MiB of header.
+        let _idle = TcpStream::connect(addr).unwrap();
+        let mut huge = TcpStream::connect(addr).unwrap();
+        let _ = huge.write_all(b"GET /metrics HTTP/1.1\r\nX: ");
+        let _ = huge.write_all(&vec![b'a'; 1 << 20]);
+        let mut s = String::new();
+        let _ = huge.read_to_string(&mut s);
+        assert!(s.is_empty() || s.starts_with("HTTP/1.1 400"), "{s}");
+        // Both are given up on; the next client is served.
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK"), "{s}");
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! namespace `default`, the `kubernetes.io/metadata.name` label) and validation,
 //! reporting the offending field as a path such as `spec.ingress[0].ports[1].port`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
+use std::hash::Hash;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -58,7 +59,7 @@ where
 // ------------------------------------------------------------------ selectors
 
 /// Operator of a label selector requirement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Operator {
     In,
     NotIn,
@@ -67,12 +68,14 @@ pub enum Operator {
 }
 
 /// One `matchExpressions` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Requirement {
     pub key: String,
     pub operator: Operator,
+    /// A set: `In`/`NotIn` look a label value up in O(log n), however many values a
+    /// policy lists (repeated values collapse).
     #[serde(default, deserialize_with = "nullable")]
-    pub values: Vec<String>,
+    pub values: BTreeSet<String>,
 }
 
 impl Requirement {
@@ -90,7 +93,7 @@ impl Requirement {
 }
 
 /// A Kubernetes label selector. The empty selector matches everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default, deserialize_with = "nullable")]
@@ -139,6 +142,14 @@ impl LabelSelector {
     }
 }
 
+fn join(values: &BTreeSet<String>) -> String {
+    values
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl fmt::Display for LabelSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_empty() {
@@ -151,8 +162,8 @@ impl fmt::Display for LabelSelector {
             .collect();
         for r in &self.match_expressions {
             parts.push(match r.operator {
-                Operator::In => format!("{} in ({})", r.key, r.values.join(",")),
-                Operator::NotIn => format!("{} notin ({})", r.key, r.values.join(",")),
+                Operator::In => format!("{} in ({})", r.key, join(&r.values)),
+                Operator::NotIn => format!("{} notin ({})", r.key, join(&r.values)),
                 Operator::Exists => r.key.clone(),
                 Operator::DoesNotExist => format!("!{}", r.key),
             });
@@ -343,7 +354,7 @@ struct PodIpWire {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PodStatusWire {
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
     #[serde(default, rename = "podIPs", deserialize_with = "nullable")]
     pod_ips: Vec<PodIpWire>,
@@ -369,7 +380,10 @@ impl PodObject {
         if m.name.is_empty() {
             return Err(ferr("metadata.name", "required"));
         }
+        // Deduplicated through a set (a Vec::contains per address made a long podIPs list
+        // quadratic); first occurrence order is kept, status.podIP first.
         let mut ips = Vec::new();
+        let mut seen = HashSet::new();
         for (i, p) in self.status.pod_ips.iter().enumerate() {
             let ip = p.ip.parse().map_err(|_| {
                 ferr(
@@ -377,7 +391,7 @@ impl PodObject {
                     format!("{:?} is not an IP address", p.ip),
                 )
             })?;
-            if !ips.contains(&ip) {
+            if seen.insert(ip) {
                 ips.push(ip);
             }
         }
@@ -385,7 +399,7 @@ impl PodObject {
             let ip: IpAddr = s
                 .parse()
                 .map_err(|_| ferr("status.podIP", format!("{s:?} is not an IP address")))?;
-            if !ips.contains(&ip) {
+            if seen.insert(ip) {
                 ips.insert(0, ip);
             }
         }
@@ -464,14 +478,14 @@ impl fmt::Display for PortValue {
 }
 
 /// A validated port: a number (with optional inclusive range end) or a name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Port {
     Range(u16, u16),
     Named(String),
 }
 
 /// One entry of a rule's `ports` (protocol defaulted to TCP; `port: None` = all ports).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PolicyPort {
     pub protocol: Protocol,
     pub port: Option<Port>,
@@ -500,7 +514,7 @@ struct PolicyPortWire {
 }
 
 /// `ipBlock`, with host bits masked off the CIDR and the excepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IpBlock {
     pub cidr: IpNet,
     pub except: Vec<IpNet>,
@@ -521,7 +535,7 @@ struct IpBlockWire {
 }
 
 /// One peer (`from`/`to` entry).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Pods matching `pods` in namespaces matching `namespaces`; `namespaces: None`
     /// means the policy's own namespace.
@@ -544,8 +558,9 @@ struct PeerWire {
 }
 
 /// One ingress or egress rule. Empty `peers` = all peers, empty `ports` = all ports
-/// and protocols.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// and protocols. [`NetworkPolicyObject::into_model`] keeps only the first of identical
+/// peers and of identical ports (peers are OR-ed, ports too: a repeat adds nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub peers: Vec<Peer>,
     pub ports: Vec<PolicyPort>,
@@ -760,7 +775,24 @@ fn convert_rule(
         .enumerate()
         .map(|(i, p)| convert_port(p, &format!("{field}.ports[{i}]")))
         .collect::<Result<_, _>>()?;
-    Ok(Rule { peers, ports })
+    Ok(Rule {
+        peers: dedup_keep_first(peers),
+        ports: dedup_keep_first(ports),
+    })
+}
+
+/// `v` without the repeats of earlier elements, in first-occurrence order. Linear: 55k
+/// copies of `{namespaceSelector: {}}` (one 1.5 MB object) become one peer before anything
+/// expands them.
+pub fn dedup_keep_first<T: Hash + Eq>(v: Vec<T>) -> Vec<T> {
+    let keep: Vec<bool> = {
+        let mut seen = HashSet::with_capacity(v.len());
+        v.iter().map(|x| seen.insert(x)).collect()
+    };
+    v.into_iter()
+        .zip(keep)
+        .filter_map(|(x, k)| k.then_some(x))
+        .collect()
 }
 
 impl NetworkPolicyObject {
@@ -1040,6 +1072,79 @@ mod tests {
     }
 
     #[test]
+    fn in_and_notin_values_are_a_set() {
+        // 100k values (every one twice): a Vec::contains per label lookup made matching
+        // 100k label sets cost 1e10 comparisons.
+        let values: Vec<String> = (0..100_000).map(|i| format!("v{}", i % 50_000)).collect();
+        let s = sel(&serde_json::json!({"matchExpressions": [
+            {"key": "env", "operator": "In", "values": values},
+            {"key": "tier", "operator": "NotIn", "values": values}]})
+        .to_string());
+        assert_eq!(s.match_expressions[0].values.len(), 50_000);
+        let hits = (0..100_000)
+            .filter(|i| s.matches(&labels(&[("env", &format!("v{i}")), ("tier", "x")])))
+            .count();
+        assert_eq!(hits, 50_000);
+        assert!(!s.matches(&labels(&[("env", "v1"), ("tier", "v2")])));
+        let small = sel(
+            r#"{"matchExpressions": [{"key": "a", "operator": "In", "values": ["z", "b", "z"]}]}"#,
+        );
+        assert_eq!(small.to_string(), "{a in (b,z)}");
+    }
+
+    #[test]
+    fn repeated_peers_and_ports_are_kept_once() {
+        // 55k copies of one peer and 50k of one port (one 1.5 MB object) are one peer and
+        // one port after conversion; distinct ones keep their first-occurrence order.
+        let mut from = vec![serde_json::json!({"namespaceSelector": {}}); 55_000];
+        from.push(serde_json::json!({"ipBlock": {"cidr": "10.0.0.1/8"}}));
+        from.push(serde_json::json!({"namespaceSelector": {}, "podSelector": {}}));
+        from.push(serde_json::json!({"ipBlock": {"cidr": "10.0.0.0/8"}}));
+        let mut ports = vec![serde_json::json!({"port": "http"}); 50_000];
+        ports.push(serde_json::json!({"port": 80}));
+        ports.push(serde_json::json!({"port": 80, "protocol": "TCP", "endPort": 80}));
+        ports.push(serde_json::json!({"port": "http", "protocol": "UDP"}));
+        let p = policy(
+            &serde_json::json!({"metadata": {"name": "p"}, "spec": {"ingress": [{"from": from, "ports": ports}]}})
+                .to_string(),
+        )
+        .unwrap();
+        let r = &p.ingress[0];
+        assert_eq!(r.peers.len(), 2, "{:?}", r.peers);
+        assert!(matches!(r.peers[0], Peer::Pods { .. }));
+        assert!(matches!(r.peers[1], Peer::IpBlock(_)));
+        assert_eq!(r.ports.len(), 3, "{:?}", r.ports);
+        assert_eq!(r.ports[0].port, Some(Port::Named("http".into())));
+        assert_eq!(r.ports[1].port, Some(Port::Range(80, 80)));
+        assert_eq!(r.ports[2].protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn pod_ips_are_deduplicated_in_linear_time() {
+        // 40k podIPs, each twice: quadratic with Vec::contains (8e8 comparisons).
+        let ips: Vec<serde_json::Value> = (0..80_000u32)
+            .map(|i| serde_json::json!({"ip": std::net::Ipv4Addr::from(0x0a00_0000 + i % 40_000).to_string()}))
+            .collect();
+        let v = serde_json::json!({"metadata": {"name": "a"},
+            "status": {"podIP": "10.0.0.7", "podIPs": ips}});
+        let p = from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert_eq!(p.ips.len(), 40_000);
+        assert_eq!(p.ips[0], "10.0.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(p.ips[7], "10.0.0.7".parse::<IpAddr>().unwrap());
+        let v = serde_json::json!({"metadata": {"name": "a"},
+            "status": {"podIP": "fd00::1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.1"}]}});
+        let p = from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap();
+        let want: Vec<IpAddr> = vec!["fd00::1".parse().unwrap(), "10.0.0.1".parse().unwrap()];
+        assert_eq!(p.ips, want);
+    }
+
+    #[test]
     fn pod_wire() {
         let v = serde_json::json!({
             "metadata": {"name": "a", "namespace": "x", "labels": {"pod": "a"}},
@@ -1054,5 +1159,12 @@ mod tests {
         assert_eq!(p.named_port("http", Protocol::Tcp), Some(8080));
         assert_eq!(p.named_port("http", Protocol::Udp), None);
         assert_eq!(p.node.as_deref(), Some("n1"));
+        // `status.podIP` (spelled so, not podIp) alone is the pod's address.
+        let v = serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": "10.0.0.9"}});
+        let p = from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert_eq!(p.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
     }
 }

@@ -4,6 +4,12 @@
 //! are ignored. An object with the same kind and namespace/name as an earlier one
 //! replaces it (as an update would). Changes are found by polling names, sizes and
 //! modification times (every second in `run`).
+//!
+//! Limits: a file larger than [`MAX_FILE_BYTES`] is not read, and YAML aliases may expand
+//! a file by at most [`ALIAS_ALLOWANCE`] nodes beyond its size in bytes, over all its
+//! documents (each document is parsed on its own, so the parser's own per-parse limits
+//! would allow that much again for every `---`). Either is an error naming the file (and
+//! the document), and like any invalid manifest it leaves the last good state enforced.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -15,6 +21,31 @@ use crate::model::{
     from_json_value, Namespace, NamespaceObject, NetworkPolicy, NetworkPolicyObject, Pod,
     PodObject, Snapshot,
 };
+
+/// The largest manifest file that is read, YAML or JSON: 256 MiB, well above a
+/// `kubectl get pods -o json` list of 10k pods.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// How many nodes YAML aliases may add to a file, beyond its size in bytes. Without
+/// aliases a document cannot have more nodes (scalars, sequences, mappings) than bytes, so
+/// this is what alias expansion may add in all of a file's documents together. Anchors in
+/// real manifests stand for a few labels or ports; an alias bomb needs millions.
+pub const ALIAS_ALLOWANCE: usize = 100_000;
+
+/// Nodes (scalars, arrays, objects; not keys) of a parsed document.
+fn value_nodes(v: &Value) -> usize {
+    let mut n = 0;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        n += 1;
+        match v {
+            Value::Array(a) => stack.extend(a),
+            Value::Object(o) => stack.extend(o.values()),
+            _ => {}
+        }
+    }
+    n
+}
 
 /// Objects parsed from manifests.
 #[derive(Debug, Default, Clone)]
@@ -109,11 +140,15 @@ fn is_blank(doc: &str) -> bool {
 
 /// Parses one manifest file's text (YAML, which includes JSON) into `objs`. Booleans are
 /// only `true`/`false` (so `name: y` or `on` stay strings, as in YAML 1.2).
+///
+/// The documents together may have at most `text.len() + ALIAS_ALLOWANCE` nodes. Each
+/// document may replay at most what is left of that in alias events, so a bomb stops
+/// inside the parser before its tree is built; a document that fails after it may have
+/// replayed aliases is charged the whole amount it was allowed. Going over is an error
+/// naming the document, and the rest of the file is not read.
 fn parse_text(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<ObjectError>) {
-    let opts = serde_saphyr::Options {
-        strict_booleans: true,
-        ..serde_saphyr::Options::default()
-    };
+    let budget = text.len().saturating_add(ALIAS_ALLOWANCE);
+    let mut used = 0usize;
     for (i, (line, doc)) in split_documents(text).into_iter().enumerate() {
         if is_blank(&doc) {
             continue;
@@ -125,15 +160,43 @@ fn parse_text(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<Obj
             field: String::new(),
             message,
         };
-        let v: Value = match serde_saphyr::from_str_with_options(&doc, opts.clone()) {
+        let replay = ALIAS_ALLOWANCE.min(budget - used);
+        let opts = serde_saphyr::Options {
+            strict_booleans: true,
+            alias_limits: serde_saphyr::options::AliasLimits {
+                max_total_replayed_events: replay,
+                ..serde_saphyr::options::AliasLimits::default()
+            },
+            ..serde_saphyr::Options::default()
+        };
+        let v: Value = match serde_saphyr::from_str_with_options(&doc, opts) {
             Ok(v) => v,
             Err(e) => {
+                let e = e.to_string();
+                if e.contains("alias replay limit") {
+                    errors.push(err(format!(
+                        "invalid YAML (document starts at line {line}): {e}: YAML aliases may add at most {ALIAS_ALLOWANCE} nodes to a file, over all its documents; the rest of the file is not read"
+                    )));
+                    return;
+                }
                 errors.push(err(format!(
                     "invalid YAML (document starts at line {line}): {e}"
                 )));
+                // Without a `*` there is no alias, hence nothing replayed.
+                if doc.contains('*') {
+                    used += replay;
+                }
                 continue;
             }
         };
+        used = used.saturating_add(value_nodes(&v));
+        if used > budget {
+            errors.push(err(format!(
+                "YAML aliases expand the file to more than {budget} nodes (its {} bytes plus {ALIAS_ALLOWANCE}) by the document starting at line {line}; the rest of the file is not read",
+                text.len()
+            )));
+            return;
+        }
         match v {
             Value::Null => {}
             Value::Object(_) => add_object(v, objs, origin, i, None, errors),
@@ -434,22 +497,50 @@ fn file_key(p: &Path) -> FileKey {
     }
 }
 
+/// Reads a file of at most [`MAX_FILE_BYTES`].
+fn read_capped(f: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let too_big = |n: u64| {
+        format!(
+            "file is {n} bytes, more than the {MAX_FILE_BYTES} ({} MiB) a manifest file may have; not read",
+            MAX_FILE_BYTES >> 20
+        )
+    };
+    let file = std::fs::File::open(f).map_err(|e| format!("cannot read: {e}"))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    if len > MAX_FILE_BYTES {
+        return Err(too_big(len));
+    }
+    let mut text = String::with_capacity(len as usize);
+    // The file may have grown since: never read more than the cap (plus one byte to tell).
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big(text.len() as u64));
+    }
+    Ok(text)
+}
+
 /// Reads and parses one file.
 fn parse_file(f: &Path) -> (Objects, Vec<ObjectError>) {
     let origin = f.display().to_string();
     let mut objs = Objects::default();
     let mut errors = Vec::new();
-    match std::fs::read_to_string(f) {
+    match read_capped(f) {
         Ok(text) if f.extension().is_some_and(|e| e == "json") => {
             parse_json(&text, &origin, &mut objs, &mut errors)
         }
         Ok(text) => parse_text(&text, &origin, &mut objs, &mut errors),
-        Err(e) => errors.push(ObjectError {
+        Err(message) => errors.push(ObjectError {
             origin,
             document: None,
             item: None,
             field: String::new(),
-            message: format!("cannot read: {e}"),
+            message,
         }),
     }
     (objs, errors)
@@ -647,6 +738,93 @@ spec:
         assert_eq!(e.errors.len(), 1, "{e}");
         assert_eq!(e.errors[0].document, Some(1), "{e}");
         assert!(e.errors[0].message.contains("invalid JSON"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A ConfigMap whose `data` nests `levels` aliases ten wide: 10^levels scalars.
+    fn laughs(levels: usize) -> String {
+        let mut doc = String::from("kind: ConfigMap\nmetadata: {name: lol}\ndata:\n");
+        doc.push_str("  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..levels {
+            let prev = format!("*l{}", i - 1);
+            doc.push_str(&format!("  l{i}: &l{i} [{}]\n", vec![prev; 10].join(", ")));
+        }
+        doc
+    }
+
+    #[test]
+    fn yaml_alias_expansion_is_bounded_per_file() {
+        // One document expanding to 10^7 scalars (the parser's default allowed 10^6 replayed
+        // events in every document).
+        let e = parse_str(&laughs(7), "bomb.yaml").unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert_eq!(e.errors[0].origin, "bomb.yaml");
+        assert_eq!(e.errors[0].document, Some(0));
+        assert!(e.errors[0].message.contains("alias replay limit"), "{e}");
+        assert!(
+            e.errors[0]
+                .message
+                .contains("at most 100000 nodes to a file"),
+            "{e}"
+        );
+        // Documents that each stay well inside a per-document limit (11k nodes from 0.5 kB)
+        // add up over the file: 200 of them were 2.2M nodes. The one that goes over the
+        // file's allowance is named and the rest of the file is not read.
+        let doc = laughs(4);
+        let file = vec![doc.as_str(); 200].join("---\n");
+        let e = parse_str(&file, "many.yaml").unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        let d = e.errors[0].document.unwrap();
+        assert!((5..15).contains(&d), "{e}");
+        assert!(
+            e.errors[0]
+                .message
+                .contains("the rest of the file is not read"),
+            "{e}"
+        );
+        // Documents that fail after replaying aliases count as having used what they were
+        // allowed: 200 of them do not replay 200 times 11k events.
+        let bad = format!("{doc}metadata: {{name: again}}\n");
+        let file = vec![bad.as_str(); 200].join("---\n");
+        let e = parse_str(&file, "bad.yaml").unwrap_err();
+        assert!(e.errors.len() < 10, "{} errors", e.errors.len());
+        let last = e.errors.last().unwrap();
+        assert!(
+            last.message.contains("the rest of the file is not read"),
+            "{e}"
+        );
+        // Anchors as real manifests use them are fine, any number of documents.
+        let doc = "kind: Namespace\nmetadata:\n  name: NAME\n  labels: &l {team: a, env: prod}\n  annotations: *l\n";
+        let file: Vec<String> = (0..2000)
+            .map(|i| doc.replace("NAME", &format!("n{i}")))
+            .collect();
+        let s = parse_str(&file.join("---\n"), "ok.yaml").unwrap();
+        assert_eq!(s.namespaces.len(), 2000);
+        assert_eq!(s.namespaces["n7"].labels["env"], "prod");
+    }
+
+    #[test]
+    fn files_over_the_size_cap_are_not_read() {
+        let dir = std::env::temp_dir().join(format!("twill-policy-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), GOOD).unwrap();
+        // Sparse: nothing is written to disk, and nothing of it is read.
+        let big = std::fs::File::create(dir.join("big.json")).unwrap();
+        big.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let mut src = ManifestDir::new(&dir);
+        let e = src.snapshot().unwrap_err();
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert!(e.errors[0].origin.ends_with("big.json"), "{e}");
+        assert_eq!(e.errors[0].document, None);
+        assert!(
+            e.errors[0]
+                .message
+                .starts_with("file is 268435457 bytes, more than the 268435456 (256 MiB)"),
+            "{e}"
+        );
+        // Back to a good state once the file is gone.
+        std::fs::remove_file(dir.join("big.json")).unwrap();
+        assert_eq!(src.snapshot().unwrap().pods.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
