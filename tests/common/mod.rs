@@ -361,27 +361,30 @@ pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Polls `pred` every [`POLL`] until it holds; panics naming `what` after `timeout`. Returns
 /// how long it took (to within a poll).
 pub fn wait_until(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !pred() {
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not reached in {timeout:?}"
-        );
-        std::thread::sleep(POLL);
-    }
-    start.elapsed()
+    wait_for(what, timeout, || {
+        pred().then_some(()).ok_or_else(String::new)
+    })
 }
 
 /// Polls `check` every [`POLL`] until it returns `Ok`; after `timeout` panics with `what` and
-/// the last error `check` gave (what it saw instead).
-pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+/// the last error `check` gave (what it saw instead). Returns how long it took.
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) -> Duration {
     let start = Instant::now();
     loop {
         match check() {
-            Ok(()) => return,
+            Ok(()) => return start.elapsed(),
             Err(e) => assert!(
                 start.elapsed() < timeout,
-                "{what}: not reached in {timeout:?}: {e}"
+                "{what}: not reached in {timeout:?}{}",
+                if e.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {e}")
+                }
             ),
         }
         std::thread::sleep(POLL);
