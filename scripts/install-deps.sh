@@ -7,7 +7,7 @@ packages=(
   etcd-server etcd-client          # the registry (real etcd in the lab) and etcdctl
   nftables                         # nft: masquerade rules and the policy table
   containernetworking-plugins      # bridge, host-local, loopback, portmap in /usr/lib/cni
-  protobuf-compiler                # protoc, for etcd-client's build script
+  protobuf-compiler libprotobuf-dev  # protoc and its well-known .proto files (descriptor.proto), for etcd-client's build script
   iproute2 iputils-ping iperf3     # the lab: ip/bridge, reachability, throughput
   ca-certificates openssl          # TLS material for the etcd TLS tests
   procps psmisc                    # ps/pkill/killall used by lab cleanup
