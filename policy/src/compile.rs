@@ -246,6 +246,8 @@ pub struct Ruleset {
     pub pod_cidrs: Vec<ipnet::IpNet>,
     /// Addresses of the local pods the snapshot knows (exempt from unknown-pod isolation).
     pub known_local: Vec<IpAddr>,
+    /// [`Options::pod_bridge`].
+    pub pod_bridge: String,
 }
 
 /// Sizes, for logs and metrics.
@@ -272,7 +274,14 @@ pub struct Options {
     /// pod with that address appears in the snapshot: a new pod is isolated from its first
     /// packet, before the source has reported it (fail closed; see README).
     pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The bridge the node's pods are attached to (Flannel's `cni0`). Traffic entering
+    /// from it that carries no pod address a policy could judge (IPv6 link-local, group
+    /// addresses) is dropped; see [`Ruleset::table_def`].
+    pub pod_bridge: String,
 }
+
+/// Flannel's bridge: its CNI plugin delegates to `bridge` with this name.
+pub const DEFAULT_POD_BRIDGE: &str = "cni0";
 
 impl Default for Options {
     fn default() -> Self {
@@ -281,6 +290,7 @@ impl Default for Options {
             log_rate: 5,
             allow_rules: true,
             pod_cidrs: Vec::new(),
+            pod_bridge: DEFAULT_POD_BRIDGE.into(),
         }
     }
 }
@@ -947,6 +957,7 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         log_rate: opts.log_rate.max(1),
         pod_cidrs: opts.pod_cidrs.clone(),
         known_local,
+        pod_bridge: opts.pod_bridge.clone(),
     }
 }
 
@@ -1257,7 +1268,24 @@ impl Ruleset {
                 }
             }
         };
-        let nd = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept";
+        // Neighbour discovery, and the MLD reports a bridge with multicast snooping
+        // needs to deliver it, between pods and to the node.
+        let nd = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } accept";
+        let br = &self.pod_bridge;
+        let _ = writeln!(s, "\tcounter unaddressed {{\n\t}}");
+        let _ = writeln!(s, "\tchain unaddressed {{");
+        let _ = writeln!(
+            s,
+            "\t\tcomment \"from a pod, with no pod address a policy could judge: link-local, group\""
+        );
+        let _ = writeln!(
+            s,
+            "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop unaddressed: \" level info",
+            self.log_rate,
+            self.log_rate * 2
+        );
+        let _ = writeln!(s, "\t\tcounter name \"unaddressed\" drop");
+        let _ = writeln!(s, "\t}}");
         let _ = writeln!(s, "\tchain forward {{");
         let _ = writeln!(
             s,
@@ -1265,6 +1293,21 @@ impl Ruleset {
         );
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\t{nd}");
+        // The verdict maps know pod addresses only. A pod can also address its
+        // neighbours on the bridge by link-local address, by a group (multicast, or the
+        // broadcast MAC) or from its own link-local address: no map would match, and no
+        // pod's policy would judge the packet. None of that is pod-to-pod traffic
+        // Kubernetes promises, so it is dropped. Routed traffic never carries such
+        // addresses.
+        for m in [
+            "ip6 saddr fe80::/10",
+            "ip6 daddr fe80::/10",
+            "ip daddr { 224.0.0.0/4, 255.255.255.255 }",
+            "ip6 daddr ff00::/8",
+            "meta pkttype { broadcast, multicast }",
+        ] {
+            let _ = writeln!(s, "\t\tiifname {br:?} {m} jump unaddressed");
+        }
         unknown_rules(&mut s, true);
         let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
         let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
@@ -1279,10 +1322,47 @@ impl Ruleset {
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\tiifname \"lo\" accept");
         let _ = writeln!(s, "\t\t{nd}");
+        // A pod reaching its node from its link-local address would bypass its egress map.
+        let _ = writeln!(s, "\t\tiifname {br:?} ip6 saddr fe80::/10 jump unaddressed");
         unknown_rules(&mut s, false);
         let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
         let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
         let _ = writeln!(s, "\t}}");
+        // Frames that are neither ARP nor IP never reach the inet hooks (br_netfilter
+        // passes only IPv4 and IPv6, and not even those when VLAN-tagged), so a pod could
+        // send them to its neighbours unjudged. The bridge family sees every frame; this
+        // kernel has no bridge meta (no `meta ibrname`), so pod ports are recognised as
+        // the bridge ports that are veths, which is what the bridge plugin creates.
+        let mut bridge = String::new();
+        let _ = writeln!(bridge, "add table bridge {}", self.table);
+        let _ = writeln!(bridge, "flush table bridge {}", self.table);
+        let _ = writeln!(bridge, "table bridge {} {{", self.table);
+        let _ = writeln!(bridge, "\tchain non-ip {{");
+        let _ = writeln!(
+            bridge,
+            "\t\tcomment \"frames from a pod port that are neither ARP, IPv4 nor IPv6 (VLAN-tagged included)\""
+        );
+        let _ = writeln!(
+            bridge,
+            "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop non-IP frame: \" level info",
+            self.log_rate,
+            self.log_rate * 2
+        );
+        let _ = writeln!(bridge, "\t\tcounter drop");
+        let _ = writeln!(bridge, "\t}}");
+        for hook in ["forward", "input"] {
+            let _ = writeln!(bridge, "\tchain {hook} {{");
+            let _ = writeln!(
+                bridge,
+                "\t\ttype filter hook {hook} priority filter; policy accept;"
+            );
+            let _ = writeln!(
+                bridge,
+                "\t\tmeta iifkind \"veth\" ether type != {{ arp, ip, ip6 }} jump non-ip"
+            );
+            let _ = writeln!(bridge, "\t}}");
+        }
+        let _ = writeln!(bridge, "}}");
         TableDef {
             table: self.table.clone(),
             sets,
@@ -1290,6 +1370,7 @@ impl Ruleset {
             chains,
             node_sets,
             tail: s,
+            bridge,
         }
     }
 }
@@ -1331,6 +1412,9 @@ pub struct TableDef {
     /// node_pods_*/known_pods_* (unknown-pod isolation).
     pub node_sets: Vec<SetDef>,
     pub tail: String,
+    /// The commands that (re)define table `bridge <table>`: static, refilled in place
+    /// with every whole-table sync, untouched by incremental ones.
+    pub bridge: String,
 }
 
 /// What an incremental transaction changes, for logs and metrics.
@@ -1373,7 +1457,8 @@ impl TableDef {
         )?;
         writeln!(w, "add table inet {t}")?;
         writeln!(w, "delete table inet {t}")?;
-        self.write_body(w, inner)
+        self.write_body(w, inner)?;
+        w.write_str(&self.bridge)
     }
 
     /// The `table inet T { ... }` block of the full script (after the commands that
@@ -1438,7 +1523,7 @@ impl TableDef {
     /// names them any more).
     pub fn diff(&self, old: &TableDef) -> Option<(String, DiffStats)> {
         use std::collections::{HashMap, HashSet};
-        if self.table != old.table || self.tail != old.tail {
+        if self.table != old.table || self.tail != old.tail || self.bridge != old.bridge {
             return None;
         }
         let t = &self.table;
@@ -1589,9 +1674,11 @@ impl TableDef {
     }
 }
 
-/// The script that removes the table (if present).
+/// The script that removes the tables (if present).
 pub fn render_delete(table: &str) -> String {
-    format!("add table inet {table}\ndelete table inet {table}\n")
+    format!(
+        "add table inet {table}\ndelete table inet {table}\nadd table bridge {table}\ndelete table bridge {table}\n"
+    )
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing::{error, info, warn};
 
-use twill_policy::compile::{compile, Options, DEFAULT_TABLE};
+use twill_policy::compile::{compile, Options, DEFAULT_POD_BRIDGE, DEFAULT_TABLE};
 use twill_policy::eval::{allowed, Endpoint};
 use twill_policy::metrics::{serve, Shared};
 use twill_policy::model::{Protocol, Snapshot};
@@ -60,6 +60,29 @@ struct Common {
     /// --pod-cidr, re-read before every sync.
     #[arg(long, global = true, value_name = "PATH")]
     subnet_file: Option<PathBuf>,
+    /// The bridge the node's pods are attached to (the CNI bridge; Flannel's is cni0).
+    /// Traffic from it that carries no pod address (IPv6 link-local, multicast,
+    /// broadcast) is dropped: no pod's policy could judge it.
+    #[arg(long, global = true, default_value = DEFAULT_POD_BRIDGE, value_parser = interface_name)]
+    pod_bridge: String,
+}
+
+/// A Linux interface name: 1 to 15 bytes, no '/', no whitespace, not "." or "..", and
+/// nothing nft would need to escape.
+fn interface_name(s: &str) -> Result<String, String> {
+    let bad = s.is_empty()
+        || s.len() > 15
+        || s == "."
+        || s == ".."
+        || s.chars()
+            .any(|c| c == '/' || c == '"' || c == '\\' || c.is_whitespace() || c.is_control());
+    if bad {
+        Err(format!(
+            "{s:?} is not an interface name (1-15 bytes, no '/', quotes or whitespace)"
+        ))
+    } else {
+        Ok(s.to_string())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,6 +157,7 @@ fn options(common: &Common) -> Result<Options> {
         log_rate: common.log_rate,
         allow_rules: true,
         pod_cidrs: pod_cidrs(common)?,
+        pod_bridge: common.pod_bridge.clone(),
     })
 }
 
@@ -271,7 +295,10 @@ fn cmd_run(
             // with the first successful read.
             warn!("{e:#}; unknown pod addresses are not isolated until it can be read");
             Options {
+                table: common.table.clone(),
+                log_rate: common.log_rate,
                 pod_cidrs: common.pod_cidr.clone(),
+                pod_bridge: common.pod_bridge.clone(),
                 ..Options::default()
             }
         }

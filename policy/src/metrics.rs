@@ -177,7 +177,8 @@ pub type DropCounts = BTreeMap<(String, String), u64>;
 
 /// The drop counts in the table's named counters (name -> packets, see [`counters::read`]):
 /// `pod-in/<ns>/<pod>` and `pod-out/<ns>/<pod>` per pod and direction, `unknown-ingress` and
-/// `unknown-egress` for local addresses no pod is known for yet.
+/// `unknown-egress` for local addresses no pod is known for yet, `unaddressed` (direction
+/// `any`) for traffic from the pod bridge that carries no pod address (link-local, group).
 pub fn drop_counts(named: &BTreeMap<String, u64>) -> DropCounts {
     let mut out = DropCounts::new();
     for (name, &packets) in named {
@@ -187,6 +188,8 @@ pub fn drop_counts(named: &BTreeMap<String, u64>) -> DropCounts {
             (p, "egress")
         } else if let Some(d) = name.strip_prefix("unknown-") {
             ("unknown", d)
+        } else if name == "unaddressed" {
+            ("unaddressed", "any")
         } else {
             continue;
         };
@@ -433,16 +436,18 @@ mod tests {
             ("pod-in/x/a", 3),
             ("pod-out/y/b", 0),
             ("unknown-egress", 2),
+            ("unaddressed", 4),
             ("something-else", 99),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let c = drop_counts(&named);
-        assert_eq!(c.len(), 3, "{c:?}");
+        assert_eq!(c.len(), 4, "{c:?}");
         assert_eq!(c[&("x/a".to_string(), "ingress".to_string())], 3);
         assert_eq!(c[&("y/b".to_string(), "egress".to_string())], 0);
         assert_eq!(c[&("unknown".to_string(), "egress".to_string())], 2);
+        assert_eq!(c[&("unaddressed".to_string(), "any".to_string())], 4);
     }
 
     #[test]

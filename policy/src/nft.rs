@@ -356,7 +356,7 @@ impl Enforcer {
             .chains
             .iter()
             .map(|c| c.name.as_str())
-            .chain(["forward", "input"])
+            .chain(["forward", "input", "unaddressed"])
             .chain(
                 (!def.node_sets.is_empty())
                     .then_some(["unknown-ingress", "unknown-egress"])
@@ -391,6 +391,7 @@ impl Enforcer {
         let mut s = head;
         s.push_str(&tail);
         let _ = def.write_body(&mut s, &id_set(id));
+        s.push_str(&def.bridge);
         Some(s)
     }
 
