@@ -6,7 +6,7 @@
 
 FROM docker.io/library/rust:1.95.0-slim-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler=3.21.12-3 \
+ && apt-get install -y --no-install-recommends protobuf-compiler=3.21.12-3+deb12u1 libprotobuf-dev=3.21.12-3+deb12u1 \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
