@@ -1253,6 +1253,19 @@ impl Ruleset {
                 let _ = writeln!(s, "\t}}");
             }
         }
+        // A pod can send from any source address (raw sockets need only CAP_NET_RAW, which
+        // container runtimes grant by default); one outside this node's pod subnets is in
+        // no egress map, so its traffic would leave the egress policy unjudged.
+        let spoof_rules = |s: &mut String| {
+            for fam in &unknown {
+                let (p, f) = (fam.nft_proto(), fam.suffix());
+                let _ = writeln!(
+                    s,
+                    "\t\tiifname {:?} {p} saddr != @node_pods_{f} jump unaddressed",
+                    self.pod_bridge
+                );
+            }
+        };
         let unknown_rules = |s: &mut String, daddr: bool| {
             for fam in &unknown {
                 let (p, f) = (fam.nft_proto(), fam.suffix());
@@ -1268,9 +1281,13 @@ impl Ruleset {
                 }
             }
         };
-        // Neighbour discovery, and the MLD reports a bridge with multicast snooping
-        // needs to deliver it, between pods and to the node.
+        // Neighbour discovery to the node (from any interface: the underlay's router
+        // too). Between pods only what hosts send: solicitations, advertisements, and the
+        // MLD reports a bridge with multicast snooping needs to deliver them; router
+        // advertisements and redirects come from routers, and a pod sending them would
+        // redirect its neighbours' traffic.
         let nd = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report } accept";
+        let nd_between_pods = "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld-listener-done, mld2-listener-report } accept";
         let br = &self.pod_bridge;
         let _ = writeln!(s, "\tcounter unaddressed {{\n\t}}");
         let _ = writeln!(s, "\tchain unaddressed {{");
@@ -1292,7 +1309,7 @@ impl Ruleset {
             "\t\ttype filter hook forward priority filter; policy accept;"
         );
         let _ = writeln!(s, "\t\tct state established,related accept");
-        let _ = writeln!(s, "\t\t{nd}");
+        let _ = writeln!(s, "\t\t{nd_between_pods}");
         // The verdict maps know pod addresses only. A pod can also address its
         // neighbours on the bridge by link-local address, by a group (multicast, or the
         // broadcast MAC) or from its own link-local address: no map would match, and no
@@ -1308,6 +1325,7 @@ impl Ruleset {
         ] {
             let _ = writeln!(s, "\t\tiifname {br:?} {m} jump unaddressed");
         }
+        spoof_rules(&mut s);
         unknown_rules(&mut s, true);
         let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
         let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");
@@ -1324,6 +1342,7 @@ impl Ruleset {
         let _ = writeln!(s, "\t\t{nd}");
         // A pod reaching its node from its link-local address would bypass its egress map.
         let _ = writeln!(s, "\t\tiifname {br:?} ip6 saddr fe80::/10 jump unaddressed");
+        spoof_rules(&mut s);
         unknown_rules(&mut s, false);
         let _ = writeln!(s, "\t\tip saddr vmap @egress_v4");
         let _ = writeln!(s, "\t\tip6 saddr vmap @egress_v6");

@@ -1,6 +1,6 @@
 //! Root-only: traffic that carries no pod address the enforcer knows cannot get around a
 //! pod's policy (IPv6 link-local, IPv4/IPv6 multicast and broadcast, frames that are
-//! neither ARP nor IP), for ingress and egress isolation, on the same node and across nodes,
+//! neither ARP nor IP, forged source addresses), for ingress and egress isolation, on the same node and across nodes,
 //! while IPv4 and IPv6 pod addresses keep working as the policies say.
 //!
 //! etcd on the switch; two nodes running twilld with dual-stack VXLAN and `--ip-masq`; pods
@@ -31,6 +31,8 @@ const DUAL: &str = r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network"
 const NODES: [&str; 2] = ["n1", "n2"];
 /// An EtherType for local experiments (IEEE 802): nothing in a pod handles it.
 const ETHERTYPE: u16 = 0x88b5;
+/// A source address no pod has (the benchmarking range, as every lab address).
+const SPOOFED_SOURCE: &str = "198.19.255.1";
 
 /// TCP "pong" on [::]:80 (IPv4 too); UDP on 5000 (broadcast), 5001 (239.1.1.1) and 5002
 /// (ff02::1) and raw frames of [`ETHERTYPE`] on eth0, each printed as `got <payload>`.
@@ -73,9 +75,10 @@ threading.Event().wait()
 "#;
 
 /// `tcp HOST` exits 0 iff "pong" came back from HOST:80 within 1 s (HOST may carry a
-/// `%eth0` scope); `send KIND TOKEN [MAC]` sends TOKEN once: `bcast` to 255.255.255.255 and
-/// the subnet's broadcast address, `mcast4` to 239.1.1.1, `mcast6` to ff02::1%eth0, `raw`
-/// as a frame of the experimental EtherType to MAC.
+/// `%eth0` scope); `send KIND TOKEN [ARGS]` sends TOKEN once: `bcast` to 255.255.255.255 and
+/// the subnet's broadcast address, `mcast4` to 239.1.1.1, `mcast6` to ff02::1%eth0, `spoof`
+/// as UDP to DST:5000 from the source address SRC (raw socket), `raw` as a frame of the
+/// experimental EtherType to MAC.
 const CLIENT: &str = r#"
 import socket, sys
 kind = sys.argv[1]
@@ -99,6 +102,14 @@ elif kind == "mcast4":
 elif kind == "mcast6":
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     s.sendto(token, ("ff02::1", 5002, 0, socket.if_nametoindex("eth0")))
+elif kind == "spoof":
+    import struct
+    src, dst = sys.argv[3], sys.argv[4]
+    udp = struct.pack("!HHHH", 40000, 5000, 8 + len(token), 0) + token
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.sendto(ip + udp, (dst, 0))
 elif kind == "raw":
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(("eth0", 0))
     dst = bytes.fromhex(sys.argv[3].replace(":", ""))
@@ -203,6 +214,7 @@ impl World {
                         twilld.to_str().unwrap(),
                         &format!("--etcd-endpoints={ep}"),
                         "--ip-masq",
+                        "--resync-period=3600",
                         "--subnet-file",
                         subnet_file.to_str().unwrap(),
                     ],
@@ -311,6 +323,30 @@ impl World {
                 }
             });
         }
+        // twill-cni's anti-spoofing table and twilld's underlay guard would stop forged
+        // sources before the policy sees them (a node may run Flannel, which has neither);
+        // without them the policy table alone must hold. twilld runs with a long resync
+        // period so that it does not put its table back during the test.
+        for n in NODES {
+            let netns = lab.node(n).netns.clone();
+            wait_for(&format!("twilld's guard on {n} knowing its peer"), || {
+                let out = lab
+                    .exec(&netns, &["nft", "list", "table", "inet", "twill-underlay"])
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                NODES
+                    .iter()
+                    .filter(|m| **m != n)
+                    .all(|m| text.contains(&lab.node(m).addr.to_string()))
+            });
+            for (family, table) in [("bridge", "twill-antispoof"), ("inet", "twill-underlay")] {
+                lab.exec_ok(
+                    &lab.node(n).netns,
+                    &["nft", "delete", "table", family, table],
+                )
+                .unwrap();
+            }
+        }
         let dir = lab.dir().join("manifests");
         std::fs::create_dir_all(&dir).unwrap();
         World {
@@ -356,6 +392,12 @@ impl World {
                 token.clone(),
                 self.pods[to].mac.clone(),
                 ETHERTYPE.to_string(),
+            ],
+            "spoof" => vec![
+                kind.into(),
+                token.clone(),
+                SPOOFED_SOURCE.into(),
+                self.pods[to].v4.to_string(),
             ],
             _ => vec![kind.into(), token.clone()],
         };
@@ -545,6 +587,7 @@ fn traffic_without_a_pod_address_cannot_get_around_policy() {
     for kind in ["bcast", "mcast4", "mcast6", "raw"] {
         assert_delivered(&mut w, "other", kind, "web");
     }
+    assert_delivered(&mut w, "sealed", "spoof", "open");
 
     w.start_policy();
 
@@ -569,7 +612,7 @@ fn traffic_without_a_pod_address_cannot_get_around_policy() {
     // Egress isolation: a pod with no egress reaches nobody, by any address.
     assert_tcp(&w, "sealed", &open4, false);
     assert_tcp(&w, "sealed", &w.link_local("open"), false);
-    for kind in ["bcast", "mcast4", "mcast6", "raw"] {
+    for kind in ["bcast", "mcast4", "mcast6", "raw", "spoof"] {
         assert_dropped(&mut w, "sealed", kind, "open");
     }
 
@@ -580,6 +623,7 @@ fn traffic_without_a_pod_address_cannot_get_around_policy() {
     assert_tcp(&w, "sealed", &w.link_local("open"), true);
     assert_delivered(&mut w, "other", "raw", "web");
     assert_delivered(&mut w, "other", "bcast", "web");
+    assert_delivered(&mut w, "sealed", "spoof", "open");
     assert_tcp(&w, "other", &web(&w), false);
 
     for (n, id) in &w.policy {
