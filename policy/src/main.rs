@@ -110,20 +110,26 @@ enum Cmd {
 }
 
 fn source(common: &Common) -> Result<Box<dyn Source>> {
-    source_polling(common, Duration::from_secs(1))
+    source_polling(common, Duration::from_secs(1), Duration::from_secs(60))
 }
 
-fn source_polling(common: &Common, poll: Duration) -> Result<Box<dyn Source>> {
+/// The source; `poll` is the manifests directory's check interval, `initial` how long a
+/// Kubernetes API snapshot waits for the initial lists.
+fn source_polling(common: &Common, poll: Duration, initial: Duration) -> Result<Box<dyn Source>> {
     match &common.manifests {
         Some(dir) => {
             let mut m = ManifestDir::new(dir);
             m.poll = poll.max(Duration::from_millis(10));
             Ok(Box::new(m))
         }
-        None => Ok(Box::new(KubeApiSource::start(KubeOptions {
-            api_url: common.kube_api_url.clone(),
-            kubeconfig: common.kubeconfig.clone(),
-        }))),
+        None => {
+            let mut k = KubeApiSource::start(KubeOptions {
+                api_url: common.kube_api_url.clone(),
+                kubeconfig: common.kubeconfig.clone(),
+            });
+            k.initial_timeout = initial;
+            Ok(Box::new(k))
+        }
     }
 }
 
@@ -265,7 +271,9 @@ fn cmd_run(
     poll: Duration,
 ) -> Result<()> {
     let node = node(common)?;
-    let mut src = source_polling(common, poll)?;
+    // Short: the loop must not sit in a snapshot while the lists are missing (each list
+    // that arrives wakes it anyway).
+    let mut src = source_polling(common, poll, Duration::from_secs(5))?;
     ensure_br_netfilter();
     let nft = Nft {
         bin: common.nft.clone(),
@@ -323,6 +331,31 @@ fn cmd_run(
     let mut startup_logged: Option<String> = None;
     loop {
         shared.health.beat();
+        if common.subnet_file.is_some() {
+            match pod_cidrs(common) {
+                Ok(c) => {
+                    subnet_error = None;
+                    if c != enf.opts.pod_cidrs {
+                        info!(pod_cidrs = ?c, "node pod subnets changed");
+                        enf.opts.pod_cidrs = c;
+                    }
+                }
+                Err(e) => {
+                    // Logged when it changes, not every pass (twilld may take a while).
+                    let msg = format!("{e:#}");
+                    if subnet_error.as_ref() != Some(&msg) {
+                        warn!("{msg}; keeping pod subnets {:?}", enf.opts.pod_cidrs);
+                        subnet_error = Some(msg);
+                    }
+                }
+            }
+        }
+        if last_good.is_none() {
+            // No good snapshot yet (fresh boot, API unreachable, broken manifests): close
+            // the node's pods before anything else, and again every pass (the subnet file
+            // may have appeared, an isolation may have failed).
+            startup(&mut enf, table_existed, &mut startup_logged);
+        }
         if changed {
             let t = Instant::now();
             match load(src.as_mut()) {
@@ -346,30 +379,7 @@ fn cmd_run(
             enf.invalidate();
             last_full = Instant::now();
         }
-        if common.subnet_file.is_some() {
-            match pod_cidrs(common) {
-                Ok(c) => {
-                    subnet_error = None;
-                    if c != enf.opts.pod_cidrs {
-                        info!(pod_cidrs = ?c, "node pod subnets changed");
-                        enf.opts.pod_cidrs = c;
-                    }
-                }
-                Err(e) => {
-                    // Logged when it changes, not every pass (twilld may take a while).
-                    let msg = format!("{e:#}");
-                    if subnet_error.as_ref() != Some(&msg) {
-                        warn!("{msg}; keeping pod subnets {:?}", enf.opts.pod_cidrs);
-                        subnet_error = Some(msg);
-                    }
-                }
-            }
-        }
         let Some(s) = &last_good else {
-            // No good snapshot yet (fresh boot, API unreachable, broken manifests): close
-            // the node's pods until there is one, and come back every second for the
-            // subnet file and for a failed isolation.
-            startup(&mut enf, table_existed, &mut startup_logged);
             changed = src.wait_change(Duration::from_secs(1));
             continue;
         };

@@ -9,9 +9,9 @@
 //! [`Source`] trait.
 //!
 //! Nothing here gives up or spins: building the client (kubeconfig, in-cluster config) is
-//! retried with exponential backoff and jitter (`backon`, the crate kube-runtime's own
-//! watcher backoff uses), and every watch error is logged and retried with kube-runtime's
-//! default backoff (0.8 s doubling to 30 s, jittered). Every call has a bound: connect 10 s,
+//! retried, and so is every failed list or watch, after a delay that doubles from 0.8 s to
+//! 30 s with jitter ([`retry_backoff`], `backon`, the crate kube-runtime's own backoff uses);
+//! every failure is logged with the delay. Every call has a bound: connect 10 s,
 //! a list or watch response that stays silent for [`READ_TIMEOUT`] is dropped, and watches
 //! ask the server to end them after [`WATCH_TIMEOUT`] (the watcher also drops one idle for
 //! that plus 5 s), so a hung connection cannot stall the source.
@@ -25,7 +25,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::Value;
 
@@ -54,11 +54,15 @@ pub const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// than [`WATCH_TIMEOUT`] so that an idle but healthy watch is ended by the server first.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(75);
 
-/// The backoff of client construction retries: 0.5 s doubling to 30 s, with jitter, forever.
-pub fn client_backoff() -> impl Iterator<Item = Duration> {
+/// Longest delay between two attempts (before jitter).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// The delays between attempts after errors (client construction, each watch): 0.8 s
+/// doubling to [`MAX_RETRY_DELAY`], each plus a random jitter of up to itself, forever.
+pub fn retry_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
+        .with_min_delay(Duration::from_millis(800))
+        .with_max_delay(MAX_RETRY_DELAY)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
@@ -117,16 +121,16 @@ async fn client(opts: &KubeOptions) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// [`client`], retried with [`client_backoff`] until it succeeds; every failure is logged
+/// [`client`], retried with [`retry_backoff`] until it succeeds; every failure is logged
 /// with the delay before the next attempt and kept as the source's last error.
 async fn client_retrying(opts: &KubeOptions, shared: &Shared) -> Client {
-    let mut delays = client_backoff();
+    let mut delays = retry_backoff();
     loop {
         match client(opts).await {
             Ok(c) => return c,
             Err(e) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(error = %e, "Kubernetes client: {e:#}; retrying in {delay:?}");
+                tracing::warn!("Kubernetes client: {e:#}; retrying in {delay:?}");
                 shared.state.lock().expect("state").last_error =
                     Some(format!("Kubernetes client: {e:#}"));
                 tokio::time::sleep(delay).await;
@@ -154,39 +158,79 @@ where
         v
     };
     let config = watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32);
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    // Our own backoff rather than kube's default_backoff(): that one is reset by every
+    // non-error item, and a failing initial list yields Event::Init before each error, so
+    // it retried an unreachable API every ~1 s forever. This one is reset only by progress
+    // (a complete list or a change).
+    let mut stream = watcher(api, config).boxed();
+    let mut delays = retry_backoff();
     let mut buffer = BTreeMap::new();
     while let Some(ev) = stream.next().await {
-        let mut st = shared.state.lock().expect("state");
-        match ev {
-            Ok(watcher::Event::Init) => {
-                buffer.clear();
-                continue;
+        let error = {
+            let mut st = shared.state.lock().expect("state");
+            let error = match ev {
+                Ok(watcher::Event::Init) => {
+                    buffer.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    buffer.insert(key(&o), value(&o));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    st.objects[idx] = std::mem::take(&mut buffer);
+                    st.ready[idx] = true;
+                    None
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    st.objects[idx].insert(key(&o), value(&o));
+                    None
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    st.objects[idx].remove(&key(&o));
+                    None
+                }
+                Err(e) => {
+                    let e = chain(&e);
+                    st.last_error = Some(format!("{} watch: {e}", KINDS[idx]));
+                    Some(e)
+                }
+            };
+            if error.is_none() {
+                st.generation += 1;
+                shared.changed.notify_all();
             }
-            Ok(watcher::Event::InitApply(o)) => {
-                buffer.insert(key(&o), value(&o));
-                continue;
-            }
-            Ok(watcher::Event::InitDone) => {
-                st.objects[idx] = std::mem::take(&mut buffer);
-                st.ready[idx] = true;
-            }
-            Ok(watcher::Event::Apply(o)) => {
-                st.objects[idx].insert(key(&o), value(&o));
-            }
-            Ok(watcher::Event::Delete(o)) => {
-                st.objects[idx].remove(&key(&o));
-            }
-            Err(e) => {
-                // default_backoff() sleeps before the next attempt (growing, jittered).
-                tracing::warn!(kind = KINDS[idx], error = %e, "watch failed; retrying with backoff");
-                st.last_error = Some(format!("{} watch: {e}", KINDS[idx]));
-                continue;
+            error
+        };
+        match error {
+            None => delays = retry_backoff(),
+            Some(e) => {
+                let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+                tracing::warn!(
+                    kind = KINDS[idx],
+                    error = %e,
+                    "watch failed; retrying in {delay:?}"
+                );
+                tokio::time::sleep(delay).await;
             }
         }
-        st.generation += 1;
-        shared.changed.notify_all();
     }
+}
+
+/// `e` and its sources, joined by ": " (kube's own message stops at "client error
+/// (Connect)"; the cause, e.g. "Connection refused", is further down the chain).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 impl KubeApiSource {
