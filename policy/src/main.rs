@@ -261,7 +261,6 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
 /// Longest wait of the run loop between two passes, so that /healthz sees it come round.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
-#[allow(clippy::too_many_arguments)]
 fn cmd_run(
     common: &Common,
     resync: u64,
