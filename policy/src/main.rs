@@ -126,6 +126,7 @@ fn source_polling(common: &Common, poll: Duration, initial: Duration) -> Result<
             let mut k = KubeApiSource::start(KubeOptions {
                 api_url: common.kube_api_url.clone(),
                 kubeconfig: common.kubeconfig.clone(),
+                ..KubeOptions::default()
             });
             k.initial_timeout = initial;
             Ok(Box::new(k))

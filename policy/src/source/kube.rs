@@ -88,10 +88,22 @@ struct Shared {
 }
 
 /// Where the API is: `--kubeconfig` and/or `--kube-api-url`, else in-cluster.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KubeOptions {
     pub api_url: String,
     pub kubeconfig: String,
+    /// Longest silence on a response before the connection is dropped ([`READ_TIMEOUT`]).
+    pub read_timeout: Duration,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        KubeOptions {
+            api_url: String::new(),
+            kubeconfig: String::new(),
+            read_timeout: READ_TIMEOUT,
+        }
+    }
 }
 
 /// The API source. Dropping it leaves the watcher thread running until the process ends.
@@ -115,7 +127,7 @@ async fn client(opts: &KubeOptions) -> anyhow::Result<Client> {
         config.cluster_url = opts.api_url.parse()?;
     }
     config.connect_timeout = Some(CONNECT_TIMEOUT);
-    config.read_timeout = Some(READ_TIMEOUT);
+    config.read_timeout = Some(opts.read_timeout);
     // Count the read timeout from the request, not from when a pooled connection went idle.
     config.reset_reader_on_write = true;
     Ok(Client::try_from(config)?)
