@@ -141,7 +141,7 @@ async fn client_retrying(opts: &KubeOptions, shared: &Shared) -> Client {
         match client(opts).await {
             Ok(c) => return c,
             Err(e) => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
                 tracing::warn!("Kubernetes client: {e:#}; retrying in {delay:?}");
                 shared.state.lock().expect("state").last_error =
                     Some(format!("Kubernetes client: {e:#}"));
