@@ -12,6 +12,8 @@ packages=(
   ca-certificates openssl          # TLS material for the etcd TLS tests
   procps psmisc                    # ps/pkill/killall used by lab cleanup
   kmod                             # modprobe: twill-policy loads br_netfilter when missing
+  gcc libc6-dev                    # the linker (cc) and C runtime rustc links with; C in build scripts
+  debootstrap                      # scripts/fresh-root-test.sh: the install steps proven in a fresh root
   python3                          # the policy lab tests' TCP/UDP/SCTP probe servers
 )
 

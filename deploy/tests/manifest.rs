@@ -406,5 +406,80 @@ fn systemd_units_run_the_installed_programs_with_valid_flags() {
         );
     }
     let policy = read("deploy/systemd/twill-policy.service");
-    assert!(policy.contains("ExecStart=/usr/local/bin/twill-policy $TWILL_POLICY_SOURCE run"));
+    let exec = policy
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    assert!(exec.starts_with("/usr/local/bin/twill-policy $TWILL_POLICY_SOURCE "));
+    let argv: Vec<String> = exec.split_whitespace().skip(2).map(String::from).collect();
+    check_policy_args(&argv);
+    // twilld writes subnet.env under its RuntimeDirectory, kept across restarts.
+    assert!(unit.contains("RuntimeDirectory=flannel"));
+}
+
+/// twill-policy's flags named in `args` exist (as clap fields of its CLI), and `args` turn on
+/// unknown-pod isolation from twilld's subnet.env and serve health on loopback port 9754.
+/// Returns the health address.
+fn check_policy_args(args: &[String]) -> String {
+    let main = read("policy/src/main.rs");
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        let field = a[2..].split('=').next().unwrap().replace('-', "_");
+        assert!(
+            main.contains(&format!("    {field}: ")),
+            "twill-policy has no flag {a} (no field {field} in policy/src/main.rs)"
+        );
+    }
+    let run = args.iter().position(|a| a == "run").expect("run");
+    assert!(
+        args[..run].contains(&"--subnet-file=/run/flannel/subnet.env".to_string()),
+        "{args:?}"
+    );
+    let health = args[run..]
+        .iter()
+        .find_map(|a| a.strip_prefix("--health-addr="))
+        .expect("--health-addr");
+    assert_eq!(health, "127.0.0.1:9754");
+    health.to_string()
+}
+
+#[test]
+fn twill_policy_reads_the_subnet_file_and_is_probed() {
+    let docs = documents();
+    let pod = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true, "probes on host 127.0.0.1 need it");
+    let c = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "twill-policy")
+        .expect("twill-policy container");
+    let health = check_policy_args(&words_of(&c["args"]));
+    let (host, port) = health.split_once(':').unwrap();
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(get["host"], host, "{probe}");
+        assert_eq!(get["port"].to_string(), port, "{probe}");
+    }
+    // /run/flannel from the host (where twilld writes subnet.env), read-only.
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/run/flannel")
+        .expect("/run/flannel mounted in twill-policy");
+    assert_eq!(mount["readOnly"], true);
+    let vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(vol["hostPath"]["path"], "/run/flannel");
+    let twilld = &pod["containers"][0];
+    assert!(twilld["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == mount["name"] && m["mountPath"] == "/run/flannel"));
 }

@@ -13,9 +13,9 @@ use tracing::{error, info, warn};
 
 use twill_policy::compile::{compile, Options, DEFAULT_POD_BRIDGE, DEFAULT_TABLE};
 use twill_policy::eval::{allowed, Endpoint};
-use twill_policy::metrics::{serve, Shared};
+use twill_policy::metrics::{serve, serve_health, Health, Shared, LIVE_BOUND};
 use twill_policy::model::{Protocol, Snapshot};
-use twill_policy::nft::{Applied, Enforcer, Nft};
+use twill_policy::nft::{startup_plan, Applied, Enforcer, Nft, StartupPlan};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
@@ -95,6 +95,13 @@ enum Cmd {
         /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9753); off by default.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve /healthz and /readyz (no metrics) on this address. Loopback by default: the
+        /// DaemonSet is hostNetwork and its probes set host 127.0.0.1, so pods cannot reach it.
+        #[arg(long, default_value = "127.0.0.1:9754", value_name = "ADDR")]
+        health_addr: std::net::SocketAddr,
+        /// /readyz fails once the last confirmed enforcement of a good snapshot is older.
+        #[arg(long, default_value = "120", value_name = "SECONDS")]
+        ready_max_age: u64,
         /// How often the manifests directory is checked for changes.
         #[arg(long, default_value = "1000", value_name = "MS")]
         poll_ms: u64,
@@ -126,20 +133,27 @@ enum Cmd {
 }
 
 fn source(common: &Common) -> Result<Box<dyn Source>> {
-    source_polling(common, Duration::from_secs(1))
+    source_polling(common, Duration::from_secs(1), Duration::from_secs(60))
 }
 
-fn source_polling(common: &Common, poll: Duration) -> Result<Box<dyn Source>> {
+/// The source; `poll` is the manifests directory's check interval, `initial` how long a
+/// Kubernetes API snapshot waits for the initial lists.
+fn source_polling(common: &Common, poll: Duration, initial: Duration) -> Result<Box<dyn Source>> {
     match &common.manifests {
         Some(dir) => {
             let mut m = ManifestDir::new(dir);
             m.poll = poll.max(Duration::from_millis(10));
             Ok(Box::new(m))
         }
-        None => Ok(Box::new(KubeApiSource::start(KubeOptions {
-            api_url: common.kube_api_url.clone(),
-            kubeconfig: common.kubeconfig.clone(),
-        }))),
+        None => {
+            let mut k = KubeApiSource::start(KubeOptions {
+                api_url: common.kube_api_url.clone(),
+                kubeconfig: common.kubeconfig.clone(),
+                ..KubeOptions::default()
+            });
+            k.initial_timeout = initial;
+            Ok(Box::new(k))
+        }
     }
 }
 
@@ -269,57 +283,120 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
     }
 }
 
+/// Longest wait of the run loop between two passes, so that /healthz sees it come round.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
 fn cmd_run(
     common: &Common,
     resync: u64,
     metrics_addr: Option<std::net::SocketAddr>,
+    health_addr: std::net::SocketAddr,
+    ready_max_age: Duration,
     poll: Duration,
 ) -> Result<()> {
     let node = node(common)?;
-    let mut src = source_polling(common, poll)?;
+    // Short: the loop must not sit in a snapshot while the lists are missing (each list
+    // that arrives wakes it anyway).
+    let mut src = source_polling(common, poll, Duration::from_secs(5))?;
     ensure_br_netfilter();
     let nft = Nft {
         bin: common.nft.clone(),
         ..Nft::default()
     };
-    let shared = Arc::new(Shared::new(&common.table));
+    let mut shared = Shared::new(&common.table);
+    shared.health = Health::new(LIVE_BOUND, ready_max_age);
+    let shared = Arc::new(shared);
+    // Not fatal: enforcement matters more than probes (a failing probe shows it).
+    match serve_health(health_addr, shared.clone()) {
+        Ok(local) => info!("health on http://{local}/healthz and /readyz"),
+        Err(e) => error!("cannot serve /healthz and /readyz on {health_addr}: {e}"),
+    }
     if let Some(addr) = metrics_addr {
         let local =
             serve(addr, shared.clone()).with_context(|| format!("serving metrics on {addr}"))?;
         info!("metrics on http://{local}/metrics");
     }
+    let mut subnet_error = None;
     let opts = match options(common) {
         Ok(o) => o,
         Err(e) => {
             // subnet.env not written yet (twilld starting): unknown-pod isolation comes
-            // with the first successful read.
+            // with the first successful read (re-tried every pass).
             warn!("{e:#}; unknown pod addresses are not isolated until it can be read");
+            subnet_error = Some(format!("{e:#}"));
             Options {
                 table: common.table.clone(),
                 log_rate: common.log_rate,
+                allow_rules: true,
                 pod_cidrs: common.pod_cidr.clone(),
                 pod_bridge: common.pod_bridge.clone(),
-                ..Options::default()
             }
         }
     };
     let mut enf = Enforcer::new(nft, &node, opts);
     info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, "twill-policy running");
+    // A table from an earlier run (restart without reboot) holds the last known policy.
+    let table_existed = match enf.nft.table_exists(&common.table) {
+        Ok(b) => b,
+        Err(e) => {
+            error!(
+                "cannot tell whether table inet {} exists: {e}",
+                common.table
+            );
+            false
+        }
+    };
     let resync = Duration::from_secs(resync.max(1));
     let mut last_good: Option<Snapshot> = None;
+    // Whether the last read of the source succeeded (its newest state is `last_good`).
+    let mut source_ok = false;
     let mut last_full = Instant::now();
     let mut changed = true;
+    // What was last logged about the node's state before the first good snapshot.
+    let mut startup_logged: Option<String> = None;
     loop {
+        shared.health.beat();
+        if common.subnet_file.is_some() {
+            match pod_cidrs(common) {
+                Ok(c) => {
+                    subnet_error = None;
+                    if c != enf.opts.pod_cidrs {
+                        info!(pod_cidrs = ?c, "node pod subnets changed");
+                        enf.opts.pod_cidrs = c;
+                    }
+                }
+                Err(e) => {
+                    // Logged when it changes, not every pass (twilld may take a while).
+                    let msg = format!("{e:#}");
+                    if subnet_error.as_ref() != Some(&msg) {
+                        warn!("{msg}; keeping pod subnets {:?}", enf.opts.pod_cidrs);
+                        subnet_error = Some(msg);
+                    }
+                }
+            }
+        }
+        if last_good.is_none() {
+            // No good snapshot yet (fresh boot, API unreachable, broken manifests): close
+            // the node's pods before anything else, and again every pass (the subnet file
+            // may have appeared, an isolation may have failed).
+            startup(&mut enf, table_existed, &mut startup_logged);
+        }
         if changed {
             let t = Instant::now();
             match load(src.as_mut()) {
                 Ok(s) => {
                     tracing::debug!("read the source in {:?}", t.elapsed());
-                    last_good = Some(s)
+                    last_good = Some(s);
+                    source_ok = true;
                 }
                 Err(e) => {
                     shared.metrics.record_source_error();
-                    warn!("{e}; keeping the last good state")
+                    source_ok = false;
+                    if last_good.is_some() {
+                        warn!("{e}; keeping the last good state")
+                    } else {
+                        warn!("{e}; no good snapshot yet")
+                    }
                 }
             }
         }
@@ -327,25 +404,69 @@ fn cmd_run(
             enf.invalidate();
             last_full = Instant::now();
         }
-        if common.subnet_file.is_some() {
-            match pod_cidrs(common) {
-                Ok(c) if c != enf.opts.pod_cidrs => {
-                    info!(pod_cidrs = ?c, "node pod subnets changed");
-                    enf.opts.pod_cidrs = c;
-                }
-                Ok(_) => {}
-                Err(e) => warn!("{e:#}; keeping pod subnets {:?}", enf.opts.pod_cidrs),
+        let Some(s) = &last_good else {
+            changed = src.wait_change(Duration::from_secs(1));
+            continue;
+        };
+        let r = shared.sync(&mut enf, s);
+        if !report(&r) {
+            // Retry soon: the next pass reapplies since nothing was recorded as loaded.
+            changed = src.wait_change(Duration::from_secs(1));
+            continue;
+        }
+        if startup_logged.take().is_some() {
+            info!("first good snapshot enforced: the node's pods are under their policies");
+        }
+        if source_ok {
+            shared.health.good();
+        }
+        changed = src.wait_change(resync.saturating_sub(last_full.elapsed()).min(HEARTBEAT));
+    }
+}
+
+/// Before the first good snapshot: keeps a table left by an earlier run, or installs the
+/// startup isolation table (every address of the node's pod subnets is an unknown pod:
+/// new connections to and from it are dropped), or warns that nothing can be isolated.
+/// Logs the node's state whenever it changes (`logged` holds the last message).
+fn startup(enf: &mut Enforcer, table_existed: bool, logged: &mut Option<String>) {
+    let mut say = |level: tracing::Level, msg: String| {
+        if logged.as_ref() != Some(&msg) {
+            match level {
+                tracing::Level::ERROR => error!("{msg}"),
+                tracing::Level::WARN => warn!("{msg}"),
+                _ => info!("{msg}"),
+            }
+            *logged = Some(msg);
+        }
+    };
+    match startup_plan(table_existed, &enf.opts.pod_cidrs) {
+        StartupPlan::KeepPrevious => say(
+            tracing::Level::WARN,
+            format!(
+                "no good snapshot yet: table inet {} from an earlier run stays (the last known policy) until there is one",
+                enf.opts.table
+            ),
+        ),
+        StartupPlan::Isolate => {
+            let r = enf.sync(&Snapshot::default());
+            match &r.applied {
+                Applied::FailClosed { error } | Applied::Failed { error, .. } => say(
+                    tracing::Level::ERROR,
+                    format!("no good snapshot yet and the startup isolation table was rejected: {error}; retrying"),
+                ),
+                _ => say(
+                    tracing::Level::WARN,
+                    format!(
+                        "no good snapshot yet: startup isolation, every pod address in {:?} refuses new connections until there is one",
+                        enf.opts.pod_cidrs
+                    ),
+                ),
             }
         }
-        if let Some(s) = &last_good {
-            let r = shared.sync(&mut enf, s);
-            if !report(&r) {
-                // Retry soon: the next pass reapplies since nothing was recorded as loaded.
-                changed = src.wait_change(Duration::from_secs(1));
-                continue;
-            }
-        }
-        changed = src.wait_change(resync.saturating_sub(last_full.elapsed()));
+        StartupPlan::Unprotected => say(
+            tracing::Level::ERROR,
+            "no good snapshot yet and no pod subnets known (--pod-cidr, or --subnet-file not readable yet): this node's pods are NOT isolated".to_string(),
+        ),
     }
 }
 
@@ -435,11 +556,15 @@ fn main() -> ExitCode {
         Cmd::Run {
             resync,
             metrics_addr,
+            health_addr,
+            ready_max_age,
             poll_ms,
         } => cmd_run(
             &cli.common,
             *resync,
             *metrics_addr,
+            *health_addr,
+            Duration::from_secs(*ready_max_age),
             Duration::from_millis(*poll_ms),
         ),
         Cmd::Apply { check } => cmd_apply(&cli.common, *check),

@@ -14,6 +14,9 @@
 //! unknown-pod chains), read at scrape time with one netlink dump ([`counters`]); syncs never
 //! list the table, which at 10k pods costs nft a second of CPU. [`DropTracker`] keeps the
 //! totals monotonic.
+//!
+//! [`Health`] is the sync loop's liveness and readiness, served as `/healthz` and `/readyz`
+//! by [`serve_health`] (on by default) and by the metrics server.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -233,12 +236,114 @@ impl DropTracker {
     }
 }
 
+/// Default [`Health::live_bound`]: longer than the slowest pass of the loop (a source read,
+/// then up to five nft runs of at most 30 s each).
+pub const LIVE_BOUND: Duration = Duration::from_secs(300);
+/// Default [`Health::ready_max_age`].
+pub const READY_MAX_AGE: Duration = Duration::from_secs(120);
+
+/// Liveness and readiness of the sync loop, written by the loop, read by the HTTP server.
+#[derive(Debug)]
+pub struct Health {
+    /// When the loop last came round.
+    beat: Mutex<Instant>,
+    /// When the loop last confirmed that the full ruleset of the source's newest state (read
+    /// without errors) is loaded.
+    good: Mutex<Option<Instant>>,
+    /// `/healthz` fails when the loop has not come round for this long (stuck).
+    pub live_bound: Duration,
+    /// `/readyz` fails when the last confirmation is older than this (or there was none).
+    pub ready_max_age: Duration,
+}
+
+impl Health {
+    pub fn new(live_bound: Duration, ready_max_age: Duration) -> Health {
+        Health {
+            beat: Mutex::new(Instant::now()),
+            good: Mutex::new(None),
+            live_bound,
+            ready_max_age,
+        }
+    }
+
+    /// The loop came round.
+    pub fn beat(&self) {
+        *self.beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// The source's newest state (read without errors) is what the kernel enforces.
+    pub fn good(&self) {
+        *self.good.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// `(status, body)` of `/healthz` now.
+    pub fn healthz(&self) -> (u16, String) {
+        let beat = *self.beat.lock().unwrap_or_else(|e| e.into_inner());
+        healthz(beat.elapsed(), self.live_bound)
+    }
+
+    /// `(status, body)` of `/readyz` now.
+    pub fn readyz(&self) -> (u16, String) {
+        let good = *self.good.lock().unwrap_or_else(|e| e.into_inner());
+        readyz(good.map(|g| g.elapsed()), self.ready_max_age)
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new(LIVE_BOUND, READY_MAX_AGE)
+    }
+}
+
+/// `/healthz`: 200 while the sync loop came round less than `bound` ago, else 503.
+pub fn healthz(beat_age: Duration, bound: Duration) -> (u16, String) {
+    let (age, bound_s) = (beat_age.as_secs_f64(), bound.as_secs_f64());
+    if beat_age < bound {
+        (
+            200,
+            format!("ok: sync loop came round {age:.1}s ago (bound {bound_s:.0}s)\n"),
+        )
+    } else {
+        (
+            503,
+            format!("stuck: sync loop last came round {age:.1}s ago, bound {bound_s:.0}s\n"),
+        )
+    }
+}
+
+/// `/readyz`: 200 when a good snapshot's full ruleset was confirmed loaded less than
+/// `max_age` ago, else 503. The body says the age and the bound.
+pub fn readyz(good_age: Option<Duration>, max_age: Duration) -> (u16, String) {
+    let max = max_age.as_secs_f64();
+    match good_age {
+        Some(a) if a < max_age => (
+            200,
+            format!(
+                "ready: good snapshot enforced, confirmed {:.1}s ago (max age {max:.0}s)\n",
+                a.as_secs_f64()
+            ),
+        ),
+        Some(a) => (
+            503,
+            format!(
+                "not ready: good snapshot last confirmed {:.1}s ago, older than max age {max:.0}s\n",
+                a.as_secs_f64()
+            ),
+        ),
+        None => (
+            503,
+            format!("not ready: no good snapshot applied yet (max age {max:.0}s)\n"),
+        ),
+    }
+}
+
 /// Metrics plus the drop-counter tracker; shared by the sync loop and the HTTP server.
 #[derive(Debug)]
 pub struct Shared {
     pub metrics: Metrics,
     pub table: String,
     pub drops: Mutex<DropTracker>,
+    pub health: Health,
 }
 
 impl Shared {
@@ -247,6 +352,7 @@ impl Shared {
             metrics: Metrics::new(),
             table: table.to_string(),
             drops: Mutex::new(DropTracker::default()),
+            health: Health::default(),
         }
     }
 
@@ -315,18 +421,31 @@ fn write_until(conn: &mut TcpStream, mut data: &[u8], deadline: Instant) {
 }
 
 /// Answers one connection: the request head is read within [`DEADLINE`] and
-/// [`MAX_HEAD`] bytes, the response written within another [`DEADLINE`].
-fn handle(mut conn: TcpStream, shared: &Shared, deadline: Duration) {
+/// [`MAX_HEAD`] bytes, the response written within another [`DEADLINE`]. `/healthz` and
+/// `/readyz` always; `/metrics` only if `metrics`.
+fn handle(mut conn: TcpStream, shared: &Shared, deadline: Duration, metrics: bool) {
     let (head, complete) = read_head(&mut conn, Instant::now() + deadline);
     let head = String::from_utf8_lossy(&head);
     let path = head.split_whitespace().nth(1).unwrap_or("");
+    let probe = match path {
+        "/healthz" => Some(shared.health.healthz()),
+        "/readyz" => Some(shared.health.readyz()),
+        _ => None,
+    };
     let (status, ctype, body) = if !complete {
         (
             "400 Bad Request",
             "text/plain",
             "request head too long or too slow\n".to_string(),
         )
-    } else if path == "/metrics" || path == "/" {
+    } else if let Some((code, body)) = probe {
+        let status = if code == 200 {
+            "200 OK"
+        } else {
+            "503 Service Unavailable"
+        };
+        (status, "text/plain", body)
+    } else if metrics && (path == "/metrics" || path == "/") {
         (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -342,24 +461,32 @@ fn handle(mut conn: TcpStream, shared: &Shared, deadline: Duration) {
     write_until(&mut conn, reply.as_bytes(), Instant::now() + deadline);
 }
 
-/// Serves `GET /metrics` (and `/`) on `addr` from a background thread; other paths get 404.
-/// One connection at a time, each bounded in size and time (see [`handle`]).
+/// Serves `GET /metrics` (and `/`), `/healthz` and `/readyz` on `addr` from a background
+/// thread; other paths get 404. One connection at a time, each bounded in size and time
+/// (see [`handle`]).
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    serve_with(addr, shared, DEADLINE)
+    serve_with(addr, shared, DEADLINE, true)
+}
+
+/// Serves only `GET /healthz` and `/readyz` on `addr` (no metrics: it is on by default, and
+/// the metrics name pods), from a thread of its own so a slow scrape cannot fail a probe.
+pub fn serve_health(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    serve_with(addr, shared, DEADLINE, false)
 }
 
 fn serve_with(
     addr: SocketAddr,
     shared: Arc<Shared>,
     deadline: Duration,
+    metrics: bool,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new()
-        .name("metrics".into())
+        .name(if metrics { "metrics" } else { "health" }.into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                handle(conn, &shared, deadline);
+                handle(conn, &shared, deadline, metrics);
             }
         })?;
     Ok(local)
@@ -495,6 +622,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             shared,
             Duration::from_millis(300),
+            true,
         )
         .unwrap();
         // A client that connects and says nothing, then one that sends 1 MiB of header.
@@ -514,6 +642,65 @@ mod tests {
     }
 
     #[test]
+    fn health_and_readiness_decisions() {
+        let b = Duration::from_secs(300);
+        let (code, body) = healthz(Duration::from_secs(2), b);
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            body.contains("2.0s ago") && body.contains("bound 300s"),
+            "{body}"
+        );
+        let (code, body) = healthz(Duration::from_secs(301), b);
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("301.0s") && body.contains("300s"), "{body}");
+
+        let max = Duration::from_secs(120);
+        let (code, body) = readyz(None, max);
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("no good snapshot") && body.contains("max age 120s"),
+            "{body}"
+        );
+        let (code, body) = readyz(Some(Duration::from_millis(1500)), max);
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            body.contains("1.5s ago") && body.contains("max age 120s"),
+            "{body}"
+        );
+        let (code, body) = readyz(Some(Duration::from_secs(120)), max);
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("120.0s ago") && body.contains("older than"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn health_server_serves_probes_but_not_metrics() {
+        use std::io::Read;
+        let mut sh = Shared::new("t");
+        sh.health = Health::new(Duration::from_secs(300), Duration::from_secs(120));
+        let shared = Arc::new(sh);
+        let addr = serve_health("127.0.0.1:0".parse().unwrap(), shared.clone()).unwrap();
+        let get = |path: &str| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            s
+        };
+        let r = get("/healthz");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        let r = get("/readyz");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.contains("max age 120s"), "{r}");
+        shared.health.good();
+        let r = get("/readyz");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(get("/metrics").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
     fn http_server_serves_metrics_and_404() {
         use std::io::Read;
         let shared = Arc::new(Shared::new("t"));
@@ -530,5 +717,7 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
         assert!(ok.contains("twill_policy_rules 42"), "{ok}");
         assert!(get("/nope").starts_with("HTTP/1.1 404"));
+        assert!(get("/healthz").starts_with("HTTP/1.1 200 OK"));
+        assert!(get("/readyz").starts_with("HTTP/1.1 503"));
     }
 }

@@ -152,6 +152,18 @@ impl Nft {
     }
 }
 
+impl Nft {
+    /// Whether table `inet NAME` exists. Lists it without set elements (`-t`), which stays
+    /// cheap at any size.
+    pub fn table_exists(&self, table: &str) -> Result<bool, NftError> {
+        match self.run(&["-t", "list", "table", "inet", table], "") {
+            Ok(_) => Ok(true),
+            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// FNV-1a (64 bits) over everything written into it.
 struct Fnv(u64);
 
@@ -236,6 +248,31 @@ pub fn marked_script(def: &TableDef, id: &str) -> String {
     let mut s = String::new();
     let _ = def.write_script(&mut s, &id_set(id));
     s
+}
+
+/// What `run` enforces before its first good snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartupPlan {
+    /// A table from an earlier run exists (restart without reboot): it stays. It enforces
+    /// the last known policy, and, if that run knew the pod subnets, isolates pods created
+    /// since; total isolation instead would cut every pod's new connections for as long as
+    /// the source is down, which a restart (upgrade, OOM kill) must not do.
+    KeepPrevious,
+    /// No table (fresh boot): isolate every address of the node's pod subnets.
+    Isolate,
+    /// No table and no pod subnets known: nothing can be isolated yet.
+    Unprotected,
+}
+
+/// Decides what to enforce before the first good snapshot.
+pub fn startup_plan(table_existed: bool, pod_cidrs: &[ipnet::IpNet]) -> StartupPlan {
+    if table_existed {
+        StartupPlan::KeepPrevious
+    } else if pod_cidrs.is_empty() {
+        StartupPlan::Unprotected
+    } else {
+        StartupPlan::Isolate
+    }
 }
 
 /// What a sync did.
@@ -498,6 +535,54 @@ impl Enforcer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn startup_keeps_an_earlier_table_else_isolates_known_subnets() {
+        let cidrs: Vec<ipnet::IpNet> = vec!["10.244.1.0/24".parse().unwrap()];
+        assert_eq!(startup_plan(true, &cidrs), StartupPlan::KeepPrevious);
+        assert_eq!(startup_plan(true, &[]), StartupPlan::KeepPrevious);
+        assert_eq!(startup_plan(false, &cidrs), StartupPlan::Isolate);
+        assert_eq!(startup_plan(false, &[]), StartupPlan::Unprotected);
+    }
+
+    #[test]
+    fn the_startup_table_isolates_every_address_of_the_pod_subnets() {
+        // Startup isolation is the ruleset of an empty snapshot: no pod is known, so every
+        // address of the node's subnets goes to the unknown-pod chains.
+        let opts = Options {
+            pod_cidrs: vec![
+                "10.244.1.0/24".parse().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap(),
+            ],
+            ..Options::default()
+        };
+        let rs = compile(&Snapshot::default(), "n1", &opts);
+        use crate::compile::Decision;
+        use crate::model::PolicyType;
+        use crate::model::Protocol;
+        let d = |src: &str, dst: &str| {
+            rs.decide(
+                src.parse().unwrap(),
+                dst.parse().unwrap(),
+                Protocol::Tcp,
+                80,
+            )
+        };
+        assert_eq!(
+            d("10.244.1.5", "10.244.2.7"),
+            Decision::Drop(PolicyType::Egress)
+        );
+        assert_eq!(
+            d("10.244.2.7", "10.244.1.5"),
+            Decision::Drop(PolicyType::Ingress)
+        );
+        assert_eq!(
+            d("fd00:10:244:1::9", "fd00:10:244:2::9"),
+            Decision::Drop(PolicyType::Egress)
+        );
+        // Other nodes' subnets are theirs to police.
+        assert_eq!(d("10.244.2.7", "10.244.3.9"), Decision::Accept);
+    }
 
     #[test]
     fn runner_captures_stderr_and_times_out() {

@@ -84,7 +84,7 @@ fn conformance_scenarios_with_objects_from_the_api() {
     }
     let mut src = KubeApiSource::start(KubeOptions {
         api_url: url,
-        kubeconfig: String::new(),
+        ..KubeOptions::default()
     });
     let mut live: BTreeSet<(String, String)> = BTreeSet::new();
     let (mut steps, mut checked, mut failures) = (0usize, 0usize, Vec::new());
@@ -193,4 +193,45 @@ fn conformance_scenarios_with_objects_from_the_api() {
         .count();
     assert!(relists > 3, "the 410s caused no re-list ({relists} lists)");
     eprintln!("{steps} steps through the API, {checked} pairs, all as expected; {relists} lists");
+}
+
+/// A server that accepts connections and never answers: the source drops each silent
+/// connection after its read timeout, logs it, and tries again (it used to wait forever).
+#[test]
+fn a_silent_api_server_does_not_stall_the_source() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(c); // open and silent
+        }
+    });
+    let mut src = KubeApiSource::start(KubeOptions {
+        api_url: format!("http://{addr}"),
+        read_timeout: Duration::from_secs(1),
+        ..KubeOptions::default()
+    });
+    src.initial_timeout = Duration::from_millis(100);
+    // Three lists hang on their first connections; after the read timeout each is dropped
+    // and retried after its backoff, on a new connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = src.snapshot().unwrap_err().to_string();
+        let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        if n >= 6 && err.contains("last error") {
+            assert!(err.contains("no initial list of"), "{err}");
+            assert!(
+                err.to_lowercase().contains("timed out") || err.to_lowercase().contains("timeout"),
+                "{err}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} connections; {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

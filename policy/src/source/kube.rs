@@ -7,16 +7,25 @@
 //!
 //! The watchers run on a thread of their own with a small tokio runtime, behind the synchronous
 //! [`Source`] trait.
+//!
+//! Nothing here gives up or spins: building the client (kubeconfig, in-cluster config) is
+//! retried, and so is every failed list or watch, after a delay that doubles from 0.8 s to
+//! 30 s with jitter ([`retry_backoff`], `backon`, the crate kube-runtime's own backoff uses);
+//! every failure is logged with the delay. Every call has a bound: connect 10 s,
+//! a list or watch response that stays silent for [`READ_TIMEOUT`] is dropped, and watches
+//! ask the server to end them after [`WATCH_TIMEOUT`] (the watcher also drops one idle for
+//! that plus 5 s), so a hung connection cannot stall the source.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::Value;
 
@@ -36,13 +45,40 @@ pub const API_VERBS: &[(&str, &str)] = &[
 
 const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
 
+/// Connect timeout of every API call.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Server-side timeout of every watch (`timeoutSeconds`): the server ends it, the watcher
+/// resumes from the last resourceVersion.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest silence on a response (list or watch) before the connection is dropped; longer
+/// than [`WATCH_TIMEOUT`] so that an idle but healthy watch is ended by the server first.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// Longest delay between two attempts (before jitter).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// The delays between attempts after errors (client construction, each watch): 0.8 s
+/// doubling to [`MAX_RETRY_DELAY`], each plus a random jitter of up to itself, forever.
+pub fn retry_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(800))
+        .with_max_delay(MAX_RETRY_DELAY)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 #[derive(Default)]
 struct State {
     /// Per kind: "ns/name" -> object JSON.
     objects: [BTreeMap<String, Value>; 3],
     ready: [bool; 3],
     generation: u64,
+    /// The source cannot work at all (no async runtime); reported by every snapshot.
     fatal: Option<String>,
+    /// The latest client or watch error, reported while an initial list is missing.
+    last_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -52,10 +88,22 @@ struct Shared {
 }
 
 /// Where the API is: `--kubeconfig` and/or `--kube-api-url`, else in-cluster.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KubeOptions {
     pub api_url: String,
     pub kubeconfig: String,
+    /// Longest silence on a response before the connection is dropped ([`READ_TIMEOUT`]).
+    pub read_timeout: Duration,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        KubeOptions {
+            api_url: String::new(),
+            kubeconfig: String::new(),
+            read_timeout: READ_TIMEOUT,
+        }
+    }
 }
 
 /// The API source. Dropping it leaves the watcher thread running until the process ends.
@@ -78,7 +126,29 @@ async fn client(opts: &KubeOptions) -> anyhow::Result<Client> {
     if !opts.api_url.is_empty() {
         config.cluster_url = opts.api_url.parse()?;
     }
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.read_timeout = Some(opts.read_timeout);
+    // Count the read timeout from the request, not from when a pooled connection went idle.
+    config.reset_reader_on_write = true;
     Ok(Client::try_from(config)?)
+}
+
+/// [`client`], retried with [`retry_backoff`] until it succeeds; every failure is logged
+/// with the delay before the next attempt and kept as the source's last error.
+async fn client_retrying(opts: &KubeOptions, shared: &Shared) -> Client {
+    let mut delays = retry_backoff();
+    loop {
+        match client(opts).await {
+            Ok(c) => return c,
+            Err(e) => {
+                let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+                tracing::warn!("Kubernetes client: {e:#}; retrying in {delay:?}");
+                shared.state.lock().expect("state").last_error =
+                    Some(format!("Kubernetes client: {e:#}"));
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
 }
 
 async fn follow<K>(api: Api<K>, idx: usize, shared: Arc<Shared>)
@@ -99,39 +169,80 @@ where
         v["kind"] = Value::String(KINDS[idx].into());
         v
     };
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let config = watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32);
+    // Our own backoff rather than kube's default_backoff(): that one is reset by every
+    // non-error item, and a failing initial list yields Event::Init before each error, so
+    // it retried an unreachable API every ~1 s forever. This one is reset only by progress
+    // (a complete list or a change).
+    let mut stream = watcher(api, config).boxed();
+    let mut delays = retry_backoff();
     let mut buffer = BTreeMap::new();
     while let Some(ev) = stream.next().await {
-        let mut st = shared.state.lock().expect("state");
-        match ev {
-            Ok(watcher::Event::Init) => {
-                buffer.clear();
-                continue;
+        let error = {
+            let mut st = shared.state.lock().expect("state");
+            let error = match ev {
+                Ok(watcher::Event::Init) => {
+                    buffer.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    buffer.insert(key(&o), value(&o));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    st.objects[idx] = std::mem::take(&mut buffer);
+                    st.ready[idx] = true;
+                    None
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    st.objects[idx].insert(key(&o), value(&o));
+                    None
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    st.objects[idx].remove(&key(&o));
+                    None
+                }
+                Err(e) => {
+                    let e = chain(&e);
+                    st.last_error = Some(format!("{} watch: {e}", KINDS[idx]));
+                    Some(e)
+                }
+            };
+            if error.is_none() {
+                st.generation += 1;
+                shared.changed.notify_all();
             }
-            Ok(watcher::Event::InitApply(o)) => {
-                buffer.insert(key(&o), value(&o));
-                continue;
-            }
-            Ok(watcher::Event::InitDone) => {
-                st.objects[idx] = std::mem::take(&mut buffer);
-                st.ready[idx] = true;
-            }
-            Ok(watcher::Event::Apply(o)) => {
-                st.objects[idx].insert(key(&o), value(&o));
-            }
-            Ok(watcher::Event::Delete(o)) => {
-                st.objects[idx].remove(&key(&o));
-            }
-            Err(e) => {
-                tracing::warn!(kind = KINDS[idx], error = %e, "watch failed; retrying");
-                continue;
+            error
+        };
+        match error {
+            None => delays = retry_backoff(),
+            Some(e) => {
+                let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+                tracing::warn!(
+                    kind = KINDS[idx],
+                    error = %e,
+                    "watch failed; retrying in {delay:?}"
+                );
+                tokio::time::sleep(delay).await;
             }
         }
-        st.generation += 1;
-        shared.changed.notify_all();
     }
+}
+
+/// `e` and its sources, joined by ": " (kube's own message stops at "client error
+/// (Connect)"; the cause, e.g. "Connection refused", is further down the chain).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 impl KubeApiSource {
@@ -148,21 +259,17 @@ impl KubeApiSource {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        sh.state.lock().expect("state").fatal = Some(e.to_string());
+                        tracing::error!("cannot start the Kubernetes API source: {e}");
+                        let mut st = sh.state.lock().expect("state");
+                        st.fatal = Some(format!("no async runtime: {e}"));
+                        // One wake-up so the caller reports it; wait_change then waits.
+                        st.generation += 1;
                         sh.changed.notify_all();
                         return;
                     }
                 };
                 rt.block_on(async move {
-                    let c = match client(&opts).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            sh.state.lock().expect("state").fatal =
-                                Some(format!("Kubernetes client: {e}"));
-                            sh.changed.notify_all();
-                            return;
-                        }
-                    };
+                    let c = client_retrying(&opts, &sh).await;
                     futures::join!(
                         follow(Api::<Namespace>::all(c.clone()), 0, sh.clone()),
                         follow(Api::<Pod>::all(c.clone()), 1, sh.clone()),
@@ -200,14 +307,23 @@ impl Source for KubeApiSource {
             if left.is_zero() {
                 let missing: Vec<&str> =
                     (0..3).filter(|i| !st.ready[*i]).map(|i| KINDS[i]).collect();
+                let last = st
+                    .last_error
+                    .as_ref()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default();
+                // Seen: the next wait_change waits for a new event instead of returning
+                // at once (the watchers retry on their own).
+                self.seen = st.generation;
                 return Err(source_error(
                     "Kubernetes API",
-                    format!("no initial list of {} yet", missing.join(", ")),
+                    format!("no initial list of {} yet{last}", missing.join(", ")),
                 ));
             }
             st = self.shared.changed.wait_timeout(st, left).expect("state").0;
         }
         if let Some(e) = &st.fatal {
+            self.seen = st.generation;
             return Err(source_error("Kubernetes API", e.clone()));
         }
         self.seen = st.generation;
@@ -253,7 +369,9 @@ impl Source for KubeApiSource {
         let (st, _) = self
             .shared
             .changed
-            .wait_timeout_while(st, timeout, |s| s.generation == seen && s.fatal.is_none())
+            // Only a new event wakes us: a fatal error is reported once (its own event), then
+            // this waits like any quiet source instead of returning at once forever.
+            .wait_timeout_while(st, timeout, |s| s.generation == seen)
             .expect("state");
         st.generation != seen
     }
