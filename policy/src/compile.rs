@@ -285,17 +285,147 @@ impl Default for Options {
     }
 }
 
-fn ident(s: String, fallback: impl FnOnce() -> String) -> String {
-    // nft identifiers: a letter first, then letters, digits, / - _ . ; keep them short.
-    let ok = s.len() <= 200
-        && s.starts_with(|c: char| c.is_ascii_alphabetic())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c));
-    if ok {
-        s
-    } else {
-        fallback()
+/// Longest name of an nft object (chain, set, counter): the kernel's NFT_NAME_MAXLEN is 256
+/// bytes with the terminating NUL.
+pub const NAME_MAX: usize = 255;
+/// Longest comment nft accepts (NFTNL_UDATA_COMMENT_MAXLEN), in bytes: "comment too long,
+/// 128 characters maximum allowed".
+pub const COMMENT_MAX: usize = 128;
+/// Longest log prefix (the kernel's NF_LOG_PREFIXLEN is 128 bytes with the NUL).
+pub const LOG_PREFIX_MAX: usize = 127;
+
+/// Hex digits of the SHA-256 prefix in a hashed name (128 bits: no tenant can make two of
+/// its names collide, which would break the whole table).
+const HASH_HEX: usize = 32;
+
+/// Whether `s` may stand as one `/`-separated part of an nft identifier as it is: nft's
+/// unquoted names are a letter then letters, digits, `/ - _ .` (every Kubernetes name is
+/// made of these; `/` is our separator, so not inside a part).
+fn plain_part(s: &str) -> bool {
+    !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The nft name `<kind>/<objs joined by '/'>[/<tail>]` of the object that belongs to the
+/// Kubernetes objects named `objs` (namespace, pod or policy), e.g. `pod-in/x/web` or
+/// `peers/x/allow-web/in0/v4`. `kind` and `tail` are ours (a letter first, nft's
+/// characters only).
+///
+/// Unchanged when every part is plain and the whole fits in [`NAME_MAX`] - 1 bytes. Otherwise
+/// (a 253-character pod name in a 63-character namespace is 325 bytes; a manifest may hold
+/// any UTF-8) the name is a readable head (the same text, other characters as `_`, cut or
+/// padded with `_` to a fixed width) then `/<tail>`, `-` and 128 bits of SHA-256 over the
+/// length-prefixed parts: exactly [`NAME_MAX`] bytes, so never equal to an unchanged name,
+/// stable across syncs, and distinct for distinct objects.
+fn ident(kind: &str, objs: &[&str], tail: &str) -> String {
+    let tail_len = if tail.is_empty() { 0 } else { tail.len() + 1 };
+    let len = kind.len() + objs.iter().map(|o| o.len() + 1).sum::<usize>() + tail_len;
+    if len < NAME_MAX && objs.iter().all(|o| plain_part(o)) {
+        let mut s = String::with_capacity(len);
+        s.push_str(kind);
+        for o in objs {
+            s.push('/');
+            s.push_str(o);
+        }
+        if !tail.is_empty() {
+            s.push('/');
+            s.push_str(tail);
+        }
+        return s;
     }
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in std::iter::once(&kind).chain(objs).chain([&tail]) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let head_len = NAME_MAX - 1 - HASH_HEX - tail_len;
+    let mut s = String::with_capacity(NAME_MAX);
+    s.push_str(kind);
+    for o in objs {
+        if s.len() >= head_len {
+            break;
+        }
+        s.push('/');
+        s.extend(o.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        }));
+    }
+    // ASCII only, so any byte index is a char boundary.
+    s.truncate(head_len);
+    while s.len() < head_len {
+        s.push('_');
+    }
+    if !tail.is_empty() {
+        s.push('/');
+        s.push_str(tail);
+    }
+    s.push('-');
+    for b in &digest[..HASH_HEX / 2] {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// `s` as an nft quoted string (with its quotes) of at most `max` bytes inside them, for
+/// comments and log prefixes, whatever UTF-8 a manifest holds. nft's quoted strings have no
+/// escapes (a `"` ends them) and a log prefix expands `$name` as a variable, so everything but
+/// printable ASCII, and `"`, `\` and `$`, is written `\u{hex}` (ASCII, no quote, no dollar;
+/// control characters cannot forge log lines). Too long, the middle is cut (on an escape's
+/// boundary) and replaced by `..`: the start (direction, namespace) and the end (rule index,
+/// the end of the name) stay readable. Plain text renders as `{:?}` does.
+pub fn quoted(s: &str, max: usize) -> String {
+    if s.len() <= max
+        && s
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && !matches!(b, b'"' | b'\\' | b'$'))
+    {
+        return format!("\"{s}\"");
+    }
+    let unit = |c: char| -> String {
+        match c {
+            ' '..='~' if !matches!(c, '"' | '\\' | '$') => c.to_string(),
+            _ => format!("\\u{{{:x}}}", c as u32),
+        }
+    };
+    let units: Vec<String> = s.chars().map(unit).collect();
+    let total: usize = units.iter().map(String::len).sum();
+    let mut out = String::with_capacity(total.min(max) + 2);
+    out.push('"');
+    if total <= max {
+        units.iter().for_each(|u| out.push_str(u));
+    } else {
+        let budget = max.saturating_sub(2);
+        let tail_budget = budget / 4;
+        let mut tail = Vec::new();
+        let mut tail_len = 0;
+        for u in units.iter().rev() {
+            if tail_len + u.len() > tail_budget {
+                break;
+            }
+            tail_len += u.len();
+            tail.push(u.as_str());
+        }
+        let mut head_len = 0;
+        for u in &units[..units.len() - tail.len()] {
+            if head_len + u.len() > budget - tail_len {
+                break;
+            }
+            head_len += u.len();
+            out.push_str(u);
+        }
+        out.push_str("..");
+        tail.iter().rev().for_each(|u| out.push_str(u));
+    }
+    out.push('"');
+    out
 }
 
 /// Local pods: policy pods on `node` with addresses, first by key wins an address.
@@ -596,13 +726,9 @@ impl<'a> Builder<'a> {
                     continue;
                 }
                 let name = ident(
-                    format!(
-                        "{kind}/{}/{}/{short}{ri}/{}",
-                        pol.namespace,
-                        pol.name,
-                        fam.suffix()
-                    ),
-                    || format!("{kind}/p{pi}/{short}{ri}/{}", fam.suffix()),
+                    kind,
+                    &[&pol.namespace, &pol.name],
+                    &format!("{short}{ri}/{}", fam.suffix()),
                 );
                 self.addr_sets.insert(
                     name.clone(),
@@ -697,13 +823,9 @@ impl<'a> Builder<'a> {
                 continue;
             }
             let name = ident(
-                format!(
-                    "named/{}/{}/eg{ri}/{}",
-                    pol.namespace,
-                    pol.name,
-                    fam.suffix()
-                ),
-                || format!("named/p{pi}/eg{ri}/{}", fam.suffix()),
+                "named",
+                &[&pol.namespace, &pol.name],
+                &format!("eg{ri}/{}", fam.suffix()),
             );
             self.tuple_sets.insert(
                 name.clone(),
@@ -883,21 +1005,11 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
             if selecting.is_empty() {
                 continue;
             }
-            let name = match dir {
-                PolicyType::Ingress => format!("pod-in/{}/{}", pod.namespace, pod.name),
-                PolicyType::Egress => format!("pod-out/{}/{}", pod.namespace, pod.name),
+            let kind = match dir {
+                PolicyType::Ingress => "pod-in",
+                PolicyType::Egress => "pod-out",
             };
-            let name = ident(name, || {
-                format!(
-                    "pod-{}/n{}",
-                    if dir == PolicyType::Ingress {
-                        "in"
-                    } else {
-                        "out"
-                    },
-                    chains.len()
-                )
-            });
+            let name = ident(kind, &[&pod.namespace, &pod.name], "");
             let mut rules: Vec<ChainRule> = Vec::new();
             if opts.allow_rules {
                 // A chain rule identical to an earlier one of the chain (but for its
@@ -1085,12 +1197,12 @@ impl Ruleset {
                     vec![
                         format!("type {}", set.family.addr_type()),
                         "flags interval".into(),
-                        format!("comment {:?}", set.comment),
+                        format!("comment {}", quoted(&set.comment, COMMENT_MAX)),
                     ]
                 } else {
                     vec![
                         format!("type {}", set.family.addr_type()),
-                        format!("comment {:?}", set.comment),
+                        format!("comment {}", quoted(&set.comment, COMMENT_MAX)),
                     ]
                 },
                 elems: set.ranges.render(set.family),
@@ -1104,7 +1216,7 @@ impl Ruleset {
                         "type {} . inet_proto . inet_service",
                         set.family.addr_type()
                     ),
-                    format!("comment {:?}", set.comment),
+                    format!("comment {}", quoted(&set.comment, COMMENT_MAX)),
                 ],
                 elems: set
                     .elems
@@ -1169,16 +1281,15 @@ impl Ruleset {
                         }
                     }
                 }
-                let _ = write!(line, "return comment {:?}", r.comment);
+                let _ = write!(line, "return comment {}", quoted(&r.comment, COMMENT_MAX));
                 rules.push(line);
             }
-            let mut prefix = format!("twill-policy drop {} {}: ", c.dir, c.pod);
-            if prefix.len() > 120 {
-                prefix.truncate(116);
-                prefix.push_str("..: ");
-            }
+            let prefix = quoted(
+                &format!("twill-policy drop {} {}: ", c.dir, c.pod),
+                LOG_PREFIX_MAX,
+            );
             rules.push(format!(
-                "limit rate {}/second burst {} packets log prefix {prefix:?} level info",
+                "limit rate {}/second burst {} packets log prefix {prefix} level info",
                 self.log_rate,
                 self.log_rate * 2
             ));
@@ -1403,7 +1514,7 @@ impl TableDef {
         for c in &self.chains {
             writeln!(w, "\tcounter {} {{\n\t}}", c.name)?;
             writeln!(w, "\tchain {} {{", c.name)?;
-            writeln!(w, "\t\tcomment {:?}", c.comment)?;
+            writeln!(w, "\t\tcomment {}", quoted(&c.comment, COMMENT_MAX))?;
             for r in &c.rules {
                 writeln!(w, "\t\t{r}")?;
             }
@@ -1512,8 +1623,9 @@ impl TableDef {
                     let _ = writeln!(out, "add counter inet {t} {}", c.name);
                     let _ = writeln!(
                         out,
-                        "add chain inet {t} {} {{ comment {:?}; }}",
-                        c.name, c.comment
+                        "add chain inet {t} {} {{ comment {}; }}",
+                        c.name,
+                        quoted(&c.comment, COMMENT_MAX)
                     );
                     fill.push(c);
                 }

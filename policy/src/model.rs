@@ -47,6 +47,127 @@ fn ferr(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     }
 }
 
+// ------------------------------------------------------------------ names, as the API server checks them
+
+/// `s` for an error message: quoted, and cut after 80 characters (a manifest's name can be
+/// megabytes long).
+fn shown(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        None => format!("{s:?}"),
+        Some((i, _)) => format!("{:?}... ({} bytes)", &s[..i], s.len()),
+    }
+}
+
+/// RFC 1123 label (namespace names): at most 63 of `a-z 0-9 -`, alphanumeric at both ends.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain (pod and NetworkPolicy names, label key prefixes): at most 253
+/// characters, dot-separated parts of `a-z 0-9 -`, each alphanumeric at both ends.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// A label value (and the name part of a label key when not empty): at most 63 of
+/// `A-Z a-z 0-9 - _ .`, alphanumeric at both ends; the empty value is valid.
+pub fn is_label_value(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.is_empty()
+        || (b.len() <= 63
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric())
+}
+
+/// A label key (qualified name): an optional DNS subdomain prefix and `/`, then a
+/// non-empty name of at most 63 (as [`is_label_value`]).
+pub fn is_label_key(s: &str) -> bool {
+    let name = match s.split_once('/') {
+        Some((prefix, name)) => {
+            if prefix.is_empty() || !is_dns1123_subdomain(prefix) {
+                return false;
+            }
+            name
+        }
+        None => s,
+    };
+    !name.is_empty() && is_label_value(name)
+}
+
+/// `metadata.name` checked with `valid` (`what` names the rule in the error).
+fn check_name(field: &str, s: &str, valid: fn(&str) -> bool, what: &str) -> Result<(), FieldError> {
+    if s.is_empty() {
+        return Err(ferr(field, "required"));
+    }
+    if !valid(s) {
+        return Err(ferr(field, format!("{} is not a valid {what}", shown(s))));
+    }
+    Ok(())
+}
+
+/// `metadata.namespace` when given (empty = `default`).
+fn check_namespace(s: &str) -> Result<(), FieldError> {
+    if !s.is_empty() && !is_dns1123_label(s) {
+        return Err(ferr(
+            "metadata.namespace",
+            format!(
+                "{} is not a valid namespace name (RFC 1123 label: at most 63 of a-z, 0-9, '-')",
+                shown(s)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Label keys and values, as the API server validates them (`field` is e.g.
+/// `metadata.labels`).
+fn check_labels(field: &str, labels: &Labels) -> Result<(), FieldError> {
+    for (k, v) in labels {
+        check_label_key(field, k)?;
+        if !is_label_value(v) {
+            return Err(ferr(
+                format!("{field}[{k}]"),
+                format!(
+                    "{} is not a valid label value (at most 63 of A-Z, a-z, 0-9, '-', '_', '.', alphanumeric at both ends)",
+                    shown(v)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_label_key(field: &str, k: &str) -> Result<(), FieldError> {
+    if !is_label_key(k) {
+        return Err(ferr(
+            field,
+            format!(
+                "{} is not a valid label key ([DNS subdomain prefix '/'] name of at most 63 of A-Z, a-z, 0-9, '-', '_', '.')",
+                shown(k)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const SUBDOMAIN: &str = "name (RFC 1123 subdomain: at most 253 of a-z, 0-9, '-', '.')";
+
 /// Deserializes `null` as the type's default (Kubernetes treats null and absent alike).
 fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -117,10 +238,18 @@ impl LabelSelector {
     }
 
     fn validate(&self, field: &str) -> Result<(), FieldError> {
+        check_labels(&format!("{field}.matchLabels"), &self.match_labels)?;
         for (i, r) in self.match_expressions.iter().enumerate() {
             let f = format!("{field}.matchExpressions[{i}]");
             if r.key.is_empty() {
                 return Err(ferr(format!("{f}.key"), "must not be empty"));
+            }
+            check_label_key(&format!("{f}.key"), &r.key)?;
+            if let Some(v) = r.values.iter().find(|v| !is_label_value(v)) {
+                return Err(ferr(
+                    format!("{f}.values"),
+                    format!("{} is not a valid label value", shown(v)),
+                ));
             }
             match r.operator {
                 Operator::In | Operator::NotIn if r.values.is_empty() => {
@@ -262,9 +391,13 @@ pub struct NamespaceObject {
 impl NamespaceObject {
     /// Validates and defaults (adds `kubernetes.io/metadata.name`).
     pub fn into_model(self) -> Result<Namespace, FieldError> {
-        if self.metadata.name.is_empty() {
-            return Err(ferr("metadata.name", "required"));
-        }
+        check_name(
+            "metadata.name",
+            &self.metadata.name,
+            is_dns1123_label,
+            "namespace name (RFC 1123 label: at most 63 of a-z, 0-9, '-')",
+        )?;
+        check_labels("metadata.labels", &self.metadata.labels)?;
         Ok(Namespace::new(&self.metadata.name, self.metadata.labels))
     }
 }
@@ -377,9 +510,9 @@ impl PodObject {
     /// Validates and defaults (namespace `default`, container port protocol TCP).
     pub fn into_model(self) -> Result<Pod, FieldError> {
         let m = self.metadata;
-        if m.name.is_empty() {
-            return Err(ferr("metadata.name", "required"));
-        }
+        check_name("metadata.name", &m.name, is_dns1123_subdomain, SUBDOMAIN)?;
+        check_namespace(&m.namespace)?;
+        check_labels("metadata.labels", &m.labels)?;
         // Deduplicated through a set (a Vec::contains per address made a long podIPs list
         // quadratic); first occurrence order is kept, status.podIP first.
         let mut ips = Vec::new();
@@ -417,6 +550,14 @@ impl PodObject {
                         .ok_or_else(|| {
                             ferr(format!("{f}.containerPort"), "must be between 1 and 65535")
                         })?;
+                    if let Some(n) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                        if !is_port_name(n) {
+                            return Err(ferr(
+                                format!("{f}.name"),
+                                format!("{} is not a valid port name (IANA_SVC_NAME)", shown(n)),
+                            ));
+                        }
+                    }
                     ports.push(ContainerPort {
                         name: p.name.clone().filter(|n| !n.is_empty()),
                         port,
@@ -750,7 +891,7 @@ fn convert_port(p: PolicyPortWire, field: &str) -> Result<PolicyPort, FieldError
             if !is_port_name(&s) {
                 return Err(ferr(
                     format!("{field}.port"),
-                    format!("{s:?} is not a valid port name (IANA_SVC_NAME)"),
+                    format!("{} is not a valid port name (IANA_SVC_NAME)", shown(&s)),
                 ));
             }
             Some(Port::Named(s))
@@ -800,9 +941,9 @@ impl NetworkPolicyObject {
     /// `[Ingress]` plus `Egress` if there are egress rules; protocol TCP; CIDRs masked.
     pub fn into_model(self) -> Result<NetworkPolicy, FieldError> {
         let m = self.metadata;
-        if m.name.is_empty() {
-            return Err(ferr("metadata.name", "required"));
-        }
+        check_name("metadata.name", &m.name, is_dns1123_subdomain, SUBDOMAIN)?;
+        check_namespace(&m.namespace)?;
+        check_labels("metadata.labels", &m.labels)?;
         let s = self.spec;
         s.pod_selector.validate("spec.podSelector")?;
         let mut policy_types = s.policy_types;
