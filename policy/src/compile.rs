@@ -303,8 +303,7 @@ const HASH_HEX: usize = 32;
 /// made of these; `/` is our separator, so not inside a part).
 fn plain_part(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -383,8 +382,7 @@ fn ident(kind: &str, objs: &[&str], tail: &str) -> String {
 /// the end of the name) stay readable. Plain text renders as `{:?}` does.
 pub fn quoted(s: &str, max: usize) -> String {
     if s.len() <= max
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| (b' '..=b'~').contains(&b) && !matches!(b, b'"' | b'\\' | b'$'))
     {
         return format!("\"{s}\"");
@@ -2139,5 +2137,123 @@ mod tests {
         // What the chain does is unchanged: everything is allowed in.
         let (src, dst) = (snap.pods[1].ips[0], snap.pods[0].ips[0]);
         assert_eq!(rs.decide(src, dst, Protocol::Sctp, 9), Decision::Accept);
+    }
+
+    #[test]
+    fn idents_of_long_or_odd_names_are_bounded_distinct_and_stable() {
+        // Plain names are kept as they are.
+        assert_eq!(
+            ident("pod-in", &["x", "web-1.a_b"], ""),
+            "pod-in/x/web-1.a_b"
+        );
+        assert_eq!(ident("peers", &["x", "p"], "in0/v4"), "peers/x/p/in0/v4");
+        let long = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        let ns = "n".repeat(63);
+        let names = [
+            ident("pod-in", &[&ns, &long], ""),
+            ident("pod-out", &[&ns, &long], ""),
+            ident("pod-in", &[&ns, &format!("{long}c")], ""),
+            ident("pod-in", &["a/b", "c"], ""),
+            ident("pod-in", &["a", "b/c"], ""),
+            ident("pod-in", &["x", "é\"$ \n"], ""),
+            ident("pod-in", &["x", "_\u{301}"], ""),
+            ident("peers", &[&ns, &long], "in12/v6"),
+            ident("pod-in", &["x", ""], ""),
+        ];
+        for n in &names {
+            assert_eq!(n.len(), NAME_MAX, "{n}");
+            assert!(n.starts_with(|c: char| c.is_ascii_alphabetic()), "{n}");
+            assert!(
+                n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b)),
+                "{n}"
+            );
+        }
+        let distinct: HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len());
+        // Readable: the namespace and the start of the name, and the tail.
+        assert!(names[0].starts_with(&format!("pod-in/{ns}/aaaa")));
+        assert!(names[7].contains("/in12/v6-"));
+        // Stable across calls (and so across syncs).
+        assert_eq!(ident("pod-in", &[&ns, &long], ""), names[0]);
+        // The longest plain name is kept; one byte more is hashed.
+        let fit = "a".repeat(NAME_MAX - 1 - "pod-in/x/".len());
+        assert_eq!(ident("pod-in", &["x", &fit], "").len(), NAME_MAX - 1);
+        assert_eq!(
+            ident("pod-in", &["x", &format!("{fit}a")], "").len(),
+            NAME_MAX
+        );
+    }
+
+    #[test]
+    fn quoted_strings_are_escaped_bounded_and_cut_on_char_boundaries() {
+        for s in [
+            "x/allow-web ingress[0]",
+            "twill-policy drop ingress x/a: ",
+            "",
+        ] {
+            assert_eq!(quoted(s, COMMENT_MAX), format!("{s:?}"));
+        }
+        assert_eq!(
+            quoted("a\"b\\c$d\né", COMMENT_MAX),
+            "\"a\\u{22}b\\u{5c}c\\u{24}d\\u{a}\\u{e9}\""
+        );
+        // At the limit: kept; one more: the middle is cut, the end kept.
+        let at = format!("x/{} ingress[7]", "p".repeat(COMMENT_MAX - 13));
+        assert_eq!(at.len(), COMMENT_MAX);
+        assert_eq!(quoted(&at, COMMENT_MAX), format!("{at:?}"));
+        let over = format!("x/{} ingress[7]", "p".repeat(300));
+        let q = quoted(&over, COMMENT_MAX);
+        assert!(q.len() <= COMMENT_MAX + 2, "{q}");
+        assert!(
+            q.starts_with("\"x/ppp") && q.ends_with("pp ingress[7]\""),
+            "{q}"
+        );
+        assert!(q.contains(".."));
+        // Non-ASCII and escapes of every width: never more than max, never a cut escape.
+        for c in ['é', '☃', '😀', '"', '\u{0}'] {
+            for n in 0..200 {
+                let s: String = std::iter::repeat_n(c, n).collect();
+                for max in [LOG_PREFIX_MAX, COMMENT_MAX, 10, 3] {
+                    let q = quoted(&s, max);
+                    let inner = &q[1..q.len() - 1];
+                    assert!(inner.len() <= max, "{c:?} x{n} max {max}: {q}");
+                    assert!(inner.is_ascii() && !inner.contains(['"', '$']), "{q}");
+                    let unit = format!("\\u{{{:x}}}", c as u32);
+                    assert!(
+                        inner.split("..").all(|part| part.len() % unit.len() == 0),
+                        "{q}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_over_long_policy_name_renders_within_nft_limits() {
+        // The issue: a 182-character policy name (three 60-character labels) selecting a pod.
+        let name = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
+        let snap = world(
+            30,
+            vec![policy(
+                &name,
+                vec![rule(vec![every_pod()], vec![tcp(80)])],
+                vec![],
+            )],
+        );
+        let script = render(&snap);
+        for line in script.lines() {
+            for (i, part) in line.split('"').enumerate() {
+                if i % 2 == 1 {
+                    let limit = if line.contains("log prefix") {
+                        LOG_PREFIX_MAX
+                    } else {
+                        COMMENT_MAX
+                    };
+                    assert!(part.len() <= limit, "{line}");
+                }
+            }
+        }
+        assert!(script.contains(&format!("x/{}", &name[..40])), "{script}");
     }
 }

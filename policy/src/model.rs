@@ -1308,4 +1308,97 @@ mod tests {
             .unwrap();
         assert_eq!(p.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
     }
+
+    #[test]
+    fn names_and_labels_are_validated_as_the_api_server_does() {
+        let l60 = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
+        let ok = |meta: &str| policy(&format!(r#"{{"metadata": {meta}, "spec": {{}}}}"#));
+        assert!(ok(&format!(
+            r#"{{"name": "{l60}", "namespace": "{}"}}"#,
+            "n".repeat(63)
+        ))
+        .is_ok());
+        let max = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        assert_eq!(max.len(), 253);
+        assert!(ok(&format!(r#"{{"name": "{max}"}}"#)).is_ok());
+        let err = |meta: &str| ok(meta).unwrap_err();
+        let e = err(&format!(r#"{{"name": "{max}x"}}"#));
+        assert_eq!(e.field, "metadata.name");
+        for bad in ["Web", "a_b", "-a", "a-", "a..b", ".a", "é", "a\"b", "a/b"] {
+            let e = err(&format!(r#"{{"name": {bad:?}}}"#));
+            assert_eq!(e.field, "metadata.name", "{bad}");
+            assert!(e.message.contains(&format!("{bad:?}")), "{e}");
+        }
+        let e = err(&format!(
+            r#"{{"name": "p", "namespace": "{}"}}"#,
+            "n".repeat(64)
+        ));
+        assert_eq!(e.field, "metadata.namespace");
+        let e = err(r#"{"name": "p", "namespace": "a.b"}"#);
+        assert_eq!(e.field, "metadata.namespace");
+        // Label keys and values, on objects and in selectors.
+        for (k, v, good) in [
+            ("app", "", true),
+            ("example.com/App_1.x", "V-1_x.y", true),
+            (
+                &*format!("{}/{}", max, "k".repeat(63)),
+                &*"v".repeat(63),
+                true,
+            ),
+            (&*"k".repeat(64), "v", false),
+            ("app", &*"v".repeat(64), false),
+            ("/app", "v", false),
+            ("a/b/c", "v", false),
+            ("Example.com/app", "v", false),
+            ("app", "-v", false),
+            ("app", "v\"", false),
+            ("", "v", false),
+        ] {
+            let meta = format!(r#"{{"name": "p", "labels": {{{k:?}: {v:?}}}}}"#);
+            assert_eq!(ok(&meta).is_ok(), good, "{k} {v}");
+            let sel = format!(
+                r#"{{"metadata": {{"name": "p"}}, "spec": {{"podSelector": {{"matchLabels": {{{k:?}: {v:?}}}}}}}}}"#
+            );
+            let r = policy(&sel);
+            assert_eq!(r.is_ok(), good, "{k} {v}");
+            if let Err(e) = r {
+                assert!(e.field.starts_with("spec.podSelector.matchLabels"), "{e}");
+            }
+            let expr = format!(
+                r#"{{"metadata": {{"name": "p"}}, "spec": {{"ingress": [{{"from": [{{"namespaceSelector": {{"matchExpressions": [{{"key": {k:?}, "operator": "In", "values": [{v:?}]}}]}}}}]}}]}}}}"#
+            );
+            let r = policy(&expr);
+            assert_eq!(r.is_ok(), good, "{k} {v}");
+            if let Err(e) = r {
+                assert!(
+                    e.field.starts_with(
+                        "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0]"
+                    ),
+                    "{e}"
+                );
+            }
+        }
+        // Namespaces and pods.
+        let ns = |name: &str| {
+            from_json_value::<NamespaceObject>(serde_json::json!({"metadata": {"name": name}}))
+                .unwrap()
+                .into_model()
+        };
+        assert!(ns(&"n".repeat(63)).is_ok());
+        assert_eq!(ns(&"n".repeat(64)).unwrap_err().field, "metadata.name");
+        assert_eq!(ns("a.b").unwrap_err().field, "metadata.name");
+        let pod = |v: serde_json::Value| from_json_value::<PodObject>(v).unwrap().into_model();
+        assert!(pod(serde_json::json!({"metadata": {"name": max}})).is_ok());
+        let e = pod(serde_json::json!({"metadata": {"name": "p", "labels": {"a": "b c"}}}))
+            .unwrap_err();
+        assert_eq!(e.field, "metadata.labels[a]");
+        let e = pod(serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"ports": [{"containerPort": 80, "name": "http"}, {"containerPort": 81, "name": "HTTP"}]}
+        ]}}))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.containers[0].ports[1].name");
+        // A huge value is shown cut.
+        let e = ns(&"x".repeat(1 << 20)).unwrap_err();
+        assert!(e.to_string().len() < 300, "{e}");
+    }
 }
