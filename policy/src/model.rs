@@ -244,13 +244,11 @@ impl LabelSelector {
             if r.key.is_empty() {
                 return Err(ferr(format!("{f}.key"), "must not be empty"));
             }
+            // Keys are checked; values are not: the API server keeps serving selectors
+            // stored before it checked matchExpressions values (it ratchets the check on
+            // update), so rejecting them here would drop a policy the cluster has. A value
+            // no label can have simply never matches.
             check_label_key(&format!("{f}.key"), &r.key)?;
-            if let Some(v) = r.values.iter().find(|v| !is_label_value(v)) {
-                return Err(ferr(
-                    format!("{f}.values"),
-                    format!("{} is not a valid label value", shown(v)),
-                ));
-            }
             match r.operator {
                 Operator::In | Operator::NotIn if r.values.is_empty() => {
                     return Err(ferr(
@@ -1337,23 +1335,25 @@ mod tests {
         let e = err(r#"{"name": "p", "namespace": "a.b"}"#);
         assert_eq!(e.field, "metadata.namespace");
         // Label keys and values, on objects and in selectors.
-        for (k, v, good) in [
-            ("app", "", true),
-            ("example.com/App_1.x", "V-1_x.y", true),
+        for (k, v, key_ok, value_ok) in [
+            ("app", "", true, true),
+            ("example.com/App_1.x", "V-1_x.y", true, true),
             (
                 &*format!("{}/{}", max, "k".repeat(63)),
                 &*"v".repeat(63),
                 true,
+                true,
             ),
-            (&*"k".repeat(64), "v", false),
-            ("app", &*"v".repeat(64), false),
-            ("/app", "v", false),
-            ("a/b/c", "v", false),
-            ("Example.com/app", "v", false),
-            ("app", "-v", false),
-            ("app", "v\"", false),
-            ("", "v", false),
+            (&*"k".repeat(64), "v", false, true),
+            ("app", &*"v".repeat(64), true, false),
+            ("/app", "v", false, true),
+            ("a/b/c", "v", false, true),
+            ("Example.com/app", "v", false, true),
+            ("app", "-v", true, false),
+            ("app", "v\"", true, false),
+            ("", "v", false, true),
         ] {
+            let good = key_ok && value_ok;
             let meta = format!(r#"{{"name": "p", "labels": {{{k:?}: {v:?}}}}}"#);
             assert_eq!(ok(&meta).is_ok(), good, "{k} {v}");
             let sel = format!(
@@ -1367,8 +1367,9 @@ mod tests {
             let expr = format!(
                 r#"{{"metadata": {{"name": "p"}}, "spec": {{"ingress": [{{"from": [{{"namespaceSelector": {{"matchExpressions": [{{"key": {k:?}, "operator": "In", "values": [{v:?}]}}]}}}}]}}]}}}}"#
             );
+            // matchExpressions values are not checked (see LabelSelector::validate).
             let r = policy(&expr);
-            assert_eq!(r.is_ok(), good, "{k} {v}");
+            assert_eq!(r.is_ok(), key_ok, "{k} {v}");
             if let Err(e) = r {
                 assert!(
                     e.field.starts_with(
