@@ -27,6 +27,9 @@
 //!      read by the metrics without listing the table).
 //! ```
 //!
+//! Names over nft's 255 bytes (or with characters nft does not take unquoted) are shortened
+//! with a hash (`ident`); comments and log prefixes are escaped and bounded ([`quoted`]).
+//!
 //! Node-originated traffic (OUTPUT path, e.g. kubelet probes) never meets these chains,
 //! so it is always allowed. Per-packet cost: two map lookups, then only the rules of the
 //! policies that select the pod at hand, each a set lookup; nothing walks all pods or all
