@@ -27,6 +27,9 @@
 //!      read by the metrics without listing the table).
 //! ```
 //!
+//! Names over nft's 255 bytes (or with characters nft does not take unquoted) are shortened
+//! with a hash (`ident`); comments and log prefixes are escaped and bounded ([`quoted`]).
+//!
 //! Node-originated traffic (OUTPUT path, e.g. kubelet probes) never meets these chains,
 //! so it is always allowed. Per-packet cost: two map lookups, then only the rules of the
 //! policies that select the pod at hand, each a set lookup; nothing walks all pods or all
@@ -295,17 +298,145 @@ impl Default for Options {
     }
 }
 
-fn ident(s: String, fallback: impl FnOnce() -> String) -> String {
-    // nft identifiers: a letter first, then letters, digits, / - _ . ; keep them short.
-    let ok = s.len() <= 200
-        && s.starts_with(|c: char| c.is_ascii_alphabetic())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c));
-    if ok {
-        s
-    } else {
-        fallback()
+/// Longest name of an nft object (chain, set, counter): the kernel's NFT_NAME_MAXLEN is 256
+/// bytes with the terminating NUL.
+pub const NAME_MAX: usize = 255;
+/// Longest comment nft accepts (NFTNL_UDATA_COMMENT_MAXLEN), in bytes: "comment too long,
+/// 128 characters maximum allowed".
+pub const COMMENT_MAX: usize = 128;
+/// Longest log prefix (the kernel's NF_LOG_PREFIXLEN is 128 bytes with the NUL).
+pub const LOG_PREFIX_MAX: usize = 127;
+
+/// Hex digits of the SHA-256 prefix in a hashed name (128 bits: no tenant can make two of
+/// its names collide, which would break the whole table).
+const HASH_HEX: usize = 32;
+
+/// Whether `s` may stand as one `/`-separated part of an nft identifier as it is: nft's
+/// unquoted names are a letter then letters, digits, `/ - _ .` (every Kubernetes name is
+/// made of these; `/` is our separator, so not inside a part).
+fn plain_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The nft name `<kind>/<objs joined by '/'>[/<tail>]` of the object that belongs to the
+/// Kubernetes objects named `objs` (namespace, pod or policy), e.g. `pod-in/x/web` or
+/// `peers/x/allow-web/in0/v4`. `kind` and `tail` are ours (a letter first, nft's
+/// characters only).
+///
+/// Unchanged when every part is plain and the whole fits in [`NAME_MAX`] - 1 bytes. Otherwise
+/// (a 253-character pod name in a 63-character namespace is 325 bytes; a manifest may hold
+/// any UTF-8) the name is a readable head (the same text, other characters as `_`, cut or
+/// padded with `_` to a fixed width) then `/<tail>`, `-` and 128 bits of SHA-256 over the
+/// length-prefixed parts: exactly [`NAME_MAX`] bytes, so never equal to an unchanged name,
+/// stable across syncs, and distinct for distinct objects.
+fn ident(kind: &str, objs: &[&str], tail: &str) -> String {
+    let tail_len = if tail.is_empty() { 0 } else { tail.len() + 1 };
+    let len = kind.len() + objs.iter().map(|o| o.len() + 1).sum::<usize>() + tail_len;
+    if len < NAME_MAX && objs.iter().all(|o| plain_part(o)) {
+        let mut s = String::with_capacity(len);
+        s.push_str(kind);
+        for o in objs {
+            s.push('/');
+            s.push_str(o);
+        }
+        if !tail.is_empty() {
+            s.push('/');
+            s.push_str(tail);
+        }
+        return s;
     }
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in std::iter::once(&kind).chain(objs).chain([&tail]) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let head_len = NAME_MAX - 1 - HASH_HEX - tail_len;
+    let mut s = String::with_capacity(NAME_MAX);
+    s.push_str(kind);
+    for o in objs {
+        if s.len() >= head_len {
+            break;
+        }
+        s.push('/');
+        s.extend(o.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        }));
+    }
+    // ASCII only, so any byte index is a char boundary.
+    s.truncate(head_len);
+    while s.len() < head_len {
+        s.push('_');
+    }
+    if !tail.is_empty() {
+        s.push('/');
+        s.push_str(tail);
+    }
+    s.push('-');
+    for b in &digest[..HASH_HEX / 2] {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// `s` as an nft quoted string (with its quotes) of at most `max` bytes inside them, for
+/// comments and log prefixes, whatever UTF-8 a manifest holds. nft's quoted strings have no
+/// escapes (a `"` ends them) and a log prefix expands `$name` as a variable, so everything but
+/// printable ASCII, and `"`, `\` and `$`, is written `\u{hex}` (ASCII, no quote, no dollar;
+/// control characters cannot forge log lines). Too long, the middle is cut (on an escape's
+/// boundary) and replaced by `..`: the start (direction, namespace) and the end (rule index,
+/// the end of the name) stay readable. Plain text renders as `{:?}` does.
+pub fn quoted(s: &str, max: usize) -> String {
+    if s.len() <= max
+        && s.bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && !matches!(b, b'"' | b'\\' | b'$'))
+    {
+        return format!("\"{s}\"");
+    }
+    let unit = |c: char| -> String {
+        match c {
+            ' '..='~' if !matches!(c, '"' | '\\' | '$') => c.to_string(),
+            _ => format!("\\u{{{:x}}}", c as u32),
+        }
+    };
+    let units: Vec<String> = s.chars().map(unit).collect();
+    let total: usize = units.iter().map(String::len).sum();
+    let mut out = String::with_capacity(total.min(max) + 2);
+    out.push('"');
+    if total <= max {
+        units.iter().for_each(|u| out.push_str(u));
+    } else {
+        let budget = max.saturating_sub(2);
+        let tail_budget = budget / 4;
+        let mut tail = Vec::new();
+        let mut tail_len = 0;
+        for u in units.iter().rev() {
+            if tail_len + u.len() > tail_budget {
+                break;
+            }
+            tail_len += u.len();
+            tail.push(u.as_str());
+        }
+        let mut head_len = 0;
+        for u in &units[..units.len() - tail.len()] {
+            if head_len + u.len() > budget - tail_len {
+                break;
+            }
+            head_len += u.len();
+            out.push_str(u);
+        }
+        out.push_str("..");
+        tail.iter().rev().for_each(|u| out.push_str(u));
+    }
+    out.push('"');
+    out
 }
 
 /// Local pods: policy pods on `node` with addresses, first by key wins an address.
@@ -606,13 +737,9 @@ impl<'a> Builder<'a> {
                     continue;
                 }
                 let name = ident(
-                    format!(
-                        "{kind}/{}/{}/{short}{ri}/{}",
-                        pol.namespace,
-                        pol.name,
-                        fam.suffix()
-                    ),
-                    || format!("{kind}/p{pi}/{short}{ri}/{}", fam.suffix()),
+                    kind,
+                    &[&pol.namespace, &pol.name],
+                    &format!("{short}{ri}/{}", fam.suffix()),
                 );
                 self.addr_sets.insert(
                     name.clone(),
@@ -707,13 +834,9 @@ impl<'a> Builder<'a> {
                 continue;
             }
             let name = ident(
-                format!(
-                    "named/{}/{}/eg{ri}/{}",
-                    pol.namespace,
-                    pol.name,
-                    fam.suffix()
-                ),
-                || format!("named/p{pi}/eg{ri}/{}", fam.suffix()),
+                "named",
+                &[&pol.namespace, &pol.name],
+                &format!("eg{ri}/{}", fam.suffix()),
             );
             self.tuple_sets.insert(
                 name.clone(),
@@ -893,21 +1016,11 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
             if selecting.is_empty() {
                 continue;
             }
-            let name = match dir {
-                PolicyType::Ingress => format!("pod-in/{}/{}", pod.namespace, pod.name),
-                PolicyType::Egress => format!("pod-out/{}/{}", pod.namespace, pod.name),
+            let kind = match dir {
+                PolicyType::Ingress => "pod-in",
+                PolicyType::Egress => "pod-out",
             };
-            let name = ident(name, || {
-                format!(
-                    "pod-{}/n{}",
-                    if dir == PolicyType::Ingress {
-                        "in"
-                    } else {
-                        "out"
-                    },
-                    chains.len()
-                )
-            });
+            let name = ident(kind, &[&pod.namespace, &pod.name], "");
             let mut rules: Vec<ChainRule> = Vec::new();
             if opts.allow_rules {
                 // A chain rule identical to an earlier one of the chain (but for its
@@ -1096,12 +1209,12 @@ impl Ruleset {
                     vec![
                         format!("type {}", set.family.addr_type()),
                         "flags interval".into(),
-                        format!("comment {:?}", set.comment),
+                        format!("comment {}", quoted(&set.comment, COMMENT_MAX)),
                     ]
                 } else {
                     vec![
                         format!("type {}", set.family.addr_type()),
-                        format!("comment {:?}", set.comment),
+                        format!("comment {}", quoted(&set.comment, COMMENT_MAX)),
                     ]
                 },
                 elems: set.ranges.render(set.family),
@@ -1115,7 +1228,7 @@ impl Ruleset {
                         "type {} . inet_proto . inet_service",
                         set.family.addr_type()
                     ),
-                    format!("comment {:?}", set.comment),
+                    format!("comment {}", quoted(&set.comment, COMMENT_MAX)),
                 ],
                 elems: set
                     .elems
@@ -1180,16 +1293,15 @@ impl Ruleset {
                         }
                     }
                 }
-                let _ = write!(line, "return comment {:?}", r.comment);
+                let _ = write!(line, "return comment {}", quoted(&r.comment, COMMENT_MAX));
                 rules.push(line);
             }
-            let mut prefix = format!("twill-policy drop {} {}: ", c.dir, c.pod);
-            if prefix.len() > 120 {
-                prefix.truncate(116);
-                prefix.push_str("..: ");
-            }
+            let prefix = quoted(
+                &format!("twill-policy drop {} {}: ", c.dir, c.pod),
+                LOG_PREFIX_MAX,
+            );
             rules.push(format!(
-                "limit rate {}/second burst {} packets log prefix {prefix:?} level info",
+                "limit rate {}/second burst {} packets log prefix {prefix} level info",
                 self.log_rate,
                 self.log_rate * 2
             ));
@@ -1507,7 +1619,7 @@ impl TableDef {
         for c in &self.chains {
             writeln!(w, "\tcounter {} {{\n\t}}", c.name)?;
             writeln!(w, "\tchain {} {{", c.name)?;
-            writeln!(w, "\t\tcomment {:?}", c.comment)?;
+            writeln!(w, "\t\tcomment {}", quoted(&c.comment, COMMENT_MAX))?;
             for r in &c.rules {
                 writeln!(w, "\t\t{r}")?;
             }
@@ -1616,8 +1728,9 @@ impl TableDef {
                     let _ = writeln!(out, "add counter inet {t} {}", c.name);
                     let _ = writeln!(
                         out,
-                        "add chain inet {t} {} {{ comment {:?}; }}",
-                        c.name, c.comment
+                        "add chain inet {t} {} {{ comment {}; }}",
+                        c.name,
+                        quoted(&c.comment, COMMENT_MAX)
                     );
                     fill.push(c);
                 }
@@ -2133,5 +2246,123 @@ mod tests {
         // What the chain does is unchanged: everything is allowed in.
         let (src, dst) = (snap.pods[1].ips[0], snap.pods[0].ips[0]);
         assert_eq!(rs.decide(src, dst, Protocol::Sctp, 9), Decision::Accept);
+    }
+
+    #[test]
+    fn idents_of_long_or_odd_names_are_bounded_distinct_and_stable() {
+        // Plain names are kept as they are.
+        assert_eq!(
+            ident("pod-in", &["x", "web-1.a_b"], ""),
+            "pod-in/x/web-1.a_b"
+        );
+        assert_eq!(ident("peers", &["x", "p"], "in0/v4"), "peers/x/p/in0/v4");
+        let long = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        let ns = "n".repeat(63);
+        let names = [
+            ident("pod-in", &[&ns, &long], ""),
+            ident("pod-out", &[&ns, &long], ""),
+            ident("pod-in", &[&ns, &format!("{long}c")], ""),
+            ident("pod-in", &["a/b", "c"], ""),
+            ident("pod-in", &["a", "b/c"], ""),
+            ident("pod-in", &["x", "é\"$ \n"], ""),
+            ident("pod-in", &["x", "_\u{301}"], ""),
+            ident("peers", &[&ns, &long], "in12/v6"),
+            ident("pod-in", &["x", ""], ""),
+        ];
+        for n in &names {
+            assert_eq!(n.len(), NAME_MAX, "{n}");
+            assert!(n.starts_with(|c: char| c.is_ascii_alphabetic()), "{n}");
+            assert!(
+                n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b)),
+                "{n}"
+            );
+        }
+        let distinct: HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len());
+        // Readable: the namespace and the start of the name, and the tail.
+        assert!(names[0].starts_with(&format!("pod-in/{ns}/aaaa")));
+        assert!(names[7].contains("/in12/v6-"));
+        // Stable across calls (and so across syncs).
+        assert_eq!(ident("pod-in", &[&ns, &long], ""), names[0]);
+        // The longest plain name is kept; one byte more is hashed.
+        let fit = "a".repeat(NAME_MAX - 1 - "pod-in/x/".len());
+        assert_eq!(ident("pod-in", &["x", &fit], "").len(), NAME_MAX - 1);
+        assert_eq!(
+            ident("pod-in", &["x", &format!("{fit}a")], "").len(),
+            NAME_MAX
+        );
+    }
+
+    #[test]
+    fn quoted_strings_are_escaped_bounded_and_cut_on_char_boundaries() {
+        for s in [
+            "x/allow-web ingress[0]",
+            "twill-policy drop ingress x/a: ",
+            "",
+        ] {
+            assert_eq!(quoted(s, COMMENT_MAX), format!("{s:?}"));
+        }
+        assert_eq!(
+            quoted("a\"b\\c$d\né", COMMENT_MAX),
+            "\"a\\u{22}b\\u{5c}c\\u{24}d\\u{a}\\u{e9}\""
+        );
+        // At the limit: kept; one more: the middle is cut, the end kept.
+        let at = format!("x/{} ingress[7]", "p".repeat(COMMENT_MAX - 13));
+        assert_eq!(at.len(), COMMENT_MAX);
+        assert_eq!(quoted(&at, COMMENT_MAX), format!("{at:?}"));
+        let over = format!("x/{} ingress[7]", "p".repeat(300));
+        let q = quoted(&over, COMMENT_MAX);
+        assert!(q.len() <= COMMENT_MAX + 2, "{q}");
+        assert!(
+            q.starts_with("\"x/ppp") && q.ends_with("pp ingress[7]\""),
+            "{q}"
+        );
+        assert!(q.contains(".."));
+        // Non-ASCII and escapes of every width: never more than max, never a cut escape.
+        for c in ['é', '☃', '😀', '"', '\u{0}'] {
+            for n in 0..200 {
+                let s: String = std::iter::repeat_n(c, n).collect();
+                for max in [LOG_PREFIX_MAX, COMMENT_MAX, 10, 3] {
+                    let q = quoted(&s, max);
+                    let inner = &q[1..q.len() - 1];
+                    assert!(inner.len() <= max, "{c:?} x{n} max {max}: {q}");
+                    assert!(inner.is_ascii() && !inner.contains(['"', '$']), "{q}");
+                    let unit = format!("\\u{{{:x}}}", c as u32);
+                    assert!(
+                        inner.split("..").all(|part| part.len() % unit.len() == 0),
+                        "{q}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_over_long_policy_name_renders_within_nft_limits() {
+        // The issue: a 182-character policy name (three 60-character labels) selecting a pod.
+        let name = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
+        let snap = world(
+            30,
+            vec![policy(
+                &name,
+                vec![rule(vec![every_pod()], vec![tcp(80)])],
+                vec![],
+            )],
+        );
+        let script = render(&snap);
+        for line in script.lines() {
+            for (i, part) in line.split('"').enumerate() {
+                if i % 2 == 1 {
+                    let limit = if line.contains("log prefix") {
+                        LOG_PREFIX_MAX
+                    } else {
+                        COMMENT_MAX
+                    };
+                    assert!(part.len() <= limit, "{line}");
+                }
+            }
+        }
+        assert!(script.contains(&format!("x/{}", &name[..40])), "{script}");
     }
 }

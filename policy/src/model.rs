@@ -47,6 +47,127 @@ fn ferr(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     }
 }
 
+// ------------------------------------------------------------------ names, as the API server checks them
+
+/// `s` for an error message: quoted, and cut after 80 characters (a manifest's name can be
+/// megabytes long).
+fn shown(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        None => format!("{s:?}"),
+        Some((i, _)) => format!("{:?}... ({} bytes)", &s[..i], s.len()),
+    }
+}
+
+/// RFC 1123 label (namespace names): at most 63 of `a-z 0-9 -`, alphanumeric at both ends.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain (pod and NetworkPolicy names, label key prefixes): at most 253
+/// characters, dot-separated parts of `a-z 0-9 -`, each alphanumeric at both ends.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// A label value (and the name part of a label key when not empty): at most 63 of
+/// `A-Z a-z 0-9 - _ .`, alphanumeric at both ends; the empty value is valid.
+pub fn is_label_value(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.is_empty()
+        || (b.len() <= 63
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric())
+}
+
+/// A label key (qualified name): an optional DNS subdomain prefix and `/`, then a
+/// non-empty name of at most 63 (as [`is_label_value`]).
+pub fn is_label_key(s: &str) -> bool {
+    let name = match s.split_once('/') {
+        Some((prefix, name)) => {
+            if prefix.is_empty() || !is_dns1123_subdomain(prefix) {
+                return false;
+            }
+            name
+        }
+        None => s,
+    };
+    !name.is_empty() && is_label_value(name)
+}
+
+/// `metadata.name` checked with `valid` (`what` names the rule in the error).
+fn check_name(field: &str, s: &str, valid: fn(&str) -> bool, what: &str) -> Result<(), FieldError> {
+    if s.is_empty() {
+        return Err(ferr(field, "required"));
+    }
+    if !valid(s) {
+        return Err(ferr(field, format!("{} is not a valid {what}", shown(s))));
+    }
+    Ok(())
+}
+
+/// `metadata.namespace` when given (empty = `default`).
+fn check_namespace(s: &str) -> Result<(), FieldError> {
+    if !s.is_empty() && !is_dns1123_label(s) {
+        return Err(ferr(
+            "metadata.namespace",
+            format!(
+                "{} is not a valid namespace name (RFC 1123 label: at most 63 of a-z, 0-9, '-')",
+                shown(s)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Label keys and values, as the API server validates them (`field` is e.g.
+/// `metadata.labels`).
+fn check_labels(field: &str, labels: &Labels) -> Result<(), FieldError> {
+    for (k, v) in labels {
+        check_label_key(field, k)?;
+        if !is_label_value(v) {
+            return Err(ferr(
+                format!("{field}[{k}]"),
+                format!(
+                    "{} is not a valid label value (at most 63 of A-Z, a-z, 0-9, '-', '_', '.', alphanumeric at both ends)",
+                    shown(v)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_label_key(field: &str, k: &str) -> Result<(), FieldError> {
+    if !is_label_key(k) {
+        return Err(ferr(
+            field,
+            format!(
+                "{} is not a valid label key ([DNS subdomain prefix '/'] name of at most 63 of A-Z, a-z, 0-9, '-', '_', '.')",
+                shown(k)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const SUBDOMAIN: &str = "name (RFC 1123 subdomain: at most 253 of a-z, 0-9, '-', '.')";
+
 /// Deserializes `null` as the type's default (Kubernetes treats null and absent alike).
 fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -117,11 +238,17 @@ impl LabelSelector {
     }
 
     fn validate(&self, field: &str) -> Result<(), FieldError> {
+        check_labels(&format!("{field}.matchLabels"), &self.match_labels)?;
         for (i, r) in self.match_expressions.iter().enumerate() {
             let f = format!("{field}.matchExpressions[{i}]");
             if r.key.is_empty() {
                 return Err(ferr(format!("{f}.key"), "must not be empty"));
             }
+            // Keys are checked; values are not: the API server keeps serving selectors
+            // stored before it checked matchExpressions values (it ratchets the check on
+            // update), so rejecting them here would drop a policy the cluster has. A value
+            // no label can have simply never matches.
+            check_label_key(&format!("{f}.key"), &r.key)?;
             match r.operator {
                 Operator::In | Operator::NotIn if r.values.is_empty() => {
                     return Err(ferr(
@@ -262,9 +389,13 @@ pub struct NamespaceObject {
 impl NamespaceObject {
     /// Validates and defaults (adds `kubernetes.io/metadata.name`).
     pub fn into_model(self) -> Result<Namespace, FieldError> {
-        if self.metadata.name.is_empty() {
-            return Err(ferr("metadata.name", "required"));
-        }
+        check_name(
+            "metadata.name",
+            &self.metadata.name,
+            is_dns1123_label,
+            "namespace name (RFC 1123 label: at most 63 of a-z, 0-9, '-')",
+        )?;
+        check_labels("metadata.labels", &self.metadata.labels)?;
         Ok(Namespace::new(&self.metadata.name, self.metadata.labels))
     }
 }
@@ -377,9 +508,9 @@ impl PodObject {
     /// Validates and defaults (namespace `default`, container port protocol TCP).
     pub fn into_model(self) -> Result<Pod, FieldError> {
         let m = self.metadata;
-        if m.name.is_empty() {
-            return Err(ferr("metadata.name", "required"));
-        }
+        check_name("metadata.name", &m.name, is_dns1123_subdomain, SUBDOMAIN)?;
+        check_namespace(&m.namespace)?;
+        check_labels("metadata.labels", &m.labels)?;
         // Deduplicated through a set (a Vec::contains per address made a long podIPs list
         // quadratic); first occurrence order is kept, status.podIP first.
         let mut ips = Vec::new();
@@ -417,6 +548,14 @@ impl PodObject {
                         .ok_or_else(|| {
                             ferr(format!("{f}.containerPort"), "must be between 1 and 65535")
                         })?;
+                    if let Some(n) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                        if !is_port_name(n) {
+                            return Err(ferr(
+                                format!("{f}.name"),
+                                format!("{} is not a valid port name (IANA_SVC_NAME)", shown(n)),
+                            ));
+                        }
+                    }
                     ports.push(ContainerPort {
                         name: p.name.clone().filter(|n| !n.is_empty()),
                         port,
@@ -750,7 +889,7 @@ fn convert_port(p: PolicyPortWire, field: &str) -> Result<PolicyPort, FieldError
             if !is_port_name(&s) {
                 return Err(ferr(
                     format!("{field}.port"),
-                    format!("{s:?} is not a valid port name (IANA_SVC_NAME)"),
+                    format!("{} is not a valid port name (IANA_SVC_NAME)", shown(&s)),
                 ));
             }
             Some(Port::Named(s))
@@ -800,9 +939,9 @@ impl NetworkPolicyObject {
     /// `[Ingress]` plus `Egress` if there are egress rules; protocol TCP; CIDRs masked.
     pub fn into_model(self) -> Result<NetworkPolicy, FieldError> {
         let m = self.metadata;
-        if m.name.is_empty() {
-            return Err(ferr("metadata.name", "required"));
-        }
+        check_name("metadata.name", &m.name, is_dns1123_subdomain, SUBDOMAIN)?;
+        check_namespace(&m.namespace)?;
+        check_labels("metadata.labels", &m.labels)?;
         let s = self.spec;
         s.pod_selector.validate("spec.podSelector")?;
         let mut policy_types = s.policy_types;
@@ -1166,5 +1305,101 @@ mod tests {
             .into_model()
             .unwrap();
         assert_eq!(p.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn names_and_labels_are_validated_as_the_api_server_does() {
+        let l60 = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
+        let ok = |meta: &str| policy(&format!(r#"{{"metadata": {meta}, "spec": {{}}}}"#));
+        assert!(ok(&format!(
+            r#"{{"name": "{l60}", "namespace": "{}"}}"#,
+            "n".repeat(63)
+        ))
+        .is_ok());
+        let max = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        assert_eq!(max.len(), 253);
+        assert!(ok(&format!(r#"{{"name": "{max}"}}"#)).is_ok());
+        let err = |meta: &str| ok(meta).unwrap_err();
+        let e = err(&format!(r#"{{"name": "{max}x"}}"#));
+        assert_eq!(e.field, "metadata.name");
+        for bad in ["Web", "a_b", "-a", "a-", "a..b", ".a", "é", "a\"b", "a/b"] {
+            let e = err(&format!(r#"{{"name": {bad:?}}}"#));
+            assert_eq!(e.field, "metadata.name", "{bad}");
+            assert!(e.message.contains(&format!("{bad:?}")), "{e}");
+        }
+        let e = err(&format!(
+            r#"{{"name": "p", "namespace": "{}"}}"#,
+            "n".repeat(64)
+        ));
+        assert_eq!(e.field, "metadata.namespace");
+        let e = err(r#"{"name": "p", "namespace": "a.b"}"#);
+        assert_eq!(e.field, "metadata.namespace");
+        // Label keys and values, on objects and in selectors.
+        for (k, v, key_ok, value_ok) in [
+            ("app", "", true, true),
+            ("example.com/App_1.x", "V-1_x.y", true, true),
+            (
+                &*format!("{}/{}", max, "k".repeat(63)),
+                &*"v".repeat(63),
+                true,
+                true,
+            ),
+            (&*"k".repeat(64), "v", false, true),
+            ("app", &*"v".repeat(64), true, false),
+            ("/app", "v", false, true),
+            ("a/b/c", "v", false, true),
+            ("Example.com/app", "v", false, true),
+            ("app", "-v", true, false),
+            ("app", "v\"", true, false),
+            ("", "v", false, true),
+        ] {
+            let good = key_ok && value_ok;
+            let meta = format!(r#"{{"name": "p", "labels": {{{k:?}: {v:?}}}}}"#);
+            assert_eq!(ok(&meta).is_ok(), good, "{k} {v}");
+            let sel = format!(
+                r#"{{"metadata": {{"name": "p"}}, "spec": {{"podSelector": {{"matchLabels": {{{k:?}: {v:?}}}}}}}}}"#
+            );
+            let r = policy(&sel);
+            assert_eq!(r.is_ok(), good, "{k} {v}");
+            if let Err(e) = r {
+                assert!(e.field.starts_with("spec.podSelector.matchLabels"), "{e}");
+            }
+            let expr = format!(
+                r#"{{"metadata": {{"name": "p"}}, "spec": {{"ingress": [{{"from": [{{"namespaceSelector": {{"matchExpressions": [{{"key": {k:?}, "operator": "In", "values": [{v:?}]}}]}}}}]}}]}}}}"#
+            );
+            // matchExpressions values are not checked (see LabelSelector::validate).
+            let r = policy(&expr);
+            assert_eq!(r.is_ok(), key_ok, "{k} {v}");
+            if let Err(e) = r {
+                assert!(
+                    e.field.starts_with(
+                        "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0]"
+                    ),
+                    "{e}"
+                );
+            }
+        }
+        // Namespaces and pods.
+        let ns = |name: &str| {
+            from_json_value::<NamespaceObject>(serde_json::json!({"metadata": {"name": name}}))
+                .unwrap()
+                .into_model()
+        };
+        assert!(ns(&"n".repeat(63)).is_ok());
+        assert_eq!(ns(&"n".repeat(64)).unwrap_err().field, "metadata.name");
+        assert_eq!(ns("a.b").unwrap_err().field, "metadata.name");
+        let pod = |v: serde_json::Value| from_json_value::<PodObject>(v).unwrap().into_model();
+        assert!(pod(serde_json::json!({"metadata": {"name": max}})).is_ok());
+        let e = pod(serde_json::json!({"metadata": {"name": "p", "labels": {"a": "b c"}}}))
+            .unwrap_err();
+        assert_eq!(e.field, "metadata.labels[a]");
+        let e = pod(serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"ports": [{"containerPort": 80, "name": "http"}, {"containerPort": 81, "name": "HTTP"}]}
+        ]}}))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.containers[0].ports[1].name");
+        // A huge value is shown cut.
+        let e = ns(&"x".repeat(1 << 20)).unwrap_err();
+        assert!(e.to_string().len() < 300, "{e}");
     }
 }
