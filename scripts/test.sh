@@ -37,6 +37,18 @@ fi
 echo "== fuzz (each target ${TWILL_FUZZ_SECS:-20}s)"
 scripts/fuzz.sh
 
+# The install steps on a machine that has nothing: what this machine happens to have
+# installed must not hide a missing package (root only, like the lab tests).
+echo "== fresh root (debootstrap, install-deps.sh, build)"
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/fresh-root-test.sh
+elif [ "${CI:-}" = true ]; then
+  echo "the fresh-root test needs root, and CI=true" >&2
+  exit 1
+else
+  echo "skipping: the fresh-root test needs root (debootstrap, chroot)"
+fi
+
 after=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 leftover=$(comm -13 <(echo "$before") <(echo "$after"))
 if [ -n "$leftover" ]; then
