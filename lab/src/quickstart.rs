@@ -162,10 +162,22 @@ pub fn up() -> Result<()> {
     let mdir = manifests.to_string_lossy().into_owned();
     for n in NODES {
         let ns = lab.node(n).netns.clone();
+        // --subnet-file as kube-flannel.yml passes it: addresses of the node's subnet that
+        // belong to no known pod are isolated.
+        let subnet_file = lab.node(n).dir.join("subnet.env");
         lab.spawn(
             &ns,
             &format!("twill-policy-{n}"),
-            &[&policy_bin, "run", "--manifests", &mdir, "--node-name", n],
+            &[
+                &policy_bin,
+                "run",
+                "--manifests",
+                &mdir,
+                "--node-name",
+                n,
+                "--subnet-file",
+                &subnet_file.to_string_lossy(),
+            ],
             &[],
         )?;
     }
