@@ -9,13 +9,15 @@
 //! namespace `default`, the `kubernetes.io/metadata.name` label) and validation,
 //! reporting the offending field as a path such as `spec.ingress[0].ports[1].port`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::source::ObjectError;
 
 /// Labels of an object. Ordered, so output is deterministic.
 pub type Labels = BTreeMap<String, String>;
@@ -184,6 +186,9 @@ pub struct ObjectMeta {
     pub namespace: String,
     #[serde(default, deserialize_with = "nullable")]
     pub labels: Labels,
+    /// `metadata.deletionTimestamp`: set once deletion began (the pod is terminating).
+    #[serde(default)]
+    pub deletion_timestamp: Option<serde::de::IgnoredAny>,
 }
 
 /// Transport protocols NetworkPolicy knows.
@@ -293,6 +298,9 @@ pub struct Pod {
     pub ports: Vec<ContainerPort>,
     /// `status.phase`, if given. Succeeded/Failed pods have released their IPs.
     pub phase: Option<String>,
+    /// `metadata.deletionTimestamp` is set: the pod is being deleted, and its address may
+    /// already have been handed to a new pod (which then owns it, see [`Snapshot::new`]).
+    pub terminating: bool,
 }
 
 impl Pod {
@@ -415,7 +423,10 @@ impl PodObject {
                         .ok()
                         .filter(|p| *p != 0)
                         .ok_or_else(|| {
-                            ferr(format!("{f}.containerPort"), "must be between 1 and 65535")
+                            ferr(
+                                format!("{f}.containerPort"),
+                                format!("{} must be between 1 and 65535", p.container_port),
+                            )
                         })?;
                     ports.push(ContainerPort {
                         name: p.name.clone().filter(|n| !n.is_empty()),
@@ -438,6 +449,7 @@ impl PodObject {
             host_network: self.spec.host_network,
             ports,
             phase: self.status.phase,
+            terminating: m.deletion_timestamp.is_some(),
         })
     }
 }
@@ -645,12 +657,48 @@ pub struct NetworkPolicyObject {
     spec: PolicySpecWire,
 }
 
+/// An IPv4 address the way Kubernetes' `netutils.ParseIPSloppy` reads it: four decimal
+/// fields of 0-255, leading zeros allowed and read as decimal (`010.1.2.3` is 10.1.2.3).
+fn parse_ipv4_sloppy(s: &str) -> Option<std::net::Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut fields = s.split('.');
+    for o in &mut octets {
+        let f = fields.next()?;
+        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // Leading zeros do not count against the value: "0000255" is 255.
+        let digits = f.trim_start_matches('0');
+        *o = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().ok()?
+        };
+    }
+    fields.next().is_none().then(|| octets.into())
+}
+
+/// A CIDR the way the API server validates `ipBlock.cidr` and `except` (Kubernetes'
+/// `netutils.ParseCIDRSloppy`, i.e. Go's `net.ParseCIDR` before Go 1.17): host bits may be
+/// set (`10.0.0.1/24` is 10.0.0.0/24), IPv4 octets may have leading zeros (decimal), the
+/// prefix length is decimal and may have leading zeros too. Anything the API server stores
+/// must be read here, or a valid object would break its namespace.
+pub fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
+    let (addr, len) = s.split_once('/')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len = len.trim_start_matches('0');
+    let len: u8 = if len.is_empty() { 0 } else { len.parse().ok()? };
+    let ip: IpAddr = match addr.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => IpAddr::V4(parse_ipv4_sloppy(addr)?),
+    };
+    IpNet::new(ip, len).ok().map(|n| n.trunc())
+}
+
 fn parse_net(s: &str, field: &str) -> Result<IpNet, FieldError> {
-    let n: IpNet = s
-        .trim()
-        .parse()
-        .map_err(|_| ferr(field, format!("{s:?} is not a CIDR")))?;
-    Ok(n.trunc())
+    parse_cidr_sloppy(s.trim()).ok_or_else(|| ferr(field, format!("{s:?} is not a CIDR")))
 }
 
 fn convert_peer(p: PeerWire, field: &str) -> Result<Peer, FieldError> {
@@ -861,14 +909,86 @@ pub fn from_json_value<T: serde::de::DeserializeOwned>(
 pub struct Snapshot {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
-    /// Sorted by namespace/name.
+    /// Sorted by namespace/name. Addresses are owned (see [`Snapshot::new`]): no address
+    /// is in the `ips` of two pods that take part in policy.
     pub pods: Vec<Pod>,
     /// Sorted by namespace/name; one per key (a later object replaces an earlier one).
     pub policies: Vec<NetworkPolicy>,
+    /// Namespaces holding an object the source could not read (a Namespace, Pod or
+    /// NetworkPolicy, or a manifest file whose objects were in it), with those errors.
+    /// They fail closed: their pods are isolated both ways, whatever their policies say,
+    /// and no policy matches them as peers (see [`Snapshot::is_broken`]). Every other
+    /// namespace is enforced as usual.
+    pub broken: BTreeMap<String, Vec<ObjectError>>,
+    /// Errors that could not be tied to any namespace and broke none (a manifest file
+    /// that is not read at all and never was); reported, nothing else.
+    pub unattributed: Vec<ObjectError>,
+}
+
+/// Why an address belongs to nobody: the pods that claim it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressConflict {
+    pub ip: IpAddr,
+    /// `namespace/name` of every claimant of the winning class (all non-terminating ones,
+    /// or with none of those all terminating ones).
+    pub pods: Vec<String>,
+}
+
+/// Decides who owns each address claimed by more than one pod that takes part in policy
+/// (hostNetwork and Succeeded/Failed pods claim nothing): a pod that is not terminating
+/// wins over terminating ones (whose address the IPAM may have handed on already); if
+/// that leaves more than one claimant, nobody owns it. The address is removed from the
+/// `ips` of every pod that does not own it, so a deleted pod's verdict never passes to
+/// the pod that has its address now, and a contested address matches no peer and has no
+/// pod chain (on a node with pod subnets it is an unknown address: isolated).
+pub fn resolve_addresses(pods: &mut [Pod]) -> Vec<AddressConflict> {
+    // ip -> (non-terminating claimants, terminating claimants), as indices.
+    let mut claims: HashMap<IpAddr, (Vec<usize>, Vec<usize>)> = HashMap::new();
+    for (i, p) in pods.iter().enumerate() {
+        if !p.is_policy_pod() {
+            continue;
+        }
+        for ip in &p.ips {
+            let c = claims.entry(*ip).or_default();
+            if p.terminating {
+                c.1.push(i);
+            } else {
+                c.0.push(i);
+            }
+        }
+    }
+    let mut conflicts = Vec::new();
+    let mut lose: Vec<(usize, IpAddr)> = Vec::new();
+    for (ip, (live, terminating)) in claims {
+        if live.len() + terminating.len() < 2 {
+            continue;
+        }
+        let winners = if live.is_empty() { &terminating } else { &live };
+        if winners.len() > 1 {
+            let mut names: Vec<String> = winners.iter().map(|&i| pods[i].key()).collect();
+            names.sort();
+            conflicts.push(AddressConflict { ip, pods: names });
+            lose.extend(live.iter().chain(&terminating).map(|&i| (i, ip)));
+        } else {
+            lose.extend(
+                terminating
+                    .iter()
+                    .filter(|&&i| i != winners[0])
+                    .map(|&i| (i, ip)),
+            );
+        }
+    }
+    for (i, ip) in lose {
+        pods[i].ips.retain(|a| *a != ip);
+    }
+    conflicts.sort_by(|a, b| a.ip.cmp(&b.ip));
+    conflicts
 }
 
 impl Snapshot {
-    /// Builds a snapshot; duplicates (same kind and key) keep the last one, as an update would.
+    /// Builds a snapshot; duplicates (same kind and key) keep the last one, as an update
+    /// would. Addresses claimed by several pods are resolved by [`resolve_addresses`]; the
+    /// conflicts are logged.
     pub fn new(
         namespaces: impl IntoIterator<Item = Namespace>,
         pods: impl IntoIterator<Item = Pod>,
@@ -886,11 +1006,34 @@ impl Snapshot {
             .into_iter()
             .map(|p| ((p.namespace.clone(), p.name.clone()), p))
             .collect();
+        let mut pods: Vec<Pod> = pods.into_values().collect();
+        for c in resolve_addresses(&mut pods) {
+            tracing::warn!(
+                ip = %c.ip,
+                pods = ?c.pods,
+                "address claimed by more than one pod; it belongs to none of them (fail closed)"
+            );
+        }
         Snapshot {
             namespaces,
-            pods: pods.into_values().collect(),
+            pods,
             policies: policies.into_values().collect(),
+            broken: BTreeMap::new(),
+            unattributed: Vec::new(),
         }
+    }
+
+    /// Marks the namespaces of `errors` broken (see [`Snapshot::broken`]).
+    pub fn with_broken(mut self, errors: impl IntoIterator<Item = (String, ObjectError)>) -> Self {
+        for (ns, e) in errors {
+            self.broken.entry(ns).or_default().push(e);
+        }
+        self
+    }
+
+    /// Whether namespace `ns` holds an object that could not be read (fail closed).
+    pub fn is_broken(&self, ns: &str) -> bool {
+        self.broken.contains_key(ns)
     }
 
     /// Labels of namespace `ns`; a namespace we were not told about has only its name label.
@@ -918,8 +1061,10 @@ impl Snapshot {
 
     /// Whether `peer` (of a policy in namespace `policy_ns`) selects `pod` by labels.
     /// ipBlock peers are about addresses, not pods: false here.
+    /// Pods of a broken namespace are never selected: we may not know their namespace's
+    /// labels, and a rule we could not read must not open anything toward them.
     pub fn peer_selects_pod(&self, peer: &Peer, policy_ns: &str, pod: &Pod) -> bool {
-        if !pod.is_policy_pod() {
+        if !pod.is_policy_pod() || self.is_broken(&pod.namespace) {
             return false;
         }
         match peer {

@@ -185,6 +185,8 @@ fn source_error(origin: &str, message: String) -> SourceError {
             origin: origin.into(),
             document: None,
             item: None,
+            object: String::new(),
+            namespace: None,
             field: String::new(),
             message,
         }],
@@ -212,12 +214,20 @@ impl Source for KubeApiSource {
         }
         self.seen = st.generation;
         let mut errors = Vec::new();
-        let err = |kind: &str, key: &str, field: String, message: String| ObjectError {
-            origin: format!("{kind} {key}"),
-            document: None,
-            item: None,
-            field,
-            message,
+        // The key is `namespace/name` (`/name` for a Namespace): every error here names
+        // the namespace it breaks, and only that one fails closed.
+        let err = |kind: &str, key: &str, field: String, message: String| {
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            let ns = if kind == "Namespace" { name } else { ns };
+            ObjectError {
+                origin: format!("{kind} {key}"),
+                document: None,
+                item: None,
+                object: format!("{kind} {key}"),
+                namespace: Some(if ns.is_empty() { "default" } else { ns }.to_string()),
+                field,
+                message,
+            }
         };
         let mut namespaces = Vec::new();
         for (k, v) in &st.objects[0] {
@@ -240,11 +250,11 @@ impl Source for KubeApiSource {
                 Err(e) => errors.push(err("NetworkPolicy", k, e.field, e.message)),
             }
         }
-        if errors.is_empty() {
-            Ok(Snapshot::new(namespaces, pods, policies))
-        } else {
-            Err(SourceError { errors })
-        }
+        Ok(Snapshot::new(namespaces, pods, policies).with_broken(
+            errors
+                .into_iter()
+                .map(|e| (e.namespace.clone().unwrap_or_default(), e)),
+        ))
     }
 
     fn wait_change(&mut self, timeout: Duration) -> bool {
