@@ -1312,4 +1312,174 @@ mod tests {
             .unwrap();
         assert_eq!(p.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
     }
+
+    #[test]
+    fn cidrs_are_read_like_the_api_server() {
+        let net = |s: &str| parse_cidr_sloppy(s).map(|n| n.to_string());
+        // Host bits set: masked. Leading zeros in IPv4 octets and prefix: decimal.
+        assert_eq!(net("10.0.0.1/24").as_deref(), Some("10.0.0.0/24"));
+        assert_eq!(net("010.001.0.9/016").as_deref(), Some("10.1.0.0/16"));
+        assert_eq!(net("0000255.0.0.0/8").as_deref(), Some("255.0.0.0/8"));
+        assert_eq!(net("fd00::1/64").as_deref(), Some("fd00::/64"));
+        assert_eq!(net("0.0.0.0/0").as_deref(), Some("0.0.0.0/0"));
+        // What the API server refuses too.
+        for bad in [
+            "not-a-cidr",
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "256.0.0.0/8",
+            "10.0.0/8",
+            "10.0.0.0.0/8",
+            "10.0.0.0/-1",
+            "10.0.0.0/+8",
+            "fd00::/129",
+            "0x0a.0.0.0/8",
+            "1.2.3.4/8/8",
+            "fe80::1%eth0/64",
+        ] {
+            assert_eq!(net(bad), None, "{bad}");
+        }
+        // In a policy: cidr and except both, and the error names field and value.
+        let p = policy(
+            r#"{"metadata": {"name": "p"}, "spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "010.0.0.1/8", "except": ["010.1.0.0/16"]}}]}]}}"#,
+        )
+        .unwrap();
+        match &p.ingress[0].peers[0] {
+            Peer::IpBlock(b) => {
+                assert_eq!(b.cidr.to_string(), "10.0.0.0/8");
+                assert_eq!(b.except[0].to_string(), "10.1.0.0/16");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = policy(
+            r#"{"metadata": {"name": "p"}, "spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "not-a-cidr"}}]}]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "spec.ingress[0].from[0].ipBlock.cidr");
+        assert_eq!(e.message, r#""not-a-cidr" is not a CIDR"#);
+    }
+
+    fn pod(key: &str, ip: &str, terminating: bool) -> Pod {
+        let (ns, name) = key.split_once('/').unwrap();
+        let v = serde_json::json!({"metadata": {"name": name, "namespace": ns,
+            "deletionTimestamp": if terminating { serde_json::json!("2026-12-02T00:00:00Z") } else { serde_json::Value::Null }},
+            "status": {"podIP": ip}});
+        from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_address_has_at_most_one_owner() {
+        assert!(pod("a/p", "10.0.0.1", true).terminating);
+        assert!(!pod("a/p", "10.0.0.1", false).terminating);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let owner = |pods: Vec<Pod>, addr: &str| {
+            let s = Snapshot::new(vec![], pods, vec![]);
+            s.pod_by_ip(ip(addr)).map(|p| p.key())
+        };
+        // A terminating pod's address handed to a new pod: the new pod owns it, whatever
+        // the names' order.
+        for (old, new) in [("a/p1", "b/p2"), ("b/p2", "a/p1")] {
+            let s = Snapshot::new(
+                vec![],
+                vec![pod(old, "10.0.0.1", true), pod(new, "10.0.0.1", false)],
+                vec![],
+            );
+            assert_eq!(s.pod_by_ip(ip("10.0.0.1")).unwrap().key(), new);
+            assert!(s.pod(old).unwrap().ips.is_empty(), "{s:?}");
+            assert_eq!(s.pod(new).unwrap().ips, vec![ip("10.0.0.1")]);
+        }
+        // A terminating pod alone keeps its address (it still runs until it is gone).
+        assert_eq!(
+            owner(vec![pod("a/p1", "10.0.0.1", true)], "10.0.0.1").as_deref(),
+            Some("a/p1")
+        );
+        // Two live pods, or two terminating ones (and no live one): nobody.
+        assert_eq!(
+            owner(
+                vec![
+                    pod("a/p1", "10.0.0.1", false),
+                    pod("b/p2", "10.0.0.1", false)
+                ],
+                "10.0.0.1"
+            ),
+            None
+        );
+        assert_eq!(
+            owner(
+                vec![
+                    pod("a/p1", "10.0.0.1", true),
+                    pod("b/p2", "10.0.0.1", true),
+                    pod("c/p3", "10.0.0.2", false)
+                ],
+                "10.0.0.1"
+            ),
+            None
+        );
+        // Two live and one terminating: nobody, and every claimant loses it.
+        let mut pods = vec![
+            pod("a/p1", "10.0.0.1", false),
+            pod("b/p2", "10.0.0.1", false),
+            pod("c/p3", "10.0.0.1", true),
+        ];
+        let c = resolve_addresses(&mut pods);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].pods, ["a/p1", "b/p2"]);
+        assert!(pods.iter().all(|p| p.ips.is_empty()));
+        // Pods that take no part in policy claim nothing: a Succeeded pod or a
+        // hostNetwork pod does not take a live pod's address away.
+        let mut done = pod("a/p1", "10.0.0.1", false);
+        done.phase = Some("Succeeded".into());
+        let mut host = pod("a/h", "10.0.0.1", false);
+        host.host_network = true;
+        assert_eq!(
+            owner(vec![done, host, pod("b/p2", "10.0.0.1", false)], "10.0.0.1").as_deref(),
+            Some("b/p2")
+        );
+        // Dual-stack: only the contested address is taken away.
+        let mut two = pod("a/p1", "10.0.0.1", false);
+        two.ips.push(ip("fd00::1"));
+        let s = Snapshot::new(vec![], vec![two, pod("b/p2", "fd00::1", false)], vec![]);
+        assert_eq!(s.pod("a/p1").unwrap().ips, vec![ip("10.0.0.1")]);
+        assert!(s.pod_by_ip(ip("fd00::1")).is_none());
+    }
+
+    #[test]
+    fn pods_of_broken_namespaces_are_never_peers() {
+        let s = Snapshot::new(
+            vec![Namespace::new("a", Labels::new())],
+            vec![
+                pod("a/p1", "10.0.0.1", false),
+                pod("b/p2", "10.0.0.2", false),
+            ],
+            vec![],
+        )
+        .with_broken([("b".to_string(), ObjectError::default())]);
+        // Even selectors that match a namespace lacking a label (NotIn, DoesNotExist), and
+        // the empty selector: b's labels may be unknown.
+        for ns_sel in [
+            "{}",
+            r#"{"matchExpressions": [{"key": "team", "operator": "DoesNotExist"}]}"#,
+            r#"{"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["x"]}]}"#,
+        ] {
+            let peer = Peer::Pods {
+                pods: LabelSelector::default(),
+                namespaces: Some(sel(ns_sel)),
+            };
+            assert!(s.peer_selects_pod(&peer, "a", s.pod("a/p1").unwrap()));
+            assert!(
+                !s.peer_selects_pod(&peer, "a", s.pod("b/p2").unwrap()),
+                "{ns_sel}"
+            );
+        }
+        let own = Peer::Pods {
+            pods: LabelSelector::default(),
+            namespaces: None,
+        };
+        assert!(!s.peer_selects_pod(&own, "b", s.pod("b/p2").unwrap()));
+        assert!(s.is_broken("b") && !s.is_broken("a"));
+    }
 }

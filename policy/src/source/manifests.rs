@@ -1009,4 +1009,109 @@ spec:
         assert_eq!(e.errors[0].field, "metadata.name");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn broken_names(s: &Snapshot) -> Vec<&str> {
+        s.broken.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_bad_object_breaks_only_its_namespace() {
+        let text = r#"
+kind: Namespace
+metadata: {name: a}
+---
+kind: List
+items:
+- kind: NetworkPolicy
+  metadata: {name: bad, namespace: a}
+  spec: {ingress: [{from: [{ipBlock: {cidr: not-a-cidr}}]}]}
+- kind: NetworkPolicy
+  metadata: {name: good, namespace: b}
+  spec: {podSelector: {}}
+- kind: Pod
+  metadata: {name: p}
+  spec: {containers: [{ports: [{containerPort: 70000}]}]}
+- kind: Namespace
+  metadata: {name: c, labels: [oops]}
+"#;
+        let s = parse_str(text, "m.yaml");
+        // The bad policy breaks a; the bad pod (no namespace: `default`) breaks default; a
+        // Namespace with unreadable labels breaks itself. b keeps its good policy.
+        assert_eq!(broken_names(&s), ["a", "c", "default"]);
+        let e = &s.broken["a"][0];
+        assert_eq!((e.document, e.item), (Some(1), Some(0)));
+        assert_eq!(e.object, "NetworkPolicy a/bad");
+        assert_eq!(e.field, "spec.ingress[0].from[0].ipBlock.cidr");
+        assert_eq!(
+            e.to_string(),
+            r#"m.yaml: document 1: items[0]: NetworkPolicy a/bad: spec.ingress[0].from[0].ipBlock.cidr: "not-a-cidr" is not a CIDR"#
+        );
+        assert_eq!(s.broken["default"][0].object, "Pod default/p");
+        assert!(s.broken["default"][0].message.contains("70000"), "{s:?}");
+        assert_eq!(s.broken["c"][0].object, "Namespace c");
+        assert_eq!(s.policies.len(), 1);
+        assert_eq!(s.policies[0].key(), "b/good");
+        assert!(s.unattributed.is_empty());
+        // A namespace that cannot be read (metadata.namespace: 7) names no namespace: it is
+        // the file's error, and breaks every namespace the file has objects in.
+        let s = parse_str(
+            &format!("{text}- kind: NetworkPolicy\n  metadata: {{name: n, namespace: 7}}\n"),
+            "m.yaml",
+        );
+        assert_eq!(broken_names(&s), ["a", "b", "c", "default"]);
+        for ns in ["a", "b"] {
+            assert!(
+                s.broken[ns].iter().any(|e| e.object == "NetworkPolicy ?/n"),
+                "{ns}: {:?}",
+                s.broken[ns]
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_keeps_its_last_objects_and_fails_their_namespaces_closed() {
+        let dir = std::env::temp_dir().join(format!("twill-policy-attr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = "kind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}}\n---\nkind: Pod\nmetadata: {name: p, namespace: a}\nstatus: {podIP: 10.0.0.1}\n";
+        let b =
+            "kind: NetworkPolicy\nmetadata: {name: deny, namespace: b}\nspec: {podSelector: {}}\n";
+        std::fs::write(dir.join("a.yaml"), a).unwrap();
+        std::fs::write(dir.join("b.yaml"), b).unwrap();
+        let mut src = ManifestDir::new(&dir);
+        let s = ok(src.snapshot().unwrap());
+        assert_eq!(s.policies.len(), 2);
+        // a.yaml loses a document to a syntax error and gains an object in c: its last
+        // good objects stay, and a and c (covered then or now) fail closed; b is untouched.
+        let broken_a = "kind: NetworkPolicy\nmetadata: {name: x, namespace: c}\nspec: {podSelector: {}}\n---\nkind: [\n";
+        std::fs::write(dir.join("a.yaml"), broken_a).unwrap();
+        let s = src.snapshot().unwrap();
+        assert_eq!(broken_names(&s), ["a", "c"]);
+        assert!(s.broken["a"][0].message.contains("invalid YAML"), "{s:?}");
+        assert_eq!(s.broken["a"][0].document, Some(1));
+        let keys: Vec<String> = s.policies.iter().map(|p| p.key()).collect();
+        assert_eq!(keys, ["a/deny", "b/deny"]);
+        assert_eq!(s.pods.len(), 1);
+        // Changed again, still unreadable: still the last good version's objects.
+        std::fs::write(dir.join("a.yaml"), format!("{broken_a}\n")).unwrap();
+        let s = src.snapshot().unwrap();
+        assert_eq!(broken_names(&s), ["a", "c"]);
+        assert_eq!(s.pods.len(), 1);
+        // Fixed: everything opens again.
+        std::fs::write(dir.join("a.yaml"), a).unwrap();
+        ok(src.snapshot().unwrap());
+        // A new file that never parsed and holds nothing readable is as if not written
+        // yet: nothing is broken, the error is reported.
+        std::fs::write(dir.join("z.json"), "{oops").unwrap();
+        let s = src.snapshot().unwrap();
+        assert!(s.broken.is_empty(), "{s:?}");
+        assert_eq!(s.unattributed.len(), 1);
+        assert!(s.unattributed[0].message.contains("invalid JSON"));
+        // Read for the first time with a readable part: the namespaces of that part fail.
+        let mut fresh = ManifestDir::new(&dir);
+        std::fs::write(dir.join("a.yaml"), broken_a).unwrap();
+        let s = fresh.snapshot().unwrap();
+        assert_eq!(broken_names(&s), ["c"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
