@@ -9,7 +9,8 @@
 //! a file by at most [`ALIAS_ALLOWANCE`] nodes beyond its size in bytes, over all its
 //! documents (each document is parsed on its own, so the parser's own per-parse limits
 //! would allow that much again for every `---`). Either is an error naming the file (and
-//! the document), and like any invalid manifest it leaves the last good state enforced.
+//! the document). An object that cannot be read breaks its namespace; an error that names
+//! no namespace breaks those the file covers (see `Parsed::new`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
