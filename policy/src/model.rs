@@ -403,7 +403,8 @@ impl PodObject {
                 ips.push(ip);
             }
         }
-        if let Some(s) = &self.status.pod_ip {
+        // An empty podIP is an absent one (Go's `omitempty` writes them alike).
+        if let Some(s) = self.status.pod_ip.as_ref().filter(|s| !s.is_empty()) {
             let ip: IpAddr = s
                 .parse()
                 .map_err(|_| ferr("status.podIP", format!("{s:?} is not an IP address")))?;
@@ -981,7 +982,7 @@ pub fn resolve_addresses(pods: &mut [Pod]) -> Vec<AddressConflict> {
     for (i, ip) in lose {
         pods[i].ips.retain(|a| *a != ip);
     }
-    conflicts.sort_by(|a, b| a.ip.cmp(&b.ip));
+    conflicts.sort_by_key(|c| c.ip);
     conflicts
 }
 
@@ -1304,6 +1305,12 @@ mod tests {
         assert_eq!(p.named_port("http", Protocol::Tcp), Some(8080));
         assert_eq!(p.named_port("http", Protocol::Udp), None);
         assert_eq!(p.node.as_deref(), Some("n1"));
+        let v = serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": ""}});
+        let p = from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert!(p.ips.is_empty());
         // `status.podIP` (spelled so, not podIp) alone is the pod's address.
         let v = serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": "10.0.0.9"}});
         let p = from_json_value::<PodObject>(v)
