@@ -540,17 +540,20 @@ impl Parsed {
         previous: Option<Parsed>,
     ) -> Parsed {
         let whole_now = errors.iter().all(|e| e.namespace.is_some());
-        let (objs, whole, covered) = match previous {
-            _ if whole_now => (now, true, BTreeSet::new()),
-            Some(p) if p.whole => {
-                let mut c = namespaces_of(&now);
-                c.extend(namespaces_of(&p.objs));
-                (p.objs, true, c)
+        let mut covered = BTreeSet::new();
+        if !whole_now {
+            covered = namespaces_of(&now);
+            if let Some(p) = &previous {
+                covered.extend(namespaces_of(&p.objs));
+                // Namespaces the previous version broke: their bad objects are in no
+                // version's objects, and the lost part may still hold them.
+                covered.extend(p.broken.iter().map(|(ns, _)| ns.clone()));
             }
-            _ => {
-                let c = namespaces_of(&now);
-                (now, false, c)
-            }
+        }
+        let (objs, whole) = match previous {
+            _ if whole_now => (now, true),
+            Some(p) if p.whole => (p.objs, true),
+            _ => (now, false),
         };
         let (mut broken, mut unattributed) = (Vec::new(), Vec::new());
         for e in errors {
@@ -1099,6 +1102,15 @@ items:
         assert_eq!(broken_names(&s), ["a", "c"]);
         assert_eq!(s.pods.len(), 1);
         // Fixed: everything opens again.
+        std::fs::write(dir.join("a.yaml"), a).unwrap();
+        ok(src.snapshot().unwrap());
+        // A namespace whose only object in the file was already bad stays broken when the
+        // file then stops parsing.
+        let only_bad = format!("{a}---\nkind: NetworkPolicy\nmetadata: {{name: q, namespace: q}}\nspec: {{ingress: [{{ports: [{{port: 0}}]}}]}}\n");
+        std::fs::write(dir.join("a.yaml"), &only_bad).unwrap();
+        assert_eq!(broken_names(&src.snapshot().unwrap()), ["q"]);
+        std::fs::write(dir.join("a.yaml"), format!("{only_bad}---\nkind: [\n")).unwrap();
+        assert_eq!(broken_names(&src.snapshot().unwrap()), ["a", "q"]);
         std::fs::write(dir.join("a.yaml"), a).unwrap();
         ok(src.snapshot().unwrap());
         // A new file that never parsed and holds nothing readable is as if not written
