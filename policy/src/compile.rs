@@ -567,7 +567,12 @@ struct Builder<'a> {
 
 impl<'a> Builder<'a> {
     fn new(snap: &'a Snapshot) -> Builder<'a> {
-        let pods: Vec<&Pod> = snap.pods.iter().filter(|p| p.is_policy_pod()).collect();
+        // Pods of broken namespaces are never peers (see `Snapshot::peer_selects_pod`).
+        let pods: Vec<&Pod> = snap
+            .pods
+            .iter()
+            .filter(|p| p.is_policy_pod() && !snap.is_broken(&p.namespace))
+            .collect();
         let mut by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, p) in pods.iter().enumerate() {
             by_ns.entry(p.namespace.as_str()).or_default().push(i);
@@ -1009,11 +1014,14 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
             .copied()
             .filter(|ip| seen_ips.insert(*ip))
             .collect();
+        // A pod of a broken namespace fails closed: isolated both ways by a chain that
+        // only drops, as in the fail-closed table, whatever its policies say.
+        let broken = snap.is_broken(&pod.namespace);
         for dir in [PolicyType::Ingress, PolicyType::Egress] {
             let selecting: Vec<usize> = (0..snap.policies.len())
-                .filter(|&i| snap.policies[i].selects(pod, dir))
+                .filter(|&i| !broken && snap.policies[i].selects(pod, dir))
                 .collect();
-            if selecting.is_empty() {
+            if selecting.is_empty() && !broken {
                 continue;
             }
             let kind = match dir {
@@ -1022,7 +1030,7 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
             };
             let name = ident(kind, &[&pod.namespace, &pod.name], "");
             let mut rules: Vec<ChainRule> = Vec::new();
-            if opts.allow_rules {
+            if opts.allow_rules && !broken {
                 // A chain rule identical to an earlier one of the chain (but for its
                 // comment) is left out, and so is everything after an unconditional
                 // `return`: neither can change what the chain does.
@@ -1843,6 +1851,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             }],
             phase: None,
+            terminating: false,
         });
         Snapshot::new(
             nss.iter().map(|n| Namespace::new(n, Labels::new())),

@@ -116,6 +116,7 @@ pub fn pods(pod_labels: &BTreeMap<String, Labels>) -> Vec<Pod> {
                 host_network: false,
                 ports,
                 phase: Some("Running".into()),
+                terminating: false,
             });
         }
     }

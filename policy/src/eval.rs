@@ -10,7 +10,9 @@
 //! peer, OR across peers, null namespaceSelector = the policy's namespace); ipBlock
 //! with per-peer except, matching pod IPs too; named ports resolved against the
 //! destination pod; endPort; hostNetwork pods are node traffic (never selected, never
-//! matched by selectors); a pod's traffic to itself is never policed.
+//! matched by selectors); a pod's traffic to itself is never policed; a pod of a broken
+//! namespace (an object in it could not be read) is isolated both ways and never matched
+//! by a selector.
 
 use std::net::IpAddr;
 
@@ -159,6 +161,21 @@ fn direction(
             allowed_by: vec![],
         };
     };
+    if let Some(errors) = snap.broken.get(&pod.namespace) {
+        let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        reasons.push(format!(
+            "{dir} of {}: namespace {} fails closed (an object in it cannot be read: {}): denied",
+            pod.key(),
+            pod.namespace,
+            errors.join("; ")
+        ));
+        return DirectionVerdict {
+            allowed: false,
+            isolated: true,
+            isolating: vec![],
+            allowed_by: vec![],
+        };
+    }
     let mut isolating = Vec::new();
     let mut allowed_by = Vec::new();
     for pol in snap.policies.iter().filter(|p| p.selects(pod, dir)) {

@@ -189,13 +189,30 @@ fn pod_cidrs(common: &Common) -> Result<Vec<ipnet::IpNet>> {
     Ok(out)
 }
 
+/// Reads the source and logs every object it could not read: each one fails its namespace
+/// closed, every other namespace is enforced as read.
 fn load(src: &mut dyn Source) -> Result<Snapshot> {
-    src.snapshot().map_err(|e| {
+    let snap = src.snapshot().map_err(|e| {
         for err in &e.errors {
-            error!("invalid manifest: {err}");
+            error!("cannot read the source: {err}");
         }
-        anyhow!("{} invalid object(s); nothing applied", e.errors.len())
-    })
+        anyhow!(
+            "{} error(s) reading the source; nothing applied",
+            e.errors.len()
+        )
+    })?;
+    for (ns, errors) in &snap.broken {
+        for err in errors {
+            error!(
+                namespace = ns.as_str(),
+                "invalid object: {err}; namespace {ns} fails closed"
+            );
+        }
+    }
+    for err in &snap.unattributed {
+        error!("invalid manifest: {err}; its objects are not read (no namespace is known to depend on it)");
+    }
+    Ok(snap)
 }
 
 /// Makes bridged IPv4/IPv6 traffic (same-node pods on cni0) traverse the inet hooks:
@@ -386,6 +403,7 @@ fn cmd_run(
             match load(src.as_mut()) {
                 Ok(s) => {
                     tracing::debug!("read the source in {:?}", t.elapsed());
+                    shared.metrics.record_source(&s);
                     last_good = Some(s);
                     source_ok = true;
                 }

@@ -5,7 +5,8 @@
 //! |---|---|---|
 //! | `twill_policy_sync_duration_seconds` | histogram | compile + apply of one sync |
 //! | `twill_policy_syncs_total{result}` | counter | syncs by result: full, incremental, unchanged, fail_closed, failed |
-//! | `twill_policy_sync_errors_total{kind}` | counter | `apply` (full ruleset rejected), `fail_closed` (isolation-only table rejected too), `source` (invalid manifests) |
+//! | `twill_policy_sync_errors_total{kind}` | counter | `apply` (full ruleset rejected), `fail_closed` (isolation-only table rejected too), `source` (reads with objects that could not be read) |
+//! | `twill_policy_broken_namespaces` | gauge | namespaces failing closed because an object in them could not be read |
 //! | `twill_policy_rules`, `_chains`, `_sets`, `_set_elements`, `_map_elements` | gauge | size of the ruleset of the last sync |
 //! | `twill_policy_fail_closed` | gauge | 1 while the isolation-only table is loaded |
 //! | `twill_policy_dropped_packets_total{namespace,pod,direction}` | counter | packets dropped by each pod chain |
@@ -50,6 +51,7 @@ pub struct Metrics {
     pub set_elements: Gauge,
     pub map_elements: Gauge,
     pub fail_closed: Gauge,
+    pub broken_namespaces: Gauge,
     pub drops: Family<Labels, Counter>,
 }
 
@@ -80,6 +82,7 @@ impl Metrics {
             set_elements: Gauge::default(),
             map_elements: Gauge::default(),
             fail_closed: Gauge::default(),
+            broken_namespaces: Gauge::default(),
             drops: Family::default(),
             registry: Registry::default(),
         };
@@ -119,6 +122,11 @@ impl Metrics {
             "fail_closed",
             "1 while the isolation-only (fail-closed) table is loaded",
             m.fail_closed.clone(),
+        );
+        registry.register(
+            "broken_namespaces",
+            "Namespaces failing closed because an object in them could not be read",
+            m.broken_namespaces.clone(),
         );
         registry.register(
             "dropped_packets",
@@ -162,9 +170,19 @@ impl Metrics {
         }
     }
 
-    /// Records a source error (invalid manifests).
+    /// Records a source error: a read with objects that could not be read (or no snapshot
+    /// at all).
     pub fn record_source_error(&self) {
         self.errors.get_or_create(&label("kind", "source")).inc();
+    }
+
+    /// Records a read of the source: the namespaces it left broken (a gauge), and a source
+    /// error if any object could not be read.
+    pub fn record_source(&self, snap: &Snapshot) {
+        self.broken_namespaces.set(snap.broken.len() as i64);
+        if !snap.broken.is_empty() || !snap.unattributed.is_empty() {
+            self.record_source_error();
+        }
     }
 
     /// The OpenMetrics text exposition.
@@ -523,7 +541,11 @@ mod tests {
             changed_chains: vec![],
             changed_elements: 0,
         });
-        m.record_source_error();
+        let broken = Snapshot::default().with_broken([
+            ("x".to_string(), crate::source::ObjectError::default()),
+            ("y".to_string(), crate::source::ObjectError::default()),
+        ]);
+        m.record_source(&broken);
         let mut t = DropTracker::default();
         let mut c = DropCounts::new();
         c.insert(("x/a".into(), "ingress".into()), 5);
@@ -549,6 +571,7 @@ mod tests {
             "twill_policy_set_elements 9",
             "twill_policy_map_elements 3",
             "twill_policy_fail_closed 1",
+            "twill_policy_broken_namespaces 2",
             "# TYPE twill_policy_dropped_packets counter",
             "twill_policy_dropped_packets_total{namespace=\"x\",pod=\"a\",direction=\"ingress\"} 8",
             "# EOF",

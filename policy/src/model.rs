@@ -9,13 +9,15 @@
 //! namespace `default`, the `kubernetes.io/metadata.name` label) and validation,
 //! reporting the offending field as a path such as `spec.ingress[0].ports[1].port`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::source::ObjectError;
 
 /// Labels of an object. Ordered, so output is deterministic.
 pub type Labels = BTreeMap<String, String>;
@@ -311,6 +313,9 @@ pub struct ObjectMeta {
     pub namespace: String,
     #[serde(default, deserialize_with = "nullable")]
     pub labels: Labels,
+    /// `metadata.deletionTimestamp`: set once deletion began (the pod is terminating).
+    #[serde(default)]
+    pub deletion_timestamp: Option<serde::de::IgnoredAny>,
 }
 
 /// Transport protocols NetworkPolicy knows.
@@ -424,6 +429,9 @@ pub struct Pod {
     pub ports: Vec<ContainerPort>,
     /// `status.phase`, if given. Succeeded/Failed pods have released their IPs.
     pub phase: Option<String>,
+    /// `metadata.deletionTimestamp` is set: the pod is being deleted, and its address may
+    /// already have been handed to a new pod (which then owns it, see [`Snapshot::new`]).
+    pub terminating: bool,
 }
 
 impl Pod {
@@ -526,7 +534,8 @@ impl PodObject {
                 ips.push(ip);
             }
         }
-        if let Some(s) = &self.status.pod_ip {
+        // An empty podIP is an absent one (Go's `omitempty` writes them alike).
+        if let Some(s) = self.status.pod_ip.as_ref().filter(|s| !s.is_empty()) {
             let ip: IpAddr = s
                 .parse()
                 .map_err(|_| ferr("status.podIP", format!("{s:?} is not an IP address")))?;
@@ -546,7 +555,10 @@ impl PodObject {
                         .ok()
                         .filter(|p| *p != 0)
                         .ok_or_else(|| {
-                            ferr(format!("{f}.containerPort"), "must be between 1 and 65535")
+                            ferr(
+                                format!("{f}.containerPort"),
+                                format!("{} must be between 1 and 65535", p.container_port),
+                            )
                         })?;
                     if let Some(n) = p.name.as_deref().filter(|n| !n.is_empty()) {
                         if !is_port_name(n) {
@@ -577,6 +589,7 @@ impl PodObject {
             host_network: self.spec.host_network,
             ports,
             phase: self.status.phase,
+            terminating: m.deletion_timestamp.is_some(),
         })
     }
 }
@@ -784,12 +797,48 @@ pub struct NetworkPolicyObject {
     spec: PolicySpecWire,
 }
 
+/// An IPv4 address the way Kubernetes' `netutils.ParseIPSloppy` reads it: four decimal
+/// fields of 0-255, leading zeros allowed and read as decimal (`010.1.2.3` is 10.1.2.3).
+fn parse_ipv4_sloppy(s: &str) -> Option<std::net::Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut fields = s.split('.');
+    for o in &mut octets {
+        let f = fields.next()?;
+        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // Leading zeros do not count against the value: "0000255" is 255.
+        let digits = f.trim_start_matches('0');
+        *o = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().ok()?
+        };
+    }
+    fields.next().is_none().then(|| octets.into())
+}
+
+/// A CIDR the way the API server validates `ipBlock.cidr` and `except` (Kubernetes'
+/// `netutils.ParseCIDRSloppy`, i.e. Go's `net.ParseCIDR` before Go 1.17): host bits may be
+/// set (`10.0.0.1/24` is 10.0.0.0/24), IPv4 octets may have leading zeros (decimal), the
+/// prefix length is decimal and may have leading zeros too. Anything the API server stores
+/// must be read here, or a valid object would break its namespace.
+pub fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
+    let (addr, len) = s.split_once('/')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len = len.trim_start_matches('0');
+    let len: u8 = if len.is_empty() { 0 } else { len.parse().ok()? };
+    let ip: IpAddr = match addr.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => IpAddr::V4(parse_ipv4_sloppy(addr)?),
+    };
+    IpNet::new(ip, len).ok().map(|n| n.trunc())
+}
+
 fn parse_net(s: &str, field: &str) -> Result<IpNet, FieldError> {
-    let n: IpNet = s
-        .trim()
-        .parse()
-        .map_err(|_| ferr(field, format!("{s:?} is not a CIDR")))?;
-    Ok(n.trunc())
+    parse_cidr_sloppy(s.trim()).ok_or_else(|| ferr(field, format!("{s:?} is not a CIDR")))
 }
 
 fn convert_peer(p: PeerWire, field: &str) -> Result<Peer, FieldError> {
@@ -1000,14 +1049,86 @@ pub fn from_json_value<T: serde::de::DeserializeOwned>(
 pub struct Snapshot {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
-    /// Sorted by namespace/name.
+    /// Sorted by namespace/name. Addresses are owned (see [`Snapshot::new`]): no address
+    /// is in the `ips` of two pods that take part in policy.
     pub pods: Vec<Pod>,
     /// Sorted by namespace/name; one per key (a later object replaces an earlier one).
     pub policies: Vec<NetworkPolicy>,
+    /// Namespaces holding an object the source could not read (a Namespace, Pod or
+    /// NetworkPolicy, or a manifest file whose objects were in it), with those errors.
+    /// They fail closed: their pods are isolated both ways, whatever their policies say,
+    /// and no policy matches them as peers (see [`Snapshot::is_broken`]). Every other
+    /// namespace is enforced as usual.
+    pub broken: BTreeMap<String, Vec<ObjectError>>,
+    /// Errors that could not be tied to any namespace and broke none (a manifest file
+    /// that is not read at all and never was); reported, nothing else.
+    pub unattributed: Vec<ObjectError>,
+}
+
+/// Why an address belongs to nobody: the pods that claim it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressConflict {
+    pub ip: IpAddr,
+    /// `namespace/name` of every claimant of the winning class (all non-terminating ones,
+    /// or with none of those all terminating ones).
+    pub pods: Vec<String>,
+}
+
+/// Decides who owns each address claimed by more than one pod that takes part in policy
+/// (hostNetwork and Succeeded/Failed pods claim nothing): a pod that is not terminating
+/// wins over terminating ones (whose address the IPAM may have handed on already); if
+/// that leaves more than one claimant, nobody owns it. The address is removed from the
+/// `ips` of every pod that does not own it, so a deleted pod's verdict never passes to
+/// the pod that has its address now, and a contested address matches no peer and has no
+/// pod chain (on a node with pod subnets it is an unknown address: isolated).
+pub fn resolve_addresses(pods: &mut [Pod]) -> Vec<AddressConflict> {
+    // ip -> (non-terminating claimants, terminating claimants), as indices.
+    let mut claims: HashMap<IpAddr, (Vec<usize>, Vec<usize>)> = HashMap::new();
+    for (i, p) in pods.iter().enumerate() {
+        if !p.is_policy_pod() {
+            continue;
+        }
+        for ip in &p.ips {
+            let c = claims.entry(*ip).or_default();
+            if p.terminating {
+                c.1.push(i);
+            } else {
+                c.0.push(i);
+            }
+        }
+    }
+    let mut conflicts = Vec::new();
+    let mut lose: Vec<(usize, IpAddr)> = Vec::new();
+    for (ip, (live, terminating)) in claims {
+        if live.len() + terminating.len() < 2 {
+            continue;
+        }
+        let winners = if live.is_empty() { &terminating } else { &live };
+        if winners.len() > 1 {
+            let mut names: Vec<String> = winners.iter().map(|&i| pods[i].key()).collect();
+            names.sort();
+            conflicts.push(AddressConflict { ip, pods: names });
+            lose.extend(live.iter().chain(&terminating).map(|&i| (i, ip)));
+        } else {
+            lose.extend(
+                terminating
+                    .iter()
+                    .filter(|&&i| i != winners[0])
+                    .map(|&i| (i, ip)),
+            );
+        }
+    }
+    for (i, ip) in lose {
+        pods[i].ips.retain(|a| *a != ip);
+    }
+    conflicts.sort_by_key(|c| c.ip);
+    conflicts
 }
 
 impl Snapshot {
-    /// Builds a snapshot; duplicates (same kind and key) keep the last one, as an update would.
+    /// Builds a snapshot; duplicates (same kind and key) keep the last one, as an update
+    /// would. Addresses claimed by several pods are resolved by [`resolve_addresses`]; the
+    /// conflicts are logged.
     pub fn new(
         namespaces: impl IntoIterator<Item = Namespace>,
         pods: impl IntoIterator<Item = Pod>,
@@ -1025,11 +1146,34 @@ impl Snapshot {
             .into_iter()
             .map(|p| ((p.namespace.clone(), p.name.clone()), p))
             .collect();
+        let mut pods: Vec<Pod> = pods.into_values().collect();
+        for c in resolve_addresses(&mut pods) {
+            tracing::warn!(
+                ip = %c.ip,
+                pods = ?c.pods,
+                "address claimed by more than one pod; it belongs to none of them (fail closed)"
+            );
+        }
         Snapshot {
             namespaces,
-            pods: pods.into_values().collect(),
+            pods,
             policies: policies.into_values().collect(),
+            broken: BTreeMap::new(),
+            unattributed: Vec::new(),
         }
+    }
+
+    /// Marks the namespaces of `errors` broken (see [`Snapshot::broken`]).
+    pub fn with_broken(mut self, errors: impl IntoIterator<Item = (String, ObjectError)>) -> Self {
+        for (ns, e) in errors {
+            self.broken.entry(ns).or_default().push(e);
+        }
+        self
+    }
+
+    /// Whether namespace `ns` holds an object that could not be read (fail closed).
+    pub fn is_broken(&self, ns: &str) -> bool {
+        self.broken.contains_key(ns)
     }
 
     /// Labels of namespace `ns`; a namespace we were not told about has only its name label.
@@ -1057,8 +1201,10 @@ impl Snapshot {
 
     /// Whether `peer` (of a policy in namespace `policy_ns`) selects `pod` by labels.
     /// ipBlock peers are about addresses, not pods: false here.
+    /// Pods of a broken namespace are never selected: we may not know their namespace's
+    /// labels, and a rule we could not read must not open anything toward them.
     pub fn peer_selects_pod(&self, peer: &Peer, policy_ns: &str, pod: &Pod) -> bool {
-        if !pod.is_policy_pod() {
+        if !pod.is_policy_pod() || self.is_broken(&pod.namespace) {
             return false;
         }
         match peer {
@@ -1298,6 +1444,12 @@ mod tests {
         assert_eq!(p.named_port("http", Protocol::Tcp), Some(8080));
         assert_eq!(p.named_port("http", Protocol::Udp), None);
         assert_eq!(p.node.as_deref(), Some("n1"));
+        let v = serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": ""}});
+        let p = from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap();
+        assert!(p.ips.is_empty());
         // `status.podIP` (spelled so, not podIp) alone is the pod's address.
         let v = serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": "10.0.0.9"}});
         let p = from_json_value::<PodObject>(v)
@@ -1401,5 +1553,175 @@ mod tests {
         // A huge value is shown cut.
         let e = ns(&"x".repeat(1 << 20)).unwrap_err();
         assert!(e.to_string().len() < 300, "{e}");
+    }
+
+    #[test]
+    fn cidrs_are_read_like_the_api_server() {
+        let net = |s: &str| parse_cidr_sloppy(s).map(|n| n.to_string());
+        // Host bits set: masked. Leading zeros in IPv4 octets and prefix: decimal.
+        assert_eq!(net("10.0.0.1/24").as_deref(), Some("10.0.0.0/24"));
+        assert_eq!(net("010.001.0.9/016").as_deref(), Some("10.1.0.0/16"));
+        assert_eq!(net("0000255.0.0.0/8").as_deref(), Some("255.0.0.0/8"));
+        assert_eq!(net("fd00::1/64").as_deref(), Some("fd00::/64"));
+        assert_eq!(net("0.0.0.0/0").as_deref(), Some("0.0.0.0/0"));
+        // What the API server refuses too.
+        for bad in [
+            "not-a-cidr",
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "256.0.0.0/8",
+            "10.0.0/8",
+            "10.0.0.0.0/8",
+            "10.0.0.0/-1",
+            "10.0.0.0/+8",
+            "fd00::/129",
+            "0x0a.0.0.0/8",
+            "1.2.3.4/8/8",
+            "fe80::1%eth0/64",
+        ] {
+            assert_eq!(net(bad), None, "{bad}");
+        }
+        // In a policy: cidr and except both, and the error names field and value.
+        let p = policy(
+            r#"{"metadata": {"name": "p"}, "spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "010.0.0.1/8", "except": ["010.1.0.0/16"]}}]}]}}"#,
+        )
+        .unwrap();
+        match &p.ingress[0].peers[0] {
+            Peer::IpBlock(b) => {
+                assert_eq!(b.cidr.to_string(), "10.0.0.0/8");
+                assert_eq!(b.except[0].to_string(), "10.1.0.0/16");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = policy(
+            r#"{"metadata": {"name": "p"}, "spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "not-a-cidr"}}]}]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "spec.ingress[0].from[0].ipBlock.cidr");
+        assert_eq!(e.message, r#""not-a-cidr" is not a CIDR"#);
+    }
+
+    fn pod(key: &str, ip: &str, terminating: bool) -> Pod {
+        let (ns, name) = key.split_once('/').unwrap();
+        let v = serde_json::json!({"metadata": {"name": name, "namespace": ns,
+            "deletionTimestamp": if terminating { serde_json::json!("2026-12-02T00:00:00Z") } else { serde_json::Value::Null }},
+            "status": {"podIP": ip}});
+        from_json_value::<PodObject>(v)
+            .unwrap()
+            .into_model()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_address_has_at_most_one_owner() {
+        assert!(pod("a/p", "10.0.0.1", true).terminating);
+        assert!(!pod("a/p", "10.0.0.1", false).terminating);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let owner = |pods: Vec<Pod>, addr: &str| {
+            let s = Snapshot::new(vec![], pods, vec![]);
+            s.pod_by_ip(ip(addr)).map(|p| p.key())
+        };
+        // A terminating pod's address handed to a new pod: the new pod owns it, whatever
+        // the names' order.
+        for (old, new) in [("a/p1", "b/p2"), ("b/p2", "a/p1")] {
+            let s = Snapshot::new(
+                vec![],
+                vec![pod(old, "10.0.0.1", true), pod(new, "10.0.0.1", false)],
+                vec![],
+            );
+            assert_eq!(s.pod_by_ip(ip("10.0.0.1")).unwrap().key(), new);
+            assert!(s.pod(old).unwrap().ips.is_empty(), "{s:?}");
+            assert_eq!(s.pod(new).unwrap().ips, vec![ip("10.0.0.1")]);
+        }
+        // A terminating pod alone keeps its address (it still runs until it is gone).
+        assert_eq!(
+            owner(vec![pod("a/p1", "10.0.0.1", true)], "10.0.0.1").as_deref(),
+            Some("a/p1")
+        );
+        // Two live pods, or two terminating ones (and no live one): nobody.
+        assert_eq!(
+            owner(
+                vec![
+                    pod("a/p1", "10.0.0.1", false),
+                    pod("b/p2", "10.0.0.1", false)
+                ],
+                "10.0.0.1"
+            ),
+            None
+        );
+        assert_eq!(
+            owner(
+                vec![
+                    pod("a/p1", "10.0.0.1", true),
+                    pod("b/p2", "10.0.0.1", true),
+                    pod("c/p3", "10.0.0.2", false)
+                ],
+                "10.0.0.1"
+            ),
+            None
+        );
+        // Two live and one terminating: nobody, and every claimant loses it.
+        let mut pods = vec![
+            pod("a/p1", "10.0.0.1", false),
+            pod("b/p2", "10.0.0.1", false),
+            pod("c/p3", "10.0.0.1", true),
+        ];
+        let c = resolve_addresses(&mut pods);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].pods, ["a/p1", "b/p2"]);
+        assert!(pods.iter().all(|p| p.ips.is_empty()));
+        // Pods that take no part in policy claim nothing: a Succeeded pod or a
+        // hostNetwork pod does not take a live pod's address away.
+        let mut done = pod("a/p1", "10.0.0.1", false);
+        done.phase = Some("Succeeded".into());
+        let mut host = pod("a/h", "10.0.0.1", false);
+        host.host_network = true;
+        assert_eq!(
+            owner(vec![done, host, pod("b/p2", "10.0.0.1", false)], "10.0.0.1").as_deref(),
+            Some("b/p2")
+        );
+        // Dual-stack: only the contested address is taken away.
+        let mut two = pod("a/p1", "10.0.0.1", false);
+        two.ips.push(ip("fd00::1"));
+        let s = Snapshot::new(vec![], vec![two, pod("b/p2", "fd00::1", false)], vec![]);
+        assert_eq!(s.pod("a/p1").unwrap().ips, vec![ip("10.0.0.1")]);
+        assert!(s.pod_by_ip(ip("fd00::1")).is_none());
+    }
+
+    #[test]
+    fn pods_of_broken_namespaces_are_never_peers() {
+        let s = Snapshot::new(
+            vec![Namespace::new("a", Labels::new())],
+            vec![
+                pod("a/p1", "10.0.0.1", false),
+                pod("b/p2", "10.0.0.2", false),
+            ],
+            vec![],
+        )
+        .with_broken([("b".to_string(), ObjectError::default())]);
+        // Even selectors that match a namespace lacking a label (NotIn, DoesNotExist), and
+        // the empty selector: b's labels may be unknown.
+        for ns_sel in [
+            "{}",
+            r#"{"matchExpressions": [{"key": "team", "operator": "DoesNotExist"}]}"#,
+            r#"{"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["x"]}]}"#,
+        ] {
+            let peer = Peer::Pods {
+                pods: LabelSelector::default(),
+                namespaces: Some(sel(ns_sel)),
+            };
+            assert!(s.peer_selects_pod(&peer, "a", s.pod("a/p1").unwrap()));
+            assert!(
+                !s.peer_selects_pod(&peer, "a", s.pod("b/p2").unwrap()),
+                "{ns_sel}"
+            );
+        }
+        let own = Peer::Pods {
+            pods: LabelSelector::default(),
+            namespaces: None,
+        };
+        assert!(!s.peer_selects_pod(&own, "b", s.pod("b/p2").unwrap()));
+        assert!(s.is_broken("b") && !s.is_broken("a"));
     }
 }

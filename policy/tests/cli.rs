@@ -84,25 +84,69 @@ fn explain_gives_the_reasons() {
 }
 
 #[test]
-fn invalid_manifest_is_reported_with_file_document_and_field() {
+fn invalid_object_fails_its_namespace_closed_and_is_reported_with_file_document_and_field() {
     let dir = std::env::temp_dir().join(format!("twill-policy-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Namespace x has a policy the enforcer cannot read; y's policy is fine. One pod of
+    // each on n1.
     std::fs::write(
         dir.join("p.yaml"),
         "kind: Namespace\nmetadata: {name: x}\n---\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_twill-policy"))
-        .args(["--node-name", "n1", "--manifests"])
-        .arg(&dir)
-        .arg("compile")
-        .output()
-        .unwrap();
+    std::fs::write(
+        dir.join("q.yaml"),
+        "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {nodeName: n1}\nstatus: {podIP: 10.244.1.2}\n---\nkind: Pod\nmetadata: {name: b, namespace: y}\nspec: {nodeName: n1}\nstatus: {podIP: 10.244.1.3}\n---\nkind: NetworkPolicy\nmetadata: {name: q, namespace: y}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n",
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_twill-policy"))
+            .args(["--node-name", "n1", "--manifests"])
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cmd(&["compile"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{err}");
+    // The error names the file, document, object, field and value, and what it costs.
     assert!(
-        err.contains("p.yaml: document 1: spec.ingress[0].from[0].ipBlock.cidr"),
+        err.contains(
+            r#"p.yaml: document 1: NetworkPolicy x/p: spec.ingress[0].from[0].ipBlock.cidr: "10.0.0.0/33" is not a CIDR; namespace x fails closed"#
+        ),
         "{err}"
     );
+    // x/a: drop-only chains both ways; y/b: its policy, which does not admit x/a.
+    assert!(script.contains("10.244.1.2 : jump pod-in/x/a"), "{script}");
+    assert!(script.contains("10.244.1.2 : jump pod-out/x/a"), "{script}");
+    assert!(script.contains("10.244.1.3 : jump pod-in/y/b"), "{script}");
+    assert!(!script.contains("10.244.1.2 : jump pod-in/y"), "{script}");
+    let chain = |name: &str| {
+        let start = script.find(&format!("chain {name} {{")).expect(name);
+        let end = start + script[start..].find('}').unwrap();
+        script[start..end].to_string()
+    };
+    assert!(!chain("pod-in/x/a").contains("return"), "{script}");
+    assert!(!chain("pod-out/x/a").contains("return"), "{script}");
+    assert!(chain("pod-in/y/b").contains("return"), "{script}");
+    assert!(
+        !script.contains("10.244.1.2,") && !script.contains("10.244.1.2 }"),
+        "x/a must be in no peer set: {script}"
+    );
+    // explain says why.
+    let out = cmd(&["explain", "--from", "y/b", "--to", "x/a", "--port", "80"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert!(
+        s.contains("ingress of x/a: namespace x fails closed (an object in it cannot be read: ")
+            && s.contains("is not a CIDR"),
+        "{s}"
+    );
+    let out = cmd(&["explain", "--from", "x/a", "--to", "y/b", "--port", "80"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert!(s.contains("egress of x/a: namespace x fails closed"), "{s}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

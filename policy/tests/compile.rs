@@ -71,6 +71,74 @@ fn compiled_ruleset_agrees_with_evaluator_on_every_scenario() {
     eprintln!("compiled rulesets: {checked} (pair, family) checks agree");
 }
 
+/// A namespace with an object that cannot be read fails closed: its pods are isolated both
+/// ways and matched by no selector, and the compiled rulesets still agree with the
+/// evaluator on every pair; the other namespaces keep their verdicts.
+#[test]
+fn broken_namespaces_fail_closed_in_compile_and_evaluator_alike() {
+    use twill_policy::source::ObjectError;
+    let scenarios = load_scenarios(SCENARIOS).unwrap();
+    let (mut checked, mut failures) = (0, Vec::new());
+    for sc in &scenarios {
+        for (si, step) in sc.steps.iter().enumerate() {
+            let whole = step_snapshot(step).unwrap();
+            for broken in ["x", "y", "z"] {
+                let snap = whole.clone().with_broken([(
+                    broken.to_string(),
+                    ObjectError {
+                        origin: "test".into(),
+                        message: "unreadable".into(),
+                        ..ObjectError::default()
+                    },
+                )]);
+                let rulesets: BTreeMap<String, _> = ["n1", "n2", "n3"]
+                    .iter()
+                    .map(|n| (n.to_string(), compile(&snap, n, &Options::default())))
+                    .collect();
+                for probe in &step.probes {
+                    for (s, d) in pairs() {
+                        let (sip, dip) = (
+                            ipv4_of(split(&s).0, split(&s).1),
+                            ipv4_of(split(&d).0, split(&d).1),
+                        );
+                        let src_rs = &rulesets[&node_of(split(&s).0)];
+                        let dst_rs = &rulesets[&node_of(split(&d).0)];
+                        let got = src_rs.decide(sip, dip, probe.protocol, probe.port)
+                            == Decision::Accept
+                            && dst_rs.decide(sip, dip, probe.protocol, probe.port)
+                                == Decision::Accept;
+                        let ep = |ip| Endpoint::ip(&snap, ip);
+                        let oracle =
+                            allowed(&snap, &ep(sip), &ep(dip), probe.port, probe.protocol).allowed;
+                        let whole_ep = |ip| Endpoint::ip(&whole, ip);
+                        let before = allowed(
+                            &whole,
+                            &whole_ep(sip),
+                            &whole_ep(dip),
+                            probe.port,
+                            probe.protocol,
+                        )
+                        .allowed;
+                        let touches = split(&s).0 == broken || split(&d).0 == broken;
+                        // Closed if it touches the broken namespace (but for a pod's
+                        // traffic to itself, never policed), else unchanged.
+                        let want = if touches { s == d } else { before };
+                        checked += 1;
+                        if got != oracle || oracle != want {
+                            failures.push(format!(
+                                "{} step {si} {broken} broken {}/{} {s}->{d}: compiled={got} evaluator={oracle} want={want}",
+                                sc.id, probe.protocol, probe.port
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!("broken namespaces: {checked} pair checks agree");
+}
+
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }

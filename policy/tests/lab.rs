@@ -405,7 +405,7 @@ fn wait_table(lab: &Lab, node: &str, what: &str, pred: impl Fn(&str) -> bool) ->
 }
 
 #[test]
-fn run_follows_manifest_changes_and_keeps_last_good_state() {
+fn run_follows_manifest_changes_and_fails_a_broken_namespace_closed() {
     if !twill_lab::require_root() {
         return;
     }
@@ -436,7 +436,8 @@ fn run_follows_manifest_changes_and_keeps_last_good_state() {
     wait_table(&lab, &node.netns, "x/a isolated", |s| {
         s.contains("10.244.1.2 : jump pod-in/x/a") && s.contains("fd00::2 : jump pod-in/x/a")
     });
-    // An invalid manifest is reported and the last good state stays enforced.
+    // An invalid policy is reported and fails its namespace closed: x/a stays isolated
+    // although the policy that isolated it is gone.
     std::fs::write(
         dir.join("bad.yaml"),
         "kind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\nspec: {ingress: [{ports: [{port: 0}]}]}\n",

@@ -379,6 +379,7 @@ fn raw_cluster() -> impl Strategy<Value = Snapshot> {
                         protocol: Protocol::Tcp,
                     }],
                     phase: None,
+                    terminating: false,
                 });
                 let port = if named {
                     Port::Named("http".into())

@@ -292,6 +292,8 @@ fn source_error(origin: &str, message: String) -> SourceError {
             origin: origin.into(),
             document: None,
             item: None,
+            object: String::new(),
+            namespace: None,
             field: String::new(),
             message,
         }],
@@ -328,12 +330,24 @@ impl Source for KubeApiSource {
         }
         self.seen = st.generation;
         let mut errors = Vec::new();
-        let err = |kind: &str, key: &str, field: String, message: String| ObjectError {
-            origin: format!("{kind} {key}"),
-            document: None,
-            item: None,
-            field,
-            message,
+        // The key is `namespace/name` (`/name` for a Namespace): every error here names
+        // the namespace it breaks, and only that one fails closed.
+        let err = |kind: &str, key: &str, field: String, message: String| {
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            let (ns, object) = if kind == "Namespace" {
+                (name, format!("{kind} {name}"))
+            } else {
+                (ns, format!("{kind} {key}"))
+            };
+            ObjectError {
+                origin: object.clone(),
+                document: None,
+                item: None,
+                object,
+                namespace: Some(if ns.is_empty() { "default" } else { ns }.to_string()),
+                field,
+                message,
+            }
         };
         let mut namespaces = Vec::new();
         for (k, v) in &st.objects[0] {
@@ -356,11 +370,11 @@ impl Source for KubeApiSource {
                 Err(e) => errors.push(err("NetworkPolicy", k, e.field, e.message)),
             }
         }
-        if errors.is_empty() {
-            Ok(Snapshot::new(namespaces, pods, policies))
-        } else {
-            Err(SourceError { errors })
-        }
+        Ok(Snapshot::new(namespaces, pods, policies).with_broken(
+            errors
+                .into_iter()
+                .map(|e| (e.namespace.clone().unwrap_or_default(), e)),
+        ))
     }
 
     fn wait_change(&mut self, timeout: Duration) -> bool {
@@ -374,5 +388,81 @@ impl Source for KubeApiSource {
             .wait_timeout_while(st, timeout, |s| s.generation == seen)
             .expect("state");
         st.generation != seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source whose watchers have listed `objects` (per kind: key -> object).
+    fn listed(objects: [Vec<(&str, Value)>; 3]) -> KubeApiSource {
+        let shared = Arc::new(Shared::default());
+        {
+            let mut st = shared.state.lock().unwrap();
+            for (i, objs) in objects.into_iter().enumerate() {
+                st.objects[i] = objs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                st.ready[i] = true;
+            }
+        }
+        KubeApiSource {
+            shared,
+            seen: 0,
+            initial_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn an_object_that_cannot_be_read_breaks_only_its_namespace() {
+        let pod = |ns: &str, name: &str, ip: &str| {
+            serde_json::json!({"kind": "Pod", "metadata": {"name": name, "namespace": ns},
+                "spec": {"nodeName": "n1"}, "status": {"podIP": ip}})
+        };
+        let mut src = listed([
+            vec![
+                (
+                    "/a",
+                    serde_json::json!({"kind": "Namespace", "metadata": {"name": "a"}}),
+                ),
+                (
+                    "/c",
+                    serde_json::json!({"kind": "Namespace", "metadata": {"name": "c", "labels": "x"}}),
+                ),
+            ],
+            vec![
+                ("a/p", pod("a", "p", "10.0.0.1")),
+                ("b/q", pod("b", "q", "10.0.0.2")),
+                ("c/r", pod("c", "r", "10.0.0.3")),
+            ],
+            vec![
+                (
+                    "a/bad",
+                    serde_json::json!({"kind": "NetworkPolicy", "metadata": {"name": "bad", "namespace": "a"},
+                        "spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "not-a-cidr"}}]}]}}),
+                ),
+                (
+                    "b/good",
+                    serde_json::json!({"kind": "NetworkPolicy", "metadata": {"name": "good", "namespace": "b"},
+                        "spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "010.0.0.1/8"}}]}]}}),
+                ),
+            ],
+        ]);
+        let s = src.snapshot().unwrap();
+        let broken: Vec<&str> = s.broken.keys().map(String::as_str).collect();
+        assert_eq!(broken, ["a", "c"]);
+        let e = &s.broken["a"][0];
+        assert_eq!(
+            e.to_string(),
+            r#"NetworkPolicy a/bad: spec.ingress[0].from[0].ipBlock.cidr: "not-a-cidr" is not a CIDR"#
+        );
+        assert_eq!(
+            s.broken["c"][0].to_string(),
+            r#"Namespace c: metadata.labels: invalid type: string "x", expected a map"#
+        );
+        // Everything readable is there: b's policy (a CIDR the API server accepts) and all
+        // three pods (a's and c's still own their addresses; they are just closed).
+        assert_eq!(s.policies.len(), 1);
+        assert_eq!(s.policies[0].key(), "b/good");
+        assert_eq!(s.pods.len(), 3);
     }
 }

@@ -9,8 +9,10 @@
 //! a file by at most [`ALIAS_ALLOWANCE`] nodes beyond its size in bytes, over all its
 //! documents (each document is parsed on its own, so the parser's own per-parse limits
 //! would allow that much again for every `---`). Either is an error naming the file (and
-//! the document), and like any invalid manifest it leaves the last good state enforced.
+//! the document). An object that cannot be read breaks its namespace; an error that names
+//! no namespace breaks those the file covers (see `Parsed::new`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,6 +57,42 @@ struct Objects {
     policies: Vec<NetworkPolicy>,
 }
 
+/// What an object is (`Kind namespace/name`, `?` for what cannot be read) and the namespace
+/// an error in it breaks: a Namespace's own name, else `metadata.namespace` (`default` when
+/// absent or empty, as the API server defaults it). None when that cannot be read (then the
+/// error is the file's, see [`ManifestDir`]).
+fn identify(kind: &str, v: &Value) -> (String, Option<String>) {
+    let meta = v.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty());
+    if kind == "Namespace" {
+        return (
+            format!("Namespace {}", name.unwrap_or("?")),
+            name.map(String::from),
+        );
+    }
+    let namespace = match meta {
+        None | Some(Value::Null) => Some("default"),
+        Some(Value::Object(m)) => match m.get("namespace") {
+            None | Some(Value::Null) => Some("default"),
+            Some(Value::String(s)) if s.is_empty() => Some("default"),
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(_) => None,
+        },
+        Some(_) => None,
+    };
+    (
+        format!(
+            "{kind} {}/{}",
+            namespace.unwrap_or("?"),
+            name.unwrap_or("?")
+        ),
+        namespace.map(String::from),
+    )
+}
+
 fn add_object(
     mut v: Value,
     objs: &mut Objects,
@@ -63,14 +101,21 @@ fn add_object(
     item: Option<usize>,
     errors: &mut Vec<ObjectError>,
 ) {
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let (object, namespace) = match kind {
+        "Namespace" | "Pod" | "NetworkPolicy" => identify(kind, &v),
+        // A List's own errors, or a document without kind: whose objects are they?
+        _ => (String::new(), None),
+    };
     let err = |field: String, message: String| ObjectError {
         origin: origin.to_string(),
         document: Some(document),
         item,
+        object: object.clone(),
+        namespace: namespace.clone(),
         field,
         message,
     };
-    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
     match kind {
         "" => errors.push(err("kind".into(), "missing".into())),
         "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
@@ -157,6 +202,8 @@ fn parse_text(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<Obj
             origin: origin.to_string(),
             document: Some(i),
             item: None,
+            object: String::new(),
+            namespace: None,
             field: String::new(),
             message,
         };
@@ -220,6 +267,8 @@ fn parse_json(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<Obj
                     origin: origin.to_string(),
                     document: Some(i),
                     item: None,
+                    object: String::new(),
+                    namespace: None,
                     field: String::new(),
                     message: format!("invalid JSON: {e}"),
                 });
@@ -264,6 +313,8 @@ impl JsonDoc {
                     origin: origin.to_string(),
                     document: Some(document),
                     item: None,
+                    object: String::new(),
+                    namespace: None,
                     field: String::new(),
                     message: "not an object".into(),
                 });
@@ -285,6 +336,8 @@ impl JsonDoc {
                 origin: origin.to_string(),
                 document: Some(document),
                 item: None,
+                object: String::new(),
+                namespace: None,
                 field: "items".into(),
                 message: "must be a list".into(),
             }),
@@ -410,20 +463,43 @@ impl<'de> serde::Deserialize<'de> for JsonItems {
     }
 }
 
-/// Parses manifest text into a snapshot (for tests and tools).
-pub fn parse_str(text: &str, origin: &str) -> Result<Snapshot, SourceError> {
+/// Parses manifest text into a snapshot (for tests and tools), as [`ManifestDir`] does
+/// for a file read for the first time.
+pub fn parse_str(text: &str, origin: &str) -> Snapshot {
     let mut objs = Objects::default();
     let mut errors = Vec::new();
     parse_text(text, origin, &mut objs, &mut errors);
-    finish(objs, errors)
+    let p = Parsed::new((0, None, 0), objs, errors, None);
+    snapshot_of(std::iter::once(&p))
 }
 
-fn finish(objs: Objects, errors: Vec<ObjectError>) -> Result<Snapshot, SourceError> {
-    if errors.is_empty() {
-        Ok(Snapshot::new(objs.namespaces, objs.pods, objs.policies))
-    } else {
-        Err(SourceError { errors })
+/// The namespaces `objs` has objects in.
+fn namespaces_of(objs: &Objects) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = objs.namespaces.iter().map(|n| n.name.clone()).collect();
+    out.extend(objs.pods.iter().map(|p| p.namespace.clone()));
+    out.extend(objs.policies.iter().map(|p| p.namespace.clone()));
+    out
+}
+
+/// The snapshot of some parsed files.
+fn snapshot_of<'a>(files: impl IntoIterator<Item = &'a Parsed> + Clone) -> Snapshot {
+    let all = |f: &dyn Fn(&'a Parsed) -> usize| files.clone().into_iter().map(f).sum::<usize>();
+    let mut objs = Objects {
+        namespaces: Vec::with_capacity(all(&|p| p.objs.namespaces.len())),
+        pods: Vec::with_capacity(all(&|p| p.objs.pods.len())),
+        policies: Vec::with_capacity(all(&|p| p.objs.policies.len())),
+    };
+    let (mut broken, mut unattributed) = (Vec::new(), Vec::new());
+    for p in files {
+        objs.namespaces.extend(p.objs.namespaces.iter().cloned());
+        objs.pods.extend(p.objs.pods.iter().cloned());
+        objs.policies.extend(p.objs.policies.iter().cloned());
+        broken.extend(p.broken.iter().cloned());
+        unattributed.extend(p.unattributed.iter().cloned());
     }
+    let mut s = Snapshot::new(objs.namespaces, objs.pods, objs.policies).with_broken(broken);
+    s.unattributed = unattributed;
+    s
 }
 
 /// What identifies one version of a file: size, modification time, inode.
@@ -433,8 +509,68 @@ type FileKey = (u64, Option<SystemTime>, u64);
 #[derive(Debug)]
 struct Parsed {
     key: FileKey,
+    /// The objects used: this version's, or if it has errors that name no namespace, those
+    /// of the file's last version without such errors (if there was one).
     objs: Objects,
-    errors: Vec<ObjectError>,
+    /// Whether `objs` are those of a version without errors that name no namespace.
+    whole: bool,
+    /// Errors by the namespace they break.
+    broken: Vec<(String, ObjectError)>,
+    /// Errors that broke no namespace.
+    unattributed: Vec<ObjectError>,
+}
+
+impl Parsed {
+    /// Attributes the `errors` of one version of a file whose objects are `now`; `previous`
+    /// is what the file's cache held before.
+    ///
+    /// An object whose namespace can be read breaks that namespace only. An error that
+    /// names no namespace (YAML or JSON that does not parse, a document without `kind`, a
+    /// bad `List`, a file that cannot be read) loses an unknown part of the file: the file's
+    /// last version without such errors keeps being used (if there was one), and every
+    /// namespace that version or the readable part of this one has objects in is broken,
+    /// since the lost part may have changed any of their objects. A file that never had a
+    /// version without such errors and holds nothing readable breaks nothing: it counts as
+    /// not written yet (its errors go to [`Snapshot::unattributed`]). Other files, and the
+    /// namespaces they alone cover, are unaffected.
+    fn new(
+        key: FileKey,
+        now: Objects,
+        errors: Vec<ObjectError>,
+        previous: Option<Parsed>,
+    ) -> Parsed {
+        let whole_now = errors.iter().all(|e| e.namespace.is_some());
+        let mut covered = BTreeSet::new();
+        if !whole_now {
+            covered = namespaces_of(&now);
+            if let Some(p) = &previous {
+                covered.extend(namespaces_of(&p.objs));
+                // Namespaces the previous version broke: their bad objects are in no
+                // version's objects, and the lost part may still hold them.
+                covered.extend(p.broken.iter().map(|(ns, _)| ns.clone()));
+            }
+        }
+        let (objs, whole) = match previous {
+            _ if whole_now => (now, true),
+            Some(p) if p.whole => (p.objs, true),
+            _ => (now, false),
+        };
+        let (mut broken, mut unattributed) = (Vec::new(), Vec::new());
+        for e in errors {
+            match e.namespace.clone() {
+                Some(ns) => broken.push((ns, e)),
+                None if covered.is_empty() => unattributed.push(e),
+                None => broken.extend(covered.iter().map(|ns| (ns.clone(), e.clone()))),
+            }
+        }
+        Parsed {
+            key,
+            objs,
+            whole,
+            broken,
+            unattributed,
+        }
+    }
 }
 
 /// Reads a directory of manifests. Each file's parsed objects are cached by size,
@@ -537,10 +673,8 @@ fn parse_file(f: &Path) -> (Objects, Vec<ObjectError>) {
         Ok(text) => parse_text(&text, &origin, &mut objs, &mut errors),
         Err(message) => errors.push(ObjectError {
             origin,
-            document: None,
-            item: None,
-            field: String::new(),
             message,
+            ..ObjectError::default()
         }),
     }
     (objs, errors)
@@ -554,12 +688,12 @@ impl Source for ManifestDir {
                 origin: self.dir.display().to_string(),
                 document: None,
                 item: None,
+                object: String::new(),
+                namespace: None,
                 field: String::new(),
                 message: format!("cannot read directory: {e}"),
             }],
         })?;
-        let mut objs = Objects::default();
-        let mut errors = Vec::new();
         let mut cache = std::collections::HashMap::with_capacity(files.len());
         for f in files {
             // The key is taken before reading: a write during the read changes the key
@@ -567,20 +701,20 @@ impl Source for ManifestDir {
             let key = file_key(&f);
             let parsed = match self.cache.remove(&f) {
                 Some(p) if p.key == key && key.1.is_some() => p,
-                _ => {
+                previous => {
                     let (objs, errors) = parse_file(&f);
-                    Parsed { key, objs, errors }
+                    Parsed::new(key, objs, errors, previous)
                 }
             };
-            objs.namespaces
-                .extend(parsed.objs.namespaces.iter().cloned());
-            objs.pods.extend(parsed.objs.pods.iter().cloned());
-            objs.policies.extend(parsed.objs.policies.iter().cloned());
-            errors.extend(parsed.errors.iter().cloned());
             cache.insert(f, parsed);
         }
         self.cache = cache;
-        finish(objs, errors)
+        // In file order, so that a later object replaces an earlier one.
+        let mut files: Vec<&Parsed> = Vec::with_capacity(self.cache.len());
+        let mut names: Vec<&PathBuf> = self.cache.keys().collect();
+        names.sort();
+        files.extend(names.into_iter().map(|n| &self.cache[n]));
+        Ok(snapshot_of(files))
     }
 
     fn wait_change(&mut self, timeout: Duration) -> bool {
@@ -601,6 +735,24 @@ impl Source for ManifestDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every distinct error of a snapshot, in file, document and item order.
+    fn errs(s: Snapshot) -> SourceError {
+        let mut errors: Vec<ObjectError> = s.broken.into_values().flatten().collect();
+        errors.extend(s.unattributed);
+        errors.sort_by(|a, b| {
+            (&a.origin, a.document, a.item, &a.field)
+                .cmp(&(&b.origin, b.document, b.item, &b.field))
+        });
+        errors.dedup();
+        SourceError { errors }
+    }
+
+    /// The snapshot, which must have no errors.
+    fn ok(s: Snapshot) -> Snapshot {
+        assert!(s.broken.is_empty() && s.unattributed.is_empty(), "{s:?}");
+        s
+    }
 
     const GOOD: &str = r#"
 apiVersion: v1
@@ -634,7 +786,7 @@ spec:
 
     #[test]
     fn multi_document_and_lists() {
-        let s = parse_str(GOOD, "good.yaml").unwrap();
+        let s = ok(parse_str(GOOD, "good.yaml"));
         assert_eq!(s.namespaces["x"].labels["team"], "a");
         assert_eq!(s.namespaces["x"].labels["kubernetes.io/metadata.name"], "x");
         assert_eq!(s.pods.len(), 1);
@@ -655,7 +807,7 @@ spec:
                 "- ports: [{port: http}]",
                 "- ports: [{port: http, protocol: ICMP}]",
             );
-        let e = parse_str(&bad, "bad.yaml").unwrap_err();
+        let e = errs(parse_str(&bad, "bad.yaml"));
         let msgs: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(e.errors.len(), 2, "{msgs:?}");
         assert_eq!(e.errors[0].document, Some(2));
@@ -666,8 +818,19 @@ spec:
         );
         assert_eq!(e.errors[1].document, Some(3));
         assert_eq!(e.errors[1].field, "spec.egress[0].ports[0].protocol");
-        assert!(msgs[1].starts_with("bad.yaml: document 3: spec.egress[0].ports[0].protocol: "));
-        let e = parse_str("kind: [", "syntax.yaml").unwrap_err();
+        assert!(
+            msgs[1].starts_with(
+                "bad.yaml: document 3: NetworkPolicy x/p: spec.egress[0].ports[0].protocol: "
+            ),
+            "{msgs:?}"
+        );
+        // The object's namespace is the one each error breaks.
+        assert_eq!(e.errors[0].namespace.as_deref(), Some("x"));
+        assert!(
+            msgs[0].contains("containerPort: 0 must be between"),
+            "{msgs:?}"
+        );
+        let e = errs(parse_str("kind: [", "syntax.yaml"));
         assert!(e.errors[0].message.contains("invalid YAML"), "{e}");
     }
 
@@ -718,7 +881,7 @@ spec:
         );
         assert_eq!(e.1[0].field, "spec.containers[0].ports[0].containerPort");
         assert!(
-            msgs[0].starts_with("x.json: document 1: items[1]: spec."),
+            msgs[0].starts_with("x.json: document 1: items[1]: Pod default/p: spec."),
             "{msgs:?}"
         );
         assert_eq!((e.1[1].document, e.1[1].field.as_str()), (Some(2), "items"));
@@ -734,7 +897,7 @@ spec:
             r#"{"kind":"Namespace","metadata":{"name":"x"}} {oops"#,
         )
         .unwrap();
-        let e = ManifestDir::new(&dir).snapshot().unwrap_err();
+        let e = errs(ManifestDir::new(&dir).snapshot().unwrap());
         assert_eq!(e.errors.len(), 1, "{e}");
         assert_eq!(e.errors[0].document, Some(1), "{e}");
         assert!(e.errors[0].message.contains("invalid JSON"), "{e}");
@@ -756,7 +919,7 @@ spec:
     fn yaml_alias_expansion_is_bounded_per_file() {
         // One document expanding to 10^7 scalars (the parser's default allowed 10^6 replayed
         // events in every document).
-        let e = parse_str(&laughs(7), "bomb.yaml").unwrap_err();
+        let e = errs(parse_str(&laughs(7), "bomb.yaml"));
         assert_eq!(e.errors.len(), 1, "{e}");
         assert_eq!(e.errors[0].origin, "bomb.yaml");
         assert_eq!(e.errors[0].document, Some(0));
@@ -772,7 +935,7 @@ spec:
         // file's allowance is named and the rest of the file is not read.
         let doc = laughs(4);
         let file = vec![doc.as_str(); 200].join("---\n");
-        let e = parse_str(&file, "many.yaml").unwrap_err();
+        let e = errs(parse_str(&file, "many.yaml"));
         assert_eq!(e.errors.len(), 1, "{e}");
         let d = e.errors[0].document.unwrap();
         assert!((5..15).contains(&d), "{e}");
@@ -786,7 +949,7 @@ spec:
         // allowed: 200 of them do not replay 200 times 11k events.
         let bad = format!("{doc}metadata: {{name: again}}\n");
         let file = vec![bad.as_str(); 200].join("---\n");
-        let e = parse_str(&file, "bad.yaml").unwrap_err();
+        let e = errs(parse_str(&file, "bad.yaml"));
         assert!(e.errors.len() < 10, "{} errors", e.errors.len());
         let last = e.errors.last().unwrap();
         assert!(
@@ -798,7 +961,7 @@ spec:
         let file: Vec<String> = (0..2000)
             .map(|i| doc.replace("NAME", &format!("n{i}")))
             .collect();
-        let s = parse_str(&file.join("---\n"), "ok.yaml").unwrap();
+        let s = ok(parse_str(&file.join("---\n"), "ok.yaml"));
         assert_eq!(s.namespaces.len(), 2000);
         assert_eq!(s.namespaces["n7"].labels["env"], "prod");
     }
@@ -812,7 +975,7 @@ spec:
         let big = std::fs::File::create(dir.join("big.json")).unwrap();
         big.set_len(MAX_FILE_BYTES + 1).unwrap();
         let mut src = ManifestDir::new(&dir);
-        let e = src.snapshot().unwrap_err();
+        let e = errs(src.snapshot().unwrap());
         assert_eq!(e.errors.len(), 1, "{e}");
         assert!(e.errors[0].origin.ends_with("big.json"), "{e}");
         assert_eq!(e.errors[0].document, None);
@@ -845,9 +1008,123 @@ spec:
         assert_eq!(src.snapshot().unwrap().namespaces.len(), 2);
         std::fs::write(dir.join("b.yml"), "kind: Namespace\nmetadata: {nam: y}\n").unwrap();
         assert!(src.wait_change(Duration::from_secs(2)));
-        let e = src.snapshot().unwrap_err();
+        let e = errs(src.snapshot().unwrap());
         assert!(e.errors[0].origin.ends_with("b.yml"));
         assert_eq!(e.errors[0].field, "metadata.name");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn broken_names(s: &Snapshot) -> Vec<&str> {
+        s.broken.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_bad_object_breaks_only_its_namespace() {
+        let text = r#"
+kind: Namespace
+metadata: {name: a}
+---
+kind: List
+items:
+- kind: NetworkPolicy
+  metadata: {name: bad, namespace: a}
+  spec: {ingress: [{from: [{ipBlock: {cidr: not-a-cidr}}]}]}
+- kind: NetworkPolicy
+  metadata: {name: good, namespace: b}
+  spec: {podSelector: {}}
+- kind: Pod
+  metadata: {name: p}
+  spec: {containers: [{ports: [{containerPort: 70000}]}]}
+- kind: Namespace
+  metadata: {name: c, labels: [oops]}
+"#;
+        let s = parse_str(text, "m.yaml");
+        // The bad policy breaks a; the bad pod (no namespace: `default`) breaks default; a
+        // Namespace with unreadable labels breaks itself. b keeps its good policy.
+        assert_eq!(broken_names(&s), ["a", "c", "default"]);
+        let e = &s.broken["a"][0];
+        assert_eq!((e.document, e.item), (Some(1), Some(0)));
+        assert_eq!(e.object, "NetworkPolicy a/bad");
+        assert_eq!(e.field, "spec.ingress[0].from[0].ipBlock.cidr");
+        assert_eq!(
+            e.to_string(),
+            r#"m.yaml: document 1: items[0]: NetworkPolicy a/bad: spec.ingress[0].from[0].ipBlock.cidr: "not-a-cidr" is not a CIDR"#
+        );
+        assert_eq!(s.broken["default"][0].object, "Pod default/p");
+        assert!(s.broken["default"][0].message.contains("70000"), "{s:?}");
+        assert_eq!(s.broken["c"][0].object, "Namespace c");
+        assert_eq!(s.policies.len(), 1);
+        assert_eq!(s.policies[0].key(), "b/good");
+        assert!(s.unattributed.is_empty());
+        // A namespace that cannot be read (metadata.namespace: 7) names no namespace: it is
+        // the file's error, and breaks every namespace the file has objects in.
+        let s = parse_str(
+            &format!("{text}- kind: NetworkPolicy\n  metadata: {{name: n, namespace: 7}}\n"),
+            "m.yaml",
+        );
+        assert_eq!(broken_names(&s), ["a", "b", "c", "default"]);
+        for ns in ["a", "b"] {
+            assert!(
+                s.broken[ns].iter().any(|e| e.object == "NetworkPolicy ?/n"),
+                "{ns}: {:?}",
+                s.broken[ns]
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_keeps_its_last_objects_and_fails_their_namespaces_closed() {
+        let dir = std::env::temp_dir().join(format!("twill-policy-attr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = "kind: NetworkPolicy\nmetadata: {name: deny, namespace: a}\nspec: {podSelector: {}}\n---\nkind: Pod\nmetadata: {name: p, namespace: a}\nstatus: {podIP: 10.0.0.1}\n";
+        let b =
+            "kind: NetworkPolicy\nmetadata: {name: deny, namespace: b}\nspec: {podSelector: {}}\n";
+        std::fs::write(dir.join("a.yaml"), a).unwrap();
+        std::fs::write(dir.join("b.yaml"), b).unwrap();
+        let mut src = ManifestDir::new(&dir);
+        let s = ok(src.snapshot().unwrap());
+        assert_eq!(s.policies.len(), 2);
+        // a.yaml loses a document to a syntax error and gains an object in c: its last
+        // good objects stay, and a and c (covered then or now) fail closed; b is untouched.
+        let broken_a = "kind: NetworkPolicy\nmetadata: {name: x, namespace: c}\nspec: {podSelector: {}}\n---\nkind: [\n";
+        std::fs::write(dir.join("a.yaml"), broken_a).unwrap();
+        let s = src.snapshot().unwrap();
+        assert_eq!(broken_names(&s), ["a", "c"]);
+        assert!(s.broken["a"][0].message.contains("invalid YAML"), "{s:?}");
+        assert_eq!(s.broken["a"][0].document, Some(1));
+        let keys: Vec<String> = s.policies.iter().map(|p| p.key()).collect();
+        assert_eq!(keys, ["a/deny", "b/deny"]);
+        assert_eq!(s.pods.len(), 1);
+        // Changed again, still unreadable: still the last good version's objects.
+        std::fs::write(dir.join("a.yaml"), format!("{broken_a}\n")).unwrap();
+        let s = src.snapshot().unwrap();
+        assert_eq!(broken_names(&s), ["a", "c"]);
+        assert_eq!(s.pods.len(), 1);
+        // Fixed: everything opens again.
+        std::fs::write(dir.join("a.yaml"), a).unwrap();
+        ok(src.snapshot().unwrap());
+        // A namespace whose only object in the file was already bad stays broken when the
+        // file then stops parsing.
+        let only_bad = format!("{a}---\nkind: NetworkPolicy\nmetadata: {{name: q, namespace: q}}\nspec: {{ingress: [{{ports: [{{port: 0}}]}}]}}\n");
+        std::fs::write(dir.join("a.yaml"), &only_bad).unwrap();
+        assert_eq!(broken_names(&src.snapshot().unwrap()), ["q"]);
+        std::fs::write(dir.join("a.yaml"), format!("{only_bad}---\nkind: [\n")).unwrap();
+        assert_eq!(broken_names(&src.snapshot().unwrap()), ["a", "q"]);
+        std::fs::write(dir.join("a.yaml"), a).unwrap();
+        ok(src.snapshot().unwrap());
+        // A new file that never parsed and holds nothing readable is as if not written
+        // yet: nothing is broken, the error is reported.
+        std::fs::write(dir.join("z.json"), "{oops").unwrap();
+        let s = src.snapshot().unwrap();
+        assert!(s.broken.is_empty(), "{s:?}");
+        assert_eq!(s.unattributed.len(), 1);
+        assert!(s.unattributed[0].message.contains("invalid JSON"));
+        // Read for the first time with a readable part: the namespaces of that part fail.
+        let mut fresh = ManifestDir::new(&dir);
+        std::fs::write(dir.join("a.yaml"), broken_a).unwrap();
+        let s = fresh.snapshot().unwrap();
+        assert_eq!(broken_names(&s), ["c"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::model::Snapshot;
 
 /// A problem with one object: where it is and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ObjectError {
     /// File (manifests) or object reference (API).
     pub origin: String,
@@ -17,6 +17,12 @@ pub struct ObjectError {
     pub document: Option<usize>,
     /// Index in a `List`'s items.
     pub item: Option<usize>,
+    /// The object as `Kind namespace/name` (`Namespace name`), as far as it could be read;
+    /// empty when not known.
+    pub object: String,
+    /// The namespace this error breaks (fails closed), when it could be read: the object's
+    /// `metadata.namespace` (`default` when empty), or a Namespace's own name.
+    pub namespace: Option<String>,
     /// Field path, e.g. `spec.ingress[0].ports[0].port`; empty when not known.
     pub field: String,
     pub message: String,
@@ -31,6 +37,9 @@ impl std::fmt::Display for ObjectError {
         if let Some(i) = self.item {
             write!(f, ": items[{i}]")?;
         }
+        if !self.object.is_empty() && self.object != self.origin {
+            write!(f, ": {}", self.object)?;
+        }
         if !self.field.is_empty() {
             write!(f, ": {}", self.field)?;
         }
@@ -38,7 +47,9 @@ impl std::fmt::Display for ObjectError {
     }
 }
 
-/// Why a source could not produce a snapshot. The caller keeps enforcing the last good one.
+/// Why a source could produce no snapshot at all (the manifest directory cannot be listed,
+/// the API has not answered yet). The caller keeps enforcing the last good one. Objects that
+/// cannot be read are not this: they break their namespace ([`Snapshot::broken`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceError {
     pub errors: Vec<ObjectError>,
@@ -55,7 +66,8 @@ impl std::error::Error for SourceError {}
 
 /// A provider of snapshots.
 pub trait Source {
-    /// The complete current state, or every problem found (then nothing of it is used).
+    /// The current state: every object that could be read, and per namespace the errors of
+    /// those that could not ([`Snapshot::broken`]). An error only when nothing can be read.
     fn snapshot(&mut self) -> Result<Snapshot, SourceError>;
 
     /// Waits up to `timeout` for a change; true if something may have changed.
