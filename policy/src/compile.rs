@@ -2349,7 +2349,8 @@ mod tests {
 
     #[test]
     fn an_over_long_policy_name_renders_within_nft_limits() {
-        // The issue: a 182-character policy name (three 60-character labels) selecting a pod.
+        // A 182-character policy name (three 60-character labels) selecting a pod: its
+        // comment once made nft reject every sync on the node.
         let name = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
         let snap = world(
             30,

@@ -1,4 +1,4 @@
-//! Every valid Kubernetes object compiles to a table nft accepts (issue 11): names,
+//! Every valid Kubernetes object compiles to a table nft accepts: names,
 //! namespaces, label keys and values and port names at the API server's limits go through
 //! validation (`into_model`) and compile; the full table is checked with the real
 //! `nft -c`, loaded, and the incremental transaction ([`TableDef::diff`]) to a second
@@ -424,7 +424,7 @@ fn any_utf8_name_in_the_model_renders_to_a_table_nft_accepts() {
         .unwrap();
 }
 
-// ------------------------------------------------------------------ the issue, exactly
+// ------------------------------------- a long name that once stopped every sync on a node
 
 fn one_pod_one_policy(ns: &str, pod: &str, policy: &str) -> Snapshot {
     let wire = vec![
@@ -452,7 +452,7 @@ fn one_pod_one_policy(ns: &str, pod: &str, policy: &str) -> Snapshot {
 }
 
 #[test]
-fn issue_11_a_182_character_policy_name_loads() {
+fn a_182_character_policy_name_loads() {
     let name = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
     assert_eq!(name.len(), 182);
     let snap = one_pod_one_policy("x", "web", &name);
@@ -460,7 +460,7 @@ fn issue_11_a_182_character_policy_name_loads() {
     let script = compile(&snap, "n1", &Options::default()).render();
     // The comments still say which policy it is.
     assert!(script.contains(&format!("\"x/{}", &name[..60])), "{script}");
-    let ns = Netns::new("issue");
+    let ns = Netns::new("longname");
     check_pair(ns.as_ref(), &snap, &empty).unwrap();
     check_pair(ns.as_ref(), &empty, &snap).unwrap();
     // At every limit at once: a 63-character namespace, 253-character pod and policy.

@@ -1,10 +1,10 @@
-//! Root-only: `twill-policy run` before its first good snapshot (issue 11, items 4 and 5).
+//! Root-only: `twill-policy run` before its first good snapshot.
 //!
 //! - `closed_from_the_first_second`: a node with two pods on its bridge and a manifests
-//!   directory that cannot give a snapshot (a broken file): the pods cannot open new
+//!   directory that cannot give a snapshot (it cannot be listed): the pods cannot open new
 //!   connections (startup isolation of the node's pod subnet), /readyz says 503; once the
-//!   manifests are fixed the same path opens and /readyz says 200. Then twill-policy is
-//!   restarted with broken manifests again: the table of the earlier run stays (same
+//!   manifests are there the same path opens and /readyz says 200. Then twill-policy is
+//!   restarted with the directory unreadable again: the table of the earlier run stays (same
 //!   ruleset id, path still open) instead of total isolation.
 //! - `unreachable_api_backs_off_without_spinning`: `run` against a Kubernetes API URL where
 //!   nothing listens (127.0.0.1 inside the node's namespace): every error is logged, the
@@ -150,13 +150,10 @@ fn closed_from_the_first_second() {
         String::new,
     );
 
+    // No good snapshot: the manifests directory cannot be listed yet. (A file that
+    // cannot be parsed only breaks its own namespaces; a directory that cannot be read
+    // gives no snapshot at all.)
     let dir = lab.dir().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("broken.yaml"),
-        "kind: Pod\nmetadata: [not, a, map\n",
-    )
-    .unwrap();
     let bin = bin();
     let argv = [
         bin.as_str(),
@@ -177,7 +174,11 @@ fn closed_from_the_first_second() {
         || format!("{}\n{}", table(&lab, &node.netns), lab.log(id)),
     );
     assert!(lab.log(id).contains("startup isolation"), "{}", lab.log(id));
-    assert!(lab.log(id).contains("broken.yaml"), "{}", lab.log(id));
+    assert!(
+        lab.log(id).contains("cannot read directory"),
+        "{}",
+        lab.log(id)
+    );
     for _ in 0..3 {
         assert!(
             !connects(&lab, &a.netns, "10.244.1.3"),
@@ -192,7 +193,7 @@ fn closed_from_the_first_second() {
     assert_eq!(code, 200, "{body}");
 
     // The manifests are fixed: a and b are known pods no policy selects, so a -> b opens.
-    std::fs::remove_file(dir.join("broken.yaml")).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("pods.yaml"), GOOD).unwrap();
     wait_for(
         "a -> b open after the first good snapshot",
@@ -212,7 +213,7 @@ fn closed_from_the_first_second() {
         lab.log(id)
     );
 
-    // Restart without reboot while the manifests are broken again: the earlier run's
+    // Restart without reboot while the manifests cannot be read again: the earlier run's
     // table (the last known policy) stays rather than total isolation.
     lab.stop(id, Duration::from_secs(5)).unwrap();
     let before = table(&lab, &node.netns);
@@ -221,11 +222,7 @@ fn closed_from_the_first_second() {
         .find(|l| l.contains("twill-policy ruleset"))
         .expect("ruleset id")
         .to_string();
-    std::fs::write(
-        dir.join("broken.yaml"),
-        "kind: Pod\nmetadata: [not, a, map\n",
-    )
-    .unwrap();
+    std::fs::rename(&dir, lab.dir().join("manifests.away")).unwrap();
     let id = lab
         .spawn(&node.netns, "policy-2", &argv, &[("NODE_NAME", "n1")])
         .unwrap();
