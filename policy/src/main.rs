@@ -60,6 +60,12 @@ struct Common {
     /// --pod-cidr, re-read before every sync.
     #[arg(long, global = true, value_name = "PATH")]
     subnet_file: Option<PathBuf>,
+    /// Strict mode (as kube-network-policies' --strict-mode): after every sync that loads
+    /// a new ruleset, delete the conntrack entries of this node's pods that it would not
+    /// allow as new connections, so tightening a policy also cuts established flows.
+    /// --strict-mode=false: established flows go on until they end.
+    #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    strict_mode: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -201,7 +207,35 @@ fn ensure_br_netfilter() {
     }
 }
 
+/// Logs the strict-mode conntrack pass of a sync.
+fn report_conntrack(r: &twill_policy::nft::SyncReport) {
+    match &r.conntrack {
+        None => {}
+        Some(Ok(p)) if p.failed == 0 => info!(
+            flows = p.flows,
+            cut = p.cut,
+            "conntrack: cut {} flow(s) the new ruleset denies in {:?}",
+            p.cut,
+            p.duration
+        ),
+        Some(Ok(p)) => warn!(
+            flows = p.flows,
+            cut = p.cut,
+            failed = p.failed,
+            "conntrack: cut {} flow(s) in {:?}; {} delete(s) failed: {}",
+            p.cut,
+            p.duration,
+            p.failed,
+            p.first_error.as_deref().unwrap_or("")
+        ),
+        Some(Err(e)) => {
+            error!("{e}; established flows the new ruleset denies were not cut")
+        }
+    }
+}
+
 fn report(r: &twill_policy::nft::SyncReport) -> bool {
+    report_conntrack(r);
     let s = r.stats;
     match &r.applied {
         Applied::Full => {
@@ -277,7 +311,8 @@ fn cmd_run(
         }
     };
     let mut enf = Enforcer::new(nft, &node, opts);
-    info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, "twill-policy running");
+    enf.strict = common.strict_mode;
+    info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, strict_mode = enf.strict, "twill-policy running");
     let resync = Duration::from_secs(resync.max(1));
     let mut last_good: Option<Snapshot> = None;
     let mut last_full = Instant::now();
@@ -337,6 +372,7 @@ fn cmd_apply(common: &Common, check: bool) -> Result<()> {
     }
     ensure_br_netfilter();
     let mut enf = Enforcer::new(nft, &node, options(common)?);
+    enf.strict = common.strict_mode;
     if report(&enf.sync(&snap)) {
         Ok(())
     } else {

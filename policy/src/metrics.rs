@@ -383,6 +383,7 @@ mod tests {
             duration: Duration::from_millis(30),
             changed_chains: vec![],
             changed_elements: 0,
+            conntrack: None,
         });
         m.record_sync(&SyncReport {
             applied: Applied::FailClosed {
@@ -392,6 +393,7 @@ mod tests {
             duration: Duration::from_millis(2),
             changed_chains: vec![],
             changed_elements: 0,
+            conntrack: None,
         });
         m.record_source_error();
         let mut t = DropTracker::default();
