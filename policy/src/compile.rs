@@ -15,6 +15,7 @@
 //! chain forward  hook forward priority filter (0): after DNAT (-100), before flannel's
 //!      masquerade (srcnat 100); sees routed pod traffic and, with br_netfilter, bridged
 //!      same-node traffic on cni0.
+//!        ct mark & CUT_MARK != 0 drop (flows strict mode cut, see conntrack.rs);
 //!        ct state established,related accept; ICMPv6 ND accept;
 //!        ip saddr vmap @egress_v4; ip6 saddr vmap @egress_v6;
 //!        ip daddr vmap @ingress_v4; ip6 daddr vmap @ingress_v6
@@ -257,6 +258,13 @@ pub struct Stats {
     pub set_elements: usize,
     pub map_elements: usize,
 }
+
+/// The conntrack mark bit of a flow that strict mode cut (`crate::conntrack`): the forward
+/// and input chains drop every packet of such a flow, in both directions, before they
+/// accept established traffic. Marking instead of deleting the entry keeps it in place, so
+/// conntrack cannot pick the flow up again from a mid-stream packet of the other side
+/// (which the policies may allow as a new connection). Nothing sets it without strict mode.
+pub const CUT_MARK: u32 = 0x1000_0000;
 
 /// Compile options.
 #[derive(Debug, Clone)]
@@ -1069,7 +1077,7 @@ impl Ruleset {
         Stats {
             chains: self.chains.len() + 2 + unknown_chains,
             rules: self.chains.iter().map(|c| c.rules.len() + 2).sum::<usize>()
-                + 13
+                + 15
                 + 3 * fams
                 + 2 * unknown_chains,
             sets: self.addr_sets.len() + self.tuple_sets.len() + 4 + 2 * fams,
@@ -1278,11 +1286,13 @@ impl Ruleset {
             }
         };
         let nd = "icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept";
+        let cut = format!("ct mark & {CUT_MARK:#010x} != 0 drop");
         let _ = writeln!(s, "\tchain forward {{");
         let _ = writeln!(
             s,
             "\t\ttype filter hook forward priority filter; policy accept;"
         );
+        let _ = writeln!(s, "\t\t{cut}");
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\t{nd}");
         unknown_rules(&mut s, true);
@@ -1296,6 +1306,7 @@ impl Ruleset {
             s,
             "\t\ttype filter hook input priority filter; policy accept;"
         );
+        let _ = writeln!(s, "\t\t{cut}");
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\tiifname \"lo\" accept");
         let _ = writeln!(s, "\t\t{nd}");

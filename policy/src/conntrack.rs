@@ -4,9 +4,17 @@
 //! judges the first packet of a flow. After a sync that changed the ruleset, the enforcer
 //! dumps the conntrack table (one ctnetlink dump over [`twill_cni::nfnl`]), asks the new
 //! ruleset ([`Ruleset::decide_packet`]) what it would do with the first packet of every
-//! flow of this node's pods, and deletes the entries it would drop. The next packet of
-//! such a flow is then a new one for conntrack (TCP pick-up included) and meets the new
-//! ruleset, which drops it.
+//! flow of this node's pods, and sets [`CUT_MARK`] on the entries it would drop; the
+//! table drops every packet of a marked entry, in both directions, before it accepts
+//! established traffic. Entries marked earlier that the new ruleset allows again are
+//! unmarked (a policy opened again restores the flow).
+//!
+//! Why not delete the entries: the next packet of a deleted TCP flow makes conntrack pick
+//! the flow up again (`nf_conntrack_tcp_loose`), in whichever direction that packet goes.
+//! A server pushing data to a client whose connection was cut then opens a "new" flow
+//! server -> client, which the policies may well allow, and the client's packets pass as
+//! its replies: strict_lab saw such a flow survive the cut. A marked entry stays in
+//! place, so there is nothing to pick up; it ends with the flow's conntrack timeout.
 //!
 //! Which packet the table judged: the forward and input hooks run after DNAT (kube-proxy,
 //! prerouting at −100) and before SNAT (Flannel's masquerade, postrouting), so they saw
@@ -14,7 +22,7 @@
 //! reply tuple's source port as destination port. Without NAT that is the original
 //! destination and port, so one rule covers both.
 //!
-//! [`flows_to_cut`] is the pure decision (flows in, flows to delete out); [`cut_denied`]
+//! [`flows_to_cut`] and [`plan`] are the pure decision (flows in, flows to mark out); [`cut_denied`]
 //! is the effector.
 
 use std::collections::HashSet;
@@ -24,17 +32,18 @@ use std::time::{Duration, Instant};
 
 use twill_cni::nfnl::{self, attrs, Msg};
 
-use crate::compile::{Decision, Ruleset};
+use crate::compile::{Decision, Ruleset, CUT_MARK};
 use crate::model::Protocol;
 
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
-const IPCTNL_MSG_CT_DELETE: u16 = 2;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_MARK: u16 = 8;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
+const CTA_MARK_MASK: u16 = 21;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -79,14 +88,15 @@ pub struct Tuple {
 pub struct Flow {
     pub orig: Tuple,
     pub reply: Tuple,
-    /// The entry's id (CTA_ID): a delete names it, so an entry that ended and was
-    /// created again with the same tuple after the dump is not deleted.
+    /// The entry's id (CTA_ID).
     pub id: Option<u32>,
+    /// The conntrack mark (CTA_MARK).
+    pub mark: u32,
     /// CTA_ZONE, network order, as received.
     pub zone: Option<[u8; 2]>,
-    /// The CTA_TUPLE_ORIG payload as the kernel sent it; sent back verbatim to delete
-    /// the entry (every protocol's key attributes, ICMP id included, without parsing
-    /// them all).
+    /// The CTA_TUPLE_ORIG payload as the kernel sent it; sent back verbatim to name the
+    /// entry in an update (every protocol's key attributes, ICMP id included, without
+    /// parsing them all).
     pub raw_orig: Vec<u8>,
 }
 
@@ -109,6 +119,31 @@ impl Flow {
     fn is_neighbour_discovery(&self) -> bool {
         self.orig.proto == IPPROTO_ICMPV6 && matches!(self.orig.icmp_type, Some(133..=137))
     }
+}
+
+/// What one pass changes: entries to mark as cut, marked entries to restore.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan<'a> {
+    pub cut: Vec<&'a Flow>,
+    pub restore: Vec<&'a Flow>,
+}
+
+/// [`flows_to_cut`] without the entries already marked, and the marked entries the
+/// ruleset allows again.
+pub fn plan<'a>(rs: &Ruleset, node_addrs: &HashSet<IpAddr>, flows: &'a [Flow]) -> Plan<'a> {
+    let denied: HashSet<*const Flow> = flows_to_cut(rs, node_addrs, flows)
+        .into_iter()
+        .map(|f| f as *const Flow)
+        .collect();
+    let mut p = Plan::default();
+    for f in flows {
+        match (denied.contains(&(f as *const Flow)), f.mark & CUT_MARK != 0) {
+            (true, false) => p.cut.push(f),
+            (false, true) => p.restore.push(f),
+            _ => {}
+        }
+    }
+    p
 }
 
 /// The entries of `flows` that the ruleset `rs` would not let start now: for every flow
@@ -201,7 +236,7 @@ pub fn parse_tuple(payload: &[u8]) -> Option<Tuple> {
 /// One IPCTNL_MSG_CT_NEW message body (after nfgenmsg) of a dump.
 pub fn parse_flow(body: &[u8]) -> Option<Flow> {
     let (mut orig, mut reply, mut raw_orig) = (None, None, None);
-    let (mut id, mut zone) = (None, None);
+    let (mut id, mut zone, mut mark) = (None, None, None);
     for (t, v) in attrs(body) {
         match t {
             CTA_TUPLE_ORIG => {
@@ -215,6 +250,11 @@ pub fn parse_flow(body: &[u8]) -> Option<Flow> {
                     .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
             }
             CTA_ZONE => zone = v.get(..2).map(|b| [b[0], b[1]]),
+            CTA_MARK => {
+                mark = v
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+            }
             _ => {}
         }
     }
@@ -222,6 +262,7 @@ pub fn parse_flow(body: &[u8]) -> Option<Flow> {
         orig: orig?,
         reply: reply?,
         id,
+        mark: mark.unwrap_or(0),
         zone,
         raw_orig: raw_orig?,
     })
@@ -237,8 +278,10 @@ pub fn dump_request() -> Msg {
     )
 }
 
-/// The request that deletes `flow`'s entry (by original tuple, zone and id).
-pub fn delete_request(flow: &Flow) -> Msg {
+/// The request that sets (`cut`) or clears [`CUT_MARK`] in `flow`'s entry (named by its
+/// original tuple and zone), leaving the other mark bits alone: an update of an existing
+/// entry (IPCTNL_MSG_CT_NEW without NLM_F_CREATE; "no such entry" if it is gone).
+pub fn mark_request(flow: &Flow, cut: bool) -> Msg {
     let family = if flow.orig.src.is_ipv4() {
         AF_INET
     } else {
@@ -246,7 +289,7 @@ pub fn delete_request(flow: &Flow) -> Msg {
     };
     let mut m = Msg::subsys(
         nfnl::NFNL_SUBSYS_CTNETLINK,
-        IPCTNL_MSG_CT_DELETE,
+        IPCTNL_MSG_CT_NEW,
         nfnl::NLM_F_REQUEST,
         family,
     );
@@ -254,9 +297,10 @@ pub fn delete_request(flow: &Flow) -> Msg {
     if let Some(zone) = flow.zone {
         m.attr(CTA_ZONE, &zone);
     }
-    if let Some(id) = flow.id {
-        m.attr(CTA_ID, &id.to_be_bytes());
-    }
+    // new mark = (old & !mask) ^ mark
+    let mark = if cut { CUT_MARK } else { 0 };
+    m.attr(CTA_MARK, &mark.to_be_bytes())
+        .attr(CTA_MARK_MASK, &CUT_MARK.to_be_bytes());
     m
 }
 
@@ -295,25 +339,33 @@ pub fn node_addrs() -> io::Result<HashSet<IpAddr>> {
 pub struct Pass {
     /// Entries in the conntrack table.
     pub flows: usize,
-    /// Entries deleted (denied by the new ruleset).
+    /// Entries marked as cut (denied by the new ruleset).
     pub cut: usize,
-    /// Deletes the kernel refused (other than "no such entry": the flow ended on its
-    /// own), with the first errno.
+    /// Marked entries the new ruleset allows again, unmarked.
+    pub restored: usize,
+    /// Updates the kernel refused (other than "no such entry": the flow ended on its
+    /// own), with the first error.
     pub failed: usize,
     pub first_error: Option<String>,
-    /// Dump, decision and deletes.
+    /// Dump, decision and updates.
     pub duration: Duration,
 }
 
-/// Deletes the conntrack entries of this namespace that `rs` would not allow as new
-/// connections.
+/// Marks the conntrack entries of this namespace that `rs` would not allow as new
+/// connections, and unmarks the marked ones it allows.
 pub fn cut_denied(rs: &Ruleset) -> io::Result<Pass> {
     let start = Instant::now();
     let node = node_addrs()?;
     let flows = dump()?;
-    let cut = flows_to_cut(rs, &node, &flows);
-    let msgs: Vec<Msg> = cut.iter().map(|f| delete_request(f)).collect();
+    let p = plan(rs, &node, &flows);
+    let msgs: Vec<Msg> = p
+        .cut
+        .iter()
+        .map(|f| mark_request(f, true))
+        .chain(p.restore.iter().map(|f| mark_request(f, false)))
+        .collect();
     let errnos = nfnl::Conn::open()?.requests(&msgs)?;
+    let (cut, restored) = errnos.split_at(p.cut.len());
     let failed: Vec<i32> = errnos
         .iter()
         .copied()
@@ -321,7 +373,8 @@ pub fn cut_denied(rs: &Ruleset) -> io::Result<Pass> {
         .collect();
     Ok(Pass {
         flows: flows.len(),
-        cut: errnos.iter().filter(|e| **e == 0).count(),
+        cut: cut.iter().filter(|e| **e == 0).count(),
+        restored: restored.iter().filter(|e| **e == 0).count(),
         failed: failed.len(),
         first_error: failed
             .first()
@@ -417,6 +470,7 @@ items:
                 icmp_type: None,
             },
             id: Some(7),
+            mark: 0,
             zone: None,
             raw_orig: Vec::new(),
         }
@@ -507,6 +561,26 @@ items:
     }
 
     #[test]
+    fn marked_entries_are_marked_once_and_restored_when_allowed_again() {
+        let rs = ruleset(&[]);
+        let mark = |mut f: Flow, m: u32| {
+            f.mark = m;
+            f
+        };
+        let denied = direct(IPPROTO_TCP, "10.244.1.3", "10.244.1.2", 80);
+        let allowed = direct(IPPROTO_TCP, "10.244.1.3", "10.244.1.2", 81);
+        let flows = [
+            mark(denied.clone(), 0x5),            // to cut (other bits kept)
+            mark(denied.clone(), CUT_MARK | 0x5), // already cut
+            mark(allowed.clone(), CUT_MARK),      // allowed again: restore
+            mark(allowed.clone(), 0x5),           // allowed, not marked
+        ];
+        let p = plan(&rs, &HashSet::new(), &flows);
+        assert_eq!(p.cut, vec![&flows[0]]);
+        assert_eq!(p.restore, vec![&flows[2]]);
+    }
+
+    #[test]
     fn neighbour_discovery_is_never_cut() {
         let rs = ruleset(&["fd00:1::/64"]);
         let mut nd = direct(IPPROTO_ICMPV6, "fd00:1::9", "fd00:1::1", 0);
@@ -517,7 +591,7 @@ items:
     }
 
     #[test]
-    fn dumped_entries_parse_and_deletes_send_the_tuple_back() {
+    fn dumped_entries_parse_and_updates_send_the_tuple_back() {
         let tuple = |m: &mut Msg, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
             m.nest(CTA_TUPLE_IP, |m| {
                 m.attr(CTA_IP_V4_SRC, &src).attr(CTA_IP_V4_DST, &dst);
@@ -536,6 +610,7 @@ items:
             tuple(m, [10, 244, 1, 2], [10, 244, 1, 3], 81, 40000)
         })
         .attr(CTA_ID, &0x0102_0304u32.to_be_bytes())
+        .attr(CTA_MARK, &0x0000_0011u32.to_be_bytes())
         .attr(CTA_ZONE, &[0, 5]);
         let bytes = m.bytes(1);
         let f = parse_flow(&bytes[20..]).unwrap();
@@ -549,18 +624,28 @@ items:
                 Some((Protocol::Tcp, 81))
             )
         );
-        assert_eq!((f.id, f.zone), (Some(0x0102_0304), Some([0, 5])));
+        assert_eq!(
+            (f.id, f.zone, f.mark),
+            (Some(0x0102_0304), Some([0, 5]), 0x11)
+        );
 
-        let d = delete_request(&f).bytes(2);
+        let d = mark_request(&f, true).bytes(2);
         assert_eq!(
             u16::from_ne_bytes([d[4], d[5]]),
-            (1 << 8) | IPCTNL_MSG_CT_DELETE
+            (1 << 8) | IPCTNL_MSG_CT_NEW
         );
+        // An update: no NLM_F_CREATE, so a vanished entry is not created again.
+        assert_eq!(u16::from_ne_bytes([d[6], d[7]]), nfnl::NLM_F_REQUEST);
         assert_eq!(d[16], AF_INET);
         let a: Vec<(u16, &[u8])> = attrs(&d[20..]).collect();
         assert_eq!(a[0], (CTA_TUPLE_ORIG, &f.raw_orig[..]));
         assert_eq!(a[1], (CTA_ZONE, &[0u8, 5][..]));
-        assert_eq!(a[2], (CTA_ID, &[1u8, 2, 3, 4][..]));
+        assert_eq!(a[2], (CTA_MARK, &CUT_MARK.to_be_bytes()[..]));
+        assert_eq!(a[3], (CTA_MARK_MASK, &CUT_MARK.to_be_bytes()[..]));
+        let d = mark_request(&f, false).bytes(3);
+        let a: Vec<(u16, &[u8])> = attrs(&d[20..]).collect();
+        assert_eq!(a[2], (CTA_MARK, &[0u8; 4][..]));
+        assert_eq!(a[3], (CTA_MARK_MASK, &CUT_MARK.to_be_bytes()[..]));
         assert!(parse_flow(&[0xff; 8]).is_none());
     }
 }

@@ -61,8 +61,9 @@ struct Common {
     #[arg(long, global = true, value_name = "PATH")]
     subnet_file: Option<PathBuf>,
     /// Strict mode (as kube-network-policies' --strict-mode): after every sync that loads
-    /// a new ruleset, delete the conntrack entries of this node's pods that it would not
-    /// allow as new connections, so tightening a policy also cuts established flows.
+    /// a new ruleset, mark the conntrack entries of this node's pods that it would not
+    /// allow as new connections (the table drops marked flows), so tightening a policy
+    /// also cuts established flows.
     /// --strict-mode=false: established flows go on until they end.
     #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     strict_mode: bool,
@@ -214,6 +215,7 @@ fn report_conntrack(r: &twill_policy::nft::SyncReport) {
         Some(Ok(p)) if p.failed == 0 => info!(
             flows = p.flows,
             cut = p.cut,
+            restored = p.restored,
             "conntrack: cut {} flow(s) the new ruleset denies in {:?}",
             p.cut,
             p.duration
@@ -221,8 +223,9 @@ fn report_conntrack(r: &twill_policy::nft::SyncReport) {
         Some(Ok(p)) => warn!(
             flows = p.flows,
             cut = p.cut,
+            restored = p.restored,
             failed = p.failed,
-            "conntrack: cut {} flow(s) in {:?}; {} delete(s) failed: {}",
+            "conntrack: cut {} flow(s) in {:?}; {} update(s) failed: {}",
             p.cut,
             p.duration,
             p.failed,

@@ -290,9 +290,10 @@ pub struct Enforcer {
     last: Option<Loaded>,
     /// When false, every change replaces the whole table.
     pub incremental: bool,
-    /// Strict mode: after every sync that loads a new full ruleset, delete the conntrack
+    /// Strict mode: after every sync that loads a new full ruleset, mark the conntrack
     /// entries (of this thread's network namespace) that it would not allow as new
-    /// connections ([`conntrack::cut_denied`]). Off in [`Enforcer::new`], so that a library
+    /// connections, which the table then drops, and unmark those it allows again
+    /// ([`conntrack::cut_denied`]). Off in [`Enforcer::new`], so that a library
     /// caller never touches the conntrack table of a namespace it did not mean to; the
     /// daemon turns it on (`--strict-mode`, default true).
     pub strict: bool,

@@ -1,10 +1,13 @@
 //! Root-only: strict mode. Pods x/a (server) and x/b (client) on the cni0 bridge of one lab
 //! node, `twill-policy run` following a manifests directory. x/b holds long-lived flows to
-//! x/a (TCP 80, TCP 81, UDP 80) that exchange a ping every 200 ms; then x/a's policy is
-//! tightened to TCP 81 only.
-//! - strict mode (the default): within the sync that loads the tighter ruleset, the TCP 80
-//!   and UDP 80 flows stop passing data and their conntrack entries are gone, while the
-//!   TCP 81 flow (still allowed) keeps working;
+//! x/a (TCP 80, TCP 81, UDP 80) that exchange a ping every 200 ms, and a TCP 82 flow on
+//! which x/a pushes data every 50 ms; then x/a's policy is tightened to TCP 81 only.
+//! - strict mode (the default): within the sync that loads the tighter ruleset, the TCP 80,
+//!   TCP 82 and UDP 80 flows stop passing data and their conntrack entries carry the cut
+//!   mark, while the TCP 81 flow (still allowed) keeps working. The push flow is the one
+//!   that deleting the entries instead would not stop (seen with an earlier version):
+//!   conntrack picks it up again from x/a's next segment as a new flow x/a -> x/b, which
+//!   no policy denies. Opening the policy again unmarks the entries and the flows resume;
 //! - control, `--strict-mode=false`: the established flows all keep working (conntrack is
 //!   accepted first), though a new TCP 80 connection is refused.
 
@@ -13,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use twill_lab::{Lab, ProcId};
-use twill_policy::compile::{compile, Options};
+use twill_policy::compile::{compile, Options, CUT_MARK};
 use twill_policy::conntrack::{self, Flow, IPPROTO_TCP, IPPROTO_UDP};
 use twill_policy::nft::ruleset_marker;
 use twill_policy::source::manifests::ManifestDir;
@@ -21,16 +24,20 @@ use twill_policy::source::Source;
 
 const PY: &str = "/usr/bin/python3";
 
-/// TCP servers on 80 and 81 answering "pong" to every message of a connection until it
-/// closes; a UDP server on 80 answering every datagram.
+/// TCP servers on 80, 81 and 82 answering "pong" to every message of a connection until it
+/// closes, or, after a "push", sending "pong" every 50 ms; a UDP server on 80 answering
+/// every datagram.
 const SERVER: &str = r#"
-import socket, threading
+import socket, threading, time
 def conn(c):
     try:
         while True:
             d = c.recv(64)
             if not d:
                 break
+            if d.startswith(b"push"):
+                while True:
+                    c.sendall(b"pong"); time.sleep(0.05)
             c.sendall(b"pong")
     except Exception:
         pass
@@ -45,20 +52,29 @@ def udp(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
     while True:
         d, a = s.recvfrom(64); s.sendto(b"pong", a)
-for p in (80, 81):
+for p in (80, 81, 82):
     threading.Thread(target=tcp, args=(p,), daemon=True).start()
 threading.Thread(target=udp, args=(80,), daemon=True).start()
 threading.Event().wait()
 "#;
 
-/// Opens the three flows once, then every 200 ms pings on each and prints one line per
-/// round: `round N tcp80=ok|fail tcp81=ok|fail udp80=ok|fail`.
+/// Opens the four flows once, then every 200 ms pings on each (on TCP 82: waits for
+/// pushed data) and prints one line per round:
+/// `round N tcp80=ok|fail tcp81=ok|fail udp80=ok|fail push82=ok|fail`.
 const FLOWS: &str = r#"
 import socket, sys, time
 host = sys.argv[1]
 t80 = socket.create_connection((host, 80), timeout=5)
 t81 = socket.create_connection((host, 81), timeout=5)
 u80 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u80.connect((host, 80))
+t82 = socket.create_connection((host, 82), timeout=5)
+t82.send(b"push")
+def pushed(s):
+    try:
+        s.settimeout(1)
+        return "ok" if s.recv(4096).startswith(b"pong") else "fail"
+    except Exception:
+        return "fail"
 def ping(s):
     try:
         s.settimeout(1); s.send(b"ping")
@@ -68,7 +84,7 @@ def ping(s):
         return "fail"
 i = 0
 while True:
-    print(f"round {i} tcp80={ping(t80)} tcp81={ping(t81)} udp80={ping(u80)}", flush=True)
+    print(f"round {i} tcp80={ping(t80)} tcp81={ping(t81)} udp80={ping(u80)} push82={pushed(t82)}", flush=True)
     i += 1
     time.sleep(0.2)
 "#;
@@ -109,7 +125,7 @@ fn policy(ports: &str) -> String {
     )
 }
 
-const OPEN: &str = "[{port: 80}, {port: 81}, {port: 80, protocol: UDP}]";
+const OPEN: &str = "[{port: 80}, {port: 81}, {port: 82}, {port: 80, protocol: UDP}]";
 const TIGHT: &str = "[{port: 81}]";
 
 fn opts() -> Options {
@@ -148,13 +164,19 @@ fn conntrack_of(netns: &str) -> Vec<Flow> {
     .unwrap()
 }
 
-/// Whether the conntrack table of `netns` has b -> a `proto`/`port`.
-fn tracked(netns: &str, proto: u8, port: u16) -> bool {
+/// Whether b -> a `proto`/`port` is tracked with the cut mark (Some(true)), without it
+/// (Some(false)), or not at all (None), in the conntrack table of `netns`.
+fn cut(netns: &str, proto: u8, port: u16) -> Option<bool> {
     let (a, b): (IpAddr, IpAddr) = ("10.244.1.2".parse().unwrap(), "10.244.1.3".parse().unwrap());
-    conntrack_of(netns).iter().any(|f| {
-        f.orig.src == b && f.orig.dst == a && f.orig.proto == proto && f.orig.dport == port
-    })
+    conntrack_of(netns)
+        .into_iter()
+        .find(|f| {
+            f.orig.src == b && f.orig.dst == a && f.orig.proto == proto && f.orig.dport == port
+        })
+        .map(|f| f.mark & CUT_MARK != 0)
 }
+
+const DENIED: [(u8, u16); 3] = [(IPPROTO_TCP, 80), (IPPROTO_UDP, 80), (IPPROTO_TCP, 82)];
 
 /// The rounds the flow client printed so far.
 fn rounds(lab: &Lab, id: ProcId) -> Vec<String> {
@@ -231,11 +253,11 @@ fn tighten(label: &str, strict: bool) {
     let flows = lab
         .spawn(&pb, "flows", &[PY, "-u", "-c", FLOWS, "10.244.1.2"], &[])
         .unwrap();
-    wait_rounds(&lab, flows, 0, 3, "the three flows to work", |l| {
-        l.ends_with("tcp80=ok tcp81=ok udp80=ok")
-    });
-    assert!(tracked(&node.netns, IPPROTO_TCP, 80), "no TCP 80 entry");
-    assert!(tracked(&node.netns, IPPROTO_UDP, 80), "no UDP 80 entry");
+    let all_ok = |l: &str| l.ends_with("tcp80=ok tcp81=ok udp80=ok push82=ok");
+    wait_rounds(&lab, flows, 0, 3, "the four flows to work", all_ok);
+    for (proto, port) in DENIED {
+        assert_eq!(cut(&node.netns, proto, port), Some(false), "{proto}/{port}");
+    }
 
     std::fs::write(dir.join("policy.yaml"), policy(TIGHT)).unwrap();
     wait_ruleset(&lab, &node.netns, &dir, "the tight ruleset");
@@ -250,21 +272,16 @@ fn tighten(label: &str, strict: bool) {
     );
     if strict {
         wait_rounds(&lab, flows, from, 3, "the denied flows to stop", |l| {
-            l.contains("tcp80=fail") && l.contains("udp80=fail")
+            l.contains("tcp80=fail") && l.contains("udp80=fail") && l.contains("push82=fail")
         });
         // The allowed flow survived the pass (it may miss a round on a loaded machine).
         wait_rounds(&lab, flows, from, 1, "TCP 81 to keep working", |l| {
             l.contains("tcp81=ok") && l.contains("tcp80=fail")
         });
-        assert!(
-            !tracked(&node.netns, IPPROTO_TCP, 80),
-            "TCP 80 entry still there"
-        );
-        assert!(
-            !tracked(&node.netns, IPPROTO_UDP, 80),
-            "UDP 80 entry still there"
-        );
-        assert!(tracked(&node.netns, IPPROTO_TCP, 81), "TCP 81 entry gone");
+        for (proto, port) in DENIED {
+            assert_eq!(cut(&node.netns, proto, port), Some(true), "{proto}/{port}");
+        }
+        assert_eq!(cut(&node.netns, IPPROTO_TCP, 81), Some(false), "TCP 81");
         let log = lab.log(daemon);
         for l in log.lines().filter(|l| l.contains("conntrack")) {
             eprintln!("twill-policy: {l}");
@@ -275,6 +292,14 @@ fn tighten(label: &str, strict: bool) {
                 && l.contains("the new ruleset denies")),
             "no flows cut in the log:\n{log}"
         );
+        // Opened again: the marks are cleared and the same flows resume.
+        std::fs::write(dir.join("policy.yaml"), policy(OPEN)).unwrap();
+        wait_ruleset(&lab, &node.netns, &dir, "the open ruleset again");
+        let from = rounds(&lab, flows).len();
+        wait_rounds(&lab, flows, from, 3, "the flows to resume", all_ok);
+        for (proto, port) in DENIED {
+            assert_eq!(cut(&node.netns, proto, port), Some(false), "{proto}/{port}");
+        }
     } else {
         wait_rounds(
             &lab,
@@ -282,9 +307,9 @@ fn tighten(label: &str, strict: bool) {
             from,
             5,
             "the established flows to go on",
-            |l| l.ends_with("tcp80=ok tcp81=ok udp80=ok"),
+            all_ok,
         );
-        assert!(tracked(&node.netns, IPPROTO_TCP, 80), "TCP 80 entry gone");
+        assert_eq!(cut(&node.netns, IPPROTO_TCP, 80), Some(false), "TCP 80");
         assert!(!lab.log(daemon).contains("conntrack: cut"));
     }
     assert!(lab.is_running(daemon), "{}", lab.log(daemon));
