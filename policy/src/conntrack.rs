@@ -25,7 +25,7 @@
 //! [`flows_to_cut`] and [`plan`] are the pure decision (flows in, flows to mark out); [`cut_denied`]
 //! is the effector.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -165,6 +165,9 @@ pub fn flows_to_cut<'a>(
         .chain(rs.known_local.iter().copied())
         .collect();
     let is_local = |ip: &IpAddr| local.contains(ip) || rs.pod_cidrs.iter().any(|n| n.contains(ip));
+    // Flows that differ only in the source port get the same verdict: a busy pair of pods
+    // leaves thousands of entries (TIME_WAIT) that need one decision.
+    let mut verdicts = HashMap::new();
     flows
         .iter()
         .filter(|f| {
@@ -175,7 +178,10 @@ pub fn flows_to_cut<'a>(
             if !is_local(&src) && !is_local(&dst) {
                 return false;
             }
-            rs.decide_packet(src, dst, l4, node_addrs.contains(&dst)) != Decision::Accept
+            let to_node = node_addrs.contains(&dst);
+            *verdicts
+                .entry((src, dst, l4, to_node))
+                .or_insert_with(|| rs.decide_packet(src, dst, l4, to_node) != Decision::Accept)
         })
         .collect()
 }
