@@ -18,6 +18,8 @@ use nix::sys::socket::{
 };
 
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
+/// Connection tracking (`linux/netfilter/nfnetlink_conntrack.h`); not batched.
+pub const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 pub const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -66,6 +68,12 @@ impl Msg {
     /// An nf_tables message of type `msg` (e.g. [`NFT_MSG_NEWSETELEM`]) for `family`.
     pub fn nftables(msg: u16, flags: u16, family: u8) -> Msg {
         Msg::raw((NFNL_SUBSYS_NFTABLES << 8) | msg, flags, family, 0)
+    }
+
+    /// A message of type `msg` of nfnetlink subsystem `subsys` (e.g.
+    /// [`NFNL_SUBSYS_CTNETLINK`]) for `family`.
+    pub fn subsys(subsys: u16, msg: u16, flags: u16, family: u8) -> Msg {
+        Msg::raw((subsys << 8) | msg, flags, family, 0)
     }
 
     fn raw(kind: u16, flags: u16, family: u8, res_id: u16) -> Msg {
@@ -285,6 +293,42 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Sends `msgs` as plain requests (not a batch: each stands alone, as ctnetlink wants),
+    /// each asking for an acknowledgement, a few dozen per datagram so that the answers
+    /// fit the socket's receive buffer, and returns each message's errno (0 = done).
+    pub fn requests(&mut self, msgs: &[Msg]) -> io::Result<Vec<i32>> {
+        const CHUNK: usize = 64;
+        let mut out = Vec::with_capacity(msgs.len());
+        for chunk in msgs.chunks(CHUNK) {
+            let first = self.seq.wrapping_add(1);
+            let mut bytes = Vec::new();
+            for m in chunk {
+                let mut m = m.clone();
+                let flags = u16::from_ne_bytes([m.buf[6], m.buf[7]]) | NLM_F_ACK;
+                m.buf[6..8].copy_from_slice(&flags.to_ne_bytes());
+                let seq = self.next_seq();
+                bytes.extend(m.bytes(seq));
+            }
+            send(self.fd.as_raw_fd(), &bytes, MsgFlags::empty())?;
+            let mut errnos: Vec<Option<i32>> = vec![None; chunk.len()];
+            let mut left = chunk.len();
+            while left > 0 {
+                let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+                for r in replies(&self.buf[..n])? {
+                    if let Reply::Ack { seq, errno } = r {
+                        let i = seq.wrapping_sub(first) as usize;
+                        if let Some(slot @ None) = errnos.get_mut(i) {
+                            *slot = Some(errno);
+                            left -= 1;
+                        }
+                    }
+                }
+            }
+            out.extend(errnos.into_iter().map(|e| e.unwrap_or(0)));
+        }
+        Ok(out)
     }
 
     /// Runs a dump request and calls `each` with the type and body of every message it

@@ -15,6 +15,7 @@
 //! chain forward  hook forward priority filter (0): after DNAT (-100), before flannel's
 //!      masquerade (srcnat 100); sees routed pod traffic and, with br_netfilter, bridged
 //!      same-node traffic on cni0.
+//!        ct mark & CUT_MARK != 0 drop (flows strict mode cut, see conntrack.rs);
 //!        ct state established,related accept; ICMPv6 ND accept;
 //!        ip saddr vmap @egress_v4; ip6 saddr vmap @egress_v6;
 //!        ip daddr vmap @ingress_v4; ip6 daddr vmap @ingress_v6
@@ -262,6 +263,13 @@ pub struct Stats {
     pub set_elements: usize,
     pub map_elements: usize,
 }
+
+/// The conntrack mark bit of a flow that strict mode cut (`crate::conntrack`): the forward
+/// and input chains drop every packet of such a flow, in both directions, before they
+/// accept established traffic. Marking instead of deleting the entry keeps it in place, so
+/// conntrack cannot pick the flow up again from a mid-stream packet of the other side
+/// (which the policies may allow as a new connection). Nothing sets it without strict mode.
+pub const CUT_MARK: u32 = 0x1000_0000;
 
 /// Compile options.
 #[derive(Debug, Clone)]
@@ -1107,8 +1115,7 @@ impl Ruleset {
         chain: &PodChain,
         remote: IpAddr,
         dst: IpAddr,
-        proto: Protocol,
-        port: u16,
+        l4: Option<(Protocol, u16)>,
     ) -> bool {
         chain.rules.iter().any(|r| {
             let peer_ok = match &r.peer_set {
@@ -1119,19 +1126,22 @@ impl Ruleset {
                 None => true,
                 Some((f, n)) => {
                     *f == Family::of(dst)
-                        && self
-                            .tuple_sets
-                            .iter()
-                            .any(|s| &s.name == n && s.elems.contains(&(dst, proto, port)))
+                        && l4.is_some_and(|(proto, port)| {
+                            self.tuple_sets
+                                .iter()
+                                .any(|s| &s.name == n && s.elems.contains(&(dst, proto, port)))
+                        })
                 }
             };
+            // A rule with ports (or a named port) names its protocol: ICMP and other
+            // port-less protocols only match rules without ports.
             let ports_ok = match &r.ports {
                 None => true,
-                Some(pp) => {
+                Some(pp) => l4.is_some_and(|(proto, port)| {
                     pp.proto == proto
                         && (pp.ranges.is_empty()
                             || pp.ranges.iter().any(|(a, b)| (*a..=*b).contains(&port)))
-                }
+                }),
             };
             peer_ok && tuple_ok && ports_ok
         })
@@ -1141,21 +1151,39 @@ impl Ruleset {
     /// of this table, without the kernel): egress of the source, then ingress of the
     /// destination. Used by tests to check compile() against the evaluator.
     pub fn decide(&self, src: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> Decision {
+        self.decide_packet(src, dst, Some((proto, port)), false)
+    }
+
+    /// [`Ruleset::decide`] for the first packet of any flow: `l4` is the protocol and
+    /// destination port of a TCP/UDP/SCTP packet, None for other protocols (ICMP, ...),
+    /// which only rules without ports match. `to_node`: the packet is addressed to this
+    /// node itself, so the input chain judges it, which applies only the source's side
+    /// (unknown-pod isolation and egress); else the forward chain, both sides.
+    pub fn decide_packet(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        l4: Option<(Protocol, u16)>,
+        to_node: bool,
+    ) -> Decision {
         if self.is_unknown_local(src) {
             return Decision::Drop(PolicyType::Egress);
         }
-        if self.is_unknown_local(dst) {
+        if !to_node && self.is_unknown_local(dst) {
             return Decision::Drop(PolicyType::Ingress);
         }
         if let Some((_, c)) = self.egress_map.iter().find(|(ip, _)| *ip == src) {
             let chain = self.chain(c).expect("map points at a chain");
-            if !self.run_chain(chain, dst, dst, proto, port) {
+            if !self.run_chain(chain, dst, dst, l4) {
                 return Decision::Drop(PolicyType::Egress);
             }
         }
+        if to_node {
+            return Decision::Accept;
+        }
         if let Some((_, c)) = self.ingress_map.iter().find(|(ip, _)| *ip == dst) {
             let chain = self.chain(c).expect("map points at a chain");
-            if !self.run_chain(chain, src, dst, proto, port) {
+            if !self.run_chain(chain, src, dst, l4) {
                 return Decision::Drop(PolicyType::Ingress);
             }
         }
@@ -1181,7 +1209,7 @@ impl Ruleset {
         Stats {
             chains: self.chains.len() + 2 + unknown_chains,
             rules: self.chains.iter().map(|c| c.rules.len() + 2).sum::<usize>()
-                + 13
+                + 15
                 + 3 * fams
                 + 2 * unknown_chains,
             sets: self.addr_sets.len() + self.tuple_sets.len() + 4 + 2 * fams,
@@ -1423,11 +1451,13 @@ impl Ruleset {
         );
         let _ = writeln!(s, "\t\tcounter name \"unaddressed\" drop");
         let _ = writeln!(s, "\t}}");
+        let cut = format!("ct mark & {CUT_MARK:#010x} != 0 drop");
         let _ = writeln!(s, "\tchain forward {{");
         let _ = writeln!(
             s,
             "\t\ttype filter hook forward priority filter; policy accept;"
         );
+        let _ = writeln!(s, "\t\t{cut}");
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\t{nd_between_pods}");
         // The verdict maps know pod addresses only. A pod can also address its
@@ -1457,6 +1487,7 @@ impl Ruleset {
             s,
             "\t\ttype filter hook input priority filter; policy accept;"
         );
+        let _ = writeln!(s, "\t\t{cut}");
         let _ = writeln!(s, "\t\tct state established,related accept");
         let _ = writeln!(s, "\t\tiifname \"lo\" accept");
         let _ = writeln!(s, "\t\t{nd}");

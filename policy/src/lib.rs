@@ -1,5 +1,6 @@
 pub mod compile;
 pub mod conformance;
+pub mod conntrack;
 pub mod counters;
 pub mod eval;
 pub mod metrics;

@@ -65,6 +65,13 @@ struct Common {
     /// broadcast) is dropped: no pod's policy could judge it.
     #[arg(long, global = true, default_value = DEFAULT_POD_BRIDGE, value_parser = interface_name)]
     pod_bridge: String,
+    /// Strict mode (as kube-network-policies' --strict-mode): after every sync that loads
+    /// a new ruleset, mark the conntrack entries of this node's pods that it would not
+    /// allow as new connections (the table drops marked flows), so tightening a policy
+    /// also cuts established flows.
+    /// --strict-mode=false: established flows go on until they end.
+    #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    strict_mode: bool,
 }
 
 /// A Linux interface name: 1 to 15 bytes, no '/', no whitespace, not "." or "..", and
@@ -256,7 +263,37 @@ fn ensure_br_netfilter() {
     }
 }
 
+/// Logs the strict-mode conntrack pass of a sync.
+fn report_conntrack(r: &twill_policy::nft::SyncReport) {
+    match &r.conntrack {
+        None => {}
+        Some(Ok(p)) if p.failed == 0 => info!(
+            flows = p.flows,
+            cut = p.cut,
+            restored = p.restored,
+            "conntrack: cut {} flow(s) the new ruleset denies in {:?}",
+            p.cut,
+            p.duration
+        ),
+        Some(Ok(p)) => warn!(
+            flows = p.flows,
+            cut = p.cut,
+            restored = p.restored,
+            failed = p.failed,
+            "conntrack: cut {} flow(s) in {:?}; {} update(s) failed: {}",
+            p.cut,
+            p.duration,
+            p.failed,
+            p.first_error.as_deref().unwrap_or("")
+        ),
+        Some(Err(e)) => {
+            error!("{e}; established flows the new ruleset denies were not cut")
+        }
+    }
+}
+
 fn report(r: &twill_policy::nft::SyncReport) -> bool {
+    report_conntrack(r);
     let s = r.stats;
     match &r.applied {
         Applied::Full => {
@@ -351,7 +388,8 @@ fn cmd_run(
         }
     };
     let mut enf = Enforcer::new(nft, &node, opts);
-    info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, "twill-policy running");
+    enf.strict = common.strict_mode;
+    info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, strict_mode = enf.strict, "twill-policy running");
     // A table from an earlier run (restart without reboot) holds the last known policy.
     let table_existed = match enf.nft.table_exists(&common.table) {
         Ok(b) => b,
@@ -503,6 +541,7 @@ fn cmd_apply(common: &Common, check: bool) -> Result<()> {
     }
     ensure_br_netfilter();
     let mut enf = Enforcer::new(nft, &node, options(common)?);
+    enf.strict = common.strict_mode;
     if report(&enf.sync(&snap)) {
         Ok(())
     } else {

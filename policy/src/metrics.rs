@@ -531,6 +531,7 @@ mod tests {
             duration: Duration::from_millis(30),
             changed_chains: vec![],
             changed_elements: 0,
+            conntrack: None,
         });
         m.record_sync(&SyncReport {
             applied: Applied::FailClosed {
@@ -540,6 +541,7 @@ mod tests {
             duration: Duration::from_millis(2),
             changed_chains: vec![],
             changed_elements: 0,
+            conntrack: None,
         });
         let broken = Snapshot::default().with_broken([
             ("x".to_string(), crate::source::ObjectError::default()),

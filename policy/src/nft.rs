@@ -23,7 +23,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::compile::{compile, DiffStats, Options, Stats, TableDef};
+use crate::compile::{compile, DiffStats, Options, Ruleset, Stats, TableDef};
+use crate::conntrack;
 use crate::model::Snapshot;
 
 /// Errors from running nft.
@@ -304,6 +305,9 @@ pub struct SyncReport {
     pub changed_chains: Vec<String>,
     /// Incremental: set and map elements added or deleted.
     pub changed_elements: usize,
+    /// Strict mode, after a ruleset change: the conntrack pass (flows cut), or why it
+    /// failed.
+    pub conntrack: Option<Result<conntrack::Pass, String>>,
 }
 
 /// What the enforcer believes the kernel holds.
@@ -323,6 +327,13 @@ pub struct Enforcer {
     last: Option<Loaded>,
     /// When false, every change replaces the whole table.
     pub incremental: bool,
+    /// Strict mode: after every sync that loads a new full ruleset, mark the conntrack
+    /// entries (of this thread's network namespace) that it would not allow as new
+    /// connections, which the table then drops, and unmark those it allows again
+    /// ([`conntrack::cut_denied`]). Off in [`Enforcer::new`], so that a library
+    /// caller never touches the conntrack table of a namespace it did not mean to; the
+    /// daemon turns it on (`--strict-mode`, default true).
+    pub strict: bool,
 }
 
 impl Enforcer {
@@ -333,6 +344,7 @@ impl Enforcer {
             opts,
             last: None,
             incremental: true,
+            strict: false,
         }
     }
 
@@ -441,7 +453,9 @@ impl Enforcer {
         let stats = rs.stats();
         let compiled = start.elapsed();
         let def = rs.table_def();
-        drop(rs);
+        // Strict mode keeps the ruleset to judge established flows after the apply; else
+        // it goes now (peak memory).
+        let rs = self.strict.then_some(rs);
         let id = def_id(&def);
         tracing::debug!(
             "sync: compile {compiled:?}, table definition and id {:?}",
@@ -453,6 +467,7 @@ impl Enforcer {
             duration: Duration::ZERO,
             changed_chains: Vec::new(),
             changed_elements: 0,
+            conntrack: None,
         };
         if self.last.as_ref().is_some_and(|l| l.id == id) {
             report.duration = start.elapsed();
@@ -474,6 +489,7 @@ impl Enforcer {
                     report.changed_chains = st.chains;
                     report.changed_elements = st.elements;
                     report.duration = start.elapsed();
+                    report.conntrack = cut_flows(rs.as_ref());
                     return report;
                 }
                 Err(e) => {
@@ -493,6 +509,7 @@ impl Enforcer {
                     self.last = Some(Loaded { def, id });
                     report.applied = Applied::Full;
                     report.duration = start.elapsed();
+                    report.conntrack = cut_flows(rs.as_ref());
                     return report;
                 }
                 Err(e) => tracing::warn!(
@@ -522,6 +539,9 @@ impl Enforcer {
             }
         };
         report.duration = start.elapsed();
+        if report.applied == Applied::Full {
+            report.conntrack = cut_flows(rs.as_ref());
+        }
         report
     }
 
@@ -530,6 +550,12 @@ impl Enforcer {
     pub fn invalidate(&mut self) {
         self.last = None;
     }
+}
+
+/// The strict-mode pass after `rs` was loaded (None when strict mode is off). The fail-closed
+/// table is not followed by one: it only refuses new connections (README, Fail closed).
+fn cut_flows(rs: Option<&Ruleset>) -> Option<Result<conntrack::Pass, String>> {
+    rs.map(|rs| conntrack::cut_denied(rs).map_err(|e| format!("conntrack: {e}")))
 }
 
 #[cfg(test)]

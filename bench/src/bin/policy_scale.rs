@@ -11,17 +11,24 @@
 //! - pod-to-pod TCP throughput (iperf3, two pods on n1's bridge, both selected by
 //!   policies) with the ruleset against the same node without it (both with Flannel's
 //!   masquerade tables, as twilld installs them), and against a node with no table at all;
-//! - new TCP connections per second between the same pods, in the same three arms.
+//! - new TCP connections per second between the same pods, in the same three arms;
+//! - p99 of "policy change -> the established flow is cut" (strict mode, the default):
+//!   after the throughput arms (whose connections leave ~10^5 TIME_WAIT entries in the
+//!   node's conntrack table for the pass to judge), a fresh `twill-policy run`; per round,
+//!   the server's policy admits the client on port 5401, the client opens a TCP connection
+//!   there and exchanges a byte every 2 ms, the port is removed from the policy, and the
+//!   time from the rename to the send of the first byte that gets no answer is taken.
 //!
 //! Prints markdown rows in the format of `twill_bench::table_row`. Needs root and a
 //! release build: `cargo build --release -p twill-policy -p twill-bench &&
 //! target/release/policy_scale`.
 //!
 //! Usage: policy_scale [--pods N] [--policies N] [--namespaces N] [--changes N] [--seconds S]
-//! [--rounds N (throughput rounds, default 5)]
+//! [--rounds N (throughput rounds, default 5)] [--cuts N (flow-cut rounds, default 20)]
 //! Internal (run inside lab pods): policy_scale conn-server PORT | conn-client IP PORT SECONDS
+//! | echo-server PORT | flow-client IP PORT
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,6 +45,8 @@ use twill_policy::source::Source;
 const PODS_PER_NODE: usize = 100;
 const IPERF_PORT: u16 = 5201;
 const CONN_PORT: u16 = 5301;
+/// The port of the long-lived flow that a policy change cuts.
+const CUT_PORT: u16 = 5401;
 
 struct Scale {
     pods: usize,
@@ -47,6 +56,8 @@ struct Scale {
     seconds: u64,
     /// Throughput / connection-rate rounds (with and without the table), median taken.
     rounds: usize,
+    /// Flow-cut rounds (policy change -> established flow cut).
+    cuts: usize,
 }
 
 /// Pod `p`: namespace `p % NS`, app `a<(p / NS) % 10>`, node `(p % NS + 13 * (p / NS)) %
@@ -166,7 +177,7 @@ fn generate(s: &Scale) -> World {
         &format!("p{}", per_ns - 1),
         json!({"podSelector": {"matchLabels": {"bench": "server"}},
             "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "client"}}}],
-                         "ports": [{"port": IPERF_PORT}, {"port": CONN_PORT}]}]}),
+                         "ports": [{"port": IPERF_PORT}, {"port": CONN_PORT}, {"port": CUT_PORT}]}]}),
     );
     let k = if ci == si { per_ns - 2 } else { per_ns - 1 };
     policies[ci][k] = policy(
@@ -175,7 +186,7 @@ fn generate(s: &Scale) -> World {
         json!({"podSelector": {"matchLabels": {"bench": "client"}}, "policyTypes": ["Ingress", "Egress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"v": "1"}}}]}],
             "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}],
-                        "ports": [{"port": IPERF_PORT}, {"port": CONN_PORT}]}]}),
+                        "ports": [{"port": IPERF_PORT}, {"port": CONN_PORT}, {"port": CUT_PORT}]}]}),
     );
     World {
         namespaces: json!({"apiVersion": "v1", "kind": "List", "items": namespaces}),
@@ -319,6 +330,52 @@ fn conn_client(ip: &str, port: u16, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// TCP echo on `port`, one thread per connection.
+fn echo_server(port: u16) -> Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            while let Ok(n @ 1..) = c.read(&mut b) {
+                if c.write_all(&b[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Opens one TCP connection, prints `connected`, then sends a byte every 2 ms and waits
+/// for its echo; when one gets no answer in 2 s, prints `cut <send time, ns since the
+/// epoch>` and exits.
+fn flow_client(ip: &str, port: u16) -> Result<()> {
+    let addr: SocketAddr = format!("{ip}:{port}").parse()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    println!("connected");
+    std::io::stdout().flush()?;
+    let mut b = [0u8; 1];
+    loop {
+        let sent = unix_ns();
+        let answered = s.write_all(b"p").is_ok() && matches!(s.read(&mut b), Ok(1));
+        if !answered {
+            println!("cut {sent}");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -335,6 +392,8 @@ fn main() -> Result<()> {
     match args.get(1).map(String::as_str) {
         Some("conn-server") => return conn_server(args[2].parse()?),
         Some("conn-client") => return conn_client(&args[2], args[3].parse()?, args[4].parse()?),
+        Some("echo-server") => return echo_server(args[2].parse()?),
+        Some("flow-client") => return flow_client(&args[2], args[3].parse()?),
         _ => {}
     }
     let mut s = Scale {
@@ -344,6 +403,7 @@ fn main() -> Result<()> {
         changes: 20,
         seconds: 5,
         rounds: 5,
+        cuts: 20,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -358,6 +418,7 @@ fn main() -> Result<()> {
             "--changes" => s.changes = v,
             "--seconds" => s.seconds = v as u64,
             "--rounds" => s.rounds = v.max(1),
+            "--cuts" => s.cuts = v.max(1),
             _ => bail!("unknown argument {a}"),
         }
     }
@@ -601,6 +662,113 @@ fn main() -> Result<()> {
     }
     lab.stop(srv, Duration::from_secs(2))?;
     lab.stop(csrv, Duration::from_secs(2))?;
+
+    // Policy change -> the established flow is cut (strict mode, on by default), with the
+    // conntrack table full of the connections the arms above left in TIME_WAIT.
+    let esrv = lab.spawn(
+        &sv.netns,
+        "echo-server",
+        &[exe.to_str().unwrap(), "echo-server", &CUT_PORT.to_string()],
+        &[],
+    )?;
+    let id = lab.spawn(
+        &node.netns,
+        "twill-policy-strict",
+        &[
+            bin.to_str().unwrap(),
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--node-name",
+            "n1",
+            "run",
+            "--poll-ms",
+            "100",
+        ],
+        &[],
+    )?;
+    let passes = |lab: &Lab| lab.log(id).matches("conntrack: cut").count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while passes(&lab) == 0 {
+        if Instant::now() > deadline {
+            bail!("twill-policy run (strict) never synced: {}", lab.log(id));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let si: usize = w.server.0[2..].parse()?;
+    let per_ns = s.policies / s.namespaces;
+    let server_policy = |ports: Value| {
+        let mut p = policies[si].clone();
+        p[per_ns - 1]["spec"]["ingress"][0]["ports"] = ports;
+        list(&p)
+    };
+    let open =
+        server_policy(json!([{"port": IPERF_PORT}, {"port": CONN_PORT}, {"port": CUT_PORT}]));
+    let tight = server_policy(json!([{"port": IPERF_PORT}, {"port": CONN_PORT}]));
+    let mut cuts = Vec::new();
+    for round in 0..s.cuts {
+        if round > 0 {
+            let before = passes(&lab);
+            write_atomic(&policies_file(&dir, si), &open)?;
+            let t = Instant::now();
+            while passes(&lab) == before {
+                if t.elapsed() > Duration::from_secs(60) {
+                    bail!("reopening not applied in 60 s: {}", lab.log(id));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let name = format!("flow-client-{round}");
+        let fc = lab.spawn(
+            &c.netns,
+            &name,
+            &[
+                exe.to_str().unwrap(),
+                "flow-client",
+                &server_ip,
+                &CUT_PORT.to_string(),
+            ],
+            &[],
+        )?;
+        let t = Instant::now();
+        while !lab.log(fc).contains("connected") {
+            if t.elapsed() > Duration::from_secs(30) || lab.log(fc).contains("cut ") {
+                bail!("the flow to be cut never worked: {}", lab.log(fc));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let changed = unix_ns();
+        write_atomic(&policies_file(&dir, si), &tight)?;
+        let cut_at = loop {
+            if let Some(ns) = lab
+                .log(fc)
+                .lines()
+                .find_map(|l| l.strip_prefix("cut ")?.trim().parse::<u128>().ok())
+            {
+                break ns;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "round {round}: the flow was not cut in 60 s: {}",
+                    lab.log(id)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if cut_at < changed {
+            bail!("round {round}: the flow stopped before the policy changed");
+        }
+        cuts.push((cut_at - changed) as f64 / 1e6);
+        lab.stop(fc, Duration::from_secs(2))?;
+    }
+    // The daemon's account of its conntrack passes (entries judged, cut, duration).
+    for l in lab.log(id).lines().filter(|l| l.contains("conntrack: ")) {
+        eprintln!("daemon (strict): {}", l.trim());
+    }
+    lab.stop(id, Duration::from_secs(3))?;
+    lab.stop(esrv, Duration::from_secs(2))?;
+    let cut_p99 = percentile(cuts.clone(), 99.0);
+    let cut_p50 = median(cuts.clone());
     // The target ratios are medians of per-round ratios: the arms of one round run back to
     // back, so a round's ratio is not moved by the machine's speed drifting between rounds.
     let per_round = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
@@ -686,6 +854,20 @@ fn main() -> Result<()> {
             p99 / 1000.0,
             "< 1",
             p99 < 1000.0
+        )
+    );
+    println!(
+        "{}",
+        table_row(
+            &format!(
+                "policy change -> the established flow is cut (strict mode), p99 of {} (manifests, --poll-ms 100), {scale}",
+                s.cuts
+            ),
+            &format!("{cut_p99:.0} ms (p50 {cut_p50:.0})"),
+            "limit 1000 ms",
+            cut_p99 / 1000.0,
+            "< 1",
+            cut_p99 < 1000.0
         )
     );
     println!(
