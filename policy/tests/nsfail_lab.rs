@@ -10,31 +10,8 @@ use std::time::{Duration, Instant};
 
 use twill_lab::Lab;
 
-const PY: &str = "/usr/bin/python3";
-
-/// A TCP server on port 80 that answers "pong".
-const SERVER: &str = r#"
-import socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 80)); s.listen(64)
-while True:
-    c, _ = s.accept()
-    try:
-        c.settimeout(2); c.recv(16); c.sendall(b"pong")
-    except Exception:
-        pass
-    c.close()
-"#;
-
-/// Exit 0 iff "pong" came back within 1 s.
-const CLIENT: &str = r#"
-import socket, sys
-try:
-    s = socket.create_connection((sys.argv[1], 80), timeout=1)
-    s.sendall(b"ping"); sys.exit(0 if s.recv(16) == b"pong" else 3)
-except Exception:
-    sys.exit(1)
-"#;
+mod common;
+use common::{connects, serve};
 
 /// (key, lab pod, address). x/p1 and y/p2 are two pods with one address: only one lab pod
 /// (`pr`) has it.
@@ -56,16 +33,6 @@ fn pod(key: &str, ip: &str, extra_meta: &str) -> String {
 /// Both namespaces open to everyone by policy (x: ingress from anywhere; y: nothing).
 const X_OPEN: &str = "kind: NetworkPolicy\nmetadata: {name: open, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{}]\n";
 
-fn connects(lab: &Lab, from: &str, to: IpAddr) -> bool {
-    lab.exec(
-        lab.pod(from).netns.as_str(),
-        &[PY, "-c", CLIENT, &to.to_string()],
-    )
-    .unwrap()
-    .status
-    .success()
-}
-
 /// Waits (30 s) until `from -> to` connects (`want`) or is refused for three probes in a row.
 fn expect(lab: &Lab, id: twill_lab::ProcId, from: &str, to: &str, want: bool, why: &str) {
     let to_ip: IpAddr = match PODS.iter().find(|p| p.0 == to) {
@@ -76,7 +43,7 @@ fn expect(lab: &Lab, id: twill_lab::ProcId, from: &str, to: &str, want: bool, wh
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut in_a_row = 0;
     loop {
-        if connects(lab, short, to_ip) == want {
+        if connects(lab, &lab.pod(short).netns, to_ip) == want {
             in_a_row += 1;
             // A refusal may be a lost probe only if it is not repeated; a connection is proof.
             if want || in_a_row == 3 {
@@ -117,8 +84,7 @@ fn a_bad_object_closes_only_its_namespace_and_a_reused_address_gets_its_own_verd
         lab.add_manual_pod("n1", short, format!("{ip}/24").parse().unwrap())
             .unwrap();
         let ns = lab.pod(short).netns.clone();
-        lab.spawn(&ns, &format!("server-{short}"), &[PY, "-c", SERVER], &[])
-            .unwrap();
+        serve(&mut lab, &ns, &format!("server-{short}"), 80);
     }
     let dir = lab.dir().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();

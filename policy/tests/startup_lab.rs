@@ -22,42 +22,13 @@ use serde_json::json;
 use twill_fake_apiserver::FakeApiServer;
 use twill_lab::Lab;
 
-const PY: &str = "/usr/bin/python3";
-
-/// A TCP server on port 80 answering "pong".
-const SERVER: &str = r#"
-import socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 80)); s.listen(64)
-while True:
-    c, _ = s.accept()
-    try:
-        c.settimeout(2); c.recv(16); c.sendall(b"pong")
-    except Exception:
-        pass
-    c.close()
-"#;
-
-/// Exit 0 iff a new TCP connection got "pong" within 1 s.
-const CLIENT: &str = r#"
-import socket, sys
-try:
-    s = socket.create_connection((sys.argv[1], 80), timeout=1)
-    s.sendall(b"ping"); d = s.recv(16)
-    sys.exit(0 if d == b"pong" else 3)
-except Exception:
-    sys.exit(1)
-"#;
+mod common;
+use common::{connects, policy_bin, serve, wait_for};
 
 const HEALTH: &str = "127.0.0.1:9754";
 
 fn bin() -> String {
-    let b = twill_lab::bin_path("twill-policy");
-    if b.exists() {
-        b.display().to_string()
-    } else {
-        env!("CARGO_BIN_EXE_twill-policy").to_string()
-    }
+    policy_bin().display().to_string()
 }
 
 /// Runs `f` on a thread that has entered network namespace `netns`.
@@ -87,30 +58,11 @@ fn get(netns: &str, path: &str) -> Option<(u16, String)> {
     })
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool, show: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            show()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn table(lab: &Lab, netns: &str) -> String {
     let out = lab
         .exec(netns, &["nft", "list", "table", "inet", "twill-policy"])
         .unwrap();
     String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn connects(lab: &Lab, from_netns: &str, to: &str) -> bool {
-    lab.exec(from_netns, &[PY, "-c", CLIENT, to])
-        .unwrap()
-        .status
-        .success()
 }
 
 const GOOD: &str = "\
@@ -141,8 +93,7 @@ fn closed_from_the_first_second() {
     let b = lab
         .add_manual_pod("n1", "b", "10.244.1.3/24".parse().unwrap())
         .unwrap();
-    lab.spawn(&b.netns, "server-b", &[PY, "-c", SERVER], &[])
-        .unwrap();
+    serve(&mut lab, &b.netns, "server-b", 80);
     // Control: with no table the path is open.
     wait_for(
         "a -> b before twill-policy",

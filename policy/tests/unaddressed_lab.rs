@@ -25,6 +25,9 @@ use twill_policy::nft::ruleset_marker;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 
+mod common;
+use common::{policy_bin, wait_for, workspace_bin};
+
 const PY: &str = "/usr/bin/python3";
 const ETCD_PREFIX: &str = "/coreos.com/network";
 const DUAL: &str = r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:42::/56","Backend":{"Type":"vxlan"}}"#;
@@ -155,41 +158,13 @@ struct World {
     sent: usize,
 }
 
-fn bin(name: &str) -> PathBuf {
-    let b = twill_lab::bin_path(name);
-    assert!(
-        b.exists(),
-        "{} missing: cargo build --workspace --bins",
-        b.display()
-    );
-    b
-}
-
-fn policy_bin() -> PathBuf {
-    let b = twill_lab::bin_path("twill-policy");
-    if b.exists() {
-        b
-    } else {
-        env!("CARGO_BIN_EXE_twill-policy").into()
-    }
-}
-
-/// Polls `f` every 100 ms for up to 30 s.
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 impl World {
     fn new() -> World {
         let mut lab = Lab::new("unaddr").expect("lab");
         let ep = lab.start_etcd().expect("etcd");
         lab.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), DUAL])
             .expect("put config");
-        let twilld = bin("twilld");
+        let twilld = workspace_bin("twilld");
         let mut daemons = BTreeMap::new();
         for n in NODES {
             let node = lab.add_node(n).expect("node");
@@ -226,13 +201,17 @@ impl World {
         let mut subnets = BTreeMap::new();
         for n in NODES {
             let f = lab.node(n).dir.join("subnet.env");
-            wait_for(&format!("subnet.env of {n}"), || {
-                assert!(lab.is_running(daemons[n]), "{}", lab.log(daemons[n]));
-                std::fs::read_to_string(&f).is_ok_and(|s| s.contains("FLANNEL_IPV6_SUBNET="))
-            });
+            wait_for(
+                &format!("subnet.env of {n}"),
+                || {
+                    assert!(lab.is_running(daemons[n]), "{}", lab.log(daemons[n]));
+                    std::fs::read_to_string(&f).is_ok_and(|s| s.contains("FLANNEL_IPV6_SUBNET="))
+                },
+                String::new,
+            );
             subnets.insert(n, SubnetEnv::read(&f).expect("subnet.env"));
         }
-        let cni = bin("twill-cni");
+        let cni = workspace_bin("twill-cni");
         let server_bin = PY;
         let mut pods = BTreeMap::new();
         for (name, node, app) in [
@@ -303,25 +282,29 @@ impl World {
         }
         // Every address usable: duplicate address detection done (no "tentative").
         for (name, p) in pods.iter_mut() {
-            wait_for(&format!("IPv6 addresses of {name}"), || {
-                let out = lab
-                    .exec_ok(&p.netns, &["ip", "-6", "-o", "addr", "show", "dev", "eth0"])
-                    .unwrap();
-                if out.contains("tentative") {
-                    return false;
-                }
-                match out
-                    .split_whitespace()
-                    .filter_map(|w| w.split('/').next()?.parse::<Ipv6Addr>().ok())
-                    .find(|a| a.segments()[0] & 0xffc0 == 0xfe80)
-                {
-                    Some(ll) => {
-                        p.link_local = ll;
-                        out.contains(&p.v6.to_string())
+            wait_for(
+                &format!("IPv6 addresses of {name}"),
+                || {
+                    let out = lab
+                        .exec_ok(&p.netns, &["ip", "-6", "-o", "addr", "show", "dev", "eth0"])
+                        .unwrap();
+                    if out.contains("tentative") {
+                        return false;
                     }
-                    None => false,
-                }
-            });
+                    match out
+                        .split_whitespace()
+                        .filter_map(|w| w.split('/').next()?.parse::<Ipv6Addr>().ok())
+                        .find(|a| a.segments()[0] & 0xffc0 == 0xfe80)
+                    {
+                        Some(ll) => {
+                            p.link_local = ll;
+                            out.contains(&p.v6.to_string())
+                        }
+                        None => false,
+                    }
+                },
+                String::new,
+            );
         }
         // twill-cni's anti-spoofing table and twilld's underlay guard would stop forged
         // sources before the policy sees them (a node may run Flannel, which has neither);
@@ -329,16 +312,20 @@ impl World {
         // period so that it does not put its table back during the test.
         for n in NODES {
             let netns = lab.node(n).netns.clone();
-            wait_for(&format!("twilld's guard on {n} knowing its peer"), || {
-                let out = lab
-                    .exec(&netns, &["nft", "list", "table", "inet", "twill-underlay"])
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                NODES
-                    .iter()
-                    .filter(|m| **m != n)
-                    .all(|m| text.contains(&lab.node(m).addr.to_string()))
-            });
+            wait_for(
+                &format!("twilld's guard on {n} knowing its peer"),
+                || {
+                    let out = lab
+                        .exec(&netns, &["nft", "list", "table", "inet", "twill-underlay"])
+                        .unwrap();
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    NODES
+                        .iter()
+                        .filter(|m| **m != n)
+                        .all(|m| text.contains(&lab.node(m).addr.to_string()))
+                },
+                String::new,
+            );
             for (family, table) in [("bridge", "twill-antispoof"), ("inet", "twill-underlay")] {
                 lab.exec_ok(
                     &lab.node(n).netns,
@@ -471,14 +458,18 @@ impl World {
             let marker = ruleset_marker(&compile(&snap, n, &opts).render());
             let netns = self.lab.node(n).netns.clone();
             let id = self.policy[n];
-            wait_for(&format!("{marker} on {n}"), || {
-                assert!(self.lab.is_running(id), "{}", self.lab.log(id));
-                let out = self
-                    .lab
-                    .exec(&netns, &["nft", "list", "table", "inet", "twill-policy"])
-                    .unwrap();
-                String::from_utf8_lossy(&out.stdout).contains(&marker)
-            });
+            wait_for(
+                &format!("{marker} on {n}"),
+                || {
+                    assert!(self.lab.is_running(id), "{}", self.lab.log(id));
+                    let out = self
+                        .lab
+                        .exec(&netns, &["nft", "list", "table", "inet", "twill-policy"])
+                        .unwrap();
+                    String::from_utf8_lossy(&out.stdout).contains(&marker)
+                },
+                String::new,
+            );
         }
     }
 
@@ -561,7 +552,11 @@ fn assert_dropped(w: &mut World, from: &str, kind: &str, to: &str) {
 
 fn assert_tcp(w: &World, from: &str, to: &str, open: bool) {
     if open {
-        wait_for(&format!("TCP {from} -> {to}"), || w.tcp_to(from, to));
+        wait_for(
+            &format!("TCP {from} -> {to}"),
+            || w.tcp_to(from, to),
+            String::new,
+        );
     } else {
         // A denied connection must fail every time; three tries with 1 s timeouts.
         for _ in 0..3 {

@@ -1,0 +1,80 @@
+//! What the policy lab tests share: where the workspace's binaries are, one poll loop, and a
+//! TCP "pong" server and client inside pod namespaces (`twill-lab serve`, `twill-lab probe`).
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use twill_lab::{Lab, ProcId};
+
+/// How long a lab test waits for anything asynchronous.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A binary of this workspace (`cargo build --workspace --bins` builds them before the tests).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let b = twill_lab::bin_path(name);
+    assert!(
+        b.exists(),
+        "{} missing: cargo build --workspace --bins",
+        b.display()
+    );
+    b
+}
+
+/// twill-policy: the workspace's build, else the one cargo built for this test.
+pub fn policy_bin() -> PathBuf {
+    let b = twill_lab::bin_path("twill-policy");
+    if b.exists() {
+        b
+    } else {
+        env!("CARGO_BIN_EXE_twill-policy").into()
+    }
+}
+
+/// Polls `ok` every 100 ms until it holds; after [`DEADLINE`] panics with `what` and
+/// `show()` (a table or log that tells why).
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool, show: impl Fn() -> String) {
+    let deadline = Instant::now() + DEADLINE;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}\n{}",
+            show()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts `twill-lab serve` in `netns`: "pong" on TCP and UDP `port`.
+pub fn serve(lab: &mut Lab, netns: &str, name: &str, port: u16) -> ProcId {
+    let bin = workspace_bin("twill-lab");
+    lab.spawn(
+        netns,
+        name,
+        &[bin.to_str().unwrap(), "serve", "--port", &port.to_string()],
+        &[],
+    )
+    .expect("spawn twill-lab serve")
+}
+
+/// Whether a new TCP connection from `netns` to `to` (an IP address) port 80 gets "pong"
+/// within 1 s.
+pub fn connects(lab: &Lab, netns: &str, to: impl ToString) -> bool {
+    let ip: IpAddr = to.to_string().parse().expect("an IP address");
+    let bin = workspace_bin("twill-lab");
+    lab.exec(
+        netns,
+        &[
+            bin.to_str().unwrap(),
+            "probe",
+            "--to",
+            &SocketAddr::new(ip, 80).to_string(),
+        ],
+    )
+    .expect("twill-lab probe")
+    .status
+    .success()
+}
