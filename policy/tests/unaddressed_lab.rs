@@ -438,6 +438,10 @@ impl World {
                         "run",
                         "--poll-ms",
                         "100",
+                        // No periodic resync during the test: it would put back the
+                        // rules the control deletes by hand.
+                        "--resync",
+                        "3600",
                     ],
                     &[],
                 )
