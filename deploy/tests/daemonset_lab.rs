@@ -427,6 +427,32 @@ fn the_image_runs_as_kube_flannel_yml_says() {
         let took = c.start_daemon_pod(n, i as u64 + 1);
         eprintln!("{n}: daemon pod ready {took:.1?} after its first init container started");
     }
+    // In-cluster API access over HTTPS (the only listener the daemons can reach): twilld found
+    // its node through POD_NAME/POD_NAMESPACE (the downward API; the manifest gives it no
+    // NODE_NAME), twill-policy watches NetworkPolicies.
+    let requests = c.call("GET", "/fake/requests", Value::Null);
+    let daemons: Vec<&Value> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["userAgent"] != client::TEST_CLIENT)
+        .collect();
+    for r in c.running.values() {
+        assert!(
+            daemons.iter().any(|q| q["method"] == "GET"
+                && q["resource"] == "pods"
+                && q["namespace"] == c.pod.namespace
+                && q["name"] == r.name.as_str()),
+            "twilld never read its pod {}: {daemons:?}",
+            r.name
+        );
+    }
+    assert!(
+        daemons
+            .iter()
+            .any(|q| q["resource"] == "networkpolicies" && q["query"]["watch"] == "true"),
+        "twill-policy never watched NetworkPolicies: {daemons:?}"
+    );
     let cni_conf = &config_maps["kube-flannel-cfg"]["cni-conf.json"];
     for (i, n) in NODES.iter().enumerate() {
         let node = &c.nodes[*n];
@@ -453,10 +479,15 @@ fn the_image_runs_as_kube_flannel_yml_says() {
     let nft = c
         .lab
         .exec(&n1, &["nft", "list", "table", "ip", "flannel-ipv4"]);
-    let ipt = c.lab.exec(&n1, &["iptables-save", "-t", "nat"]);
     let nft_mode = nft.is_ok_and(|o| o.status.success());
-    let ipt_mode =
-        ipt.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("FLANNEL-POSTRTG"));
+    // Either iptables backend: the image's iptables may not be the host's.
+    let ipt_mode = ["iptables-nft-save", "iptables-legacy-save"]
+        .iter()
+        .any(|save| {
+            c.lab
+                .exec(&n1, &[save, "-t", "nat"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("FLANNEL-POSTRTG"))
+        });
     eprintln!("twilld masquerade mode observed: nftables table = {nft_mode}, iptables FLANNEL-POSTRTG = {ipt_mode}");
     assert!(
         nft_mode || ipt_mode,
