@@ -15,6 +15,7 @@ packages=(
   gcc libc6-dev                    # the linker (cc) and C runtime rustc links with; C in build scripts
   debootstrap                      # scripts/fresh-root-test.sh: the install steps proven in a fresh root
   python3                          # the policy lab tests' TCP/UDP/SCTP probe servers
+  podman runc curl                 # deploy's daemonset_lab: kube-flannel.yml's containers (runc: crun refuses hybrid cgroups) and the kubelet's HTTP probes
 )
 
 missing=()

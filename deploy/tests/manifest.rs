@@ -10,49 +10,14 @@
 //! - the systemd units and the drop-in CNI config agree with the same parsers.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
-
-fn documents() -> Vec<Value> {
-    let text = read("kube-flannel.yml");
-    let mut docs = Vec::new();
-    let mut cur = String::new();
-    for line in text.lines().chain(std::iter::once("---")) {
-        if line.trim_end() == "---" {
-            let body: String = cur
-                .lines()
-                .filter(|l| !l.trim_start().starts_with('#'))
-                .collect::<Vec<_>>()
-                .join("\n");
-            if !body.trim().is_empty() {
-                docs.push(
-                    serde_saphyr::from_str::<Value>(&cur)
-                        .unwrap_or_else(|e| panic!("YAML: {e}\n{cur}")),
-                );
-            }
-            cur.clear();
-        } else {
-            cur.push_str(line);
-            cur.push('\n');
-        }
-    }
-    docs
-}
+mod common;
+use common::{documents, find, read};
 
 /// The first place where `typed` (after a round trip through the k8s-openapi type) lacks or
 /// changes something `raw` has.
@@ -93,12 +58,6 @@ fn typed(doc: &Value) -> Value {
         "DaemonSet" => round_trip::<DaemonSet>(doc),
         other => panic!("unexpected kind {other} in kube-flannel.yml"),
     }
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind)
-        .unwrap_or_else(|| panic!("no {kind}"))
 }
 
 #[test]

@@ -39,8 +39,10 @@
 //!   `spec` (as the registry strategies for nodes and pods do), but no other field is protected;
 //! - deleting a namespace does not delete the objects in it; there are no finalizers, no
 //!   graceful deletion and no garbage collection;
-//! - no protobuf, no HTTP/2, no TLS (plain HTTP only), no `Table` output, no discovery beyond
-//!   what kube's client needs (it needs none for typed `Api`s).
+//! - no protobuf, no HTTP/2, no `Table` output, no discovery beyond what kube's client needs
+//!   (it needs none for typed `Api`s);
+//! - HTTPS ([`FakeApiServer::serve_tls`], a certificate the caller makes) only encrypts: no
+//!   client certificates are asked for and bearer tokens are not checked.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -344,6 +346,42 @@ impl FakeApiServer {
     /// namespaces without any packet leaving one).
     pub async fn serve_unix(self, listener: tokio::net::UnixListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
+    }
+
+    /// Serves HTTPS on `listener` until the process ends, as a real API server does, so
+    /// in-cluster clients (`KUBERNETES_SERVICE_HOST`, the service account's `ca.crt`) work
+    /// unmodified. Handshakes run in tasks of their own: a client that stalls its handshake
+    /// holds up nobody else.
+    pub async fn serve_tls(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: tokio_rustls::TlsAcceptor,
+    ) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, as axum does.
+                        tracing::warn!(error = %e, "accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tls.accept(tcp).await {
+                        Ok(stream) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "TLS handshake"),
+                    }
+                });
+            }
+        });
+        axum::serve(TlsListener { rx, local }, self.router()).await
     }
 
     /// The current resourceVersion.
@@ -708,6 +746,60 @@ fn watch(srv: &FakeApiServer, t: &Target, q: &BTreeMap<String, String>) -> Respo
         Body::from_stream(stream.map(Ok::<Bytes, std::convert::Infallible>)),
     )
         .into_response()
+}
+
+/// Connections whose TLS handshake [`FakeApiServer::serve_tls`] completed.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The accepting task never ends while the listener lives.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// A TLS acceptor for `serve_tls` from PEM files: the server's certificate chain (leaf first)
+/// and its private key (PKCS#8, PKCS#1 or SEC1).
+pub fn tls_acceptor(
+    cert_pem: &std::path::Path,
+    key_pem: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert_pem)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("--tls-cert {}", cert_pem.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "--tls-cert {}: no certificate in the file",
+        cert_pem.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(key_pem)
+        .with_context(|| format!("--tls-key {}", key_pem.display()))?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("--tls-cert and --tls-key do not make a usable pair")?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 /// A stream fed by a task (a dependency-free `async_stream`).

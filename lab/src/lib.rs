@@ -1074,6 +1074,39 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds a pod whose network the caller attaches (with a CNI runtime of its own, say):
+    /// creates namespace `<prefix><pod>` with `lo` up and calls `attach` with its full name;
+    /// `attach` returns the pod's address. The namespace is removed again if `attach` fails.
+    /// [`Lab::del_pod`] only deletes the namespace of such a pod: detaching is the caller's job.
+    pub fn add_attached_pod(
+        &mut self,
+        node: &str,
+        pod: &str,
+        attach: impl FnOnce(&str) -> Result<Ipv4Net>,
+    ) -> Result<Pod> {
+        self.check_new_ns_name("pod", pod)?;
+        let node = self.node_checked(node)?;
+        let ns = self.new_pod_ns(pod)?;
+        let addr = match attach(&ns) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = run::ip(&["netns", "del", &ns]);
+                return Err(e);
+            }
+        };
+        let p = Pod {
+            name: pod.to_string(),
+            netns: ns,
+            node: node.name.clone(),
+            addr,
+            ifname: "eth0".into(),
+            host_veth: None,
+            cni: None,
+        };
+        self.pods.push(p.clone());
+        Ok(p)
+    }
+
     /// Removes a pod. For a CNI pod, first runs the plugin with `CNI_COMMAND=DEL` (same config,
     /// with `prevResult` added as the CNI spec asks); then deletes the pod's namespace (and for a
     /// manual pod the host-side veth). The pod is forgotten even if DEL failed; the error is returned.

@@ -26,7 +26,8 @@ const PODS: [(&str, &str, &str); 6] = [
     ("web-3", "n3", "web"),
     ("other-3", "n3", "other"),
 ];
-const POLICY: &str = r#"apiVersion: networking.k8s.io/v1
+/// The example NetworkPolicy: web pods accept TCP 80 only from client pods (namespace `demo`).
+pub const POLICY: &str = r#"apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
   name: web-allow-clients

@@ -340,6 +340,32 @@ fn report(r: &twill_policy::nft::SyncReport) -> bool {
 /// Longest wait of the run loop between two passes, so that /healthz sees it come round.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
+/// As PID 1 of a container (kube-flannel.yml runs it so), a signal without a handler is
+/// ignored: the kubelet's SIGTERM would do nothing and the container would be killed only at
+/// the end of the grace period (30 s per node and rollout). So SIGTERM and SIGINT are taken
+/// on a thread of their own and end the process as their default action would elsewhere:
+/// at once, leaving the loaded table in place (the next run takes it over).
+fn exit_on_sigterm() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    // Blocked before any other thread exists, so every thread inherits the mask and only
+    // the waiting thread takes these signals.
+    set.thread_block().context("blocking SIGTERM and SIGINT")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || match set.wait() {
+            Ok(sig) => {
+                info!("{sig}: exiting; the loaded nftables table stays in place");
+                std::process::exit(0);
+            }
+            Err(e) => error!("waiting for SIGTERM: {e}"),
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
 fn cmd_run(
     common: &Common,
     resync: u64,
@@ -348,6 +374,7 @@ fn cmd_run(
     ready_max_age: Duration,
     poll: Duration,
 ) -> Result<()> {
+    exit_on_sigterm()?;
     let node = node(common)?;
     // Short: the loop must not sit in a snapshot while the lists are missing (each list
     // that arrives wakes it anyway).
