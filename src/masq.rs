@@ -91,6 +91,37 @@ pub fn apply(input: &MasqInput) -> Result<(), NftError> {
     nft::apply(&ruleset(input))
 }
 
+/// Flannel's two nft tables, as `family name`.
+pub const TABLES: [&str; 2] = ["ip flannel-ipv4", "ip6 flannel-ipv6"];
+
+/// The transaction deleting those of Flannel's tables that `listing` (`nft list tables`)
+/// shows; `None` when there are none.
+pub fn deletion(listing: &str) -> Option<String> {
+    let present: Vec<&str> = TABLES
+        .into_iter()
+        .filter(|t| listing.lines().any(|l| l.trim() == format!("table {t}")))
+        .collect();
+    (!present.is_empty()).then(|| {
+        present
+            .iter()
+            .map(|t| format!("delete table {t}\n"))
+            .collect()
+    })
+}
+
+/// Deletes Flannel's nft tables (iptables mode's clean-up of nftables mode, as Flannel's
+/// `NFTablesManager.CleanUp`). Returns the tables that were there.
+pub fn delete_tables() -> Result<Vec<&'static str>, NftError> {
+    let listing = nft::run(&["list", "tables"], None)?;
+    match deletion(&listing) {
+        Some(script) => {
+            nft::apply(&script)?;
+            Ok(TABLES.into_iter().filter(|t| script.contains(t)).collect())
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Counts the rules currently in the family's table; `None` when the table is missing.
 pub fn installed_rule_count(network: &IpNet) -> Option<usize> {
     let (family, table, _, _) = family_names(network);
@@ -146,6 +177,20 @@ add rule ip flannel-ipv4 forward ip daddr 10.244.0.0/16 accept
         );
         assert!(s.contains("add rule ip6 flannel-ipv6 postrtg ip6 saddr fd00:42::/56 ip6 daddr != ff00::/8 masquerade\n"));
         assert!(!s.contains("fully-random"));
+    }
+
+    #[test]
+    fn deletion_names_only_flannels_tables_present() {
+        let listing = "table inet twill-underlay\ntable ip flannel-ipv4\ntable ip nat\n";
+        assert_eq!(
+            deletion(listing).as_deref(),
+            Some("delete table ip flannel-ipv4\n")
+        );
+        assert_eq!(
+            deletion("table ip6 flannel-ipv6\ntable ip flannel-ipv4\n").as_deref(),
+            Some("delete table ip flannel-ipv4\ndelete table ip6 flannel-ipv6\n")
+        );
+        assert_eq!(deletion("table ip flannel-ipv4-other\n"), None);
     }
 
     #[test]
