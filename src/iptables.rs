@@ -418,6 +418,15 @@ async fn run(
     args: &[String],
     stdin: Option<&str>,
 ) -> Result<Finished, IptablesError> {
+    run_within(COMMAND_TIMEOUT, program, args, stdin).await
+}
+
+async fn run_within(
+    timeout: Duration,
+    program: &str,
+    args: &[String],
+    stdin: Option<&str>,
+) -> Result<Finished, IptablesError> {
     let command = std::iter::once(program.to_string())
         .chain(args.iter().cloned())
         .collect::<Vec<_>>()
@@ -456,12 +465,13 @@ async fn run(
         }
         child.wait_with_output().await.map_err(io)
     };
-    let out = tokio::time::timeout(COMMAND_TIMEOUT, work)
-        .await
-        .map_err(|_| IptablesError::TimedOut {
-            command: command.clone(),
-            after: COMMAND_TIMEOUT,
-        })??;
+    let out =
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| IptablesError::TimedOut {
+                command: command.clone(),
+                after: timeout,
+            })??;
     Ok(Finished {
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -724,6 +734,55 @@ COMMIT
         assert_eq!(
             removal_payload(Part::Masq, "*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"),
             None
+        );
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_hung_command_is_killed_and_named() {
+        let started = std::time::Instant::now();
+        let err = block_on(run_within(
+            Duration::from_millis(200),
+            "sleep",
+            &["30".to_string()],
+            None,
+        ))
+        .err()
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20), "not killed");
+        assert_eq!(err.to_string(), "sleep 30: no answer after 200ms; killed");
+    }
+
+    #[test]
+    fn a_missing_binary_names_the_package() {
+        let err = block_on(run("twill-no-such-iptables", &[], None))
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "twill-no-such-iptables: not found (iptables mode, EnableNFTables false or absent in the network config, needs the iptables package)"
+        );
+    }
+
+    #[test]
+    fn a_failure_names_the_command_and_its_stderr() {
+        let err = block_on(run_ok(
+            "sh",
+            &["-c".to_string(), "cat >&2; exit 3".to_string()],
+            Some("iptables-restore: line 2 failed\n"),
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "sh -c cat >&2; exit 3: exit status: 3: iptables-restore: line 2 failed"
         );
     }
 

@@ -266,3 +266,33 @@ fn iptables_parts_not_wanted_are_removed() {
     c.wait_ready("n1");
     assert_eq!(flannel_lines(&c, "n1", "filter"), Vec::<String>::new());
 }
+
+/// iptables mode on a node without the iptables binaries: twilld stops before it reports ready,
+/// with an error naming the package (its PATH holds only `ip`, which the lab starts it with,
+/// and `nft`).
+#[test]
+fn iptables_mode_without_iptables_names_the_package() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut c = cluster("ipte", &["n1"], IPTABLES_MODE);
+    let bin = c.lab.dir().join("no-iptables-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["ip", "nft"] {
+        let path = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no {tool}"));
+        std::os::unix::fs::symlink(path, bin.join(tool)).unwrap();
+    }
+    let id = c.start_env("n1", &[], &[("PATH", bin.to_str().unwrap())]);
+    let status = c.lab.wait(id, DEADLINE).unwrap();
+    let log = c.log("n1");
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{log}");
+    assert!(
+        log.contains("iptables: not found (iptables mode, EnableNFTables false or absent in the network config, needs the iptables package)"),
+        "{log}"
+    );
+    assert!(!log.contains("wrote subnet.env; ready"), "{log}");
+}
