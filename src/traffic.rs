@@ -11,9 +11,9 @@
 //! Flannel to twill in either mode) keeps nothing stale. Flannel's nftables mode tries to
 //! delete `nat FLANNEL-POSTRTG` and `nat FLANNEL-FWD` (sic: its forward chain lives in
 //! `filter`, so it stays); twill removes what iptables mode installs: `nat FLANNEL-POSTRTG`,
-//! `filter FLANNEL-FWD` and their jumps, for both families. In iptables mode a part that is
-//! not wanted (`--ip-masq` off, `--iptables-forward-rules=false`, a family not enabled) is
-//! removed too, where Flannel would leave a previous run's chain working.
+//! `filter FLANNEL-FWD` and their jumps, for both families. In either mode a chain that is not
+//! wanted (`--ip-masq` off, `--iptables-forward-rules=false`) or a family not enabled is
+//! removed too, where Flannel would leave a previous run's rules working.
 
 use std::path::Path;
 use std::time::Duration;
@@ -99,11 +99,7 @@ impl TrafficManager {
     }
 
     async fn start_iptables(inputs: Vec<MasqInput>) -> anyhow::Result<TrafficManager> {
-        match blocking(masq::delete_tables).await {
-            Ok(gone) if gone.is_empty() => {}
-            Ok(gone) => tracing::info!(tables = ?gone, "deleted nftables mode's tables"),
-            Err(e) => tracing::warn!(error = %e, "could not delete nftables mode's tables"),
-        }
+        delete_nft_tables_logged(Family::ALL.to_vec()).await;
         let mut out = Vec::new();
         for family in Family::ALL {
             let Some(input) = inputs.iter().find(|i| Family::of(&i.network) == family) else {
@@ -137,6 +133,11 @@ impl TrafficManager {
         for family in Family::ALL {
             remove_logged(family, &Part::ALL).await;
         }
+        let unused: Vec<Family> = Family::ALL
+            .into_iter()
+            .filter(|f| !inputs.iter().any(|i| Family::of(&i.network) == *f))
+            .collect();
+        delete_nft_tables_logged(unused).await;
         if inputs.iter().any(|i| i.fully_random) {
             let supported =
                 blocking(|| Ok::<_, std::convert::Infallible>(masq::fully_random_supported()))
@@ -223,6 +224,19 @@ async fn remove_logged(family: Family, parts: &[Part]) {
             tracing::debug!(%family, error = %e, "no iptables: no iptables chains to remove")
         }
         Err(e) => tracing::warn!(%family, error = %e, "could not remove iptables chains"),
+    }
+}
+
+/// Deletes Flannel's nft tables of `families`, logging what went; failures are logged, not
+/// fatal.
+async fn delete_nft_tables_logged(families: Vec<Family>) {
+    if families.is_empty() {
+        return;
+    }
+    match blocking(move || masq::delete_tables(&families)).await {
+        Ok(gone) if gone.is_empty() => {}
+        Ok(gone) => tracing::info!(tables = ?gone, "deleted nft tables twilld does not use"),
+        Err(e) => tracing::warn!(error = %e, "could not delete Flannel's nft tables"),
     }
 }
 

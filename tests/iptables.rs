@@ -172,9 +172,16 @@ fn iptables_mode_is_flannels_chains_repaired_and_switched_with_nftables_mode() {
         flannel_lines(&c, "n1", "nat") == golden_nat(n, &p)
     });
     eprintln!("rule restored after {took:?}");
-    assert!(c
-        .log("n1")
-        .contains("iptables rules missing; re-applying the whole set"));
+    // Repaired once, and no churn after it: every `-C` matches what the restore installed
+    // (Flannel's rule-check churn, flannel#1317/#2145, would re-apply on every resync).
+    let repairs = |c: &Cluster| {
+        c.log("n1")
+            .matches("iptables rules missing; re-applying the whole set")
+            .count()
+    };
+    wait_until("the repair's log line", DEADLINE, || repairs(&c) >= 1);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(repairs(&c), 1, "{}", c.log("n1"));
 
     // Masquerade: a pod reaching the switch (outside the Network) shows up there as the node.
     let pod_ip = c.pod("n1", "p1", &env);
@@ -223,7 +230,7 @@ fn iptables_mode_is_flannels_chains_repaired_and_switched_with_nftables_mode() {
 
 /// Without `--ip-masq` nothing masquerades: a previous run's FLANNEL-POSTRTG is removed (Flannel
 /// would leave it working), the forward chain stays; `--iptables-forward-rules=false` removes
-/// that too.
+/// that too. The same in nftables mode for its `postrtg` chain.
 #[test]
 fn iptables_parts_not_wanted_are_removed() {
     if !twill_lab::require_root() {
@@ -265,6 +272,24 @@ fn iptables_parts_not_wanted_are_removed() {
     c.start("n1", &["--ip-masq=false", "--iptables-forward-rules=false"]);
     c.wait_ready("n1");
     assert_eq!(flannel_lines(&c, "n1", "filter"), Vec::<String>::new());
+
+    // nftables mode likewise: the masquerade chain goes when --ip-masq does.
+    let chains = |c: &Cluster| {
+        let out = c
+            .lab
+            .exec_ok(&c.ns("n1"), &["nft", "list", "table", "ip", "flannel-ipv4"])
+            .unwrap();
+        ["postrtg", "forward"]
+            .into_iter()
+            .filter(|ch| out.contains(&format!("chain {ch} {{")))
+            .collect::<Vec<_>>()
+    };
+    restart_with(&mut c, "n1", NFTABLES_MODE, &[]);
+    assert_eq!(chains(&c), ["postrtg", "forward"]);
+    c.kill("n1", Signal::SIGTERM);
+    c.start("n1", &["--ip-masq=false"]);
+    c.wait_ready("n1");
+    assert_eq!(chains(&c), ["forward"]);
 }
 
 /// iptables mode on a node without the iptables binaries: twilld stops before it reports ready,
