@@ -511,15 +511,21 @@ pub async fn probe(family: Family) -> Result<Support, IptablesError> {
 }
 
 /// Whether `rule` is in place (`iptables -w -C`). Exit status 1 is iptables' "no such rule
-/// or chain"; status 2 with "does not exist" is a jump whose target chain is missing (so the
-/// rule cannot be there either).
+/// or chain"; status 2 naming a missing chain is a jump whose target chain is not there (so
+/// the rule cannot be either): "Chain '...' does not exist" from the nf_tables backend,
+/// "Couldn't load target" from the legacy one.
 pub async fn rule_present(family: Family, rule: &Rule) -> Result<bool, IptablesError> {
     let args = rule.check_args();
     let out = run(family.iptables(), &args, None).await?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
-        Some(2) if out.stderr.contains("does not exist") => Ok(false),
+        Some(2)
+            if out.stderr.contains("does not exist")
+                || out.stderr.contains("Couldn't load target") =>
+        {
+            Ok(false)
+        }
         _ => Err(IptablesError::Failed {
             command: format!("{} {}", family.iptables(), args.join(" ")),
             status: out.status,
