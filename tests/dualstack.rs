@@ -179,6 +179,16 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
             ),
             "{rules6}"
         );
+        let forward6 = c
+            .lab
+            .exec_ok(&c.ns(n), &["ip6tables-save", "-t", "filter"])
+            .unwrap();
+        assert!(
+            forward6.contains(
+                "-A FLANNEL-FWD -d fd00:42::/56 -m comment --comment \"flanneld forward\" -j ACCEPT"
+            ),
+            "{forward6}"
+        );
     }
     for i in 0..2 {
         let (from, ..) = &pods[i];
