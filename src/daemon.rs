@@ -30,11 +30,12 @@ use crate::config::{BackendConfig, NetConfig};
 use crate::flags::Flags;
 use crate::health::{self, Readiness};
 use crate::iface::{self, ExternalInterface, Selection};
-use crate::masq::{self, MasqInput};
+use crate::masq::MasqInput;
 use crate::registry::etcd::{
     EtcdOptions, EtcdRegistry, LeaseRecord, Listing, RegistryError, RegistryEvent, SUBNET_TTL,
 };
 use crate::registry::lease::{validate_peer, Lease, LeaseAttrs, Mac, SubnetKey, VxlanBackendData};
+use crate::traffic::{self, TrafficManager};
 
 use crate::alloc::RACE_RETRIES;
 
@@ -77,6 +78,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     let registry = connect_etcd(&flags).await;
     let config = fetch_config(&registry).await;
     tracing::info!(backend = config.backend_type(), network = ?config.network, ipv6_network = ?config.ipv6_network, "network config");
+    traffic::check_br_netfilter(&config)?;
 
     let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
 
@@ -88,7 +90,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
 
     let own = acquire(&registry, &config, &public, &dataplane, previous.as_ref()).await?;
     tracing::info!(subnet = %own.key, "acquired lease");
-    let masq_inputs = bring_up(&flags, &config, &own.key, &mut dataplane, &readiness).await?;
+    let traffic = bring_up(&flags, &config, &own.key, &mut dataplane, &readiness).await?;
 
     let source = EtcdSource {
         registry,
@@ -96,7 +98,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         margin: Duration::from_secs(flags.subnet_lease_renew_margin as u64 * 60),
         renew_failures: 0,
     };
-    event_loop(flags, config, source, dataplane, masq_inputs).await
+    event_loop(flags, config, source, dataplane, traffic).await
 }
 
 /// Kubernetes mode (`--kube-subnet-mgr`, §3): the lease is the node's podCIDR, its attributes
@@ -126,6 +128,7 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
     };
     tracing::info!(node = %ksm.node_name, backend = config.backend_type(), network = ?config.network, "Kubernetes subnet manager");
     let readiness = start_health(&flags);
+    traffic::check_br_netfilter(&config)?;
 
     let node = ksm.own_node().await?;
     // node-public-ip(v6) annotations replace --public-ip(v6) (and so select the interface).
@@ -153,14 +156,14 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
     attrs.public_ipv6 = public.v6;
     let key = ksm.acquire(&config, &attrs).await?;
     tracing::info!(subnet = %key, "acquired lease (podCIDR)");
-    let masq_inputs = bring_up(&flags, &config, &key, &mut dataplane, &readiness).await?;
+    let traffic = bring_up(&flags, &config, &key, &mut dataplane, &readiness).await?;
     if flags.set_node_network_unavailable {
         if let Err(e) = ksm.set_network_available().await {
             tracing::warn!(error = %e, "setting NetworkUnavailable=False failed");
         }
     }
     let source = KubeSource { ksm };
-    event_loop(flags, config, source, dataplane, masq_inputs).await
+    event_loop(flags, config, source, dataplane, traffic).await
 }
 
 fn start_health(flags: &Flags) -> Readiness {
@@ -209,21 +212,20 @@ async fn build_dataplane(
     Ok((dataplane, public))
 }
 
-/// After the lease: device address, masquerade/forward rules, subnet.env, ready.
+/// After the lease: device address, the other traffic manager's rules removed and this one's
+/// masquerade/forward rules installed, subnet.env, ready.
 async fn bring_up(
     flags: &Flags,
     config: &NetConfig,
     key: &SubnetKey,
     dataplane: &mut Dataplane,
     readiness: &Readiness,
-) -> anyhow::Result<Vec<MasqInput>> {
+) -> anyhow::Result<TrafficManager> {
     dataplane.set_own(key);
     dataplane.address_devices().await?;
 
-    let masq_inputs = masq_inputs(config, key, flags);
-    for input in &masq_inputs {
-        masq::apply(input).with_context(|| format!("installing rules for {}", input.network))?;
-    }
+    let traffic =
+        TrafficManager::start(traffic::Mode::of(config), masq_inputs(config, key, flags)).await?;
 
     let env = SubnetEnv::for_lease(
         config.enable_ipv4.then_some(config.network).flatten(),
@@ -238,7 +240,7 @@ async fn bring_up(
     readiness.set_ready();
     health::notify_systemd_ready();
     tracing::info!(file = %flags.subnet_file.display(), "wrote subnet.env; ready");
-    Ok(masq_inputs)
+    Ok(traffic)
 }
 
 async fn connect_etcd(flags: &Flags) -> EtcdRegistry {
@@ -411,9 +413,10 @@ fn renew_deadline(ttl: Duration, margin: Option<Duration>) -> Instant {
     Instant::now() + ttl.saturating_sub(margin).max(Duration::from_secs(1))
 }
 
+/// One input per enabled family that wants masquerade or forward rules; `fully_random` is
+/// what the flags ask for (the traffic manager probes whether the mode supports it).
 fn masq_inputs(config: &NetConfig, key: &SubnetKey, flags: &Flags) -> Vec<MasqInput> {
-    let fully_random =
-        flags.ip_masq && !flags.ip_masq_fully_random_disable && masq::fully_random_supported();
+    let fully_random = flags.ip_masq && !flags.ip_masq_fully_random_disable;
     let mut out = Vec::new();
     if !flags.ip_masq && !flags.iptables_forward_rules {
         return out;
@@ -1152,7 +1155,7 @@ async fn event_loop<S: LeaseSource>(
     config: NetConfig,
     mut source: S,
     mut dataplane: Dataplane,
-    masq_inputs: Vec<MasqInput>,
+    traffic: TrafficManager,
 ) -> anyhow::Result<()> {
     let mut table = PeerTable::new(config);
     let (tx, mut rx) = mpsc::channel::<S::Event>(4096);
@@ -1161,7 +1164,10 @@ async fn event_loop<S: LeaseSource>(
     let poke = Arc::new(Notify::new());
     spawn_netlink_monitor(poke.clone(), dataplane.watched.clone())?;
     let mut resync = tokio::time::interval(Duration::from_secs(flags.resync_period.max(1)));
-    let mut rules_check = tokio::time::interval(Duration::from_secs(flags.iptables_resync.max(1)));
+    // The masquerade/forward rules are checked on a task of their own: an iptables process
+    // waiting on the xtables lock must not hold up peer programming.
+    let _traffic_resync =
+        DropAbort(traffic.spawn_resync(Duration::from_secs(flags.iptables_resync)));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let far_future = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -1207,16 +1213,6 @@ async fn event_loop<S: LeaseSource>(
                 dataplane.check_guard();
                 dirty = true;
             }
-            _ = rules_check.tick() => {
-                for input in &masq_inputs {
-                    if masq::installed_rule_count(&input.network) != Some(masq::rule_count(input)) {
-                        tracing::warn!(network = %input.network, "masquerade/forward rules drifted; re-applying");
-                        if let Err(e) = masq::apply(input) {
-                            tracing::warn!(error = %e, "re-applying rules failed");
-                        }
-                    }
-                }
-            }
             _ = tokio::time::sleep_until(source.renew_at().unwrap_or(far_future)) => {
                 source.renew().await;
             }
@@ -1226,6 +1222,15 @@ async fn event_loop<S: LeaseSource>(
     }
     tracing::info!("shutting down; the dataplane stays as it is");
     Ok(())
+}
+
+/// Aborts a background task when the owner goes (the event loop returning stops the resync).
+struct DropAbort(tokio::task::JoinHandle<()>);
+
+impl Drop for DropAbort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Applies one registry event to the peer table, handling this node's own key: a deleted or

@@ -2,10 +2,12 @@
 //! and `ip6 flannel-ipv6`, chains `postrtg` and `forward`. Each table is written in nft's text
 //! syntax, not JSON, because nft 1.0.x drops table and chain comments given in JSON and the
 //! listing must read exactly like Flannel's. Every chain is flushed and refilled in the same
-//! transaction, so rules for a previous subnet vanish and a half-applied set never exists.
+//! transaction, so rules for a previous subnet vanish and a half-applied set never exists; a
+//! chain the flags no longer ask for is deleted in it.
 
 use ipnet::IpNet;
 
+use crate::iptables::Family;
 use crate::nft::{self, NftError};
 
 /// What the rules are built from.
@@ -69,6 +71,27 @@ pub fn ruleset(input: &MasqInput) -> String {
         s += &format!("add rule {chain} {proto} saddr {n} accept\n");
         s += &format!("add rule {chain} {proto} daddr {n} accept\n");
     }
+    // A chain the flags no longer ask for goes in the same transaction (added first, so that
+    // deleting it cannot fail when it is not there).
+    for (wanted, name, hook) in [
+        (
+            input.masquerade,
+            "postrtg",
+            "type nat hook postrouting priority srcnat",
+        ),
+        (
+            input.forward,
+            "forward",
+            "type filter hook forward priority filter",
+        ),
+    ] {
+        if !wanted {
+            let chain = format!("{family} {table} {name}");
+            s += &format!(
+                "add chain {chain} {{ {hook} ; }}\nflush chain {chain}\ndelete chain {chain}\n"
+            );
+        }
+    }
     s
 }
 
@@ -89,6 +112,48 @@ pub fn fully_random_supported() -> bool {
 /// Applies the rules of one family as one transaction.
 pub fn apply(input: &MasqInput) -> Result<(), NftError> {
     nft::apply(&ruleset(input))
+}
+
+/// Flannel's nft table of `family` (`ip flannel-ipv4` / `ip6 flannel-ipv6`).
+pub fn table(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip flannel-ipv4",
+        Family::V6 => "ip6 flannel-ipv6",
+    }
+}
+
+/// The transaction deleting the tables of `families` that `listing` (`nft list tables`)
+/// shows; `None` when there are none.
+pub fn deletion(listing: &str, families: &[Family]) -> Option<String> {
+    let present: Vec<&str> = families
+        .iter()
+        .map(|f| table(*f))
+        .filter(|t| listing.lines().any(|l| l.trim() == format!("table {t}")))
+        .collect();
+    (!present.is_empty()).then(|| {
+        present
+            .iter()
+            .map(|t| format!("delete table {t}\n"))
+            .collect()
+    })
+}
+
+/// Deletes Flannel's nft tables of `families`: iptables mode's clean-up of nftables mode (as
+/// Flannel's `NFTablesManager.CleanUp`), and in nftables mode the table of a family no longer
+/// used. Returns the tables that were there.
+pub fn delete_tables(families: &[Family]) -> Result<Vec<&'static str>, NftError> {
+    let listing = nft::run(&["list", "tables"], None)?;
+    match deletion(&listing, families) {
+        Some(script) => {
+            nft::apply(&script)?;
+            Ok(families
+                .iter()
+                .map(|f| table(*f))
+                .filter(|t| script.contains(t))
+                .collect())
+        }
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Counts the rules currently in the family's table; `None` when the table is missing.
@@ -149,13 +214,42 @@ add rule ip flannel-ipv4 forward ip daddr 10.244.0.0/16 accept
     }
 
     #[test]
+    fn deletion_names_only_flannels_tables_present() {
+        let all = Family::ALL;
+        let listing = "table inet twill-underlay\ntable ip flannel-ipv4\ntable ip nat\n";
+        assert_eq!(
+            deletion(listing, &all).as_deref(),
+            Some("delete table ip flannel-ipv4\n")
+        );
+        let both = "table ip6 flannel-ipv6\ntable ip flannel-ipv4\n";
+        assert_eq!(
+            deletion(both, &all).as_deref(),
+            Some("delete table ip flannel-ipv4\ndelete table ip6 flannel-ipv6\n")
+        );
+        assert_eq!(
+            deletion(both, &[Family::V6]).as_deref(),
+            Some("delete table ip6 flannel-ipv6\n")
+        );
+        assert_eq!(deletion("table ip flannel-ipv4-other\n", &all), None);
+    }
+
+    #[test]
     fn chains_follow_flags() {
         let mut i = input("10.244.0.0/16", "10.244.1.0/24");
         i.masquerade = false;
         let s = ruleset(&i);
-        assert!(!s.contains("postrtg") && s.contains("forward"));
+        assert!(
+            !s.contains("add rule ip flannel-ipv4 postrtg")
+                && s.contains("add rule ip flannel-ipv4 forward")
+        );
+        assert!(s.ends_with("add chain ip flannel-ipv4 postrtg { type nat hook postrouting priority srcnat ; }\nflush chain ip flannel-ipv4 postrtg\ndelete chain ip flannel-ipv4 postrtg\n"), "{s}");
         assert_eq!(rule_count(&i), 2);
         i.forward = false;
-        assert_eq!(ruleset(&i).lines().count(), 1);
+        let s = ruleset(&i);
+        assert!(!s.contains("add rule"), "{s}");
+        assert!(
+            s.contains("delete chain ip flannel-ipv4 postrtg\n")
+                && s.contains("delete chain ip flannel-ipv4 forward\n")
+        );
     }
 }

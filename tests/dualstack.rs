@@ -168,13 +168,26 @@ fn dual_stack_vxlan_leases_devices_and_pods() {
             }
             Ok(())
         });
+        // iptables mode (EnableNFTables absent): ip6tables holds Flannel's IPv6 chain.
         let rules6 = c
             .lab
-            .exec_ok(&c.ns(n), &["nft", "list", "table", "ip6", "flannel-ipv6"])
+            .exec_ok(&c.ns(n), &["ip6tables-save", "-t", "nat"])
             .unwrap();
         assert!(
-            rules6.contains("ip6 daddr != ff00::/8 masquerade"),
+            rules6.contains(
+                "-A FLANNEL-POSTRTG -s fd00:42::/56 ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE"
+            ),
             "{rules6}"
+        );
+        let forward6 = c
+            .lab
+            .exec_ok(&c.ns(n), &["ip6tables-save", "-t", "filter"])
+            .unwrap();
+        assert!(
+            forward6.contains(
+                "-A FLANNEL-FWD -d fd00:42::/56 -m comment --comment \"flanneld forward\" -j ACCEPT"
+            ),
+            "{forward6}"
         );
     }
     for i in 0..2 {

@@ -290,16 +290,25 @@ fn node_state(c: &Cluster, node: &str) -> String {
     let link = c.ip_json(node, &["-d", "addr", "show", "dev", "flannel.1"]);
     let l = &link[0];
     let env = std::fs::read_to_string(c.subnet_file(node)).unwrap_or_default();
-    let tables: String = ["ip flannel-ipv4", "inet twill-underlay"]
-        .iter()
-        .map(|t| {
-            let mut argv = vec!["nft", "-s", "list", "table"];
-            argv.extend(t.split(' '));
-            c.lab
-                .exec_ok(&ns, &argv)
-                .unwrap_or_else(|e| format!("{t}: {e}"))
-        })
-        .collect();
+    let mut tables: String = c
+        .lab
+        .exec_ok(
+            &ns,
+            &["nft", "-s", "list", "table", "inet", "twill-underlay"],
+        )
+        .unwrap_or_else(|e| format!("inet twill-underlay: {e}"));
+    // Flannel's iptables chains (iptables mode, the default), without iptables-save's
+    // timestamps and counters.
+    for table in ["nat", "filter"] {
+        let save = c
+            .lab
+            .exec_ok(&ns, &["iptables-save", "-t", table])
+            .unwrap_or_else(|e| format!("iptables-save -t {table}: {e}"));
+        for line in save.lines().filter(|l| l.contains("FLANNEL")) {
+            tables += line;
+            tables.push('\n');
+        }
+    }
     let lease = c
         .subnet_keys()
         .iter()

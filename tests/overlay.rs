@@ -1,5 +1,5 @@
 //! Lab tests of twilld in etcd mode (issue 2, "must be shown" 1-5): real etcd, real netlink,
-//! real nft, every test in namespaces of its own. Root only; skipped with a message outside CI.
+//! real nft and iptables, every test in namespaces of its own. Root only; skipped with a message outside CI.
 
 mod common;
 
@@ -103,24 +103,59 @@ fn vxlan_three_nodes_flannel_leases_entries_and_pod_reachability() {
         });
     }
 
-    // Masquerade rules in Flannel's nftables layout.
-    let ruleset = c
-        .lab
-        .exec_ok(&c.ns("n1"), &["nft", "list", "table", "ip", "flannel-ipv4"])
-        .unwrap();
+    // Masquerade and forward rules in Flannel's iptables chains (EnableNFTables absent is
+    // iptables mode; tests/iptables.rs holds the byte-for-byte and mode-switch checks).
+    let save = |table: &str| {
+        c.lab
+            .exec_ok(&c.ns("n1"), &["iptables-save", "-t", table])
+            .unwrap()
+    };
+    let (nat, filter) = (save("nat"), save("filter"));
     let s1 = subnet(&envs["n1"]);
-    for rule in [
-        "meta mark 0x00004000 return".to_string(),
-        format!("ip saddr {s1} ip daddr 10.244.0.0/16 return"),
-        format!("ip saddr 10.244.0.0/16 ip daddr {s1} return"),
-        format!("ip saddr != {s1} ip daddr 10.244.0.0/16 return"),
-        "ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade".to_string(),
-        "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade".to_string(),
-        "ip saddr 10.244.0.0/16 accept".to_string(),
-        "ip daddr 10.244.0.0/16 accept".to_string(),
+    let masq = r#"-m comment --comment "flanneld masq""#;
+    let fwd = r#"-m comment --comment "flanneld forward""#;
+    for (rules, rule) in [
+        (&nat, format!("-A POSTROUTING {masq} -j FLANNEL-POSTRTG")),
+        (
+            &nat,
+            format!("-A FLANNEL-POSTRTG -s {s1} -d 10.244.0.0/16 {masq} -j RETURN"),
+        ),
+        (
+            &nat,
+            format!("-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d {s1} {masq} -j RETURN"),
+        ),
+        (
+            &nat,
+            format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d {s1} {masq} -j RETURN"),
+        ),
+        (
+            &nat,
+            format!("-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE"),
+        ),
+        (
+            &nat,
+            format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {masq} -j MASQUERADE"),
+        ),
+        (&filter, format!("-A FORWARD {fwd} -j FLANNEL-FWD")),
+        (
+            &filter,
+            format!("-A FLANNEL-FWD -s 10.244.0.0/16 {fwd} -j ACCEPT"),
+        ),
+        (
+            &filter,
+            format!("-A FLANNEL-FWD -d 10.244.0.0/16 {fwd} -j ACCEPT"),
+        ),
     ] {
-        assert!(ruleset.contains(&rule), "missing {rule:?} in\n{ruleset}");
+        assert!(rules.contains(&rule), "missing {rule:?} in\n{rules}");
     }
+    assert!(
+        !c.lab
+            .exec(&c.ns("n1"), &["nft", "list", "table", "ip", "flannel-ipv4"])
+            .unwrap()
+            .status
+            .success(),
+        "iptables mode also wrote nftables mode's table"
+    );
 
     let pods: Vec<(String, String, Ipv4Addr)> = nodes
         .iter()

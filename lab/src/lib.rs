@@ -425,7 +425,8 @@ impl Lab {
     /// Adds a node: namespace `<prefix><name>`, `lo` up, veth `eth0` (in the node) ⇄ `n<idx>`
     /// (in the switch, enslaved to `br0`), `eth0` 198.18.0.<10+idx>/24 up, default route via
     /// 198.18.0.1 (so "default-route interface" selection works; the switch has no uplink),
-    /// `net.ipv4.ip_forward=1`, loose `rp_filter`, and the per-node directory `<lab dir>/<name>/`.
+    /// `net.ipv4.ip_forward=1`, loose `rp_filter`, br_netfilter's sysctls (loading the module
+    /// if they are missing) and the per-node directory `<lab dir>/<name>/`.
     pub fn add_node(&mut self, name: &str) -> Result<Node> {
         self.check_new_ns_name("node", name)?;
         let idx = self.next_node;
@@ -479,6 +480,7 @@ impl Lab {
                 "net.ipv4.conf.default.rp_filter=2",
             ],
         )?;
+        ensure_br_netfilter(&node.netns)?;
         self.nodes.push(node.clone());
         Ok(node)
     }
@@ -1334,6 +1336,26 @@ fn stop_procs(procs: &mut [Proc], grace: Duration) -> Vec<String> {
 }
 
 /// Runs `argv` in namespace `ns`; stdout on success, else an error with status and stderr.
+/// A node has br_netfilter, as Kubernetes nodes must: twilld in iptables mode (Flannel's
+/// default) refuses to start without its sysctls, as flanneld does. They are per network
+/// namespace on current kernels, so they are looked for inside `ns`; when missing the module
+/// is loaded (`modprobe br_netfilter`, the one host-wide step, as twill-policy takes it).
+fn ensure_br_netfilter(ns: &str) -> Result<()> {
+    const SYSCTL: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    let present = |ns: &str| ns_exec_ok(ns, &["test", "-e", SYSCTL]).is_ok();
+    if present(ns) {
+        return Ok(());
+    }
+    let what = "modprobe br_netfilter".to_string();
+    let mut cmd = Command::new("modprobe");
+    cmd.arg("br_netfilter");
+    run::check(&what, run::run(cmd, &what, None, None)?)?;
+    if !present(ns) {
+        bail!("{SYSCTL} still missing in {ns} after modprobe br_netfilter");
+    }
+    Ok(())
+}
+
 fn ns_exec_ok(ns: &str, argv: &[&str]) -> Result<String> {
     let what = format!("[{ns}] {}", argv.join(" "));
     let mut cmd = Command::new("ip");

@@ -63,7 +63,7 @@ impl Cluster {
     }
 
     /// Starts twilld on `node` with the lab's flags plus `extra` (which may override the
-    /// lab's `--resync-period=2` and etcd endpoints).
+    /// lab's `--resync-period=2`, `--ip-masq` and etcd endpoints).
     pub fn start(&mut self, node: &str, extra: &[&str]) -> ProcId {
         self.start_env(node, extra, &[])
     }
@@ -87,7 +87,10 @@ impl Cluster {
         };
         let mut argv: Vec<&str> = vec![bin.as_str()];
         argv.extend(endpoints);
-        argv.push("--ip-masq");
+        // --ip-masq unless the caller sets it (clap refuses a flag given twice).
+        if !extra.iter().any(|a| a.starts_with("--ip-masq=")) {
+            argv.push("--ip-masq");
+        }
         argv.extend(resync);
         argv.extend_from_slice(&["--subnet-file", subnet_file.as_str()]);
         argv.extend_from_slice(extra);

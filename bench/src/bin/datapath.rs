@@ -5,7 +5,8 @@
 //!
 //! The hand topology is measured in three arms, so that the cost of each layer shows:
 //! bare (no nftables at all, so no conntrack either); plus Flannel's masquerade tables as
-//! flanneld --ip-masq installs them (`twill::masq::ruleset`, the NAT chain switches
+//! flanneld --ip-masq installs them in nftables mode (`twill::masq::ruleset`; twilld runs with
+//! `EnableNFTables: true` so both sides hold the same tables; the NAT chain switches
 //! conntrack on); plus twill's underlay guard (`twill::underlay::ruleset`). The target's peer
 //! is the second: what a Flannel node with the same flags holds.
 //!
@@ -17,7 +18,10 @@ use anyhow::{bail, Context, Result};
 use twill_bench::{median, table_row};
 use twill_lab::{Ipv4Net, Lab};
 
-const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// nftables mode, so that twilld's node holds the very tables the hand topology's Flannel arm
+/// loads (`twill::masq::ruleset`); without `EnableNFTables` twilld would use iptables chains.
+const NET_CONF: &str =
+    r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
 
 /// Runs iperf3 from `client_ns` to `server_ip` (a server started in `server_ns`), in Gbit/s.
 fn iperf(

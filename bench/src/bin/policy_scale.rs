@@ -10,7 +10,8 @@
 //!   "applied ruleset" log line (printed after nft returns);
 //! - pod-to-pod TCP throughput (iperf3, two pods on n1's bridge, both selected by
 //!   policies) with the ruleset against the same node without it (both with Flannel's
-//!   masquerade tables, as twilld installs them), and against a node with no table at all;
+//!   masquerade tables, as twilld installs them in nftables mode), and against a node with no
+//!   table at all;
 //! - new TCP connections per second between the same pods, in the same three arms;
 //! - p99 of "policy change -> the established flow is cut" (strict mode, the default):
 //!   after the throughput arms (whose connections leave ~10^5 TIME_WAIT entries in the
@@ -600,7 +601,8 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let server_ip = w.server.2.clone();
     // Three arms, interleaved per round: the policy table on a node as twilld leaves it
-    // (Flannel's masquerade and forward tables, kube-flannel.yml's --ip-masq), that node
+    // (Flannel's masquerade and forward tables in nftables mode, kube-flannel.yml's
+    // --ip-masq), that node
     // without the policy table (the peer of the target), and the bare node without any
     // nftables table. Flannel's NAT chain switches conntrack on for every packet, as
     // kube-proxy does on any Kubernetes node; the bare arm shows that cost on its own.
