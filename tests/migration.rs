@@ -188,7 +188,9 @@ fn nft_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
     // a: Flannel's state, one pod attached by Flannel's plugin.
     let fl_a = flannel_node("a", "10.244.200.0/24", "0e:fa:00:00:c8:01");
     let a_addr = c.lab.node("a").addr;
-    c.lab.flannel_start(&fl_a, &[peer_b.clone()]).unwrap();
+    c.lab
+        .flannel_start(&fl_a, std::slice::from_ref(&peer_b))
+        .unwrap();
     let pa = flannel_pod(&mut c, &fl_a, "pa", &[]);
     c.wait_entries("b", "flannel.1", "a's Flannel lease", |e| {
         e.has_peer(&fl_a.subnet, a_addr, &fl_a.vtep_mac)
@@ -293,7 +295,9 @@ fn nft_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
 
     // ---- twill -> Flannel: twilld stops, flanneld starts (lease, device, rules, peers).
     c.kill("a", twill_lab::Signal::SIGTERM);
-    c.lab.flannel_start(&fl_a, &[peer_b.clone()]).unwrap();
+    c.lab
+        .flannel_start(&fl_a, std::slice::from_ref(&peer_b))
+        .unwrap();
     let next = ping.last_answered(&c.lab) + 20;
     ping.wait_answered(&mut c.lab, next);
     // pa2 is deleted by Flannel's plugin: DEL of the bridge plugin with the delegate config
