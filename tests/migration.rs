@@ -29,8 +29,13 @@ use twill_lab::flannel::{
 };
 use twill_lab::{Ipv4Net, Lab, Pod};
 
-const NFT_CONFIG: &str =
-    r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
+/// twill's own tables, as `nft list` headers, sorted.
+const TWILL_TABLES: [&str; 4] = [
+    "table bridge twill-antispoof",
+    "table bridge twill-policy",
+    "table inet twill-policy",
+    "table inet twill-underlay",
+];
 
 /// The reference bridge plugin, which Flannel's CNI plugin delegates to.
 const BRIDGE: &str = "/usr/lib/cni/bridge";
@@ -171,8 +176,22 @@ fn nft_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
     if !twill_lab::require_root() {
         return;
     }
+    migrate_and_back(FlannelRules::Nftables);
+}
+
+/// The migration of the test above with Flannel's rules in `mode` (net-conf.json's
+/// `EnableNFTables` follows it, so twilld writes the same mode).
+fn migrate_and_back(mode: FlannelRules) {
     let started = Instant::now();
-    let mut c = cluster("migr", &["a", "b", "c"], NFT_CONFIG);
+    let config = format!(
+        r#"{{"Network":"10.244.0.0/16","EnableNFTables":{},"Backend":{{"Type":"vxlan"}}}}"#,
+        mode == FlannelRules::Nftables
+    );
+    let mut c = cluster("migr", &["a", "b", "c"], &config);
+    let flannel_node = |node: &str, subnet: &str, mac: &str| FlannelNode {
+        rules: mode,
+        ..flannel_node(node, subnet, mac)
+    };
     let twilld = twilld_bin();
 
     // b: a twill node.
@@ -201,10 +220,14 @@ fn nft_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
     );
     let under_flannel = snapshot(&c, &fl_a);
     eprintln!("a under Flannel:\n{under_flannel}");
-    assert!(
-        under_flannel
+    let flannel_rules = match mode {
+        FlannelRules::Nftables => under_flannel
             .nft_table("table ip flannel-ipv4")
-            .is_some_and(|t| t.contains("masquerade") && t.contains("chain forward")),
+            .unwrap_or_default(),
+        FlannelRules::Iptables => under_flannel.sections["iptables nat"].clone(),
+    };
+    assert!(
+        flannel_rules.contains("masquerade") || flannel_rules.contains("MASQUERADE"),
         "{under_flannel}"
     );
 
@@ -277,21 +300,16 @@ fn nft_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
         under_flannel.nft_table("table ip flannel-ipv4"),
         "twilld's masquerade/forward table is Flannel's"
     );
-    // Flannel's empty `ip6 flannel-ipv6` (it creates both tables even for IPv4 only) went with
-    // flanneld's stop; twilld creates a family's table only for an enabled family.
-    assert_eq!(
-        under_twill.nft_tables(),
-        [
-            "table bridge twill-antispoof",
-            "table bridge twill-policy",
-            "table inet twill-policy",
-            "table inet twill-underlay",
-            "table ip flannel-ipv4",
-        ]
-        .map(String::from)
-        .into(),
-        "tables under twill"
-    );
+    // twill's tables beside Flannel's. Flannel's empty `ip6 flannel-ipv6` (nftables mode
+    // creates both tables even for IPv4 only) went with flanneld's stop; twilld creates a
+    // family's table only for an enabled family.
+    let mut expected: std::collections::BTreeSet<String> = under_flannel
+        .nft_tables()
+        .into_iter()
+        .filter(|t| t != "table ip6 flannel-ipv6")
+        .collect();
+    expected.extend(TWILL_TABLES.map(String::from));
+    assert_eq!(under_twill.nft_tables(), expected, "tables under twill");
 
     // ---- twill -> Flannel: twilld stops, flanneld starts (lease, device, rules, peers).
     c.kill("a", twill_lab::Signal::SIGTERM);
@@ -320,13 +338,7 @@ fn nft_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
         .cloned()
         .collect();
     assert_eq!(
-        left,
-        [
-            "table bridge twill-antispoof",
-            "table bridge twill-policy",
-            "table inet twill-policy",
-            "table inet twill-underlay",
-        ],
+        left, TWILL_TABLES,
         "Flannel's start leaves twill's tables (the gap the cleanup closes)"
     );
 
