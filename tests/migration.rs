@@ -311,6 +311,20 @@ fn migrate_and_back(mode: FlannelRules) {
     expected.extend(TWILL_TABLES.map(String::from));
     assert_eq!(under_twill.nft_tables(), expected, "tables under twill");
 
+    // The cleanup refuses while twilld runs here (it would put its guard back), and changes
+    // nothing.
+    let refused = c.lab.exec(&c.ns("a"), &[&twilld, "--cleanup"]).unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("twilld (pid") && said.contains("is running"),
+        "twilld --cleanup beside a running twilld: {said}"
+    );
+    assert_eq!(
+        snapshot(&c, &fl_a),
+        under_twill,
+        "a refused cleanup changed a"
+    );
+
     // ---- twill -> Flannel: twilld stops, flanneld starts (lease, device, rules, peers).
     c.kill("a", twill_lab::Signal::SIGTERM);
     c.lab
