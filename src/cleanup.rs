@@ -14,7 +14,9 @@
 //! neighbours, FDB entries, subnet.env, Flannel's `ip flannel-ipv4` / `ip6 flannel-ipv6` tables
 //! and iptables chains are Flannel-compatible state and are never touched. A twilld or
 //! twill-policy still running in this network namespace would put its table back within a
-//! resync period, so the cleanup refuses to run while one does.
+//! resync period, so the cleanup refuses to run while one does. Sysctls twill set stay:
+//! `accept_ra=0` on the pod bridge and veths (twill-cni, CVE-2020-10749) and
+//! `bridge-nf-call-ip{,6}tables=1` (twill-policy) are safe under Flannel.
 
 use std::fs;
 use std::path::Path;
