@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(
   etcd-server etcd-client          # the registry (real etcd in the lab) and etcdctl
-  nftables                         # nft: masquerade rules and the policy table
+  nftables                         # nft: nftables-mode masquerade rules, the underlay guard, the policy table
+  iptables                         # iptables(-restore/-save): masquerade rules in iptables mode (Flannel's default)
   containernetworking-plugins      # bridge, host-local, loopback, portmap in /usr/lib/cni
   protobuf-compiler libprotobuf-dev  # protoc and its well-known .proto files (descriptor.proto), for etcd-client's build script
   iproute2 iputils-ping iperf3     # the lab: ip/bridge, reachability, throughput
