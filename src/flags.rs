@@ -144,6 +144,14 @@ pub struct Flags {
     /// flannel.<VNI> is repaired within this time even if no netlink event is seen.
     #[arg(long, env = "TWILL_RESYNC_PERIOD", default_value_t = 10)]
     pub resync_period: u64,
+
+    /// twill: remove what twill adds beyond Flannel's state from this node's network
+    /// namespace (nftables tables inet twill-underlay, bridge twill-antispoof, inet and bridge
+    /// twill-policy), then exit. For switching back to Flannel, after twill's daemons stopped;
+    /// Flannel's lease, flannel.<VNI>, routes, neighbours, FDB entries, subnet.env and rules
+    /// are left alone. Every other flag is ignored.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// Rewrites Go-style single-dash long flags (`-iface=eth0`, `-ip-masq`) to clap's `--` form.
@@ -223,6 +231,8 @@ mod tests {
         assert_eq!(f.healthz_port, 0);
         assert_eq!(f.healthz_ip.to_string(), "0.0.0.0");
         assert_eq!(f.resync_period, 10);
+        assert!(!f.cleanup);
+        assert!(parse(&["--cleanup"]).cleanup);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! benchmarks can drive the same code.
 
 pub mod alloc;
+pub mod cleanup;
 pub mod config;
 pub mod daemon;
 pub mod flags;

@@ -15,6 +15,25 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    if flags.cleanup {
+        return match twill::cleanup::run() {
+            Ok(removed) if removed.is_empty() => {
+                tracing::info!("cleanup: no twill table on this node; nothing to remove");
+                std::process::ExitCode::SUCCESS
+            }
+            Ok(removed) => {
+                for table in &removed {
+                    tracing::info!(table = %table, "cleanup: removed twill's table");
+                }
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("cleanup: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -17,6 +17,7 @@
 //! [`std::process::Command`].
 #![warn(missing_docs)]
 
+pub mod flannel;
 pub mod probe;
 pub mod quickstart;
 mod run;

@@ -125,6 +125,10 @@ enum Cmd {
         #[arg(long)]
         fail_closed: bool,
     },
+    /// Remove this program's tables (inet and bridge, named by --table) and exit, for
+    /// switching a node back to Flannel after twill-policy stopped. `twilld --cleanup` removes
+    /// the default-named tables together with twill's others; this covers a custom --table.
+    Uninstall,
     /// Which policies allow or deny a connection, and why.
     Explain {
         /// Source: NS/POD or an IP address.
@@ -587,6 +591,33 @@ fn cmd_compile(common: &Common, fail_closed: bool) -> Result<()> {
     Ok(())
 }
 
+/// Deletes the inet and bridge tables named by --table (whichever exist) in one transaction.
+fn cmd_uninstall(common: &Common) -> Result<()> {
+    let nft = Nft {
+        bin: common.nft.clone(),
+        ..Nft::default()
+    };
+    let table = &common.table;
+    let existed = [
+        ("inet", nft.table_exists(table)?),
+        (
+            "bridge",
+            nft.run(&["-t", "list", "table", "bridge", table], "")
+                .is_ok(),
+        ),
+    ];
+    nft.apply(&twill_policy::compile::render_delete(table))
+        .with_context(|| format!("deleting tables inet {table} and bridge {table}"))?;
+    for (family, was) in existed {
+        if was {
+            info!("removed table {family} {table}");
+        } else {
+            info!("no table {family} {table}; nothing to remove");
+        }
+    }
+    Ok(())
+}
+
 fn endpoint<'a>(snap: &'a Snapshot, s: &str) -> Result<Endpoint<'a>> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(Endpoint::ip(snap, ip));
@@ -653,6 +684,7 @@ fn main() -> ExitCode {
         ),
         Cmd::Apply { check } => cmd_apply(&cli.common, *check),
         Cmd::Compile { fail_closed } => cmd_compile(&cli.common, *fail_closed),
+        Cmd::Uninstall => cmd_uninstall(&cli.common),
         Cmd::Explain { from, to, port } => match cmd_explain(&cli.common, from, to, port) {
             // explain exits 0 when allowed, 1 when denied, 2 on error.
             Ok(true) => return ExitCode::SUCCESS,
