@@ -10,11 +10,10 @@
 //! Flannel's CNI plugin is likewise played by the reference bridge plugin called with the
 //! delegate config Flannel's plugin hands it (and, for DEL, the config it saved).
 //!
-//! Only the nftables mode (`EnableNFTables: true`) is tested against twilld here: twilld writes
-//! Flannel's nftables tables whatever `EnableNFTables` says, so an iptables-mode node would
-//! come back with the other mode's rules until twilld learns the iptables mode.
-//! `flannel_state_by_hand_matches_the_spec_in_both_modes` checks the helper itself in both
-//! modes (no twilld involved).
+//! Both rule modes are tested: Flannel's nftables tables (`EnableNFTables: true`) and its
+//! iptables chains (`EnableNFTables: false`, Flannel's default); net-conf.json says the same
+//! mode to twilld, which writes Flannel's rules in it. `flannel_state_by_hand_matches_the_spec_in_both_modes`
+//! checks the Flannel-state helper itself against the spec's goldens (no twilld involved).
 
 mod common;
 
@@ -177,6 +176,16 @@ fn nft_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
         return;
     }
     migrate_and_back(FlannelRules::Nftables);
+}
+
+/// The same migration with Flannel's iptables chains (`nat FLANNEL-POSTRTG`,
+/// `filter FLANNEL-FWD`), the mode Flannel's own manifest runs.
+#[test]
+fn iptables_mode_flannel_to_twill_and_back_loses_nothing_and_leaves_nothing() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    migrate_and_back(FlannelRules::Iptables);
 }
 
 /// The migration of the test above with Flannel's rules in `mode` (net-conf.json's
