@@ -149,6 +149,7 @@ EOF
       --change 'CMD ["bash"]' \
       --change "LABEL $label=$2" \
       - "$1" >/dev/null
+  rm -rf --one-file-system "$root"
 }
 
 make_rust_standin() { # TAG HASH SYSROOT RUSTUP VERSION BASE
@@ -276,8 +277,10 @@ check_image "$image" "${required[@]}" || die "$image lacks what kube-flannel.yml
 
 # The check must be able to fail: the same image without /opt/bin/flanneld must not pass it.
 control="$image-check-control"
+ctx=$(mktemp -d /var/tmp/twill-check-control.XXXXXX)
+tmpdirs+=("$ctx")
 printf 'FROM %s\nRUN rm /opt/bin/flanneld\n' "$image" |
-  podman build --pull=never --isolation chroot --network none --layers=false -q -t "$control" -f - "$repo" >/dev/null
+  podman build --pull=never --isolation chroot --network host --layers=false -q -t "$control" -f - "$ctx" >/dev/null
 if out=$(check_image "$control" "${required[@]}" 2>&1); then
   podman rmi "$control" >/dev/null
   die "the image check passed an image without /opt/bin/flanneld"
@@ -286,7 +289,7 @@ podman rmi "$control" >/dev/null
 grep -qx 'missing from the image: /opt/bin/flanneld' <<<"$out" ||
   die "the image check failed the control image for another reason than /opt/bin/flanneld: $out"
 
-version=$(podman "${run_opts[@]}" run "${container_opts[@]}" "$image" /opt/bin/flanneld --version) ||
+version=$(podman "${run_opts[@]}" run "${container_opts[@]}" --entrypoint /opt/bin/flanneld "$image" --version) ||
   die "/opt/bin/flanneld --version failed in $image"
 say "/opt/bin/flanneld --version: $version"
 case "$version" in
