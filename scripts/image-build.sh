@@ -56,8 +56,9 @@ rust_version=${rust_tag#docker.io/library/rust:}
 rust_version=${rust_version%-slim-bookworm}
 
 # Explicit ulimits: podman's default for both (1048576) is above what this machine lets it set
-# (root here lacks CAP_SYS_RESOURCE, so no hard limit can be raised: the open-files limit is
-# this shell's, and podman itself runs with at most 32768 processes).
+# (root here lacks CAP_SYS_RESOURCE, so no hard limit can be raised: the open-files limit can be
+# at most this shell's, and podman itself runs with 32768 processes; 4096 is plenty for the
+# checks below).
 nofile=$(ulimit -Hn)
 if [ "$nofile" = unlimited ] || [ "$nofile" -gt 1048576 ]; then
   nofile=1048576
