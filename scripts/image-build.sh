@@ -20,7 +20,8 @@
 #
 # The build fetches Debian packages and crates only. This machine's HTTPS goes through a proxy
 # whose CA only the host trusts, so the build gets the host's trust store as a read-only volume
-# (cargo reads it); nothing of it is written into any image.
+# (cargo reads it); nothing of it is written into any image. (A RUN step that installs Debian's
+# ca-certificates would fail on that read-only mount; the build stage's base already has it.)
 #
 # Runs use runc and cgroupfs (crun refuses this kernel's hybrid cgroup layout), explicit ulimits,
 # and --network none: nothing here creates a network in the root namespace.
@@ -243,7 +244,8 @@ podman build --pull=never --isolation chroot --network host \
 say "podman build: $(($(date +%s) - t0)) s"
 
 # What kube-flannel.yml runs and names (its commands, the paths it copies), what Flannel's own
-# DaemonSet runs (/opt/bin/flanneld: changing only the image of a Flannel install must work),
+# DaemonSet runs (/opt/bin/flanneld, and /opt/bin/install-conf from v0.28.6 on: changing only
+# the image of a Flannel install must work),
 # and the programs twilld and twill-policy call (nft; iptables-restore for EnableNFTables=false;
 # modprobe for br_netfilter). Each must be an executable file in the image, found in its PATH.
 required=(/bin/sh /flannel /opt/bin/install-cni.sh /opt/bin/twilld /opt/bin/twill-policy /opt/bin/flanneld /opt/bin/install-conf
