@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, checks formatting and lints, builds every
-# binary, then runs unit tests and the lab tests (network namespaces, real etcd, nft and CNI
-# plugins; root only: they skip with a message when not root, and fail in CI=true).
+# binary and the container image, then runs unit tests and the lab tests (network namespaces,
+# real etcd, nft and CNI plugins; root only: they skip with a message when not root, and fail
+# in CI=true).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,21 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build (binaries used by the lab tests)"
 cargo build --workspace --bins --locked
+
+# The container image, built from the Dockerfile as users build it (local stand-ins for the
+# base images; root only, like the lab tests). The tests that run the image read its name
+# from TWILL_IMAGE.
+echo "== container image (scripts/image-build.sh)"
+if [ "$(id -u)" -eq 0 ]; then
+  export TWILL_IMAGE=${TWILL_IMAGE:-localhost/twill:test}
+  scripts/image-build.sh
+elif [ "${CI:-}" = true ]; then
+  echo "the image build needs root, and CI=true" >&2
+  exit 1
+else
+  echo "skipping: the image build needs root (debootstrap, podman); the tests that run the image skip too"
+fi
+
 before=$(ip netns list 2>/dev/null | awk '{print $1}' | sort)
 echo "== cargo test"
 # Each lab test brings up etcd and several daemons in namespaces of its own; two at a time

@@ -4,7 +4,9 @@
 //!   misplaced field would be);
 //! - it has Flannel's objects and names, so it replaces Flannel's manifest in place;
 //! - its RBAC rules cover every API call twilld and twill-policy make;
-//! - every path and command it names exists in the Dockerfile's runtime stage;
+//! - every path and command it names exists in the Dockerfile's runtime stage, and so does
+//!   `/opt/bin/flanneld` (what Flannel's own DaemonSet runs);
+//! - the Dockerfile's build fetches nothing but Debian packages and crates;
 //! - its net-conf.json and cni-conf.json pass twill's own parsers, and the args pass twilld's
 //!   flag parser;
 //! - the systemd units and the drop-in CNI config agree with the same parsers.
@@ -173,8 +175,11 @@ fn rbac_covers_every_api_call_the_programs_make() {
     assert_eq!(binding["subjects"][0]["namespace"], "kube-flannel");
 }
 
-/// Files the Dockerfile's runtime stage holds: its COPY destinations, what its apt packages
-/// install that the manifest may call, and the base image's shell tools.
+/// Files the Dockerfile's runtime stage holds: its COPY destinations, the symlinks its RUN
+/// lines make (`ln -s TARGET LINK`, kept only when TARGET is there), what its apt packages
+/// install that the manifest and the programs call, and the base image's shell tools.
+/// (scripts/image-build.sh checks the built image itself; this is the check that needs no
+/// image build.)
 fn runtime_files() -> BTreeSet<String> {
     let dockerfile = read("Dockerfile");
     let stage = dockerfile.rsplit("\nFROM ").next().unwrap();
@@ -211,6 +216,28 @@ fn runtime_files() -> BTreeSet<String> {
             if line.contains("kmod") {
                 files.insert("/usr/sbin/modprobe".into());
             }
+            if words.contains(&"iptables") {
+                for f in [
+                    "iptables-restore",
+                    "ip6tables-restore",
+                    "iptables",
+                    "ip6tables",
+                ] {
+                    files.insert(format!("/usr/sbin/{f}"));
+                }
+            }
+        }
+        for i in (0..words.len().saturating_sub(3)).filter(|&i| words[i..i + 2] == ["ln", "-s"]) {
+            let (target, link) = (words[i + 2], words[i + 3]);
+            let dir = link.rsplit_once('/').unwrap().0;
+            let resolved = if target.starts_with('/') {
+                target.to_string()
+            } else {
+                format!("{dir}/{target}")
+            };
+            if files.contains(&resolved) {
+                files.insert(link.to_string());
+            }
         }
     }
     files
@@ -238,8 +265,14 @@ fn every_path_and_command_exists_in_the_image() {
     for f in [
         "/opt/bin/twilld",
         "/opt/bin/twill-policy",
+        // Flannel's own DaemonSet runs these: changing only its image to twill's must work.
+        "/opt/bin/flanneld",
+        "/opt/bin/install-conf",
         "/flannel",
         "/usr/sbin/nft",
+        // twilld's iptables mode (net-conf.json "EnableNFTables": false, as kube-flannel.yml).
+        "/usr/sbin/iptables-restore",
+        "/usr/sbin/ip6tables-restore",
         "/opt/bin/install-cni.sh",
     ] {
         assert!(
@@ -290,6 +323,55 @@ fn every_path_and_command_exists_in_the_image() {
             "unpinned base image {image}"
         );
     }
+}
+
+/// The Dockerfile's instructions with continuation lines joined, comments left out.
+fn dockerfile_instructions() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in read("Dockerfile").lines() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => cur.push_str(part),
+            None => {
+                cur.push_str(line);
+                if !cur.trim().is_empty() {
+                    out.push(cur.trim().to_string());
+                }
+                cur.clear();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_build_fetches_only_debian_packages_and_crates() {
+    // Builds here reach Debian's archive and crates.io and nothing else (scripts/image-build.sh
+    // runs this Dockerfile as it is), and a user's build should need no more than that either.
+    let instructions = dockerfile_instructions();
+    assert!(instructions.iter().any(|i| i.starts_with("RUN ")));
+    for i in &instructions {
+        assert!(!i.starts_with("ADD "), "ADD can fetch URLs; use COPY: {i}");
+        let words: Vec<&str> = i
+            .split(|c: char| c.is_whitespace() || c == ';' || c == '&' || c == '|')
+            .collect();
+        for fetcher in ["curl", "wget", "git", "rustup", "pip", "pip3", "npm", "go"] {
+            assert!(
+                !words.contains(&fetcher),
+                "the Dockerfile runs {fetcher}: only apt-get and cargo may fetch: {i}"
+            );
+        }
+        if i.contains("cargo build") {
+            assert!(i.contains("--locked"), "cargo build without --locked: {i}");
+        }
+    }
+    // The line continuation handling above is what the scan relies on.
+    assert!(instructions
+        .iter()
+        .any(|i| i.contains("apt-get update") && i.contains("apt-get install")));
 }
 
 #[test]
