@@ -15,9 +15,9 @@ packages=(
   kmod                             # modprobe: twill-policy loads br_netfilter when missing
   gcc libc6-dev                    # the linker (cc) and C runtime rustc links with; C in build scripts
   debootstrap                      # scripts/fresh-root-test.sh and image-build.sh: fresh Debian roots
-  podman runc                      # scripts/image-build.sh builds and runs the image (runc: crun refuses hybrid cgroups)
+  podman runc                      # scripts/image-build.sh builds and runs the image; deploy's daemonset_lab runs kube-flannel.yml's containers (runc: crun refuses hybrid cgroups)
   python3                          # the policy lab tests' TCP/UDP/SCTP probe servers
-  podman runc curl                 # deploy's daemonset_lab: kube-flannel.yml's containers (runc: crun refuses hybrid cgroups) and the kubelet's HTTP probes
+  curl                             # deploy's daemonset_lab: the kubelet's HTTP probes
 )
 
 missing=()
