@@ -474,7 +474,7 @@ fn the_image_runs_as_kube_flannel_yml_says() {
             );
         }
     }
-    // Which masquerade dataplane twilld chose for net-conf.json's "EnableNFTables": false.
+    // Which masquerade dataplane twilld chose.
     let n1 = c.nodes["n1"].netns.clone();
     let nft = c
         .lab
@@ -488,10 +488,16 @@ fn the_image_runs_as_kube_flannel_yml_says() {
                 .exec(&n1, &[save, "-t", "nat"])
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("FLANNEL-POSTRTG"))
         });
+    // The mode must be the one the manifest's net-conf.json asks for (Flannel's default,
+    // iptables, when the key is false or absent), with nothing of the other mode.
+    let net_conf: Value = serde_json::from_str(&config_maps["kube-flannel-cfg"]["net-conf.json"])
+        .expect("the ConfigMap's net-conf.json is JSON");
+    let want_nft = net_conf["EnableNFTables"].as_bool().unwrap_or(false);
     eprintln!("twilld masquerade mode observed: nftables table = {nft_mode}, iptables FLANNEL-POSTRTG = {ipt_mode}");
-    assert!(
-        nft_mode || ipt_mode,
-        "twilld installed no masquerade rules\n{}",
+    assert_eq!(
+        (nft_mode, ipt_mode),
+        (want_nft, !want_nft),
+        "net-conf.json's EnableNFTables is {want_nft}: (nftables table, iptables chain) present\n{}",
         c.logs()
     );
 
