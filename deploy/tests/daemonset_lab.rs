@@ -28,16 +28,9 @@ use twill_lab::{Lab, ProcId, Signal};
 const API_HOST: &str = "198.18.0.1";
 const API_PORT: u16 = 6443;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
-/// (pod, node, app label): a web server and a client per node but n3, which has a pod no
-/// policy allows to reach web pods.
-const PODS: [(&str, &str, &str); 6] = [
-    ("web-1", "n1", "web"),
-    ("client-1", "n1", "client"),
-    ("web-2", "n2", "web"),
-    ("client-2", "n2", "client"),
-    ("web-3", "n3", "web"),
-    ("other-3", "n3", "other"),
-];
+/// (pod, node, app label): the quick start's pods, so the example policy's matrix is the one
+/// the quick start prints.
+const PODS: [(&str, &str, &str); 6] = twill_lab::quickstart::PODS;
 /// The namespace of the example policy and its pods.
 const DEMO: &str = "demo";
 /// Pings at 10 ms running through the rolling restart: (from, to), pods on different nodes,
@@ -82,72 +75,15 @@ fn sh(argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A cluster CA and the API server's certificate for IP 198.18.0.1 (openssl), in `dir`.
+/// A cluster CA and the API server's certificate for its lab address, in `dir`.
 /// Returns (CA certificate PEM, server certificate path, server key path).
 fn certificates(dir: &Path) -> (String, PathBuf, PathBuf) {
-    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["openssl", "req", "-x509"];
-    ca.extend(ec);
-    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
-    ca.extend([
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca_crt,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=twill-lab-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    sh(&ca);
-    let (key, csr, crt, ext) = (
-        p("apiserver.key"),
-        p("apiserver.csr"),
-        p("apiserver.crt"),
-        p("apiserver.ext"),
-    );
-    let mut req = vec!["openssl", "req"];
-    req.extend(ec);
-    req.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=kube-apiserver"]);
-    sh(&req);
-    std::fs::write(
-        &ext,
-        format!("subjectAltName=IP:{API_HOST}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"),
-    )
-    .unwrap();
-    sh(&[
-        "openssl",
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_crt,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-out",
-        &crt,
-        "-days",
-        "2",
-        "-extfile",
-        &ext,
-    ]);
+    let ip: std::net::IpAddr = API_HOST.parse().unwrap();
+    let c = twill_fake_apiserver::test_certificates(dir, ip).unwrap_or_else(|e| panic!("{e:#}"));
     (
-        std::fs::read_to_string(&ca_crt).unwrap(),
-        PathBuf::from(crt),
-        PathBuf::from(key),
+        std::fs::read_to_string(&c.ca_cert).unwrap(),
+        c.server_cert,
+        c.server_key,
     )
 }
 

@@ -911,6 +911,104 @@ fn write(
 
 /// A blocking HTTP/1.1 client over a Unix socket, for tests that drive the server from the
 /// root namespace (no packet is sent anywhere). Returns (status code, body).
+/// Files of a throwaway cluster CA and a server certificate it signed, for tests that serve
+/// the fake API server over HTTPS.
+#[derive(Clone, Debug)]
+pub struct TestCertificates {
+    /// The CA's certificate (PEM): what a pod's service-account `ca.crt` holds.
+    pub ca_cert: std::path::PathBuf,
+    /// The server's certificate (PEM), for `--tls-cert`.
+    pub server_cert: std::path::PathBuf,
+    /// The server's private key (PEM), for `--tls-key`.
+    pub server_key: std::path::PathBuf,
+}
+
+/// Makes a CA and a server certificate for `server_ip` (EC P-256, valid two days) in `dir`
+/// with the `openssl` command, as a cluster's CA signs its API server's certificate.
+pub fn test_certificates(
+    dir: &std::path::Path,
+    server_ip: std::net::IpAddr,
+) -> anyhow::Result<TestCertificates> {
+    use anyhow::Context;
+    fn openssl(args: &[&str]) -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .context("running openssl (package openssl)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (ca_key, ca_crt) = (path("ca.key"), path("ca.crt"));
+    let (key, csr, crt, ext) = (
+        path("apiserver.key"),
+        path("apiserver.csr"),
+        path("apiserver.crt"),
+        path("apiserver.ext"),
+    );
+    let new_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(new_key);
+    ca.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_crt,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=twill-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca)?;
+    let mut req = vec!["req"];
+    req.extend(new_key);
+    req.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=kube-apiserver"]);
+    openssl(&req)?;
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        ),
+    )
+    .with_context(|| format!("writing {ext}"))?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_crt,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &crt,
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+    ])?;
+    Ok(TestCertificates {
+        ca_cert: ca_crt.into(),
+        server_cert: crt.into(),
+        server_key: key.into(),
+    })
+}
+
 pub mod client {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;

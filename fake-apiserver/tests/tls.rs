@@ -2,90 +2,20 @@
 //! and bad certificate files are refused naming the flag. Certificates come from the
 //! `openssl` command (scripts/install-deps.sh installs it); the server listens on loopback.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-use twill_fake_apiserver::{tls_acceptor, FakeApiServer};
-
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use twill_fake_apiserver::{test_certificates, tls_acceptor, FakeApiServer};
 
 /// A CA and a server certificate for 127.0.0.1 signed by it: (ca.crt, server.crt, server.key).
 fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let (ca_key, ca_crt, key, csr, crt, ext) = (
-        p("ca.key"),
-        p("ca.crt"),
-        p("server.key"),
-        p("server.csr"),
-        p("server.crt"),
-        p("server.ext"),
-    );
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca_crt,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ]);
-    openssl(&ca);
-    let mut req = vec!["req"];
-    req.extend(ec);
-    req.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=apiserver"]);
-    openssl(&req);
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_crt,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-out",
-        &crt,
-        "-days",
-        "2",
-        "-extfile",
-        &ext,
-    ]);
-    (ca_crt.into(), crt.into(), key.into())
+    let c = test_certificates(dir, Ipv4Addr::LOCALHOST.into()).expect("certificates");
+    (c.ca_cert, c.server_cert, c.server_key)
 }
 
 fn scratch(name: &str) -> PathBuf {

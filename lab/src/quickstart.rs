@@ -18,7 +18,7 @@ pub const NAME: &str = "quickstart";
 const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 /// (pod, node, app label): a web server and a client per node, and one pod no policy allows.
-const PODS: [(&str, &str, &str); 6] = [
+pub const PODS: [(&str, &str, &str); 6] = [
     ("web-1", "n1", "web"),
     ("client-1", "n1", "client"),
     ("web-2", "n2", "web"),
