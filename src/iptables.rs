@@ -407,9 +407,22 @@ pub enum IptablesError {
 
 /// What a finished child printed.
 struct Finished {
+    /// The command line, for errors.
+    command: String,
     status: std::process::ExitStatus,
     stdout: String,
     stderr: String,
+}
+
+impl Finished {
+    /// The error for a command that did not succeed.
+    fn failed(self) -> IptablesError {
+        IptablesError::Failed {
+            command: self.command,
+            status: self.status,
+            stderr: self.stderr,
+        }
+    }
 }
 
 /// Runs `program args` with `stdin`, killed after [`COMMAND_TIMEOUT`].
@@ -473,6 +486,7 @@ async fn run_within(
                 after: timeout,
             })??;
     Ok(Finished {
+        command,
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -489,14 +503,7 @@ async fn run_ok(
     if out.status.success() {
         Ok(out.stdout)
     } else {
-        Err(IptablesError::Failed {
-            command: std::iter::once(program)
-                .chain(args.iter().map(String::as_str))
-                .collect::<Vec<_>>()
-                .join(" "),
-            status: out.status,
-            stderr: out.stderr,
-        })
+        Err(out.failed())
     }
 }
 
@@ -526,11 +533,7 @@ pub async fn rule_present(family: Family, rule: &Rule) -> Result<bool, IptablesE
         {
             Ok(false)
         }
-        _ => Err(IptablesError::Failed {
-            command: format!("{} {}", family.iptables(), args.join(" ")),
-            status: out.status,
-            stderr: out.stderr,
-        }),
+        _ => Err(out.failed()),
     }
 }
 
@@ -577,6 +580,7 @@ pub async fn apply(rules: &FamilyRules, support: Support) -> Result<(), Iptables
 /// there. A family whose iptables is not installed has nothing to remove.
 pub async fn remove(family: Family, parts: &[Part]) -> Result<Vec<Part>, IptablesError> {
     let mut removed = Vec::new();
+    let mut support = None;
     for &part in parts {
         let args = vec!["-t".to_string(), part.table().to_string()];
         let save = match run_ok(family.save(), &args, None).await {
@@ -585,7 +589,10 @@ pub async fn remove(family: Family, parts: &[Part]) -> Result<Vec<Part>, Iptable
             Err(e) => return Err(e),
         };
         if let Some(payload) = removal_payload(part, &save) {
-            let support = probe(family).await?;
+            let support = match support {
+                Some(s) => s,
+                None => *support.insert(probe(family).await?),
+            };
             run_ok(family.restore(), &restore_args(support), Some(&payload)).await?;
             removed.push(part);
         }
