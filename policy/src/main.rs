@@ -422,7 +422,7 @@ fn cmd_run(
     enf.strict = common.strict_mode;
     info!(node, table = common.table, pod_cidrs = ?enf.opts.pod_cidrs, strict_mode = enf.strict, "twill-policy running");
     // A table from an earlier run (restart without reboot) holds the last known policy.
-    let table_existed = match enf.nft.table_exists(&common.table) {
+    let table_existed = match enf.nft.table_exists("inet", &common.table) {
         Ok(b) => b,
         Err(e) => {
             error!(
@@ -599,12 +599,8 @@ fn cmd_uninstall(common: &Common) -> Result<()> {
     };
     let table = &common.table;
     let existed = [
-        ("inet", nft.table_exists(table)?),
-        (
-            "bridge",
-            nft.run(&["-t", "list", "table", "bridge", table], "")
-                .is_ok(),
-        ),
+        ("inet", nft.table_exists("inet", table)?),
+        ("bridge", nft.table_exists("bridge", table)?),
     ];
     nft.apply(&twill_policy::compile::render_delete(table))
         .with_context(|| format!("deleting tables inet {table} and bridge {table}"))?;

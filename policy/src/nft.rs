@@ -154,10 +154,10 @@ impl Nft {
 }
 
 impl Nft {
-    /// Whether table `inet NAME` exists. Lists it without set elements (`-t`), which stays
+    /// Whether table `FAMILY NAME` exists. Lists it without set elements (`-t`), which stays
     /// cheap at any size.
-    pub fn table_exists(&self, table: &str) -> Result<bool, NftError> {
-        match self.run(&["-t", "list", "table", "inet", table], "") {
+    pub fn table_exists(&self, family: &str, table: &str) -> Result<bool, NftError> {
+        match self.run(&["-t", "list", "table", family, table], "") {
             Ok(_) => Ok(true),
             Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(false),
             Err(e) => Err(e),
