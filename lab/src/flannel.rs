@@ -8,9 +8,9 @@
 //! lease again under a new 24 h etcd lease, address the device, install the masquerade and
 //! forward rules of the configured mode after deleting the other mode's, write subnet.env,
 //! program every peer (permanent neighbour, FDB entry, onlink route).
-//! [`Lab::flannel_stop`] does what flanneld does on SIGTERM: it removes its rules (nftables
-//! mode: both tables; iptables mode: every rule, leaving the empty chains) and nothing else;
-//! device, entries, lease and subnet.env stay.
+//! Stopping flanneld needs no counterpart: on SIGTERM v0.28.9 tears nothing down (its
+//! traffic managers clean the other mode's rules at start, not their own at exit), so device,
+//! entries, lease, subnet.env and rules all stay.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -542,26 +542,6 @@ impl Lab {
             self.flannel_peer_by_hand(&f.node, p.subnet, &p.vtep_mac, p.public_ip)?;
         }
         Ok(())
-    }
-
-    /// What flanneld does on SIGTERM: removes its rules (nftables: both tables; iptables:
-    /// every rule, the chains stay) and leaves device, entries, lease and subnet.env alone.
-    pub fn flannel_stop(&self, f: &FlannelNode) -> Result<()> {
-        let ns = self.node_ns(&f.node)?;
-        match f.rules {
-            FlannelRules::Nftables => {
-                self.delete_nft_tables(&ns, &["ip flannel-ipv4", "ip6 flannel-ipv6"])
-            }
-            FlannelRules::Iptables => {
-                let mut by_table: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-                for r in iptables_rules(f.network, f.subnet, f.ip_masq, true) {
-                    if self.iptables_rule_exists(&ns, &r)? {
-                        by_table.entry(r.table).or_default().push(r.line("-D"));
-                    }
-                }
-                self.iptables_restore(&ns, &by_table)
-            }
-        }
     }
 
     /// What flanneld's lease watch does on `node` when `peer`'s lease is removed: deletes its
