@@ -53,6 +53,10 @@ fn runs_twilld_cleanup_on_the_host_network_from_twills_image() {
         pod["hostNetwork"], true,
         "the cleanup acts on the node's tables"
     );
+    assert_eq!(
+        pod["hostPID"], true,
+        "the cleanup's refusal must see the node's twill daemons"
+    );
     let init = &pod["initContainers"][0];
     let cmd = strings(&init["command"]);
     assert_eq!(cmd, ["/opt/bin/twilld", "--cleanup"]);
