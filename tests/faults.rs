@@ -9,8 +9,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    cluster, log_times, plain, subnet_key, wait_until, Cluster, Entries, Pinger, DEADLINE, PREFIX,
+    cluster, log_times, plain, subnet_key, wait_until, Cluster, Entries, DEADLINE, PREFIX,
 };
+use twill_lab::ping::Pinger;
 use twill_lab::{Ipv4Net, Signal};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;

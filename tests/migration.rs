@@ -26,6 +26,7 @@ use twill_lab::flannel::{
     ensure_same, flannel_delegate_netconf, lease_key, lease_value, FlannelNode, FlannelPeer,
     FlannelRules, NodeSnapshot, FLANNEL_MTU,
 };
+use twill_lab::ping::Pinger;
 use twill_lab::{Ipv4Net, Lab, Pod};
 
 /// twill's own tables, as `nft list` headers, sorted.

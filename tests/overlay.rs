@@ -6,8 +6,9 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{cluster, log_times, subnet_key, wait_until, Cluster, Pinger, DEADLINE, PREFIX};
+use common::{cluster, log_times, subnet_key, wait_until, Cluster, DEADLINE, PREFIX};
 use twill_cni::subnet_env::SubnetEnv;
+use twill_lab::ping::Pinger;
 use twill_lab::{Ipv4Net, Signal};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod flannel;
+pub mod ping;
 pub mod probe;
 pub mod quickstart;
 mod run;
