@@ -3,22 +3,12 @@
 //! Flannel's namespace, on the host network with NET_ADMIN, running `twilld --cleanup` from
 //! the same image as kube-flannel.yml, with a command twilld's flag parser accepts.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use clap::Parser;
+use common::read;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
 
 fn manifest() -> Value {
     serde_saphyr::from_str(&read("deploy/twill-cleanup.yml")).expect("YAML")

@@ -115,12 +115,7 @@ struct Cluster {
 
 impl Cluster {
     fn call(&self, method: &str, path: &str, body: Value) -> Value {
-        let ctype = if method == "PATCH" {
-            "application/merge-patch+json"
-        } else {
-            "application/json"
-        };
-        client::call(&self.socket, method, path, ctype, &body)
+        client::call(&self.socket, method, path, "application/json", &body)
     }
 
     /// What the DaemonSet controller, the scheduler and the kubelet do for one node: a new

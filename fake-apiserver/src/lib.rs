@@ -909,8 +909,6 @@ fn write(
     }
 }
 
-/// A blocking HTTP/1.1 client over a Unix socket, for tests that drive the server from the
-/// root namespace (no packet is sent anywhere). Returns (status code, body).
 /// Files of a throwaway cluster CA and a server certificate it signed, for tests that serve
 /// the fake API server over HTTPS.
 #[derive(Clone, Debug)]
@@ -1009,6 +1007,8 @@ pub fn test_certificates(
     })
 }
 
+/// A blocking HTTP/1.1 client over a Unix socket, for tests that drive the server from the
+/// root namespace (no packet is sent anywhere). Returns (status code, body).
 pub mod client {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;

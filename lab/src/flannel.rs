@@ -87,7 +87,7 @@ pub fn lease_value(public_ip: Ipv4Addr, vtep_mac: &str) -> String {
 }
 
 /// subnet.env as flanneld writes it for an IPv4 node.
-pub fn subnet_env_text(network: Ipv4Net, subnet: Ipv4Net, mtu: u32, ip_masq: bool) -> String {
+fn subnet_env_text(network: Ipv4Net, subnet: Ipv4Net, mtu: u32, ip_masq: bool) -> String {
     let first = Ipv4Addr::from(u32::from(subnet.network()) + 1);
     format!(
         "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={first}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n",
@@ -99,7 +99,7 @@ pub fn subnet_env_text(network: Ipv4Net, subnet: Ipv4Net, mtu: u32, ip_masq: boo
 /// flanneld's nftables transactions at start, in its order: both tables (Init), the postrtg
 /// chain (masquerade, with `--ip-masq`), the forward chain; each chain added, flushed and
 /// filled in one go.
-pub fn nft_script(network: Ipv4Net, subnet: Ipv4Net, ip_masq: bool, fully_random: bool) -> String {
+fn nft_script(network: Ipv4Net, subnet: Ipv4Net, ip_masq: bool, fully_random: bool) -> String {
     let n = network.trunc();
     let p = subnet.trunc();
     let masq = if fully_random {
@@ -132,7 +132,7 @@ pub fn nft_script(network: Ipv4Net, subnet: Ipv4Net, ip_masq: bool, fully_random
 
 /// One iptables rule of flanneld's: table, chain, rule spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IptRule {
+struct IptRule {
     /// `nat` or `filter`.
     pub table: &'static str,
     /// The chain it is appended to.
@@ -167,7 +167,7 @@ impl IptRule {
 
 /// flanneld's iptables rules (`masqRules` with `--ip-masq`, then `forwardRules`), each chain's
 /// jump first.
-pub fn iptables_rules(
+fn iptables_rules(
     network: Ipv4Net,
     subnet: Ipv4Net,
     ip_masq: bool,
@@ -401,7 +401,7 @@ fn zero_nft_counters(line: &str) -> String {
 }
 
 /// iptables-save output without its comments and with chain counters zeroed.
-pub fn normalise_iptables_save(text: &str) -> String {
+fn normalise_iptables_save(text: &str) -> String {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
@@ -584,7 +584,7 @@ impl Lab {
 
     /// Writes `f`'s lease into etcd as flanneld does: `Grant(86400)`, then the value put with
     /// that lease.
-    pub fn flannel_put_lease(&self, f: &FlannelNode, public_ip: Ipv4Addr) -> Result<()> {
+    fn flannel_put_lease(&self, f: &FlannelNode, public_ip: Ipv4Addr) -> Result<()> {
         let grant = self.etcdctl(&["lease", "grant", "86400"])?;
         // "lease 694d8a2b3c4d5e6f granted with TTL(86400s)"
         let id = grant
@@ -764,7 +764,7 @@ fn write_file_0644(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Why a node's snapshot is not what a test expected, for assertion messages.
-pub fn explain_diff(before: &NodeSnapshot, after: &NodeSnapshot) -> String {
+fn explain_diff(before: &NodeSnapshot, after: &NodeSnapshot) -> String {
     let d = before.diff(after);
     if d.is_empty() {
         return "no difference".into();

@@ -1337,7 +1337,6 @@ fn stop_procs(procs: &mut [Proc], grace: Duration) -> Vec<String> {
     errs
 }
 
-/// Runs `argv` in namespace `ns`; stdout on success, else an error with status and stderr.
 /// A node has br_netfilter, as Kubernetes nodes must: twilld in iptables mode (Flannel's
 /// default) refuses to start without its sysctls, as flanneld does. They are per network
 /// namespace on current kernels, so they are looked for inside `ns`; when missing the module
@@ -1358,6 +1357,7 @@ fn ensure_br_netfilter(ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs `argv` in namespace `ns`; stdout on success, else an error with status and stderr.
 fn ns_exec_ok(ns: &str, argv: &[&str]) -> Result<String> {
     let what = format!("[{ns}] {}", argv.join(" "));
     let mut cmd = Command::new("ip");
