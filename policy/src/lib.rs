@@ -3,6 +3,7 @@ pub mod conformance;
 pub mod conntrack;
 pub mod counters;
 pub mod eval;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod nft;

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use twill_policy::compile::{compile, Options, DEFAULT_POD_BRIDGE, DEFAULT_TABLE};
 use twill_policy::eval::{allowed, Endpoint};
-use twill_policy::metrics::{serve, serve_health, Health, Shared, LIVE_BOUND};
+use twill_policy::http::{serve, serve_health, Health, Shared, LIVE_BOUND};
 use twill_policy::model::{Protocol, Snapshot};
 use twill_policy::nft::{startup_plan, Applied, Enforcer, Nft, StartupPlan};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};

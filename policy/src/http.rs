@@ -1,0 +1,418 @@
+//! The HTTP endpoints of `twill-policy run`: `/healthz` and `/readyz` (the sync loop's
+//! [`Health`]) and `/metrics` (the [`Shared`] metrics' exposition).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::counters;
+use crate::metrics::{drop_counts, DropTracker, Metrics};
+use crate::model::Snapshot;
+use crate::nft::{Enforcer, SyncReport};
+
+/// Default [`Health::live_bound`]: longer than the slowest pass of the loop (a source read,
+/// then up to five nft runs of at most 30 s each).
+pub const LIVE_BOUND: Duration = Duration::from_secs(300);
+/// Default [`Health::ready_max_age`].
+pub const READY_MAX_AGE: Duration = Duration::from_secs(120);
+
+/// Liveness and readiness of the sync loop, written by the loop, read by the HTTP server.
+#[derive(Debug)]
+pub struct Health {
+    /// When the loop last came round.
+    beat: Mutex<Instant>,
+    /// When the loop last confirmed that the full ruleset of the source's newest state (read
+    /// without errors) is loaded.
+    good: Mutex<Option<Instant>>,
+    /// `/healthz` fails when the loop has not come round for this long (stuck).
+    pub live_bound: Duration,
+    /// `/readyz` fails when the last confirmation is older than this (or there was none).
+    pub ready_max_age: Duration,
+}
+
+impl Health {
+    pub fn new(live_bound: Duration, ready_max_age: Duration) -> Health {
+        Health {
+            beat: Mutex::new(Instant::now()),
+            good: Mutex::new(None),
+            live_bound,
+            ready_max_age,
+        }
+    }
+
+    /// The loop came round.
+    pub fn beat(&self) {
+        *self.beat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// The source's newest state (read without errors) is what the kernel enforces.
+    pub fn good(&self) {
+        *self.good.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// `(status, body)` of `/healthz` now.
+    pub fn healthz(&self) -> (u16, String) {
+        let beat = *self.beat.lock().unwrap_or_else(|e| e.into_inner());
+        healthz(beat.elapsed(), self.live_bound)
+    }
+
+    /// `(status, body)` of `/readyz` now.
+    pub fn readyz(&self) -> (u16, String) {
+        let good = *self.good.lock().unwrap_or_else(|e| e.into_inner());
+        readyz(good.map(|g| g.elapsed()), self.ready_max_age)
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new(LIVE_BOUND, READY_MAX_AGE)
+    }
+}
+
+/// `/healthz`: 200 while the sync loop came round less than `bound` ago, else 503.
+pub fn healthz(beat_age: Duration, bound: Duration) -> (u16, String) {
+    let (age, bound_s) = (beat_age.as_secs_f64(), bound.as_secs_f64());
+    if beat_age < bound {
+        (
+            200,
+            format!("ok: sync loop came round {age:.1}s ago (bound {bound_s:.0}s)\n"),
+        )
+    } else {
+        (
+            503,
+            format!("stuck: sync loop last came round {age:.1}s ago, bound {bound_s:.0}s\n"),
+        )
+    }
+}
+
+/// `/readyz`: 200 when a good snapshot's full ruleset was confirmed loaded less than
+/// `max_age` ago, else 503. The body says the age and the bound.
+pub fn readyz(good_age: Option<Duration>, max_age: Duration) -> (u16, String) {
+    let max = max_age.as_secs_f64();
+    match good_age {
+        Some(a) if a < max_age => (
+            200,
+            format!(
+                "ready: good snapshot enforced, confirmed {:.1}s ago (max age {max:.0}s)\n",
+                a.as_secs_f64()
+            ),
+        ),
+        Some(a) => (
+            503,
+            format!(
+                "not ready: good snapshot last confirmed {:.1}s ago, older than max age {max:.0}s\n",
+                a.as_secs_f64()
+            ),
+        ),
+        None => (
+            503,
+            format!("not ready: no good snapshot applied yet (max age {max:.0}s)\n"),
+        ),
+    }
+}
+
+/// Metrics plus the drop-counter tracker; shared by the sync loop and the HTTP server.
+#[derive(Debug)]
+pub struct Shared {
+    pub metrics: Metrics,
+    pub table: String,
+    pub drops: Mutex<DropTracker>,
+    pub health: Health,
+}
+
+impl Shared {
+    pub fn new(table: &str) -> Shared {
+        Shared {
+            metrics: Metrics::new(),
+            table: table.to_string(),
+            drops: Mutex::new(DropTracker::default()),
+            health: Health::default(),
+        }
+    }
+
+    /// Syncs `snap` through `enf` and records it. Nothing is read from the table here:
+    /// the named drop counters survive the update and are read at scrape time.
+    pub fn sync(&self, enf: &mut Enforcer, snap: &Snapshot) -> SyncReport {
+        let r = enf.sync(snap);
+        self.metrics.record_sync(&r);
+        r
+    }
+
+    /// The exposition, with fresh drop counters (one netlink dump of the table's counter
+    /// objects; a failure is logged and the last totals are served).
+    pub fn scrape(&self) -> String {
+        match counters::read(&self.table) {
+            Ok(named) => {
+                let mut t = self.drops.lock().unwrap_or_else(|e| e.into_inner());
+                t.observe(&drop_counts(&named), &self.metrics);
+            }
+            Err(e) => tracing::warn!(table = self.table, "reading drop counters: {e}"),
+        }
+        self.metrics.render()
+    }
+}
+
+/// Longest request head (request line and headers) that is read: 8 KiB.
+const MAX_HEAD: usize = 8 << 10;
+
+/// How long a client has to send its request head, and then to take the response.
+const DEADLINE: Duration = Duration::from_secs(3);
+
+/// Reads a request head from `conn`: up to its blank line, at most `MAX_HEAD` bytes,
+/// until `deadline` (the whole request, not each read: a client sending a byte now and
+/// then cannot hold the server). Returns the bytes and whether the head is complete.
+fn read_head(conn: &mut TcpStream, deadline: Instant) -> (Vec<u8>, bool) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            return (buf, true);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if buf.len() >= MAX_HEAD || left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return (buf, false);
+        }
+        let want = (MAX_HEAD - buf.len()).min(chunk.len());
+        match conn.read(&mut chunk[..want]) {
+            Ok(0) | Err(_) => return (buf, false),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Writes `data` to `conn` until `deadline` (a client that does not read is dropped).
+fn write_until(conn: &mut TcpStream, mut data: &[u8], deadline: Instant) {
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.write(data) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data = &data[n..],
+        }
+    }
+}
+
+/// Answers one connection: the request head is read within [`DEADLINE`] and
+/// [`MAX_HEAD`] bytes, the response written within another [`DEADLINE`]. `/healthz` and
+/// `/readyz` always; `/metrics` only if `metrics`.
+fn handle(mut conn: TcpStream, shared: &Shared, deadline: Duration, metrics: bool) {
+    let (head, complete) = read_head(&mut conn, Instant::now() + deadline);
+    let head = String::from_utf8_lossy(&head);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let probe = match path {
+        "/healthz" => Some(shared.health.healthz()),
+        "/readyz" => Some(shared.health.readyz()),
+        _ => None,
+    };
+    let (status, ctype, body) = if !complete {
+        (
+            "400 Bad Request",
+            "text/plain",
+            "request head too long or too slow\n".to_string(),
+        )
+    } else if let Some((code, body)) = probe {
+        let status = if code == 200 {
+            "200 OK"
+        } else {
+            "503 Service Unavailable"
+        };
+        (status, "text/plain", body)
+    } else if metrics && (path == "/metrics" || path == "/") {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.scrape(),
+        )
+    } else {
+        ("404 Not Found", "text/plain", "not found\n".to_string())
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    write_until(&mut conn, reply.as_bytes(), Instant::now() + deadline);
+}
+
+/// Serves `GET /metrics` (and `/`), `/healthz` and `/readyz` on `addr` from a background
+/// thread; other paths get 404. One connection at a time, each bounded in size and time
+/// (see [`handle`]).
+pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    serve_with(addr, shared, DEADLINE, true)
+}
+
+/// Serves only `GET /healthz` and `/readyz` on `addr` (no metrics: it is on by default, and
+/// the metrics name pods), from a thread of its own so a slow scrape cannot fail a probe.
+pub fn serve_health(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    serve_with(addr, shared, DEADLINE, false)
+}
+
+fn serve_with(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    deadline: Duration,
+    metrics: bool,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name(if metrics { "metrics" } else { "health" }.into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                handle(conn, &shared, deadline, metrics);
+            }
+        })?;
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn request_heads_are_bounded_in_size_and_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A request line with no end: read_line kept it all in memory.
+        let flood = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let _ = c.write_all(&vec![b'A'; 1 << 20]);
+        });
+        let (mut conn, _) = listener.accept().unwrap();
+        let (head, complete) = read_head(&mut conn, Instant::now() + Duration::from_secs(10));
+        assert_eq!((head.len(), complete), (MAX_HEAD, false));
+        drop(conn);
+        flood.join().unwrap();
+        // A byte every 20 ms: the 5 s read timeout was renewed by every byte; the deadline
+        // is for the whole head.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let trickle = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if c.write_all(b"x").is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let (mut conn, _) = listener.accept().unwrap();
+        let (head, complete) = read_head(&mut conn, Instant::now() + Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(!complete);
+        assert!(!head.is_empty() && head.len() < 100, "{}", head.len());
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn slow_or_huge_requests_do_not_hold_the_server() {
+        use std::io::Read;
+        let shared = Arc::new(Shared::new("t"));
+        let addr = serve_with(
+            "127.0.0.1:0".parse().unwrap(),
+            shared,
+            Duration::from_millis(300),
+            true,
+        )
+        .unwrap();
+        // A client that connects and says nothing, then one that sends 1 MiB of header.
+        let _idle = TcpStream::connect(addr).unwrap();
+        let mut huge = TcpStream::connect(addr).unwrap();
+        let _ = huge.write_all(b"GET /metrics HTTP/1.1\r\nX: ");
+        let _ = huge.write_all(&vec![b'a'; 1 << 20]);
+        let mut s = String::new();
+        let _ = huge.read_to_string(&mut s);
+        assert!(s.is_empty() || s.starts_with("HTTP/1.1 400"), "{s}");
+        // Both are given up on; the next client is served.
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK"), "{s}");
+    }
+
+    #[test]
+    fn health_and_readiness_decisions() {
+        let b = Duration::from_secs(300);
+        let (code, body) = healthz(Duration::from_secs(2), b);
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            body.contains("2.0s ago") && body.contains("bound 300s"),
+            "{body}"
+        );
+        let (code, body) = healthz(Duration::from_secs(301), b);
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("301.0s") && body.contains("300s"), "{body}");
+
+        let max = Duration::from_secs(120);
+        let (code, body) = readyz(None, max);
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("no good snapshot") && body.contains("max age 120s"),
+            "{body}"
+        );
+        let (code, body) = readyz(Some(Duration::from_millis(1500)), max);
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            body.contains("1.5s ago") && body.contains("max age 120s"),
+            "{body}"
+        );
+        let (code, body) = readyz(Some(Duration::from_secs(120)), max);
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("120.0s ago") && body.contains("older than"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn health_server_serves_probes_but_not_metrics() {
+        use std::io::Read;
+        let mut sh = Shared::new("t");
+        sh.health = Health::new(Duration::from_secs(300), Duration::from_secs(120));
+        let shared = Arc::new(sh);
+        let addr = serve_health("127.0.0.1:0".parse().unwrap(), shared.clone()).unwrap();
+        let get = |path: &str| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            s
+        };
+        let r = get("/healthz");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        let r = get("/readyz");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.contains("max age 120s"), "{r}");
+        shared.health.good();
+        let r = get("/readyz");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(get("/metrics").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn http_server_serves_metrics_and_404() {
+        use std::io::Read;
+        let shared = Arc::new(Shared::new("t"));
+        shared.metrics.rules.set(42);
+        let addr = serve("127.0.0.1:0".parse().unwrap(), shared).unwrap();
+        let get = |path: &str| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            s
+        };
+        let ok = get("/metrics");
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(ok.contains("twill_policy_rules 42"), "{ok}");
+        assert!(get("/nope").starts_with("HTTP/1.1 404"));
+        assert!(get("/healthz").starts_with("HTTP/1.1 200 OK"));
+        assert!(get("/readyz").starts_with("HTTP/1.1 503"));
+    }
+}
