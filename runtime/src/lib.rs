@@ -1,3 +1,5 @@
-//! Runtime pieces that twilld and twill-policy share, so that each exists once.
+//! Runtime pieces that twilld and twill-policy share, so that each exists once: the retry
+//! backoff and the Kubernetes client builder.
 
 pub mod backoff;
+pub mod kube;

@@ -14,10 +14,10 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
-use kube::runtime::WatchStreamExt;
 use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use twill_runtime::backoff::retry_delays;
 
 use crate::config::NetConfig;
 use crate::registry::etcd::LeaseRecord;
@@ -236,6 +236,11 @@ pub enum NodeEvent {
 }
 
 /// The API client and the node this daemon runs on.
+/// First delay before retrying a failed node watch (doubling, with jitter).
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(800);
+/// Longest delay before retrying a failed node watch (before jitter).
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct KubeSubnetManager {
     pub client: Client,
@@ -244,20 +249,17 @@ pub struct KubeSubnetManager {
 }
 
 /// A client from `--kubeconfig-file` and/or `--kube-api-url`, else the in-cluster config
-/// (as client-go's `BuildConfigFromFlags`).
-pub async fn client(api_url: &str, kubeconfig: &str) -> anyhow::Result<Client> {
-    let mut config = if !kubeconfig.is_empty() {
-        let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-    } else if !api_url.is_empty() {
-        kube::Config::new(api_url.parse()?)
-    } else {
-        kube::Config::incluster()?
-    };
-    if !api_url.is_empty() {
-        config.cluster_url = api_url.parse()?;
-    }
-    Ok(Client::try_from(config)?)
+/// (as client-go's `BuildConfigFromFlags`), with kube's default timeouts.
+pub async fn client(
+    api_url: &str,
+    kubeconfig: &str,
+) -> Result<Client, twill_runtime::kube::ClientError> {
+    twill_runtime::kube::client(&twill_runtime::kube::ClientOptions {
+        api_url: api_url.to_string(),
+        kubeconfig: kubeconfig.to_string(),
+        ..Default::default()
+    })
+    .await
 }
 
 /// `NODE_NAME`, else the node of pod `POD_NAMESPACE/POD_NAME`.
@@ -382,9 +384,12 @@ impl KubeSubnetManager {
                 node_to_record(n, &ann, &config),
             )
         };
-        let mut stream = watcher(self.nodes(), watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        // twill-runtime's backoff, reset only by progress (a complete list or a change), as
+        // twill-policy's watchers do. kube's default_backoff() (0.8 s to 30 s, with jitter
+        // too) is reset by every item the watcher yields, and a failing initial list yields
+        // Event::Init before each error, so it retried an unreachable API every ~1 s.
+        let mut stream = watcher(self.nodes(), watcher::Config::default()).boxed();
+        let mut delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
         let mut init: Vec<(String, Option<Result<LeaseRecord, String>>)> = Vec::new();
         while let Some(ev) = stream.next().await {
             let out = match ev {
@@ -405,10 +410,15 @@ impl KubeSubnetManager {
                     Some(NodeEvent::Delete(n.metadata.name.unwrap_or_default()))
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "node watch failed; kube's watcher retries");
+                    let delay = delays.next().unwrap_or(WATCH_RETRY_MAX);
+                    tracing::warn!(error = %e, "node watch failed; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
                     None
                 }
             };
+            if out.is_some() {
+                delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
+            }
             if let Some(out) = out {
                 if events.send(out).await.is_err() {
                     return;
