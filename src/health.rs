@@ -1,12 +1,16 @@
-//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies (§11).
-//! Twenty lines of HTTP/1.0 over tokio rather than a web framework: two fixed answers, any
-//! method, and the connection is closed after each response.
+//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies (§11):
+//! two fixed answers, any method, on axum through twill-runtime's bounded server (the
+//! connection is closed after each response).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
 use tokio::net::TcpListener;
 
 /// Set once rules are installed and subnet.env is written.
@@ -55,41 +59,33 @@ pub fn respond(path: &str, ready: bool) -> (u16, &'static str) {
     }
 }
 
+/// Serves `/healthz` and `/readyz` (any method; other paths get flanneld's 404) on `addr`
+/// with twill-runtime's bounded HTTP server.
 pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz and /readyz");
-    loop {
-        let (mut conn, _) = listener.accept().await?;
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            // Read the whole request head: closing a socket with unread data sends a reset,
-            // which can make the client lose the response.
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                match tokio::time::timeout_at(deadline, conn.read(&mut chunk)).await {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&buf);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let path = path.split('?').next().unwrap_or(path);
-            let (code, body) = respond(path, readiness.is_ready());
-            let reason = match code {
-                200 => "OK",
-                503 => "Service Unavailable",
-                _ => "Not Found",
-            };
-            let reply = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
-    }
+    let answer = |path: &'static str| {
+        move |State(readiness): State<Readiness>| async move {
+            reply(respond(path, readiness.is_ready()))
+        }
+    };
+    let router = Router::new()
+        .route("/healthz", any(answer("/healthz")))
+        .route("/readyz", any(answer("/readyz")))
+        .fallback(|| async { reply(respond("", false)) })
+        .with_state(readiness);
+    twill_runtime::http::serve(listener, router, twill_runtime::http::DEADLINE).await;
+    Ok(())
+}
+
+fn reply((code, body): (u16, &'static str)) -> Response {
+    let status = StatusCode::from_u16(code).expect("a status respond() gives");
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 #[cfg(test)]
