@@ -1081,7 +1081,12 @@ struct KubeSource {
 }
 
 impl KubeSource {
-    fn apply(&self, table: &mut PeerTable, name: &str, rec: Option<Result<LeaseRecord, String>>) {
+    fn apply(
+        &self,
+        table: &mut PeerTable,
+        name: &str,
+        rec: Option<Result<LeaseRecord, crate::registry::kube::NodeError>>,
+    ) {
         if name == self.ksm.node_name {
             return;
         }

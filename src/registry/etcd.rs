@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use twill_runtime::backoff::retry_delays;
 
 use crate::registry::lease::{
-    config_key_path, parse_subnet_key_path, subnet_key_path, LeaseAttrs, SubnetKey,
+    config_key_path, parse_subnet_key_path, subnet_key_path, LeaseAttrs, LeaseError, SubnetKey,
 };
 
 /// First delay before re-watching or re-listing after an error (Flannel's).
@@ -55,7 +55,7 @@ pub struct EtcdOptions {
 #[derive(Clone, Debug)]
 pub struct LeaseRecord {
     pub key: SubnetKey,
-    pub attrs: Result<LeaseAttrs, String>,
+    pub attrs: Result<LeaseAttrs, LeaseError>,
     /// The etcd lease the key is attached to; 0 for a reservation.
     pub lease_id: i64,
 }
@@ -192,7 +192,7 @@ impl EtcdRegistry {
 
     fn record(&self, key: &[u8], value: &[u8], lease_id: i64) -> Option<LeaseRecord> {
         let key = parse_subnet_key_path(&self.prefix, std::str::from_utf8(key).ok()?)?;
-        let attrs = LeaseAttrs::from_json(value).map_err(|e| e.to_string());
+        let attrs = LeaseAttrs::from_json(value);
         Some(LeaseRecord {
             key,
             attrs,
