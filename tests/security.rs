@@ -664,18 +664,7 @@ fn etcd_over_tls_with_client_certificates() {
     if !twill_lab::require_root() {
         return;
     }
-    let mut lab = twill_lab::Lab::new("tls").expect("lab");
-    let pki = lab.dir().join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    new_ca(&pki, "ca");
-    new_ca(&pki, "rogue-ca");
-    issue(
-        &pki,
-        "ca",
-        "server",
-        "etcd",
-        "subjectAltName=IP:198.18.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-    );
+    let (mut lab, pki) = tls_lab("tls");
     issue(
         &pki,
         "ca",
@@ -760,19 +749,25 @@ fn etcd_over_tls_with_client_certificates() {
     let args = tls("rogue");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.start("n2", &args);
-    // Refused twice (it retries every second): it was refused, and it stayed refused.
-    let deadline = std::time::Instant::now() + common::DEADLINE;
-    while etcd_errors(&c.log("n2")) < 2 {
-        let log = c.log("n2");
-        assert!(!log.contains("wrote subnet.env; ready"), "{log}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no etcd error logged twice:\n{log}"
-        );
-        std::thread::sleep(common::POLL);
-    }
-    let log = c.log("n2");
-    assert!(!log.contains("wrote subnet.env; ready"), "{log}");
+    assert_refused_by_etcd(&c, "n2");
+}
+
+/// A lab named `name` and its `pki` directory: CAs `ca` and `rogue-ca`, and etcd's
+/// certificate `server` from `ca` for 198.18.0.1 and 127.0.0.1.
+fn tls_lab(name: &str) -> (twill_lab::Lab, std::path::PathBuf) {
+    let lab = twill_lab::Lab::new(name).expect("lab");
+    let pki = lab.dir().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    new_ca(&pki, "ca");
+    new_ca(&pki, "rogue-ca");
+    issue(
+        &pki,
+        "ca",
+        "server",
+        "etcd",
+        "subjectAltName=IP:198.18.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    );
+    (lab, pki)
 }
 
 /// Starts etcd in the switch namespace serving https on 198.18.0.1 and 127.0.0.1 with
@@ -827,18 +822,7 @@ fn etcd_over_tls_with_only_a_ca_file() {
     if !twill_lab::require_root() {
         return;
     }
-    let mut lab = twill_lab::Lab::new("tlsca").expect("lab");
-    let pki = lab.dir().join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    new_ca(&pki, "ca");
-    new_ca(&pki, "rogue-ca");
-    issue(
-        &pki,
-        "ca",
-        "server",
-        "etcd",
-        "subjectAltName=IP:198.18.0.1,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    );
+    let (mut lab, pki) = tls_lab("tlsca");
     let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
     let sw = lab.switch_ns();
     let etcd = spawn_tls_etcd(&mut lab, &pki, false);
@@ -879,9 +863,15 @@ fn etcd_over_tls_with_only_a_ca_file() {
     let args = ca_only("rogue-ca.crt");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.start("n2", &args);
+    assert_refused_by_etcd(&c, "n2");
+}
+
+/// `node`'s twilld logs an etcd error twice (it retries every second: it was refused, and it
+/// stayed refused) and is never ready.
+fn assert_refused_by_etcd(c: &Cluster, node: &str) {
     let deadline = std::time::Instant::now() + common::DEADLINE;
-    while etcd_errors(&c.log("n2")) < 2 {
-        let log = c.log("n2");
+    while etcd_errors(&c.log(node)) < 2 {
+        let log = c.log(node);
         assert!(!log.contains("wrote subnet.env; ready"), "{log}");
         assert!(
             std::time::Instant::now() < deadline,
@@ -889,7 +879,7 @@ fn etcd_over_tls_with_only_a_ca_file() {
         );
         std::thread::sleep(common::POLL);
     }
-    let log = c.log("n2");
+    let log = c.log(node);
     assert!(!log.contains("wrote subnet.env; ready"), "{log}");
 }
 
