@@ -226,8 +226,8 @@ fn iptables_rules(
     out
 }
 
-/// The config Flannel's CNI plugin hands the bridge plugin for its default conflist (§9
-/// step 3), with host-local's state under `ipam_dir` so the lab removes it.
+/// The config Flannel's CNI plugin hands the bridge plugin for its default conflist (the
+/// delegate it builds from subnet.env), with host-local's state under `ipam_dir` so the lab removes it.
 pub fn flannel_delegate_netconf(
     network: Ipv4Net,
     subnet: Ipv4Net,
