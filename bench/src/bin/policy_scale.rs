@@ -791,8 +791,7 @@ fn main() -> Result<()> {
         s.policies,
         s.namespaces
     );
-    println!("| bench | twill | peer / limit | ratio | target | verdict |");
-    println!("|---|---|---|---|---|---|");
+    // Rows only, as every benchmark prints them: bench/run.sh writes the one header above all.
     println!(
         "{}",
         table_row(
