@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{run, Ipv4Net, Lab, CNI_PLUGIN_DIR, POD_BRIDGE};
+use crate::{run, Ipv4Net, Lab, Node, CNI_PLUGIN_DIR, POD_BRIDGE};
 
 /// What a CNI plugin was called with and returned for a pod.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,17 +112,31 @@ impl Lab {
             let _ = run::ip_batch(&node.netns, &[format!("link del {host_veth}")]);
             return Err(e);
         }
+        Ok(self.record_pod(pod, ns, &node, addr, Some(host_veth), None))
+    }
+
+    /// Records a pod whose namespace `netns` is attached to `node` (its `eth0` holds `addr`)
+    /// and returns it: the one place a pod joins the lab's list.
+    fn record_pod(
+        &mut self,
+        name: &str,
+        netns: String,
+        node: &Node,
+        addr: Ipv4Net,
+        host_veth: Option<String>,
+        cni: Option<CniAttachment>,
+    ) -> Pod {
         let p = Pod {
-            name: pod.to_string(),
-            netns: ns,
+            name: name.to_string(),
+            netns,
             node: node.name.clone(),
             addr,
             ifname: "eth0".into(),
-            host_veth: Some(host_veth),
-            cni: None,
+            host_veth,
+            cni,
         };
         self.pods.push(p.clone());
-        Ok(p)
+        p
     }
 
     fn cni_invoke(&self, command: &str, call: CniCall<'_>) -> Result<Vec<u8>> {
@@ -208,22 +222,13 @@ impl Lab {
                 return Err(e);
             }
         };
-        let p = Pod {
-            name: pod.to_string(),
-            netns: ns,
-            node: node.name.clone(),
-            addr,
-            ifname: "eth0".into(),
-            host_veth: None,
-            cni: Some(CniAttachment {
-                bin: cni_bin.to_path_buf(),
-                netconf: netconf_json.to_string(),
-                container_id,
-                result,
-            }),
+        let cni = CniAttachment {
+            bin: cni_bin.to_path_buf(),
+            netconf: netconf_json.to_string(),
+            container_id,
+            result,
         };
-        self.pods.push(p.clone());
-        Ok(p)
+        Ok(self.record_pod(pod, ns, &node, addr, None, Some(cni)))
     }
 
     /// Adds a pod whose network the caller attaches (with a CNI runtime of its own, say):
@@ -246,17 +251,7 @@ impl Lab {
                 return Err(e);
             }
         };
-        let p = Pod {
-            name: pod.to_string(),
-            netns: ns,
-            node: node.name.clone(),
-            addr,
-            ifname: "eth0".into(),
-            host_veth: None,
-            cni: None,
-        };
-        self.pods.push(p.clone());
-        Ok(p)
+        Ok(self.record_pod(pod, ns, &node, addr, None, None))
     }
 
     /// Removes a pod. For a CNI pod, first runs the plugin with `CNI_COMMAND=DEL` (same config,
