@@ -1,4 +1,4 @@
-//! Links and their addresses: lookups by name or index, MTU and up, the one address flannel.<VNI>
+//! Links and their addresses: lookups by name or index, MTU and up, the one address `flannel.<VNI>`
 //! holds, and the blackhole route for the node's own subnet.
 
 use futures::TryStreamExt;
@@ -148,7 +148,7 @@ impl Netlink {
     }
 
     /// Makes `want` the only address inside `scope` on the link: adds it (replace) and removes
-    /// any other address inside the flannel networks, as Flannel does for flannel.<VNI>.
+    /// any other address inside the flannel networks, as Flannel does for `flannel.<VNI>`.
     pub async fn ensure_sole_address(
         &self,
         index: u32,
