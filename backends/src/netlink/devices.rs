@@ -1,5 +1,5 @@
-//! Links and their addresses: lookups by name or index, MTU and up, the one address `flannel.<VNI>`
-//! holds, and the blackhole route for the node's own subnet.
+//! Links and their addresses: lookups by name or index, MTU and up, the one address
+//! `flannel.<VNI>` holds, and the blackhole route for the node's own subnet.
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
