@@ -1,5 +1,5 @@
 //! Root-only: the upstream NetworkPolicy conformance scenarios (S01-S40 and their UDP
-//! variants, networkpolicy.md §3) on a real twill cluster in the lab.
+//! variants, in `tests/data/netpol-scenarios.json`) on a real twill cluster in the lab.
 //!
 //! etcd on the switch; three nodes running twilld (VXLAN, --ip-masq) as
 //! tests/common/mod.rs does for twilld's own tests; the nine pods x/a .. z/c attached
