@@ -74,9 +74,14 @@ struct Common {
     strict_mode: bool,
 }
 
+/// A value of --pod-bridge that is no interface name.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not an interface name (1-15 bytes, no '/', quotes or whitespace)")]
+struct BadInterfaceName(String);
+
 /// A Linux interface name: 1 to 15 bytes, no '/', no whitespace, not "." or "..", and
 /// nothing nft would need to escape.
-fn interface_name(s: &str) -> Result<String, String> {
+fn interface_name(s: &str) -> Result<String, BadInterfaceName> {
     let bad = s.is_empty()
         || s.len() > 15
         || s == "."
@@ -84,9 +89,7 @@ fn interface_name(s: &str) -> Result<String, String> {
         || s.chars()
             .any(|c| c == '/' || c == '"' || c == '\\' || c.is_whitespace() || c.is_control());
     if bad {
-        Err(format!(
-            "{s:?} is not an interface name (1-15 bytes, no '/', quotes or whitespace)"
-        ))
+        Err(BadInterfaceName(s.to_string()))
     } else {
         Ok(s.to_string())
     }
@@ -638,7 +641,7 @@ fn endpoint<'a>(snap: &'a Snapshot, s: &str) -> Result<Endpoint<'a>> {
 
 fn parse_port(s: &str) -> Result<(u16, Protocol)> {
     let (n, p) = match s.split_once('/') {
-        Some((n, p)) => (n, p.parse::<Protocol>().map_err(|e| anyhow!(e))?),
+        Some((n, p)) => (n, p.parse::<Protocol>()?),
         None => (s, Protocol::Tcp),
     };
     let n: u16 = n
@@ -708,6 +711,33 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_checked_and_bad_ones_named() {
+        assert_eq!(interface_name("cni0").unwrap(), "cni0");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "with space",
+            "quote\"",
+            "sixteen-bytes-xx",
+        ] {
+            let e = interface_name(bad).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{bad:?} is not an interface name (1-15 bytes, no '/', quotes or whitespace)"
+                )
+            );
         }
     }
 }
