@@ -256,7 +256,9 @@ impl Core {
         match (ev, &self.own) {
             (LeaseEvent::Etcd(ev), Own::Etcd(_)) => self.registry_event(ev, out),
             (LeaseEvent::Node(ev), Own::Node(_)) => self.node_event(ev),
-            (ev, _) => tracing::warn!(event = ?ev, "lease event from the other mode's source; ignored"),
+            (ev, _) => {
+                tracing::warn!(event = ?ev, "lease event from the other mode's source; ignored")
+            }
         }
     }
 
@@ -355,9 +357,7 @@ impl Core {
             return;
         };
         match own.phase {
-            Phase::Held {
-                renew_at: Some(at),
-            } if at <= now => {
+            Phase::Held { renew_at: Some(at) } if at <= now => {
                 own.phase = Phase::Renewing { lost: false };
                 out.push(Command::Renew(LeaseWrite {
                     key: own.lease.key,
@@ -453,7 +453,9 @@ impl EtcdOwn {
     fn next_delay(&mut self, retry: Retry) -> Duration {
         self.failures += 1;
         self.delays
-            .get_or_insert_with(|| Box::new(twill_runtime::backoff::retry_delays(retry.min, retry.max)))
+            .get_or_insert_with(|| {
+                Box::new(twill_runtime::backoff::retry_delays(retry.min, retry.max))
+            })
             .next()
             .unwrap_or(retry.max)
     }
@@ -462,67 +464,8 @@ impl EtcdOwn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::testing::{etcd_core, key, own_record, record, DAY, MARGIN, RETRY};
     use crate::registry::etcd::Listing;
-    use crate::registry::lease::{Mac, VxlanBackendData};
-
-    const MARGIN: Duration = Duration::from_secs(600);
-    const DAY: Duration = Duration::from_secs(24 * 3600);
-    const RETRY: Retry = Retry {
-        min: Duration::from_secs(1),
-        max: Duration::from_secs(30),
-    };
-
-    fn config() -> NetConfig {
-        NetConfig::parse_and_check(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
-            .expect("test config is valid")
-    }
-
-    fn key(subnet: &str) -> SubnetKey {
-        SubnetKey::parse(subnet).expect("test key is valid")
-    }
-
-    fn attrs(public_ip: &str, mac_last: u8) -> LeaseAttrs {
-        LeaseAttrs {
-            public_ip: public_ip.parse().expect("test address is valid"),
-            backend_type: "vxlan".to_string(),
-            backend_data: Some(
-                VxlanBackendData {
-                    vni: 1,
-                    vtep_mac: Mac([0x02, 0, 0, 0, 0, mac_last]),
-                }
-                .to_value(),
-            ),
-            ..LeaseAttrs::default()
-        }
-    }
-
-    fn record(subnet: &str, public_ip: &str, mac_last: u8) -> LeaseRecord {
-        LeaseRecord {
-            key: key(subnet),
-            attrs: Ok(attrs(public_ip, mac_last)),
-            lease_id: 7,
-        }
-    }
-
-    fn own_record() -> LeaseRecord {
-        record("10.244.1.0-24", "198.18.0.1", 1)
-    }
-
-    fn etcd_core(now: Instant) -> Core {
-        let own = own_record();
-        Core::etcd(
-            config(),
-            OwnLease {
-                key: own.key,
-                attrs: own.attrs.expect("own attrs"),
-                ttl: Some(DAY),
-            },
-            MARGIN,
-            RETRY,
-            RETRY,
-            now,
-        )
-    }
 
     fn etcd(ev: RegistryEvent) -> Event {
         Event::Lease(LeaseEvent::Etcd(ev))
@@ -539,7 +482,7 @@ mod tests {
     #[test]
     fn the_first_pass_is_due_at_once_and_then_only_after_an_event() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         assert_eq!(reconciled(&mut core), Vec::<String>::new());
         assert_eq!(core.reconcile(), None);
     }
@@ -547,7 +490,7 @@ mod tests {
     #[test]
     fn peers_added_and_removed_are_reconciled() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         core.reconcile();
         let added = core.handle(
             etcd(RegistryEvent::Put(record("10.244.2.0-24", "198.18.0.2", 2))),
@@ -562,7 +505,7 @@ mod tests {
     #[test]
     fn a_resync_replaces_the_peers_and_keeps_the_own_lease_out() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         core.handle(
             etcd(RegistryEvent::Put(record("10.244.2.0-24", "198.18.0.2", 2))),
             now,
@@ -579,7 +522,7 @@ mod tests {
     #[test]
     fn a_peers_garbage_is_skipped_with_its_reason_and_the_others_stay() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         core.handle(
             etcd(RegistryEvent::Put(record("10.244.2.0-24", "198.18.0.2", 2))),
             now,
@@ -619,7 +562,7 @@ mod tests {
     #[test]
     fn losing_the_own_lease_asks_for_one_reacquire() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         let own = own_record();
         let commands = core.handle(etcd(RegistryEvent::Delete(own.key)), now);
         assert_eq!(
@@ -639,7 +582,7 @@ mod tests {
     #[test]
     fn a_resync_without_the_own_lease_asks_for_a_reacquire() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         let commands = core.handle(
             etcd(RegistryEvent::Resync(Listing {
                 records: vec![record("10.244.2.0-24", "198.18.0.2", 2)],
@@ -657,7 +600,7 @@ mod tests {
     #[test]
     fn a_reacquired_lease_is_renewed_by_the_configured_margin() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         core.handle(etcd(RegistryEvent::Delete(own_record().key)), now);
         let later = now + Duration::from_secs(5);
         let commands = core.handle(Event::Reacquired(Ok(Some(DAY))), later);
@@ -668,7 +611,7 @@ mod tests {
     #[test]
     fn a_failed_reacquire_is_retried_after_a_jittered_backoff() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         core.handle(etcd(RegistryEvent::Delete(own_record().key)), now);
         let commands = core.handle(
             Event::Reacquired(Err(WriteError::Failed("etcd unreachable".into()))),
@@ -681,7 +624,9 @@ mod tests {
             "retry in {:?}",
             retry_at - now
         );
-        assert!(core.handle(Event::Timer, retry_at - Duration::from_millis(1)).is_empty());
+        assert!(core
+            .handle(Event::Timer, retry_at - Duration::from_millis(1))
+            .is_empty());
         let commands = core.handle(Event::Timer, retry_at);
         assert!(
             matches!(commands.as_slice(), [Command::Reacquire(_)]),
@@ -689,10 +634,37 @@ mod tests {
         );
     }
 
+    /// The delays between eight failed re-acquire attempts of one core.
+    fn reacquire_delays(now: Instant) -> Vec<Duration> {
+        let mut core = etcd_core(now, RETRY);
+        core.handle(etcd(RegistryEvent::Delete(own_record().key)), now);
+        let mut at = now;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            core.handle(
+                Event::Reacquired(Err(WriteError::Failed("etcd unreachable".into()))),
+                at,
+            );
+            let next = core.next_deadline().expect("a retry is scheduled");
+            delays.push(next - at);
+            at = next;
+            core.handle(Event::Timer, at);
+        }
+        delays
+    }
+
+    #[test]
+    fn two_nodes_do_not_retry_etcd_in_lockstep() {
+        let now = Instant::now();
+        let (a, b) = (reacquire_delays(now), reacquire_delays(now));
+        assert_ne!(a, b, "two nodes drew the same delays eight times in a row");
+        assert!(a.iter().all(|d| *d <= 2 * RETRY.max), "{a:?}");
+    }
+
     #[test]
     fn a_subnet_taken_by_another_node_stops_the_daemon() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         core.handle(etcd(RegistryEvent::Delete(own_record().key)), now);
         let commands = core.handle(Event::Reacquired(Err(WriteError::AlreadyExists)), now);
         assert_eq!(
@@ -707,7 +679,7 @@ mod tests {
     #[test]
     fn the_own_key_leased_to_another_address_stops_the_daemon() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         let commands = core.handle(
             etcd(RegistryEvent::Put(record("10.244.1.0-24", "198.18.0.9", 9))),
             now,
@@ -725,10 +697,12 @@ mod tests {
     #[test]
     fn renewals_fall_due_by_the_margin_and_failures_retry_with_jitter() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         let due = now + DAY - MARGIN;
         assert_eq!(core.next_deadline(), Some(due));
-        assert!(core.handle(Event::Timer, due - Duration::from_secs(1)).is_empty());
+        assert!(core
+            .handle(Event::Timer, due - Duration::from_secs(1))
+            .is_empty());
         let commands = core.handle(Event::Timer, due);
         assert!(
             matches!(commands.as_slice(), [Command::Renew(w)] if w.ttl == Some(DAY)),
@@ -752,7 +726,7 @@ mod tests {
     #[test]
     fn a_deletion_during_a_failed_renewal_asks_for_a_reacquire() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         let due = now + DAY - MARGIN;
         core.handle(Event::Timer, due);
         assert!(core
@@ -771,7 +745,7 @@ mod tests {
     #[test]
     fn a_netlink_overrun_forces_a_full_check_and_a_pass() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         core.reconcile();
         let commands = core.handle(Event::Netlink(NetlinkSignal::Overrun), now);
         assert_eq!(commands, [Command::CheckUnderlay]);
@@ -785,7 +759,7 @@ mod tests {
     #[test]
     fn a_signal_stops() {
         let now = Instant::now();
-        let mut core = etcd_core(now);
+        let mut core = etcd_core(now, RETRY);
         assert_eq!(
             core.handle(Event::Shutdown, now),
             [Command::Stop(Stop::Shutdown)]
@@ -795,7 +769,7 @@ mod tests {
     #[test]
     fn kubernetes_nodes_are_peers_by_name_without_the_own_node_or_renewals() {
         let now = Instant::now();
-        let mut core = Core::kube(config(), "node-a".to_string());
+        let mut core = Core::kube(crate::daemon::testing::config(), "node-a".to_string());
         assert_eq!(core.next_deadline(), None);
         let node = |ev| Event::Lease(LeaseEvent::Node(ev));
         let commands = core.handle(

@@ -533,9 +533,8 @@ mod tests {
     #[test]
     fn removals_of_what_twill_owns_are_changes_and_others_events_are_not() {
         let w = watched([7, 0]);
-        let del_link = NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(
-            LinkMessage::default(),
-        ));
+        let del_link =
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(LinkMessage::default()));
         assert_eq!(classify(&del_link, &w), Some(NetlinkSignal::Changed));
         let mut ours = NeighbourMessage::default();
         ours.header.ifindex = 7;

@@ -17,5 +17,7 @@ mod event_loop;
 mod peers;
 mod sources;
 mod startup;
+#[cfg(test)]
+mod testing;
 
 pub use startup::run;

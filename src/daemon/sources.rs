@@ -107,10 +107,18 @@ impl LeaseSource for KubeSource {
     }
 
     fn renew(&self, _: LeaseWrite) -> WriteJob {
-        Box::pin(async { Err(WriteError::Failed("Kubernetes mode holds no etcd lease".into())) })
+        Box::pin(async {
+            Err(WriteError::Failed(
+                "Kubernetes mode holds no etcd lease".into(),
+            ))
+        })
     }
 
     fn reacquire(&self, _: LeaseWrite) -> WriteJob {
-        Box::pin(async { Err(WriteError::Failed("Kubernetes mode holds no etcd lease".into())) })
+        Box::pin(async {
+            Err(WriteError::Failed(
+                "Kubernetes mode holds no etcd lease".into(),
+            ))
+        })
     }
 }
