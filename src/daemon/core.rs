@@ -44,11 +44,13 @@ pub(super) enum NetlinkSignal {
 }
 
 /// Why a write of the node's own lease failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub(super) enum WriteError {
     /// The key exists (create-if-absent lost): another node holds the subnet.
+    #[error("subnet already exists")]
     AlreadyExists,
     /// Anything else (etcd unreachable, a timeout); worth retrying.
+    #[error("{0}")]
     Failed(String),
 }
 
@@ -393,11 +395,11 @@ impl Core {
                 self.own_lost(out);
             }
             Err(e) => {
-                // Flannel waits a minute; twill retries sooner (1 s doubling to 30 s, with
-                // jitter), so a renewal that fell due during an etcd outage is made soon after
-                // etcd is back, and not by every node at once.
+                // Flannel waits a minute; twill retries sooner (within 30 s, with jitter), so a
+                // renewal that fell due during an etcd outage is made soon after etcd is back,
+                // and not by every node at once.
                 let retry = own.next_delay(own.renew_retry);
-                tracing::warn!(error = ?e, retry_in = ?retry, "renewing lease failed; retrying");
+                tracing::warn!(error = %e, retry_in = ?retry, "renewing lease failed; retrying");
                 own.phase = Phase::Held {
                     renew_at: Some(now + retry),
                 };
@@ -471,6 +473,14 @@ mod tests {
         Event::Lease(LeaseEvent::Etcd(ev))
     }
 
+    /// The lease of the peer 10.244.2.0/24 arrives.
+    fn put_peer_2(core: &mut Core, now: Instant) -> Vec<Command> {
+        core.handle(
+            etcd(RegistryEvent::Put(record("10.244.2.0-24", "198.18.0.2", 2))),
+            now,
+        )
+    }
+
     /// The peers' names in the reconcile command now due.
     fn reconciled(core: &mut Core) -> Vec<String> {
         match core.reconcile() {
@@ -492,10 +502,7 @@ mod tests {
         let now = Instant::now();
         let mut core = etcd_core(now, RETRY);
         core.reconcile();
-        let added = core.handle(
-            etcd(RegistryEvent::Put(record("10.244.2.0-24", "198.18.0.2", 2))),
-            now,
-        );
+        let added = put_peer_2(&mut core, now);
         assert!(added.is_empty(), "{added:?}");
         assert_eq!(reconciled(&mut core), ["10.244.2.0-24"]);
         core.handle(etcd(RegistryEvent::Delete(key("10.244.2.0-24"))), now);
@@ -506,10 +513,7 @@ mod tests {
     fn a_resync_replaces_the_peers_and_keeps_the_own_lease_out() {
         let now = Instant::now();
         let mut core = etcd_core(now, RETRY);
-        core.handle(
-            etcd(RegistryEvent::Put(record("10.244.2.0-24", "198.18.0.2", 2))),
-            now,
-        );
+        put_peer_2(&mut core, now);
         let listing = Listing {
             records: vec![own_record(), record("10.244.3.0-24", "198.18.0.3", 3)],
             revision: 9,
@@ -523,10 +527,7 @@ mod tests {
     fn a_peers_garbage_is_skipped_with_its_reason_and_the_others_stay() {
         let now = Instant::now();
         let mut core = etcd_core(now, RETRY);
-        core.handle(
-            etcd(RegistryEvent::Put(record("10.244.2.0-24", "198.18.0.2", 2))),
-            now,
-        );
+        put_peer_2(&mut core, now);
         core.handle(
             etcd(RegistryEvent::Put(LeaseRecord {
                 key: key("10.244.4.0-24"),

@@ -1,6 +1,8 @@
 //! The node's dataplane: the devices it owns (checked and recreated), the entries toward its
 //! peers (observe, decide, diff, apply) and the underlay guard (`inet twill-underlay`), plus the
-//! netlink monitor that reports drift. The nft effectors are called from here only.
+//! netlink monitor that reports drift. The underlay guard's nft calls are made from here only;
+//! the masquerade/forward rules ([`crate::traffic::TrafficManager`]) are started in
+//! [`super::startup`] and checked on a task of their own.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

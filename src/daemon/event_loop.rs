@@ -107,16 +107,17 @@ pub(super) async fn event_loop<S: LeaseSource, D: DataplaneEffects>(
 
 /// The outcome of the lease write in flight as the core's event; pending while none is.
 async fn in_flight(write: &mut Option<(WriteKind, WriteJob)>) -> Event {
-    let Some((kind, job)) = write else {
+    // Polled through a reference, so a write outlives a select that another branch won.
+    let Some((kind, job)) = write.as_mut() else {
         return std::future::pending().await;
     };
     let result: WriteResult = job.await;
-    let kind = std::mem::replace(kind, WriteKind::Renew);
-    *write = None;
-    match kind {
+    let event = match kind {
         WriteKind::Renew => Event::Renewed(result),
         WriteKind::Reacquire => Event::Reacquired(result),
-    }
+    };
+    *write = None;
+    event
 }
 
 /// Carries out `commands`; `Some` when the loop must return.
@@ -196,6 +197,16 @@ mod tests {
 
         fn reacquire_attempts(&self) -> usize {
             self.reacquires.lock().unwrap().len()
+        }
+
+        async fn wait_attempts(&self, attempts: usize) {
+            tokio::time::timeout(DEADLINE, async {
+                while self.reacquire_attempts() < attempts {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("no {attempts} re-acquire attempts within {DEADLINE:?}"));
         }
     }
 
@@ -329,22 +340,11 @@ mod tests {
         let mut h = Harness::start(source);
         h.pass_with(&["10.244.2.0-24"]).await;
         h.source.send(RegistryEvent::Delete(own_record().key)).await;
-        tokio::time::timeout(DEADLINE, async {
-            while h.source.reacquire_attempts() < 3 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("three re-acquire attempts");
+        h.source.wait_attempts(3).await;
         // The lease is held again: a further deletion is a new loss, and asks again.
         h.source.send(RegistryEvent::Delete(own_record().key)).await;
-        tokio::time::timeout(DEADLINE, async {
-            while h.source.reacquire_attempts() < 4 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("a fourth attempt after the lease was lost again");
+        // A fourth attempt, after the lease was lost again.
+        h.source.wait_attempts(4).await;
         let writes = h.source.reacquires.lock().unwrap().clone();
         assert!(writes
             .iter()

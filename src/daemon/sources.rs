@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use anyhow::bail;
 use tokio::sync::mpsc;
@@ -35,11 +36,12 @@ pub(super) struct EtcdSource {
     pub registry: EtcdRegistry,
 }
 
-fn write_error(e: RegistryError) -> WriteError {
-    match e {
+/// A registry write's outcome as the core sees it.
+fn write_result(result: Result<Option<Duration>, RegistryError>) -> WriteResult {
+    result.map_err(|e| match e {
         RegistryError::AlreadyExists => WriteError::AlreadyExists,
         e => WriteError::Failed(e.to_string()),
-    }
+    })
 }
 
 impl LeaseSource for EtcdSource {
@@ -53,22 +55,12 @@ impl LeaseSource for EtcdSource {
 
     fn renew(&self, w: LeaseWrite) -> WriteJob {
         let registry = self.registry.clone();
-        Box::pin(async move {
-            registry
-                .put(&w.key, &w.attrs, w.ttl)
-                .await
-                .map_err(write_error)
-        })
+        Box::pin(async move { write_result(registry.put(&w.key, &w.attrs, w.ttl).await) })
     }
 
     fn reacquire(&self, w: LeaseWrite) -> WriteJob {
         let registry = self.registry.clone();
-        Box::pin(async move {
-            registry
-                .create(&w.key, &w.attrs, w.ttl)
-                .await
-                .map_err(write_error)
-        })
+        Box::pin(async move { write_result(registry.create(&w.key, &w.attrs, w.ttl).await) })
     }
 }
 

@@ -31,15 +31,23 @@ use super::event_loop::event_loop;
 use super::peers::record_to_lease;
 use super::sources::{EtcdSource, KubeSource, LeaseSource};
 
-/// Renewal retries after errors: 1 s doubling to 30 s, with jitter.
+/// Start-up retries (connecting to etcd, acquiring a lease) after errors: 1 s doubling to 5 s,
+/// plus jitter.
+const STARTUP_RETRY: Retry = Retry {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(5),
+};
+/// Renewal retries after errors: 1 s doubling to 15 s, each plus a jitter of up to itself, so
+/// a renewal is retried at most 30 s after it failed.
 const RENEW_RETRY: Retry = Retry {
     min: Duration::from_secs(1),
-    max: Duration::from_secs(30),
+    max: Duration::from_secs(15),
 };
-/// Re-acquire retries after errors (a lost lease is urgent: another node may take the subnet).
+/// Re-acquire retries after errors (a lost lease is urgent: another node may take the subnet):
+/// 1 s doubling to 5 s, plus jitter, so at most 10 s apart.
 const REACQUIRE_RETRY: Retry = Retry {
     min: Duration::from_secs(1),
-    max: Duration::from_secs(10),
+    max: Duration::from_secs(5),
 };
 
 /// twilld: start up, then serve events until a signal or a conflict.
@@ -271,12 +279,12 @@ async fn connect_etcd(flags: &Flags) -> EtcdRegistry {
         username: flags.etcd_username.clone(),
         password: flags.etcd_password.clone(),
     };
-    let mut delays = retry_delays(Duration::from_secs(1), Duration::from_secs(10));
+    let mut delays = retry_delays(STARTUP_RETRY.min, STARTUP_RETRY.max);
     loop {
         match EtcdRegistry::connect(&opts).await {
             Ok(r) => return r,
             Err(e) => {
-                let retry = delays.next().unwrap_or(Duration::from_secs(10));
+                let retry = delays.next().unwrap_or(STARTUP_RETRY.max);
                 tracing::error!(endpoints = %flags.etcd_endpoints, error = %e, retry_in = ?retry, "failed to connect to etcd; retrying");
                 tokio::time::sleep(retry).await;
             }
@@ -365,7 +373,7 @@ async fn acquire(
 ) -> anyhow::Result<OwnLease> {
     let mut rng = rand::rng();
     let mut attempt = 0usize;
-    let mut delays = retry_delays(Duration::from_secs(1), Duration::from_secs(10));
+    let mut delays = retry_delays(STARTUP_RETRY.min, STARTUP_RETRY.max);
     loop {
         attempt += 1;
         let listing = list_with_retry(registry).await;
@@ -415,7 +423,7 @@ async fn acquire(
                 }
             }
             Err(e) => {
-                let retry = delays.next().unwrap_or(Duration::from_secs(10));
+                let retry = delays.next().unwrap_or(STARTUP_RETRY.max);
                 tracing::warn!(error = %e, retry_in = ?retry, "acquiring a lease failed; retrying");
                 tokio::time::sleep(retry).await;
             }
