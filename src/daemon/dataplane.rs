@@ -492,22 +492,18 @@ pub(super) fn spawn_netlink_monitor(
     tokio::spawn(conn);
     tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
-            match classify(&msg.payload, &watched) {
+            let open = match classify(&msg.payload, &watched) {
                 // A change already queued causes a pass too: a full queue loses nothing.
-                Some(NetlinkSignal::Changed) => {
-                    if let Err(mpsc::error::TrySendError::Closed(_)) =
-                        tx.try_send(NetlinkSignal::Changed)
-                    {
-                        return;
-                    }
-                }
+                Some(NetlinkSignal::Changed) => !matches!(
+                    tx.try_send(NetlinkSignal::Changed),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                ),
                 // An overrun asks for more than a pass: it must not be dropped.
-                Some(NetlinkSignal::Overrun) => {
-                    if tx.send(NetlinkSignal::Overrun).await.is_err() {
-                        return;
-                    }
-                }
-                None => {}
+                Some(NetlinkSignal::Overrun) => tx.send(NetlinkSignal::Overrun).await.is_ok(),
+                None => true,
+            };
+            if !open {
+                return;
             }
         }
     });
