@@ -15,8 +15,6 @@ use twill_runtime::http::{serve as serve_router, DEADLINE};
 
 use crate::counters;
 use crate::metrics::{drop_counts, DropTracker, Metrics};
-use crate::model::Snapshot;
-use crate::nft::{Enforcer, SyncReport};
 
 /// Default [`Health::live_bound`]: longer than the slowest pass of the loop (a source read,
 /// then up to five nft runs of at most 30 s each).
@@ -136,14 +134,6 @@ impl Shared {
             drops: Mutex::new(DropTracker::default()),
             health: Health::default(),
         }
-    }
-
-    /// Syncs `snap` through `enf` and records it. Nothing is read from the table here:
-    /// the named drop counters survive the update and are read at scrape time.
-    pub fn sync(&self, enf: &mut Enforcer, snap: &Snapshot) -> SyncReport {
-        let r = enf.sync(snap);
-        self.metrics.record_sync(&r);
-        r
     }
 
     /// The exposition, with fresh drop counters (one netlink dump of the table's counter
