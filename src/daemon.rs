@@ -20,13 +20,10 @@ use tokio::time::Instant;
 
 use twill_backends::netlink::{LinkMap, Netlink};
 use twill_backends::vxlan::{self, VxlanSpec, ENCAP_OVERHEAD};
-use twill_backends::{
-    desired_state, diff, BackendKind, MacAddr, Op, PeerFamily, PeerLease, Topology,
-};
-use twill_cni::subnet_env::SubnetEnv;
+use twill_backends::{desired_state, diff, BackendKind, Op, PeerFamily, PeerLease, Topology};
+use twill_formats::subnet_env::SubnetEnv;
 
 use crate::alloc::{plan_acquire, AcquireDecision, AcquireInput};
-use crate::config::{BackendConfig, NetConfig};
 use crate::flags::Flags;
 use crate::health::{self, Readiness};
 use crate::iface::{self, ExternalInterface, Selection};
@@ -34,8 +31,10 @@ use crate::masq::MasqInput;
 use crate::registry::etcd::{
     EtcdOptions, EtcdRegistry, LeaseRecord, Listing, RegistryError, RegistryEvent, SUBNET_TTL,
 };
-use crate::registry::lease::{validate_peer, Lease, LeaseAttrs, Mac, SubnetKey, VxlanBackendData};
 use crate::traffic::{self, TrafficManager};
+use twill_formats::lease::{validate_peer, Lease, LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::{BackendConfig, NetConfig};
+use twill_formats::Mac;
 
 use crate::alloc::RACE_RETRIES;
 
@@ -149,9 +148,7 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
     let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
     // MAC persistence: the VtepMAC this node's annotation advertises is reused (§4).
     let (m4, m6) = kube::previous_vtep_macs(&node, &ksm.annotations);
-    dataplane
-        .prepare_devices((m4.map(|m| MacAddr(m.0)), m6.map(|m| MacAddr(m.0))))
-        .await?;
+    dataplane.prepare_devices((m4, m6)).await?;
     let mut attrs = dataplane.lease_attrs(&public);
     attrs.public_ipv6 = public.v6;
     let key = ksm.acquire(&config, &attrs).await?;
@@ -299,14 +296,14 @@ async fn list_with_retry(registry: &EtcdRegistry) -> Listing {
 fn previous_vtep_macs(
     listing: &Listing,
     public_v4: std::net::Ipv4Addr,
-) -> (Option<MacAddr>, Option<MacAddr>) {
+) -> (Option<Mac>, Option<Mac>) {
     let own = listing
         .records
         .iter()
         .find_map(|r| r.attrs.as_ref().ok().filter(|a| a.public_ip == public_v4));
     let mac = |data: Option<&serde_json::Value>| {
         data.and_then(|d| VxlanBackendData::from_json(d).ok())
-            .map(|d| MacAddr(d.vtep_mac.0))
+            .map(|d| d.vtep_mac)
     };
     match own {
         Some(a) => (
@@ -496,7 +493,7 @@ impl Dataplane {
                     gbp: vx.gbp,
                     learning: vx.learning,
                     mtu,
-                    mac: MacAddr::default(),
+                    mac: Mac::default(),
                 };
                 let v4 = config
                     .enable_ipv4
@@ -575,7 +572,7 @@ impl Dataplane {
     /// the lease can advertise their MACs.
     async fn prepare_devices(
         &mut self,
-        previous: (Option<MacAddr>, Option<MacAddr>),
+        previous: (Option<Mac>, Option<Mac>),
     ) -> anyhow::Result<()> {
         let mut rng = rand::rng();
         for (spec, prev) in [
@@ -590,11 +587,7 @@ impl Dataplane {
                 .and_then(|l| l.mac)
             {
                 Some(mac) => mac,
-                None => prev.unwrap_or_else(|| {
-                    let mut b: [u8; 6] = rng.random();
-                    b[0] = (b[0] & 0xfe) | 0x02;
-                    MacAddr(b)
-                }),
+                None => prev.unwrap_or_else(|| Mac::random_local(&mut rng)),
             };
         }
         self.ensure_devices(false).await
@@ -655,7 +648,7 @@ impl Dataplane {
             spec.as_ref().map(|s| {
                 VxlanBackendData {
                     vni: self.vni,
-                    vtep_mac: Mac(s.mac.0),
+                    vtep_mac: s.mac,
                 }
                 .to_value()
             })
@@ -860,13 +853,13 @@ fn to_peer(rec: &LeaseRecord, config: &NetConfig) -> Result<PeerLease, String> {
     let v4 = config.enable_ipv4.then(|| PeerFamily {
         subnet: IpNet::V4(rec.key.ipv4),
         public_ip: IpAddr::V4(attrs.public_ip),
-        vtep_mac: data.vxlan.map(|d| MacAddr(d.vtep_mac.0)),
+        vtep_mac: data.vxlan.map(|d| d.vtep_mac),
     });
     let v6 = match (data.use_ipv6, rec.key.ipv6, attrs.public_ipv6) {
         (true, Some(subnet), Some(ip)) => Some(PeerFamily {
             subnet: IpNet::V6(subnet),
             public_ip: IpAddr::V6(ip),
-            vtep_mac: data.vxlan_v6.map(|d| MacAddr(d.vtep_mac.0)),
+            vtep_mac: data.vxlan_v6.map(|d| d.vtep_mac),
         }),
         _ => None,
     };

@@ -28,8 +28,9 @@ use rtnetlink::sys as netlink_sys;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::desired::Topology;
-use crate::model::{DataplaneState, LinkRef, MacAddr, RouteEntry};
+use crate::model::{DataplaneState, LinkRef, RouteEntry};
 use crate::reconcile::Op;
+use twill_formats::Mac;
 
 /// Requests of one phase [`Netlink::apply`] sends in one datagram. The kernel handles them in
 /// order within that one `send` and queues an acknowledgement for each; this many fit the
@@ -118,7 +119,7 @@ pub struct LinkState {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
-    pub mac: Option<MacAddr>,
+    pub mac: Option<Mac>,
     pub up: bool,
     pub kind: Option<String>,
     pub vxlan: Vec<InfoVxlan>,
@@ -138,7 +139,7 @@ fn link_state(msg: LinkMessage) -> LinkState {
         match attr {
             LinkAttribute::IfName(n) => st.name = n,
             LinkAttribute::Mtu(m) => st.mtu = m,
-            LinkAttribute::Address(a) => st.mac = MacAddr::from_slice(&a),
+            LinkAttribute::Address(a) => st.mac = Mac::from_slice(&a),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {
@@ -539,7 +540,7 @@ fn request(links: &LinkMap, op: &Op) -> Result<NetlinkMessage<RouteNetlinkMessag
         Ok(msg)
     };
     // The FDB entry as both its add and its delete name it: bridge family, self, MAC -> VTEP.
-    let fdb = |link, mac: MacAddr, dst: IpAddr| -> Result<NeighbourMessage, NetlinkError> {
+    let fdb = |link, mac: Mac, dst: IpAddr| -> Result<NeighbourMessage, NetlinkError> {
         let mut msg = neighbour(AddressFamily::Bridge, link, NeighbourState::Permanent)?;
         msg.header.flags = NeighbourFlags::Own;
         msg.attributes
@@ -767,7 +768,7 @@ fn is_errno(e: &rtnetlink::Error, codes: &[i32]) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.is_some_and(|c| codes.contains(&-c.get())))
 }
 
-fn neighbour_ip_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<MacAddr>) {
+fn neighbour_ip_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     let mut ip = None;
     let mut mac = None;
     for a in &m.attributes {
@@ -783,7 +784,7 @@ fn neighbour_ip_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<MacAddr>) {
             NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
                 ip = ip_from_bytes(bytes)
             }
-            NeighbourAttribute::LinkLayerAddress(b) => mac = MacAddr::from_slice(b),
+            NeighbourAttribute::LinkLayerAddress(b) => mac = Mac::from_slice(b),
             _ => {}
         }
     }
@@ -895,7 +896,7 @@ mod tests {
         let (_conn, handle, _) = rtnetlink::new_connection().unwrap();
         let replace = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE;
         let delete = NLM_F_REQUEST | NLM_F_ACK;
-        let mac = MacAddr([0x0e, 0xbe, 0, 0, 1, 2]);
+        let mac = Mac([0x0e, 0xbe, 0, 0, 1, 2]);
         let v4: IpAddr = "10.244.2.0".parse().unwrap();
         let v6: IpAddr = "fd00:42:0:2::".parse().unwrap();
         let dst: IpAddr = "198.18.0.12".parse().unwrap();

@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
 use crate::error::{code, CniError};
-use crate::subnet_env::SubnetEnv;
 use crate::validate;
+use twill_formats::subnet_env::SubnetEnv;
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
@@ -328,7 +328,7 @@ pub fn convert_result(result: &[u8], target: &str) -> Result<Vec<u8>, CniError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gojson;
+    use twill_formats::gojson;
 
     const DEFAULT_PLUGIN: &str = r#"{"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true},"name":"cbr0","cniVersion":"0.3.1"}"#;
 

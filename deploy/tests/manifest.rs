@@ -379,7 +379,7 @@ fn configmap_and_args_pass_twills_parsers() {
     let docs = documents();
     let cm = find(&docs, "ConfigMap");
     let net_conf = cm["data"]["net-conf.json"].as_str().unwrap();
-    let cfg = twill::config::NetConfig::parse(net_conf).expect("net-conf.json");
+    let cfg = twill_formats::net_conf::NetConfig::parse(net_conf).expect("net-conf.json");
     assert_eq!(cfg.backend_type(), "vxlan");
     assert_eq!(cfg.network.unwrap().to_string(), "10.244.0.0/16");
 

@@ -19,9 +19,9 @@ use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::config::NetConfig;
 use crate::registry::etcd::LeaseRecord;
-use crate::registry::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::NetConfig;
 
 /// Every Kubernetes API call twilld makes, as (resource, verb): the one place the RBAC test
 /// (`tests/kube.rs`) compares with the `flannel` ClusterRole in kube-flannel.yml.
@@ -209,10 +209,7 @@ pub fn annotation_patch(
 pub fn previous_vtep_macs(
     node: &Node,
     ann: &Annotations,
-) -> (
-    Option<crate::registry::lease::Mac>,
-    Option<crate::registry::lease::Mac>,
-) {
+) -> (Option<twill_formats::Mac>, Option<twill_formats::Mac>) {
     let a = annotations(node);
     let mac = |k: &str| {
         a.get(k)
