@@ -1,7 +1,7 @@
 //! Flannel's etcd lease format, byte for byte (`pkg/lease/lease.go`, `pkg/subnet/subnet.go`,
 //! `pkg/subnet/etcd/registry.go`, `pkg/backend/vxlan/vxlan.go`), plus validation of peers' leases.
 //!
-//! Pure: no I/O, no clock; randomness is passed in.
+//! Pure: no I/O, no clock.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
