@@ -755,6 +755,12 @@ mod tests {
             "invalid IPv4 CIDR format"
         );
         assert_eq!(parse_err(r#"{"Network":16}"#), "invalid CIDR address: 16");
+        // Go quotes the number's own bytes, not its float64 text ("1" for 1.0).
+        assert_eq!(parse_err(r#"{"Network":1.0}"#), "invalid CIDR address: 1.0");
+        assert_eq!(
+            parse_err(r#"{"Network":1e-7}"#),
+            "invalid CIDR address: 1e-7"
+        );
         assert_eq!(
             parse_err(r#"{"Network":null}"#),
             "invalid CIDR address: null"
