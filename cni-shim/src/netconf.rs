@@ -383,6 +383,26 @@ mod tests {
         );
     }
 
+    /// The delegate config is where floats reach the Go-JSON writer: any number the user put in
+    /// `delegate` (Flannel decodes it into `interface{}`, i.e. `float64`) is written back with
+    /// Go's float64 text.
+    #[test]
+    fn delegate_numbers_are_written_as_go_writes_float64() {
+        let conf = r#"{"name":"n","cniVersion":"1.0.0","type":"flannel","delegate":{"type":"bridge",
+            "mtu":1400.0,"a":0.000001,"b":1e-7,"c":1e20,"d":1e21,"e":9007199254740993}}"#;
+        let out = build(conf, V4).unwrap();
+        for want in [
+            r#""mtu":1400,"#,
+            r#""a":0.000001,"#,
+            r#""b":1e-7,"#,
+            r#""c":100000000000000000000,"#,
+            r#""d":1e+21,"#,
+            r#""e":9007199254740992,"#,
+        ] {
+            assert!(out.contains(want), "{want} in {out}");
+        }
+    }
+
     #[test]
     fn bridge_keeps_explicit_is_gateway_and_no_cni_version() {
         let conf = r#"{"name":"n","delegate":{"isGateway":false,"bridge":"mynet0"}}"#;
