@@ -12,7 +12,6 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use futures::StreamExt;
 use ipnet::IpNet;
-use rand::Rng;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use tokio::sync::mpsc;
@@ -20,12 +19,13 @@ use tokio::time::Instant;
 
 use twill_backends::netlink::{LinkMap, Netlink};
 use twill_backends::vxlan::{self, VxlanSpec, ENCAP_OVERHEAD};
-use twill_backends::{desired_state, diff, BackendKind, MacAddr, Op, PeerLease, Topology};
+use twill_backends::{desired_state, diff, BackendKind, Op, PeerLease, Topology};
 
-use crate::config::{BackendConfig, NetConfig};
 use crate::flags::Flags;
 use crate::iface::ExternalInterface;
-use crate::registry::lease::{LeaseAttrs, Mac, SubnetKey, VxlanBackendData};
+use twill_formats::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::{BackendConfig, NetConfig};
+use twill_formats::Mac;
 
 use super::core::NetlinkSignal;
 use super::event_loop::DataplaneEffects;
@@ -90,7 +90,7 @@ impl Dataplane {
                     gbp: vx.gbp,
                     learning: vx.learning,
                     mtu,
-                    mac: MacAddr::default(),
+                    mac: Mac::default(),
                 };
                 let v4 = config
                     .enable_ipv4
@@ -169,7 +169,7 @@ impl Dataplane {
     /// the lease can advertise their MACs.
     pub(super) async fn prepare_devices(
         &mut self,
-        previous: (Option<MacAddr>, Option<MacAddr>),
+        previous: (Option<Mac>, Option<Mac>),
     ) -> anyhow::Result<()> {
         let mut rng = rand::rng();
         for (spec, prev) in [
@@ -184,11 +184,7 @@ impl Dataplane {
                 .and_then(|l| l.mac)
             {
                 Some(mac) => mac,
-                None => prev.unwrap_or_else(|| {
-                    let mut b: [u8; 6] = rng.random();
-                    b[0] = (b[0] & 0xfe) | 0x02;
-                    MacAddr(b)
-                }),
+                None => prev.unwrap_or_else(|| Mac::random_local(&mut rng)),
             };
         }
         self.ensure_devices(false).await
@@ -249,7 +245,7 @@ impl Dataplane {
             spec.as_ref().map(|s| {
                 VxlanBackendData {
                     vni: self.vni,
-                    vtep_mac: Mac(s.mac.0),
+                    vtep_mac: s.mac,
                 }
                 .to_value()
             })
