@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::anyhow;
 use futures::StreamExt;
@@ -477,33 +478,78 @@ fn classify(
 
 /// Listens to rtnetlink and reports when something twill owns may have been removed, so drift
 /// is repaired at once instead of at the next periodic resync, and when the socket overran
-/// (ENOBUFS), so the whole dataplane is checked.
+/// (ENOBUFS), so the whole dataplane is checked. If the socket fails, the monitor opens a new
+/// one after a backoff and reports an overrun (events were lost meanwhile): the daemon keeps
+/// running on its periodic resync in between rather than stopping over a lost event socket.
 pub(super) fn spawn_netlink_monitor(
     watched: Arc<[AtomicU32; 2]>,
 ) -> anyhow::Result<mpsc::Receiver<NetlinkSignal>> {
-    use rtnetlink::MulticastGroup as G;
-    let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Route, G::Ipv6Route, G::Neigh])?;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(conn);
+    let mut messages = open_netlink_monitor()?;
     tokio::spawn(async move {
-        while let Some((msg, _)) = messages.next().await {
-            let open = match classify(&msg.payload, &watched) {
-                // A change already queued causes a pass too: a full queue loses nothing.
-                Some(NetlinkSignal::Changed) => !matches!(
-                    tx.try_send(NetlinkSignal::Changed),
-                    Err(mpsc::error::TrySendError::Closed(_))
-                ),
-                // An overrun asks for more than a pass: it must not be dropped.
-                Some(NetlinkSignal::Overrun) => tx.send(NetlinkSignal::Overrun).await.is_ok(),
-                None => true,
+        loop {
+            if !forward_netlink_signals(&mut messages, &watched, &tx).await {
+                return;
+            }
+            let mut delays = twill_runtime::backoff::retry_delays(
+                Duration::from_millis(200),
+                Duration::from_secs(10),
+            );
+            messages = loop {
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(retry_in = ?delay, "the netlink event socket closed; opening a new one");
+                tokio::time::sleep(delay).await;
+                match open_netlink_monitor() {
+                    Ok(m) => break m,
+                    Err(e) => tracing::warn!(error = %e, "opening the netlink event socket failed"),
+                }
             };
-            if !open {
+            if tx.send(NetlinkSignal::Overrun).await.is_err() {
                 return;
             }
         }
     });
     Ok(rx)
+}
+
+type NetlinkMessages = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// A multicast rtnetlink socket joined to the groups that tell of removed links, routes and
+/// neighbours; its connection runs on a task of its own.
+fn open_netlink_monitor() -> anyhow::Result<NetlinkMessages> {
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _handle, messages) =
+        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Route, G::Ipv6Route, G::Neigh])?;
+    tokio::spawn(conn);
+    Ok(messages)
+}
+
+/// Forwards what the socket's messages mean until the socket ends (returns true) or the loop
+/// stopped listening (returns false).
+async fn forward_netlink_signals(
+    messages: &mut NetlinkMessages,
+    watched: &[AtomicU32; 2],
+    tx: &mpsc::Sender<NetlinkSignal>,
+) -> bool {
+    while let Some((msg, _)) = messages.next().await {
+        let open = match classify(&msg.payload, watched) {
+            // A change already queued causes a pass too: a full queue loses nothing.
+            Some(NetlinkSignal::Changed) => !matches!(
+                tx.try_send(NetlinkSignal::Changed),
+                Err(mpsc::error::TrySendError::Closed(_))
+            ),
+            // An overrun asks for more than a pass: it must not be dropped.
+            Some(NetlinkSignal::Overrun) => tx.send(NetlinkSignal::Overrun).await.is_ok(),
+            None => true,
+        };
+        if !open {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]
