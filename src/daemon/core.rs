@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use twill_backends::PeerLease;
 
-use crate::config::NetConfig;
 use crate::registry::etcd::{LeaseRecord, RegistryEvent, SUBNET_TTL};
 use crate::registry::kube::NodeEvent;
-use crate::registry::lease::{LeaseAttrs, SubnetKey};
+use twill_formats::lease::{LeaseAttrs, SubnetKey};
+use twill_formats::net_conf::NetConfig;
 
 use super::peers::PeerTable;
 

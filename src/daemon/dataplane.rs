@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::anyhow;
 use futures::StreamExt;
 use ipnet::IpNet;
-use rand::Rng;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use tokio::sync::mpsc;
@@ -20,12 +20,13 @@ use tokio::time::Instant;
 
 use twill_backends::netlink::{LinkMap, Netlink};
 use twill_backends::vxlan::{self, VxlanSpec, ENCAP_OVERHEAD};
-use twill_backends::{desired_state, diff, BackendKind, MacAddr, Op, PeerLease, Topology};
+use twill_backends::{desired_state, diff, BackendKind, Op, PeerLease, Topology};
 
-use crate::config::{BackendConfig, NetConfig};
 use crate::flags::Flags;
 use crate::iface::ExternalInterface;
-use crate::registry::lease::{LeaseAttrs, Mac, SubnetKey, VxlanBackendData};
+use twill_formats::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::{BackendConfig, NetConfig};
+use twill_formats::Mac;
 
 use super::core::NetlinkSignal;
 use super::event_loop::DataplaneEffects;
@@ -90,7 +91,7 @@ impl Dataplane {
                     gbp: vx.gbp,
                     learning: vx.learning,
                     mtu,
-                    mac: MacAddr::default(),
+                    mac: Mac::default(),
                 };
                 let v4 = config
                     .enable_ipv4
@@ -169,7 +170,7 @@ impl Dataplane {
     /// the lease can advertise their MACs.
     pub(super) async fn prepare_devices(
         &mut self,
-        previous: (Option<MacAddr>, Option<MacAddr>),
+        previous: (Option<Mac>, Option<Mac>),
     ) -> anyhow::Result<()> {
         let mut rng = rand::rng();
         for (spec, prev) in [
@@ -184,11 +185,7 @@ impl Dataplane {
                 .and_then(|l| l.mac)
             {
                 Some(mac) => mac,
-                None => prev.unwrap_or_else(|| {
-                    let mut b: [u8; 6] = rng.random();
-                    b[0] = (b[0] & 0xfe) | 0x02;
-                    MacAddr(b)
-                }),
+                None => prev.unwrap_or_else(|| Mac::random_local(&mut rng)),
             };
         }
         self.ensure_devices(false).await
@@ -249,7 +246,7 @@ impl Dataplane {
             spec.as_ref().map(|s| {
                 VxlanBackendData {
                     vni: self.vni,
-                    vtep_mac: Mac(s.mac.0),
+                    vtep_mac: s.mac,
                 }
                 .to_value()
             })
@@ -481,33 +478,78 @@ fn classify(
 
 /// Listens to rtnetlink and reports when something twill owns may have been removed, so drift
 /// is repaired at once instead of at the next periodic resync, and when the socket overran
-/// (ENOBUFS), so the whole dataplane is checked.
+/// (ENOBUFS), so the whole dataplane is checked. If the socket fails, the monitor opens a new
+/// one after a backoff and reports an overrun (events were lost meanwhile): the daemon keeps
+/// running on its periodic resync in between rather than stopping over a lost event socket.
 pub(super) fn spawn_netlink_monitor(
     watched: Arc<[AtomicU32; 2]>,
 ) -> anyhow::Result<mpsc::Receiver<NetlinkSignal>> {
-    use rtnetlink::MulticastGroup as G;
-    let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Route, G::Ipv6Route, G::Neigh])?;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(conn);
+    let mut messages = open_netlink_monitor()?;
     tokio::spawn(async move {
-        while let Some((msg, _)) = messages.next().await {
-            let open = match classify(&msg.payload, &watched) {
-                // A change already queued causes a pass too: a full queue loses nothing.
-                Some(NetlinkSignal::Changed) => !matches!(
-                    tx.try_send(NetlinkSignal::Changed),
-                    Err(mpsc::error::TrySendError::Closed(_))
-                ),
-                // An overrun asks for more than a pass: it must not be dropped.
-                Some(NetlinkSignal::Overrun) => tx.send(NetlinkSignal::Overrun).await.is_ok(),
-                None => true,
+        loop {
+            if !forward_netlink_signals(&mut messages, &watched, &tx).await {
+                return;
+            }
+            let mut delays = twill_runtime::backoff::retry_delays(
+                Duration::from_millis(200),
+                Duration::from_secs(10),
+            );
+            messages = loop {
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(retry_in = ?delay, "the netlink event socket closed; opening a new one");
+                tokio::time::sleep(delay).await;
+                match open_netlink_monitor() {
+                    Ok(m) => break m,
+                    Err(e) => tracing::warn!(error = %e, "opening the netlink event socket failed"),
+                }
             };
-            if !open {
+            if tx.send(NetlinkSignal::Overrun).await.is_err() {
                 return;
             }
         }
     });
     Ok(rx)
+}
+
+type NetlinkMessages = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// A multicast rtnetlink socket joined to the groups that tell of removed links, routes and
+/// neighbours; its connection runs on a task of its own.
+fn open_netlink_monitor() -> anyhow::Result<NetlinkMessages> {
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _handle, messages) =
+        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Route, G::Ipv6Route, G::Neigh])?;
+    tokio::spawn(conn);
+    Ok(messages)
+}
+
+/// Forwards what the socket's messages mean until the socket ends (returns true) or the loop
+/// stopped listening (returns false).
+async fn forward_netlink_signals(
+    messages: &mut NetlinkMessages,
+    watched: &[AtomicU32; 2],
+    tx: &mpsc::Sender<NetlinkSignal>,
+) -> bool {
+    while let Some((msg, _)) = messages.next().await {
+        let open = match classify(&msg.payload, watched) {
+            // A change already queued causes a pass too: a full queue loses nothing.
+            Some(NetlinkSignal::Changed) => !matches!(
+                tx.try_send(NetlinkSignal::Changed),
+                Err(mpsc::error::TrySendError::Closed(_))
+            ),
+            // An overrun asks for more than a pass: it must not be dropped.
+            Some(NetlinkSignal::Overrun) => tx.send(NetlinkSignal::Overrun).await.is_ok(),
+            None => true,
+        };
+        if !open {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

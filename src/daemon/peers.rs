@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use twill_backends::{MacAddr, PeerFamily, PeerLease};
+use twill_backends::{PeerFamily, PeerLease};
 
-use crate::config::NetConfig;
 use crate::registry::etcd::LeaseRecord;
-use crate::registry::lease::{validate_peer, Lease, LeaseAttrs, SubnetKey};
+use twill_formats::lease::{validate_peer, Lease, LeaseAttrs, SubnetKey};
+use twill_formats::net_conf::NetConfig;
 
 /// A lease record as a dataplane peer, or why it cannot be one (bad JSON, or values that are
 /// impossible for this network: [`validate_peer`] names the key and the field).
@@ -24,13 +24,13 @@ pub(super) fn to_peer(rec: &LeaseRecord, config: &NetConfig) -> Result<PeerLease
     let v4 = config.enable_ipv4.then(|| PeerFamily {
         subnet: IpNet::V4(rec.key.ipv4),
         public_ip: IpAddr::V4(attrs.public_ip),
-        vtep_mac: data.vxlan.map(|d| MacAddr(d.vtep_mac.0)),
+        vtep_mac: data.vxlan.map(|d| d.vtep_mac),
     });
     let v6 = match (data.use_ipv6, rec.key.ipv6, attrs.public_ipv6) {
         (true, Some(subnet), Some(ip)) => Some(PeerFamily {
             subnet: IpNet::V6(subnet),
             public_ip: IpAddr::V6(ip),
-            vtep_mac: data.vxlan_v6.map(|d| MacAddr(d.vtep_mac.0)),
+            vtep_mac: data.vxlan_v6.map(|d| d.vtep_mac),
         }),
         _ => None,
     };

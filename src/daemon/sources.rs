@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::bail;
 use tokio::sync::mpsc;
 
-use crate::config::NetConfig;
 use crate::registry::etcd::{EtcdRegistry, RegistryError, RegistryEvent};
 use crate::registry::kube::{KubeSubnetManager, NodeEvent};
+use twill_formats::net_conf::NetConfig;
 
 use super::core::{LeaseEvent, LeaseWrite, WriteError, WriteResult};
 use super::startup::list_with_retry;

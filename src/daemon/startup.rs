@@ -9,12 +9,11 @@ use anyhow::{anyhow, Context};
 use ipnet::IpNet;
 use rand::Rng;
 use twill_backends::netlink::Netlink;
-use twill_backends::MacAddr;
-use twill_cni::subnet_env::SubnetEnv;
+use twill_formats::subnet_env::SubnetEnv;
+use twill_formats::Mac;
 use twill_runtime::backoff::retry_delays;
 
 use crate::alloc::{plan_acquire, AcquireDecision, AcquireInput, RACE_RETRIES};
-use crate::config::NetConfig;
 use crate::flags::Flags;
 use crate::health::{self, Readiness};
 use crate::iface::{self, Selection};
@@ -22,8 +21,9 @@ use crate::masq::MasqInput;
 use crate::registry::etcd::{
     EtcdOptions, EtcdRegistry, LeaseRecord, Listing, RegistryError, SUBNET_TTL,
 };
-use crate::registry::lease::{Lease, LeaseAttrs, SubnetKey, VxlanBackendData};
 use crate::traffic::{self, TrafficManager};
+use twill_formats::lease::{Lease, LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::NetConfig;
 
 use super::core::{Core, OwnLease, Retry};
 use super::dataplane::{spawn_netlink_monitor, Dataplane, PublicAddrs};
@@ -141,9 +141,7 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
     let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
     // MAC persistence: the VtepMAC this node's annotation advertises is reused (§4).
     let (m4, m6) = kube::previous_vtep_macs(&node, &ksm.annotations);
-    dataplane
-        .prepare_devices((m4.map(|m| MacAddr(m.0)), m6.map(|m| MacAddr(m.0))))
-        .await?;
+    dataplane.prepare_devices((m4, m6)).await?;
     let mut attrs = dataplane.lease_attrs(&public);
     attrs.public_ipv6 = public.v6;
     let key = ksm.acquire(&config, &attrs).await?;
@@ -328,14 +326,14 @@ pub(super) async fn list_with_retry(registry: &EtcdRegistry) -> Listing {
 fn previous_vtep_macs(
     listing: &Listing,
     public_v4: std::net::Ipv4Addr,
-) -> (Option<MacAddr>, Option<MacAddr>) {
+) -> (Option<Mac>, Option<Mac>) {
     let own = listing
         .records
         .iter()
         .find_map(|r| r.attrs.as_ref().ok().filter(|a| a.public_ip == public_v4));
     let mac = |data: Option<&serde_json::Value>| {
         data.and_then(|d| VxlanBackendData::from_json(d).ok())
-            .map(|d| MacAddr(d.vtep_mac.0))
+            .map(|d| d.vtep_mac)
     };
     match own {
         Some(a) => (

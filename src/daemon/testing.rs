@@ -2,9 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::NetConfig;
 use crate::registry::etcd::LeaseRecord;
-use crate::registry::lease::{LeaseAttrs, Mac, SubnetKey, VxlanBackendData};
+use twill_formats::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::NetConfig;
+use twill_formats::Mac;
 
 use super::core::{Core, OwnLease, Retry};
 

@@ -13,7 +13,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use twill_runtime::backoff::retry_delays;
 
-use crate::registry::lease::{
+use twill_formats::lease::{
     config_key_path, parse_subnet_key_path, subnet_key_path, LeaseAttrs, LeaseError, SubnetKey,
 };
 
