@@ -313,22 +313,30 @@ mod tests {
         );
     }
 
+    /// `GET path` on `addr`: the whole response, read until the server closes.
+    fn get(addr: SocketAddr, path: &str) -> String {
+        use std::io::Read;
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    }
+
     #[test]
     fn health_server_serves_probes_but_not_metrics() {
-        use std::io::Read;
         let mut sh = Shared::new("t");
         sh.health = Health::new(Duration::from_secs(300), Duration::from_secs(120));
         let shared = Arc::new(sh);
         let addr = serve_health("127.0.0.1:0".parse().unwrap(), shared.clone()).unwrap();
-        let get = |path: &str| {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-            let mut s = String::new();
-            c.read_to_string(&mut s).unwrap();
-            s
-        };
+        let get = |path: &str| get(addr, path);
         let r = get("/healthz");
         assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains("content-type: text/plain\r\n"),
+            "{r}"
+        );
         let r = get("/readyz");
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         assert!(r.contains("max age 120s"), "{r}");
@@ -340,21 +348,23 @@ mod tests {
 
     #[test]
     fn http_server_serves_metrics_and_404() {
-        use std::io::Read;
         let shared = Arc::new(Shared::new("t"));
         shared.metrics.rules.set(42);
         let addr = serve("127.0.0.1:0".parse().unwrap(), shared).unwrap();
-        let get = |path: &str| {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-            let mut s = String::new();
-            c.read_to_string(&mut s).unwrap();
-            s
-        };
+        let get = |path: &str| get(addr, path);
         let ok = get("/metrics");
         assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
         assert!(ok.contains("twill_policy_rules 42"), "{ok}");
-        assert!(get("/nope").starts_with("HTTP/1.1 404"));
+        assert!(
+            ok.to_ascii_lowercase().contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+            ),
+            "{ok}"
+        );
+        assert!(get("/").starts_with("HTTP/1.1 200 OK"));
+        let missing = get("/nope");
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        assert!(missing.ends_with("\r\n\r\nnot found\n"), "{missing}");
         assert!(get("/healthz").starts_with("HTTP/1.1 200 OK"));
         assert!(get("/readyz").starts_with("HTTP/1.1 503"));
     }
