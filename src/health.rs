@@ -64,18 +64,22 @@ pub fn respond(path: &str, ready: bool) -> (u16, &'static str) {
 pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz and /readyz");
+    twill_runtime::http::serve(listener, router(readiness), twill_runtime::http::DEADLINE).await;
+    Ok(())
+}
+
+/// `/healthz` and `/readyz` with flanneld's bodies; other paths get flanneld's 404.
+fn router(readiness: Readiness) -> Router {
     let answer = |path: &'static str| {
         move |State(readiness): State<Readiness>| async move {
             reply(respond(path, readiness.is_ready()))
         }
     };
-    let router = Router::new()
+    Router::new()
         .route("/healthz", any(answer("/healthz")))
         .route("/readyz", any(answer("/readyz")))
         .fallback(|| async { reply(respond("", false)) })
-        .with_state(readiness);
-    twill_runtime::http::serve(listener, router, twill_runtime::http::DEADLINE).await;
-    Ok(())
+        .with_state(readiness)
 }
 
 fn reply((code, body): (u16, &'static str)) -> Response {
@@ -105,6 +109,44 @@ mod tests {
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn served_with_flanneld_bodies_and_content_type() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let readiness = Readiness::default();
+        tokio::spawn(twill_runtime::http::serve(
+            listener,
+            router(readiness.clone()),
+            twill_runtime::http::DEADLINE,
+        ));
+        let get = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("POST {path}?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+            c.write_all(request.as_bytes()).await.unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).await.unwrap();
+            s
+        };
+        let r = get("/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nflanneld is not ready yet"), "{r}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains("content-type: text/plain; charset=utf-8\r\n"),
+            "{r}"
+        );
+        readiness.set_ready();
+        let r = get("/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nflanneld is ready"), "{r}");
+        let r = get("/healthz").await;
+        assert!(r.ends_with("\r\n\r\nflanneld is running"), "{r}");
+        let r = get("/metrics").await;
+        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\n404 page not found"), "{r}");
     }
 
     #[test]
