@@ -6,7 +6,7 @@ pub mod delegate;
 pub mod error;
 pub mod gojson;
 pub mod netconf;
-pub mod nfnl;
 pub mod plugin;
+pub mod result;
 pub mod subnet_env;
 pub mod validate;

@@ -11,11 +11,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing::{error, info, warn};
 
+use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::{compile, Options, DEFAULT_POD_BRIDGE, DEFAULT_TABLE};
+use twill_policy::enforce::{startup_plan, Applied, Enforcer, StartupPlan};
 use twill_policy::eval::{allowed, Endpoint};
 use twill_policy::metrics::{serve, serve_health, Health, Shared, LIVE_BOUND};
 use twill_policy::model::{Protocol, Snapshot};
-use twill_policy::nft::{startup_plan, Applied, Enforcer, Nft, StartupPlan};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
@@ -268,7 +269,7 @@ fn ensure_br_netfilter() {
 }
 
 /// Logs the strict-mode conntrack pass of a sync.
-fn report_conntrack(r: &twill_policy::nft::SyncReport) {
+fn report_conntrack(r: &twill_policy::enforce::SyncReport) {
     match &r.conntrack {
         None => {}
         Some(Ok(p)) if p.failed == 0 => info!(
@@ -296,7 +297,7 @@ fn report_conntrack(r: &twill_policy::nft::SyncReport) {
     }
 }
 
-fn report(r: &twill_policy::nft::SyncReport) -> bool {
+fn report(r: &twill_policy::enforce::SyncReport) -> bool {
     report_conntrack(r);
     let s = r.stats;
     match &r.applied {

@@ -27,8 +27,8 @@ use twill_cni::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::{compile, Options};
 use twill_policy::conformance::{load_scenarios, Step, NAMESPACES, PODS};
+use twill_policy::enforce::ruleset_marker;
 use twill_policy::model::Protocol;
-use twill_policy::nft::ruleset_marker;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 

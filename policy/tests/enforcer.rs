@@ -3,9 +3,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use twill_nft::Nft;
 use twill_policy::compile::Options;
 use twill_policy::conformance::{load_scenarios, step_snapshot};
-use twill_policy::nft::{Applied, Enforcer, Nft};
+use twill_policy::enforce::{Applied, Enforcer};
 
 const SCENARIOS: &str = include_str!("data/netpol-scenarios.json");
 

@@ -11,10 +11,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::Options;
 use twill_policy::conformance::{load_scenarios, step_snapshot};
+use twill_policy::enforce::{Applied, Enforcer};
 use twill_policy::model::Snapshot;
-use twill_policy::nft::{Applied, Enforcer, Nft};
 
 const SCENARIOS: &str = include_str!("data/netpol-scenarios.json");
 
