@@ -198,11 +198,8 @@ mod tests {
         assert!(delete_tables(&nft).unwrap().is_empty());
         assert_eq!(nft.calls().len(), 1);
         let nft = twill_nft::RecordingNft::new();
-        nft.reply(Ok(LISTING.into())).reply(Err(NftError::Failed {
-            args: "-f -".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: Operation not permitted".into(),
-        }));
+        nft.reply(Ok(LISTING.into()))
+            .fail("Error: Operation not permitted");
         let e = delete_tables(&nft).unwrap_err();
         assert_eq!(
             e.to_string(),

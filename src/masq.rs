@@ -186,6 +186,7 @@ pub async fn installed_rule_count(nft: &SharedNft, network: &IpNet) -> Option<us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::recording;
 
     fn input(network: &str, subnet: &str) -> MasqInput {
         MasqInput {
@@ -271,12 +272,6 @@ add rule ip flannel-ipv4 forward ip daddr 10.244.0.0/16 accept
         );
     }
 
-    fn recording() -> (std::sync::Arc<twill_nft::RecordingNft>, SharedNft) {
-        let fake = std::sync::Arc::new(twill_nft::RecordingNft::new());
-        let nft: SharedNft = fake.clone();
-        (fake, nft)
-    }
-
     #[tokio::test]
     async fn the_rule_count_comes_from_a_listing_of_the_familys_table() {
         let (fake, nft) = recording();
@@ -289,11 +284,7 @@ add rule ip flannel-ipv4 forward ip daddr 10.244.0.0/16 accept
             ["-j", "list", "table", "ip", "flannel-ipv4"].map(String::from)
         );
         // A missing table, or output that is not a listing, counts as missing.
-        fake.reply(Err(NftError::Failed {
-            args: "-j list table ip flannel-ipv4".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: No such file or directory".into(),
-        }));
+        fake.fail("Error: No such file or directory");
         assert_eq!(installed_rule_count(&nft, &network).await, None);
         fake.reply(Ok("{}".into()));
         assert_eq!(installed_rule_count(&nft, &network).await, None);
@@ -325,11 +316,7 @@ add rule ip flannel-ipv4 forward ip daddr 10.244.0.0/16 accept
         let i = input("10.244.0.0/16", "10.244.1.1/24");
         apply(&nft, &i).await.unwrap();
         assert!(fully_random_supported(&nft).await);
-        fake.reply(Err(NftError::Failed {
-            args: "-c -f -".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: syntax error".into(),
-        }));
+        fake.fail("Error: syntax error");
         assert!(!fully_random_supported(&nft).await);
         let calls = fake.calls();
         assert_eq!(calls[0].stdin, ruleset(&i));

@@ -31,15 +31,22 @@ pub async fn off_runtime<T: Send + 'static>(
     }
 }
 
+/// A recording fake for unit tests of the effectors, and the same fake as their runner.
+#[cfg(test)]
+pub fn recording() -> (Arc<twill_nft::RecordingNft>, SharedNft) {
+    let fake = Arc::new(twill_nft::RecordingNft::new());
+    let nft: SharedNft = fake.clone();
+    (fake, nft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn calls_run_off_the_runtime_and_return_their_result() {
-        let fake = Arc::new(twill_nft::RecordingNft::new());
+        let (fake, nft) = recording();
         fake.reply(Ok("listing".into()));
-        let nft: SharedNft = fake.clone();
         let out = off_runtime(&nft, |n| n.run(&["list", "tables"], "")).await;
         assert_eq!(out.unwrap(), "listing");
         assert_eq!(fake.calls()[0].args, ["list", "tables"]);

@@ -334,6 +334,7 @@ pub async fn drifted(nft: &SharedNft, applied: &GuardInput) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::recording;
 
     fn input() -> GuardInput {
         GuardInput {
@@ -643,12 +644,6 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         assert!(s.contains("udp dport 8472 ip saddr != @peers4 counter drop"));
     }
 
-    fn recording() -> (std::sync::Arc<twill_nft::RecordingNft>, SharedNft) {
-        let fake = std::sync::Arc::new(twill_nft::RecordingNft::new());
-        let nft: SharedNft = fake.clone();
-        (fake, nft)
-    }
-
     #[test]
     fn a_real_listing_of_the_guard_is_no_drift() {
         // nft 1.0.6's listing of ruleset(&listed_input()) (tests/data of the nft crate).
@@ -669,11 +664,7 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
             ["-j", "list", "table", "inet", "twill-underlay"].map(String::from)
         );
         // No table (nft fails) is drift.
-        fake.reply(Err(NftError::Failed {
-            args: "-j list table inet twill-underlay".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: No such file or directory".into(),
-        }));
+        fake.fail("Error: No such file or directory");
         assert!(drifted(&nft, &listed_input()).await);
     }
 
@@ -685,11 +676,7 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         let Update::Delta(delta) = update(Some(&input()), &next) else {
             panic!("a peer change is a delta");
         };
-        fake.reply(Err(NftError::Failed {
-            args: "-f -".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: Could not process rule: No such file or directory".into(),
-        }));
+        fake.fail("Error: Could not process rule: No such file or directory");
         let applied = apply_update(&nft, Update::Delta(delta.clone()), next.clone())
             .await
             .unwrap();

@@ -405,21 +405,13 @@ mod tests {
         );
         // No table: nothing at all is applied.
         let nft = twill_nft::RecordingNft::new();
-        nft.reply(Err(NftError::Failed {
-            args: "-j list table bridge twill-antispoof".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: No such file or directory".into(),
-        }));
+        nft.fail("Error: No such file or directory");
         prune_with(&nft, |_| false).unwrap();
         assert_eq!(nft.calls().len(), 1);
         // A rejected transaction is a CNI error with nft's message.
         let nft = twill_nft::RecordingNft::new();
         nft.reply(Ok(LISTING.to_string()))
-            .reply(Err(NftError::Failed {
-                args: "-f -".into(),
-                status: "exit status: 1".into(),
-                stderr: "Error: Could not process rule".into(),
-            }));
+            .fail("Error: Could not process rule");
         let e = prune_with(&nft, |_| true).unwrap_err();
         assert_eq!(e.msg, "anti-spoofing rules: Error: Could not process rule");
     }

@@ -127,28 +127,36 @@ impl Listing {
     }
 
     pub fn tables(&self) -> impl Iterator<Item = &Table> {
-        self.nftables.iter().filter_map(|i| i.table.as_ref())
+        self.each(|i| i.table.as_ref())
     }
 
     pub fn chains(&self) -> impl Iterator<Item = &Chain> {
-        self.nftables.iter().filter_map(|i| i.chain.as_ref())
+        self.each(|i| i.chain.as_ref())
     }
 
     /// The sets, without the maps.
     pub fn sets(&self) -> impl Iterator<Item = &Set> {
-        self.nftables.iter().filter_map(|i| i.set.as_ref())
+        self.each(|i| i.set.as_ref())
     }
 
     pub fn maps(&self) -> impl Iterator<Item = &Set> {
-        self.nftables.iter().filter_map(|i| i.map.as_ref())
+        self.each(|i| i.map.as_ref())
     }
 
     pub fn rules(&self) -> impl Iterator<Item = &Rule> {
-        self.nftables.iter().filter_map(|i| i.rule.as_ref())
+        self.each(|i| i.rule.as_ref())
     }
 
     pub fn counters(&self) -> impl Iterator<Item = &Counter> {
-        self.nftables.iter().filter_map(|i| i.counter.as_ref())
+        self.each(|i| i.counter.as_ref())
+    }
+
+    /// The objects of one kind, in listing order.
+    fn each<'a, T: 'a>(
+        &'a self,
+        kind: impl Fn(&'a Item) -> Option<&'a T>,
+    ) -> impl Iterator<Item = &'a T> {
+        self.nftables.iter().filter_map(kind)
     }
 
     /// The set named `name`, if listed.

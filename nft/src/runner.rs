@@ -168,7 +168,15 @@ pub struct Call {
 #[derive(Debug, Default)]
 pub struct RecordingNft {
     calls: Mutex<Vec<Call>>,
-    replies: Mutex<VecDeque<Result<String, NftError>>>,
+    replies: Mutex<VecDeque<Canned>>,
+}
+
+/// A queued answer of a [`RecordingNft`].
+#[derive(Debug)]
+enum Canned {
+    Reply(Result<String, NftError>),
+    /// nft's exit status 1 with this stderr, for whatever the call's arguments are.
+    Fail(String),
 }
 
 impl RecordingNft {
@@ -178,10 +186,19 @@ impl RecordingNft {
 
     /// Queues the answer to a later call.
     pub fn reply(&self, reply: Result<String, NftError>) -> &Self {
+        self.queue(Canned::Reply(reply))
+    }
+
+    /// Queues a failure of a later call as nft reports one: exit status 1, `stderr`.
+    pub fn fail(&self, stderr: &str) -> &Self {
+        self.queue(Canned::Fail(stderr.to_string()))
+    }
+
+    fn queue(&self, canned: Canned) -> &Self {
         self.replies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(reply);
+            .push_back(canned);
         self
     }
 
@@ -209,11 +226,20 @@ impl NftRunner for RecordingNft {
                 args: args.iter().map(|a| a.to_string()).collect(),
                 stdin: stdin.to_string(),
             });
-        self.replies
+        let canned = self
+            .replies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .pop_front()
-            .unwrap_or_else(|| Ok(String::new()))
+            .pop_front();
+        match canned {
+            None => Ok(String::new()),
+            Some(Canned::Reply(reply)) => reply,
+            Some(Canned::Fail(stderr)) => Err(NftError::Failed {
+                args: args.join(" "),
+                status: "exit status: 1".to_string(),
+                stderr,
+            }),
+        }
     }
 }
 
@@ -269,17 +295,9 @@ mod tests {
     #[test]
     fn missing_tables_are_told_apart_from_failures() {
         let fake = RecordingNft::new();
-        fake.reply(Err(NftError::Failed {
-            args: "-t list table inet x".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: No such file or directory".into(),
-        }))
-        .reply(Ok("table inet x {}".into()))
-        .reply(Err(NftError::Failed {
-            args: "-t list table inet x".into(),
-            status: "exit status: 1".into(),
-            stderr: "Error: Operation not permitted".into(),
-        }));
+        fake.fail("Error: No such file or directory")
+            .reply(Ok("table inet x {}".into()))
+            .fail("Error: Operation not permitted");
         assert!(!fake.table_exists("inet", "x").unwrap());
         assert!(fake.table_exists("inet", "x").unwrap());
         assert!(fake.table_exists("inet", "x").is_err());
