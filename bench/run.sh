@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every benchmark (release build, root: each builds its own namespace lab) and writes the
-# table to bench/RESULTS.md with the date and the machine. Copy the table into the README.
+# Runs every benchmark (release build, root: each builds its own namespace lab) and adds the run
+# (date, machine, command, one table) to the top of bench/RESULTS.md's runs, which keeps every
+# earlier run below it. The README's Benchmarks section shows the newest run's table: copy it there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -11,8 +12,12 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --quiet -p twill-cni --bins --target "$triple"
 static_cni="$PWD/target/$triple/release/twill-cni"
 out=bench/RESULTS.md
+run="$(mktemp)"
+trap 'rm -f "$run" "$out.tmp"' EXIT
 {
-  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')."
+  echo "## Run of $(date -u '+%Y-%m-%d %H:%M') UTC"
+  echo
+  echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'); \`bench/run.sh\` at $(git rev-parse --short HEAD 2>/dev/null || echo 'an unknown commit')."
   echo
   echo "| benchmark | twill | peer or limit | ratio | target | |"
   echo "|---|---|---|---|---|---|"
@@ -22,6 +27,13 @@ out=bench/RESULTS.md
   if [ -x target/release/policy_scale ]; then
     target/release/policy_scale --rounds 9 --seconds 4
   fi
-} | tee "$out.tmp"
+  echo
+} | tee "$run"
+# The new run goes before the first earlier one ("## Run of ..."), or at the end if there is none.
+awk -v run="$run" '
+  !done && /^## Run of / { while ((getline line < run) > 0) print line; done = 1 }
+  { print }
+  END { if (!done) while ((getline line < run) > 0) print line }
+' "$out" > "$out.tmp"
 mv "$out.tmp" "$out"
-echo "wrote $out"
+echo "added the run to $out"

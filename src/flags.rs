@@ -1,4 +1,4 @@
-//! flanneld's command line, flag for flag (shared/spec/flannel-compat.md §8), plus twill's own
+//! flanneld's command line, flag for flag (flanneld's `main.go` flag set), plus twill's own
 //! additions. Every flag also comes from `FLANNELD_<UPPER_SNAKE>` when not given on the command
 //! line, and Go's single-dash spelling (`-iface=eth0`) is accepted, so existing unit files and
 //! manifests work unchanged.

@@ -1,4 +1,4 @@
-//! External interface and public IP selection, as flanneld does it (§8): `--iface` entries in
+//! External interface and public IP selection, as flanneld does it: `--iface` entries in
 //! order (name or IP), then `--iface-regex` (matched against addresses first, then names), then
 //! `--iface-can-reach`, else the interface holding `--public-ip`, else the default route's.
 //! The choice is a pure function of a snapshot of links, addresses and routes.

@@ -1,4 +1,4 @@
-//! Flannel's iptables traffic manager (`EnableNFTables` false or absent, the default; §7):
+//! Flannel's iptables traffic manager (`EnableNFTables` false or absent, the default):
 //! masquerade rules in `nat FLANNEL-POSTRTG`, forward rules in `filter FLANNEL-FWD`, each
 //! chain entered by one jump at the end of `POSTROUTING` / `FORWARD`, rules commented
 //! `flanneld masq` / `flanneld forward`, for IPv4 (iptables) and IPv6 (ip6tables).
@@ -615,7 +615,7 @@ mod tests {
             .collect::<String>()
     }
 
-    /// shared/spec/flannel-compat.md §7 (Flannel's e2e/rules.go), byte for byte.
+    /// Flannel's rules as its e2e/rules.go expects them in `iptables-save`, byte for byte.
     #[test]
     fn masq_rules_are_flannels_iptables_save_text() {
         let rules = masq_rules(net("10.244.0.0/16"), net("10.244.1.1/24"), true);

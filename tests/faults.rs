@@ -1,4 +1,4 @@
-//! Fault-injection lab tests (issue 7): etcd outage with changes, compaction and a renewal due
+//! Fault-injection lab tests: etcd outage with changes, compaction and a renewal due
 //! during it; a peer re-created with a new MAC and public IP; twilld killed at random points of
 //! its start-up; subnet.env's directory read-only or full. Root only; skipped outside CI.
 

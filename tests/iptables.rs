@@ -1,6 +1,6 @@
-//! Lab tests of twilld's traffic managers (issue 12, item 4): `EnableNFTables` false or absent
+//! Lab tests of twilld's traffic managers: `EnableNFTables` false or absent
 //! (Flannel's default) puts Flannel's iptables chains in place, byte for byte as
-//! `iptables-save` shows Flannel's (shared/spec/flannel-compat.md §7); a rule deleted by hand
+//! `iptables-save` shows Flannel's (Flannel's e2e/rules.go); a rule deleted by hand
 //! comes back; switching the mode removes the other mode's rules; masquerade really happens.
 //! Root only; everything inside the lab's namespaces (`ip netns exec NS iptables-save`).
 
@@ -16,7 +16,7 @@ const NFTABLES_MODE: &str =
     r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
 
 /// Flannel's `nat` rules for Network `n` and pod subnet `p` as `iptables-save` lists them
-/// (spec §7, Flannel's e2e/rules.go), with the chain's declaration line.
+/// (Flannel's e2e/rules.go), with the chain's declaration line.
 fn golden_nat(n: &str, p: &str) -> Vec<String> {
     let c = r#"-m comment --comment "flanneld masq""#;
     vec![

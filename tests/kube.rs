@@ -1,4 +1,4 @@
-//! Lab tests of twilld in Kubernetes mode (issue 5, "must be shown" 1, 2, 3, 5 and 6): the fake
+//! Lab tests of twilld in Kubernetes mode: the fake
 //! API server (`twill-fake-apiserver`) runs in the lab's switch namespace on 198.18.0.1:6443,
 //! twilld runs on each node with `--kube-subnet-mgr --kube-api-url=...` and `NODE_NAME`. The
 //! test drives the API server through its Unix control socket (no packet leaves a lab

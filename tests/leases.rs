@@ -24,7 +24,7 @@ fn reservation_is_used_and_stays_a_reservation() {
     let mut c = cluster("rsv", &["n1", "n2"], VXLAN);
     let reserved: Ipv4Net = "10.244.77.0/24".parse().unwrap();
     let n1 = c.lab.node("n1").addr;
-    // Documentation/reservations.md: a subnet key written without an etcd lease.
+    // Flannel's Documentation/reservations.md: a subnet key written without an etcd lease.
     c.lab
         .etcdctl(&[
             "put",

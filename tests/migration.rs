@@ -1,4 +1,4 @@
-//! Migration in place, both ways (issue 12, item 5): a node in exactly the state Flannel leaves
+//! Migration in place, both ways: a node in exactly the state Flannel leaves
 //! is switched to twill and back to that state while one of its pods pings a pod on a twill
 //! peer every 10 ms. No probe may be lost (a restart of Flannel itself loses none: it keeps
 //! device, entries and lease), and afterwards the node's state must equal what it was under
@@ -6,7 +6,8 @@
 //!
 //! flanneld cannot run here (no Go toolchain or module proxy to build it), so "the state
 //! Flannel leaves" and "Flannel starting" are made by hand, step for step, from
-//! shared/spec/flannel-compat.md and flannel's `pkg/trafficmngr`: see `twill_lab::flannel`.
+//! flannel's source (`pkg/subnet/etcd`, `pkg/backend/vxlan`, `pkg/trafficmngr`): see
+//! `twill_lab::flannel`.
 //! Flannel's CNI plugin is likewise played by the reference bridge plugin called with the
 //! delegate config Flannel's plugin hands it (and, for DEL, the config it saved).
 //!

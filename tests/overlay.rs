@@ -1,4 +1,4 @@
-//! Lab tests of twilld in etcd mode (issue 2, "must be shown" 1-5): real etcd, real netlink,
+//! Lab tests of twilld in etcd mode: real etcd, real netlink,
 //! real nft and iptables, every test in namespaces of its own. Root only; skipped with a message outside CI.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Lab tests of the underlay guard (`inet twill-underlay`, issue 7): VXLAN accepted only from
+//! Lab tests of the underlay guard (`inet twill-underlay`): VXLAN accepted only from
 //! current peers (flannel#961), pods kept off every VXLAN port and unable to spoof their
 //! source, routed pod traffic only from peers' subnets. Each attack is also shown to work
 //! without twill's table, the way a Flannel node is exposed. Root only; skipped outside CI.

@@ -21,7 +21,7 @@ pub struct Topology {
     /// Prefixes connected on the external interface: a peer inside one is on-link (host-gw and
     /// DirectRouting need that).
     pub external_prefixes: Vec<IpNet>,
-    /// Whether flannel.<VNI> / flannel-v6.<VNI> exist (VXLAN, per enabled family).
+    /// Whether `flannel.<VNI>` / `flannel-v6.<VNI>` exist (VXLAN, per enabled family).
     pub vxlan4: bool,
     pub vxlan6: bool,
 }

@@ -5,7 +5,7 @@
 //! * [`reconcile`] — a pure diff of that desired state against the observed one, giving a short,
 //!   ordered list of [`reconcile::Op`]s;
 //! * [`netlink`] — the thin, idempotent effector that observes the kernel and applies the ops;
-//! * [`vxlan`] and [`hostgw`] — the per-backend device handling (flannel.<VNI>, the external link).
+//! * [`vxlan`] and [`hostgw`] — the per-backend device handling (`flannel.<VNI>`, the external link).
 //!
 //! Nothing here knows about etcd or Kubernetes: peers arrive as plain [`model::PeerLease`]s.
 

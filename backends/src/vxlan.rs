@@ -1,4 +1,4 @@
-//! flannel.<VNI> and flannel-v6.<VNI>: the VXLAN devices, created or reused as Flannel does.
+//! `flannel.<VNI>` and `flannel-v6.<VNI>`: the VXLAN devices, created or reused as Flannel does.
 //!
 //! A device that already exists with a compatible configuration is kept as it is, MAC and
 //! entries included, so a restarted daemon does not disturb traffic; an incompatible one is

@@ -116,7 +116,7 @@ impl Node {
     }
 
     /// Flannel's default conflist plugin entry as the runtime passes it (name and cniVersion
-    /// injected), with the per-node paths of DESIGN.md.
+    /// injected), with every per-node path (subnet.env, data dirs) under the test's directory.
     fn conf(&self, delegate: &str) -> String {
         format!(
             r#"{{"cniVersion":"0.3.1","name":"cbr0","type":"flannel","delegate":{delegate},"subnetFile":"{}","dataDir":"{}","ipam":{{"dataDir":"{}"}}}}"#,

@@ -1,4 +1,4 @@
-//! The image runs as kube-flannel.yml says (issue 12, item 3): the DaemonSet of
+//! The image runs as kube-flannel.yml says: the DaemonSet of
 //! kube-flannel.yml, read from the file, runs from the image under test (env `TWILL_IMAGE`) on
 //! each node of a 3-node lab through the lab's kubelet (`kubelet/`): init containers, then
 //! containers, with the manifest's command, args, env, privileges and volumes, against the

@@ -3,8 +3,8 @@
 //!
 //! flanneld itself cannot run here (no Go toolchain or module proxy), so [`Lab::flannel_start`]
 //! does, step by step and in flanneld's order, what flanneld v0.28.9 does when it starts on a
-//! VXLAN node in etcd mode, from the formats in shared/spec/flannel-compat.md (§2, §4, §6, §7)
-//! and flannel's `pkg/trafficmngr`: keep a compatible `flannel.1` (or create it), write the
+//! VXLAN node in etcd mode, following flannel's `pkg/subnet/etcd` (the lease), `pkg/backend/vxlan`
+//! (the device and the peers) and `pkg/trafficmngr` (the rules): keep a compatible `flannel.1` (or create it), write the
 //! lease again under a new 24 h etcd lease, address the device, install the masquerade and
 //! forward rules of the configured mode after deleting the other mode's, write subnet.env,
 //! program every peer (permanent neighbour, FDB entry, onlink route).
@@ -23,7 +23,7 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{run, CniCall, Ipv4Net, Lab};
+use crate::{run, Ipv4Net, Lab, Node};
 
 /// Where flanneld puts its masquerade and forward rules (`EnableNFTables` in net-conf.json).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,8 +226,8 @@ fn iptables_rules(
     out
 }
 
-/// The config Flannel's CNI plugin hands the bridge plugin for its default conflist (§9
-/// step 3), with host-local's state under `ipam_dir` so the lab removes it.
+/// The config Flannel's CNI plugin hands the bridge plugin for its default conflist (the
+/// delegate it builds from subnet.env), with host-local's state under `ipam_dir` so the lab removes it.
 pub fn flannel_delegate_netconf(
     network: Ipv4Net,
     subnet: Ipv4Net,
@@ -427,6 +427,128 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Sets up `node` exactly as flanneld would with VXLAN: `flannel.1` (VNI 1, local = the
+    /// node's underlay address, port 8472, no learning, MTU 1450) with `mac`, up, and the
+    /// lease's base address `<subnet>.0/32`. For tests and benchmarks that need a Flannel node
+    /// or the hand-made reference topology.
+    pub fn flannel_by_hand(&self, node: &str, subnet: Ipv4Net, mac: &str) -> Result<()> {
+        let n = self.node_checked(node)?;
+        self.create_flannel_device(&n, mac)?;
+        self.exec_ok(&n.netns, &["ip", "link", "set", "flannel.1", "up"])?;
+        self.exec_ok(
+            &n.netns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/32", subnet.network()),
+                "dev",
+                "flannel.1",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// What flanneld programs on `node` for one VXLAN peer, in Flannel's order: permanent
+    /// neighbour, FDB entry, onlink route.
+    pub fn flannel_peer_by_hand(
+        &self,
+        node: &str,
+        peer_subnet: Ipv4Net,
+        peer_mac: &str,
+        peer_addr: Ipv4Addr,
+    ) -> Result<()> {
+        let ns = self.node_checked(node)?.netns.clone();
+        let base = peer_subnet.network().to_string();
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &base,
+                "lladdr",
+                peer_mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        self.exec_ok(
+            &ns,
+            &[
+                "bridge",
+                "fdb",
+                "replace",
+                peer_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &peer_addr.to_string(),
+                "self",
+                "permanent",
+            ],
+        )?;
+        self.exec_ok(
+            &ns,
+            &[
+                "ip",
+                "route",
+                "replace",
+                &peer_subnet.trunc().to_string(),
+                "via",
+                &base,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Creates `flannel.1` on `node` as flanneld's VXLAN backend does: VNI 1, local = the
+    /// node's underlay address on its underlay interface, port 8472, no learning, with `mac`
+    /// and MTU [`FLANNEL_MTU`]. It is left down and without an address: what follows differs
+    /// between [`Lab::flannel_start`] and [`Lab::flannel_by_hand`].
+    fn create_flannel_device(&self, node: &Node, mac: &str) -> Result<()> {
+        let local = node.addr.to_string();
+        self.exec_ok(
+            &node.netns,
+            &[
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                &node.ifname,
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        )?;
+        self.exec_ok(
+            &node.netns,
+            &[
+                "ip",
+                "link",
+                "set",
+                "flannel.1",
+                "address",
+                mac,
+                "mtu",
+                &FLANNEL_MTU.to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Does on `f.node` what flanneld does when it starts (see the module doc), with `peers`
     /// as its lease watch reports them. Running it again on a node that holds Flannel's state
     /// is flanneld restarting: the device is kept, the lease re-put, the rules re-applied.
@@ -436,40 +558,7 @@ impl Lab {
         // 1. The device: kept when compatible, else (re)created with the VTEP MAC.
         if !self.flannel_device_compatible(&ns, node.addr)? {
             let _ = self.exec(&ns, &["ip", "link", "del", "flannel.1"]);
-            let local = node.addr.to_string();
-            self.exec_ok(
-                &ns,
-                &[
-                    "ip",
-                    "link",
-                    "add",
-                    "flannel.1",
-                    "type",
-                    "vxlan",
-                    "id",
-                    "1",
-                    "local",
-                    &local,
-                    "dev",
-                    &node.ifname,
-                    "dstport",
-                    "8472",
-                    "nolearning",
-                ],
-            )?;
-            self.exec_ok(
-                &ns,
-                &[
-                    "ip",
-                    "link",
-                    "set",
-                    "flannel.1",
-                    "address",
-                    &f.vtep_mac,
-                    "mtu",
-                    &FLANNEL_MTU.to_string(),
-                ],
-            )?;
+            self.create_flannel_device(&node, &f.vtep_mac)?;
             self.exec_ok(
                 &ns,
                 &["sysctl", "-qw", "net.ipv6.conf.flannel/1.accept_ra=0"],
@@ -647,37 +736,6 @@ impl Lab {
         }
         self.ns_stdin(ns, &["iptables-restore", "--noflush", "--wait"], &payload)
             .map(|_| ())
-    }
-
-    /// Removes a CNI pod with a plugin other than the one that added it: runs `bin` with
-    /// `CNI_COMMAND=DEL` and `netconf` (e.g. the bridge plugin with the delegate config
-    /// Flannel's plugin saved, which is what Flannel's plugin does for a pod twill-cni added),
-    /// then deletes the pod's namespace.
-    pub fn del_cni_pod_with(&mut self, pod: &str, bin: &Path, netconf: &str) -> Result<()> {
-        let i = self
-            .pods
-            .iter()
-            .position(|p| p.name == pod)
-            .ok_or_else(|| anyhow!("lab {} has no pod {pod:?}", self.prefix))?;
-        let p = self.pods[i].clone();
-        let cni = p
-            .cni
-            .as_ref()
-            .ok_or_else(|| anyhow!("pod {pod} was not added through CNI"))?;
-        let node_ns = self.ns(&p.node);
-        self.cni_invoke(
-            "DEL",
-            CniCall {
-                node_ns: &node_ns,
-                pod: &p.name,
-                pod_ns: &p.netns,
-                container_id: &cni.container_id,
-                bin,
-                netconf,
-            },
-        )?;
-        self.pods.remove(i);
-        run::ip(&["netns", "del", &p.netns]).map(|_| ())
     }
 
     /// Captures `node`'s observable state, normalised (see [`NodeSnapshot`]): `nft list

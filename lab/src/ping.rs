@@ -63,7 +63,7 @@ impl Pinger {
     }
 
     /// Waits until probe `seq` or a later one has been answered (so traffic has flowed up to
-    /// that point); panics after [`DEADLINE`] or if ping stopped.
+    /// that point); panics after `DEADLINE` (30 s) or if ping stopped.
     pub fn wait_answered(&self, lab: &mut Lab, seq: u64) {
         let start = Instant::now();
         while self.last_answered(lab) < seq {

@@ -1,5 +1,4 @@
 pub mod compile;
-pub mod conformance;
 pub mod conntrack;
 pub mod counters;
 pub mod enforce;

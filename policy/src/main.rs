@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::{compile, Options, DEFAULT_POD_BRIDGE, DEFAULT_TABLE};
-use twill_policy::enforce::{startup_plan, Applied, Enforcer, StartupPlan};
+use twill_policy::enforce::{startup_plan, Applied, Enforcer, StartupPlan, SyncReport};
 use twill_policy::eval::{allowed, Endpoint};
 use twill_policy::metrics::{serve, serve_health, Health, Shared, LIVE_BOUND};
 use twill_policy::model::{Protocol, Snapshot};
@@ -75,9 +75,14 @@ struct Common {
     strict_mode: bool,
 }
 
+/// A value of --pod-bridge that is no interface name.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not an interface name (1-15 bytes, no '/', quotes or whitespace)")]
+struct BadInterfaceName(String);
+
 /// A Linux interface name: 1 to 15 bytes, no '/', no whitespace, not "." or "..", and
 /// nothing nft would need to escape.
-fn interface_name(s: &str) -> Result<String, String> {
+fn interface_name(s: &str) -> Result<String, BadInterfaceName> {
     let bad = s.is_empty()
         || s.len() > 15
         || s == "."
@@ -85,9 +90,7 @@ fn interface_name(s: &str) -> Result<String, String> {
         || s.chars()
             .any(|c| c == '/' || c == '"' || c == '\\' || c.is_whitespace() || c.is_control());
     if bad {
-        Err(format!(
-            "{s:?} is not an interface name (1-15 bytes, no '/', quotes or whitespace)"
-        ))
+        Err(BadInterfaceName(s.to_string()))
     } else {
         Ok(s.to_string())
     }
@@ -269,7 +272,7 @@ fn ensure_br_netfilter() {
 }
 
 /// Logs the strict-mode conntrack pass of a sync.
-fn report_conntrack(r: &twill_policy::enforce::SyncReport) {
+fn log_conntrack(r: &SyncReport) {
     match &r.conntrack {
         None => {}
         Some(Ok(p)) if p.failed == 0 => info!(
@@ -297,8 +300,9 @@ fn report_conntrack(r: &twill_policy::enforce::SyncReport) {
     }
 }
 
-fn report(r: &twill_policy::enforce::SyncReport) -> bool {
-    report_conntrack(r);
+/// Logs what a sync reports it did (its conntrack pass, what it loaded, its errors).
+fn log_sync(r: &SyncReport) {
+    log_conntrack(r);
     let s = r.stats;
     match &r.applied {
         Applied::Full => {
@@ -311,7 +315,6 @@ fn report(r: &twill_policy::enforce::SyncReport) -> bool {
                 "applied ruleset in {:?}",
                 r.duration
             );
-            true
         }
         Applied::Incremental => {
             info!(
@@ -325,21 +328,27 @@ fn report(r: &twill_policy::enforce::SyncReport) -> bool {
                 "applied ruleset incrementally in {:?}",
                 r.duration
             );
-            true
         }
-        Applied::Unchanged => true,
+        Applied::Unchanged => {}
         Applied::FailClosed { error } => {
             error!("apply failed: {error}; installed the fail-closed table (selected pods refuse new connections)");
-            false
         }
         Applied::Failed {
             error,
             fail_closed_error,
         } => {
             error!("apply failed: {error}; fail-closed table also failed: {fail_closed_error}; the previously loaded table stays");
-            false
         }
     }
+}
+
+/// Whether the sync left the full ruleset loaded (not the isolation-only table, not an
+/// older table).
+fn full_ruleset_loaded(r: &SyncReport) -> bool {
+    matches!(
+        r.applied,
+        Applied::Full | Applied::Incremental | Applied::Unchanged
+    )
 }
 
 /// Longest wait of the run loop between two passes, so that /healthz sees it come round.
@@ -496,8 +505,12 @@ fn cmd_run(
             changed = src.wait_change(Duration::from_secs(1));
             continue;
         };
-        let r = shared.sync(&mut enf, s);
-        if !report(&r) {
+        // The named drop counters survive the update and are read at scrape time: nothing
+        // reads the table here.
+        let r = enf.sync(s);
+        shared.metrics.observe(&r);
+        log_sync(&r);
+        if !full_ruleset_loaded(&r) {
             // Retry soon: the next pass reapplies since nothing was recorded as loaded.
             changed = src.wait_change(Duration::from_secs(1));
             continue;
@@ -574,7 +587,9 @@ fn cmd_apply(common: &Common, check: bool) -> Result<()> {
     ensure_br_netfilter();
     let mut enf = Enforcer::new(nft, &node, options(common)?);
     enf.strict = common.strict_mode;
-    if report(&enf.sync(&snap)) {
+    let r = enf.sync(&snap);
+    log_sync(&r);
+    if full_ruleset_loaded(&r) {
         Ok(())
     } else {
         bail!("the full ruleset could not be applied")
@@ -627,7 +642,7 @@ fn endpoint<'a>(snap: &'a Snapshot, s: &str) -> Result<Endpoint<'a>> {
 
 fn parse_port(s: &str) -> Result<(u16, Protocol)> {
     let (n, p) = match s.split_once('/') {
-        Some((n, p)) => (n, p.parse::<Protocol>().map_err(|e| anyhow!(e))?),
+        Some((n, p)) => (n, p.parse::<Protocol>()?),
         None => (s, Protocol::Tcp),
     };
     let n: u16 = n
@@ -697,6 +712,33 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_checked_and_bad_ones_named() {
+        assert_eq!(interface_name("cni0").unwrap(), "cni0");
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "with space",
+            "quote\"",
+            "sixteen-bytes-xx",
+        ] {
+            let e = interface_name(bad).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{bad:?} is not an interface name (1-15 bytes, no '/', quotes or whitespace)"
+                )
+            );
         }
     }
 }

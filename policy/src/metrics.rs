@@ -33,7 +33,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::counters;
-use crate::enforce::{Applied, Enforcer, SyncReport};
+use crate::enforce::{Applied, SyncReport};
 use crate::model::Snapshot;
 
 type Labels = Vec<(String, String)>;
@@ -136,8 +136,10 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Records one sync.
-    pub fn record_sync(&self, r: &SyncReport) {
+    /// Records what one sync reports it did: its duration, its result, the size of the
+    /// ruleset it loaded, and its errors. Only updates the values served; the sync loop
+    /// calls it with the report the enforcer returned.
+    pub fn observe(&self, r: &SyncReport) {
         self.sync_duration.observe(r.duration.as_secs_f64());
         let result = match &r.applied {
             Applied::Full => "full",
@@ -374,14 +376,6 @@ impl Shared {
         }
     }
 
-    /// Syncs `snap` through `enf` and records it. Nothing is read from the table here:
-    /// the named drop counters survive the update and are read at scrape time.
-    pub fn sync(&self, enf: &mut Enforcer, snap: &Snapshot) -> SyncReport {
-        let r = enf.sync(snap);
-        self.metrics.record_sync(&r);
-        r
-    }
-
     /// The exposition, with fresh drop counters (one netlink dump of the table's counter
     /// objects; a failure is logged and the last totals are served).
     pub fn scrape(&self) -> String {
@@ -519,7 +513,7 @@ mod tests {
     #[test]
     fn text_exposition_has_every_metric() {
         let m = Metrics::new();
-        m.record_sync(&SyncReport {
+        m.observe(&SyncReport {
             applied: Applied::Full,
             stats: Stats {
                 chains: 4,
@@ -533,7 +527,7 @@ mod tests {
             changed_elements: 0,
             conntrack: None,
         });
-        m.record_sync(&SyncReport {
+        m.observe(&SyncReport {
             applied: Applied::FailClosed {
                 error: "boom".into(),
             },
@@ -579,6 +573,76 @@ mod tests {
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    fn report(applied: Applied, stats: Stats) -> SyncReport {
+        SyncReport {
+            applied,
+            stats,
+            duration: Duration::from_millis(3),
+            changed_chains: vec![],
+            changed_elements: 0,
+            conntrack: None,
+        }
+    }
+
+    #[test]
+    fn observe_records_each_kind_of_sync() {
+        let m = Metrics::new();
+        let stats = |rules| Stats {
+            rules,
+            ..Stats::default()
+        };
+        let value = |text: &str, name: &str| -> Option<String> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
+        };
+        m.observe(&report(Applied::Full, stats(10)));
+        m.observe(&report(Applied::Incremental, stats(12)));
+        m.observe(&report(Applied::Unchanged, stats(12)));
+        let text = m.render();
+        assert_eq!(value(&text, "twill_policy_rules").as_deref(), Some("12"));
+        assert_eq!(
+            value(&text, "twill_policy_fail_closed").as_deref(),
+            Some("0")
+        );
+        assert!(!text.contains("twill_policy_sync_errors_total{"), "{text}");
+        // A rejected ruleset: the isolation table is loaded, the last sizes stay.
+        let error = "boom".to_string();
+        m.observe(&report(Applied::FailClosed { error }, Stats::default()));
+        let text = m.render();
+        assert_eq!(value(&text, "twill_policy_rules").as_deref(), Some("12"));
+        assert_eq!(
+            value(&text, "twill_policy_fail_closed").as_deref(),
+            Some("1")
+        );
+        // Both rejected: an error of each kind, and the fail-closed gauge as it was.
+        let failed = Applied::Failed {
+            error: "boom".into(),
+            fail_closed_error: "bang".into(),
+        };
+        m.observe(&report(failed, Stats::default()));
+        // Recovery clears the fail-closed gauge and takes the new sizes.
+        m.observe(&report(Applied::Full, stats(7)));
+        let text = m.render();
+        for (name, want) in [
+            ("twill_policy_syncs_total{result=\"full\"}", "2"),
+            ("twill_policy_syncs_total{result=\"incremental\"}", "1"),
+            ("twill_policy_syncs_total{result=\"unchanged\"}", "1"),
+            ("twill_policy_syncs_total{result=\"fail_closed\"}", "1"),
+            ("twill_policy_syncs_total{result=\"failed\"}", "1"),
+            ("twill_policy_sync_errors_total{kind=\"apply\"}", "2"),
+            ("twill_policy_sync_errors_total{kind=\"fail_closed\"}", "1"),
+            ("twill_policy_sync_duration_seconds_count", "6"),
+            ("twill_policy_rules", "7"),
+            ("twill_policy_fail_closed", "0"),
+        ] {
+            assert_eq!(
+                value(&text, name).as_deref(),
+                Some(want),
+                "{name} in:\n{text}"
+            );
         }
     }
 

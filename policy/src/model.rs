@@ -26,21 +26,14 @@ pub type Labels = BTreeMap<String, String>;
 pub const NS_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// A validation error: which field, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
 pub struct FieldError {
     /// Path of the field, e.g. `spec.ingress[0].from[1].ipBlock.cidr`.
     pub field: String,
     /// What is wrong.
     pub message: String,
 }
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for FieldError {}
 
 fn ferr(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
@@ -351,14 +344,19 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// A protocol name other than TCP, UDP or SCTP (any case).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown protocol {0:?} (want TCP, UDP or SCTP)")]
+pub struct UnknownProtocol(pub String);
+
 impl std::str::FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownProtocol;
+    fn from_str(s: &str) -> Result<Self, UnknownProtocol> {
         match s.to_ascii_uppercase().as_str() {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(format!("unknown protocol {s:?} (want TCP, UDP or SCTP)")),
+            _ => Err(UnknownProtocol(s.to_string())),
         }
     }
 }
@@ -1723,5 +1721,16 @@ mod tests {
         };
         assert!(!s.peer_selects_pod(&own, "b", s.pod("b/p2").unwrap()));
         assert!(s.is_broken("b") && !s.is_broken("a"));
+    }
+
+    #[test]
+    fn protocols_parse_in_any_case_and_others_are_named_in_the_error() {
+        assert_eq!("udp".parse::<Protocol>(), Ok(Protocol::Udp));
+        assert_eq!("Sctp".parse::<Protocol>(), Ok(Protocol::Sctp));
+        let e = "icmp".parse::<Protocol>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"unknown protocol "icmp" (want TCP, UDP or SCTP)"#
+        );
     }
 }

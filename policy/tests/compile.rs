@@ -7,12 +7,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use twill_policy::compile::{compile, Decision, Options};
-use twill_policy::conformance::{
-    ipv4_of, ipv6_of, load_scenarios, node_of, pairs, step_snapshot, step_uses_ips,
-};
 use twill_policy::eval::{allowed, Endpoint};
-
-const SCENARIOS: &str = include_str!("data/netpol-scenarios.json");
+use twill_policy_testkit::conformance::{
+    ipv4_of, ipv6_of, load_scenarios, node_of, pairs, step_snapshot, step_uses_ips, SCENARIOS,
+};
 
 fn split(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap()

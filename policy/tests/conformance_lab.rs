@@ -1,5 +1,5 @@
 //! Root-only: the upstream NetworkPolicy conformance scenarios (S01-S40 and their UDP
-//! variants, networkpolicy.md §3) on a real twill cluster in the lab.
+//! variants, in `tests/data/netpol-scenarios.json`) on a real twill cluster in the lab.
 //!
 //! etcd on the switch; three nodes running twilld (VXLAN, --ip-masq) as
 //! tests/common/mod.rs does for twilld's own tests; the nine pods x/a .. z/c attached
@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,11 +26,11 @@ use serde_json::{json, Value};
 use twill_cni::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::{compile, Options};
-use twill_policy::conformance::{load_scenarios, Step, NAMESPACES, PODS};
 use twill_policy::enforce::ruleset_marker;
 use twill_policy::model::Protocol;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
+use twill_policy_testkit::conformance::{load_scenarios, Step, NAMESPACES, PODS, SCENARIOS};
 
 const PY: &str = "/usr/bin/python3";
 const ETCD_PREFIX: &str = "/coreos.com/network";
@@ -407,9 +407,8 @@ fn diff(want: &BTreeSet<String>, got: &BTreeSet<String>) -> String {
     format!("connected but should be denied: {open:?}; blocked but should connect: {closed:?}")
 }
 
-fn scenarios() -> Vec<twill_policy::conformance::Scenario> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/netpol-scenarios.json");
-    load_scenarios(&std::fs::read_to_string(path).unwrap()).unwrap()
+fn scenarios() -> Vec<twill_policy_testkit::conformance::Scenario> {
+    load_scenarios(SCENARIOS).unwrap()
 }
 
 #[test]

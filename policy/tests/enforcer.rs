@@ -5,10 +5,8 @@ use std::time::Duration;
 
 use twill_nft::Nft;
 use twill_policy::compile::Options;
-use twill_policy::conformance::{load_scenarios, step_snapshot};
 use twill_policy::enforce::{Applied, Enforcer};
-
-const SCENARIOS: &str = include_str!("data/netpol-scenarios.json");
+use twill_policy_testkit::conformance::{load_scenarios, step_snapshot, SCENARIOS};
 
 fn fake_nft(dir: &std::path::Path, reject_full: bool) -> Nft {
     let script = dir.join("nft");

@@ -13,11 +13,9 @@ use std::time::Duration;
 use serde_json::Value;
 use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::Options;
-use twill_policy::conformance::{load_scenarios, step_snapshot};
 use twill_policy::enforce::{Applied, Enforcer};
 use twill_policy::model::Snapshot;
-
-const SCENARIOS: &str = include_str!("data/netpol-scenarios.json");
+use twill_policy_testkit::conformance::{load_scenarios, step_snapshot, SCENARIOS};
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

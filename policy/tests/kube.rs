@@ -14,15 +14,14 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use twill_fake_apiserver::FakeApiServer;
 use twill_policy::compile::{compile, Options};
-use twill_policy::conformance::{
-    load_scenarios, namespaces, pairs, pods, step_snapshot, substitute_ips,
-};
 use twill_policy::eval::{allowed, Endpoint};
 use twill_policy::model::{Pod, Snapshot};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};
 use twill_policy::source::Source;
+use twill_policy_testkit::conformance::{
+    load_scenarios, namespaces, pairs, pods, step_snapshot, substitute_ips, SCENARIOS,
+};
 
-const SCENARIOS: &str = include_str!("data/netpol-scenarios.json");
 const NP: &str = "networking.k8s.io";
 
 fn pod_json(p: &Pod) -> Value {

@@ -1,4 +1,4 @@
-//! CNI benchmark (issue 3): ADD and DEL latency through twill-cni against invoking the bridge
+//! CNI benchmark: ADD and DEL latency through twill-cni against invoking the bridge
 //! plugin directly with the very delegate config twill-cni saved, pod by pod, alternating, in
 //! the same run; p50 and p99 over N pods (default 200).
 //!

@@ -1,4 +1,4 @@
-//! Convergence benchmark (issue 2): 1000 peer leases put into etcd, time until all their
+//! Convergence benchmark: 1000 peer leases put into etcd, time until all their
 //! entries (neighbour, FDB, route per peer) are programmed on one node by twilld, against
 //! `ip -batch` + `bridge -batch` applying the same 3000 entries in a fresh namespace, in the
 //! same run. Also twilld's RSS holding 1000 peers.

@@ -1,4 +1,4 @@
-//! Datapath benchmark (issue 3): pod-to-pod TCP throughput across two nodes (iperf3), through
+//! Datapath benchmark: pod-to-pod TCP throughput across two nodes (iperf3), through
 //! twill (twilld with VXLAN and --ip-masq, pods attached by twill-cni) against the same
 //! topology configured by hand with ip/bridge (flannel.1, neighbour, FDB, route, cni0, veths,
 //! same MTUs), and the raw underlay between the nodes; rounds alternate, medians reported.

@@ -633,30 +633,33 @@ fn file_key(p: &Path) -> FileKey {
     }
 }
 
+/// Why a manifest file was not read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("cannot read: {0}")]
+    Io(#[from] std::io::Error),
+    /// Its size in bytes, over [`MAX_FILE_BYTES`].
+    #[error(
+        "file is {0} bytes, more than the {max} ({mib} MiB) a manifest file may have; not read",
+        max = MAX_FILE_BYTES,
+        mib = MAX_FILE_BYTES >> 20
+    )]
+    TooBig(u64),
+}
+
 /// Reads a file of at most [`MAX_FILE_BYTES`].
-fn read_capped(f: &Path) -> Result<String, String> {
+fn read_capped(f: &Path) -> Result<String, ReadError> {
     use std::io::Read;
-    let too_big = |n: u64| {
-        format!(
-            "file is {n} bytes, more than the {MAX_FILE_BYTES} ({} MiB) a manifest file may have; not read",
-            MAX_FILE_BYTES >> 20
-        )
-    };
-    let file = std::fs::File::open(f).map_err(|e| format!("cannot read: {e}"))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("cannot read: {e}"))?
-        .len();
+    let file = std::fs::File::open(f)?;
+    let len = file.metadata()?.len();
     if len > MAX_FILE_BYTES {
-        return Err(too_big(len));
+        return Err(ReadError::TooBig(len));
     }
     let mut text = String::with_capacity(len as usize);
     // The file may have grown since: never read more than the cap (plus one byte to tell).
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read: {e}"))?;
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
     if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(too_big(text.len() as u64));
+        return Err(ReadError::TooBig(text.len() as u64));
     }
     Ok(text)
 }
@@ -671,9 +674,9 @@ fn parse_file(f: &Path) -> (Objects, Vec<ObjectError>) {
             parse_json(&text, &origin, &mut objs, &mut errors)
         }
         Ok(text) => parse_text(&text, &origin, &mut objs, &mut errors),
-        Err(message) => errors.push(ObjectError {
+        Err(e) => errors.push(ObjectError {
             origin,
-            message,
+            message: e.to_string(),
             ..ObjectError::default()
         }),
     }
@@ -1126,5 +1129,17 @@ items:
         let s = fresh.snapshot().unwrap();
         assert_eq!(broken_names(&s), ["c"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unreadable_files_say_why() {
+        let e = read_capped(Path::new("/nonexistent/twill-policy-manifest.yaml")).unwrap_err();
+        assert!(matches!(e, ReadError::Io(_)), "{e:?}");
+        assert!(e.to_string().starts_with("cannot read: "), "{e}");
+        assert_eq!(
+            ReadError::TooBig(MAX_FILE_BYTES + 1).to_string(),
+            "file is 268435457 bytes, more than the 268435456 (256 MiB) a manifest file may \
+             have; not read"
+        );
     }
 }

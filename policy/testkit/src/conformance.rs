@@ -1,5 +1,6 @@
 //! The upstream conformance world (networkpolicy.md §3) and its machine-readable
-//! scenarios (`tests/data/netpol-scenarios.json`, a copy of the spec's file).
+//! scenarios ([`SCENARIOS`]: twill-policy's `tests/data/netpol-scenarios.json`, a copy of
+//! the spec's file).
 //!
 //! World: namespaces x, y, z labelled `{ns: <ns>, kubernetes.io/metadata.name: <ns>}`;
 //! pods a, b, c in each, labelled `{pod: <name>}`, each exposing ports 80 and 81 for TCP,
@@ -13,7 +14,7 @@ use std::net::IpAddr;
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 
-use crate::model::{
+use twill_policy::model::{
     from_json_value, ContainerPort, Labels, Namespace, NetworkPolicyObject, Pod, Protocol, Snapshot,
 };
 
@@ -50,6 +51,9 @@ pub struct Scenario {
     pub title: String,
     pub steps: Vec<Step>,
 }
+
+/// The upstream scenarios file (48 scenarios), read with [`load_scenarios`].
+pub const SCENARIOS: &str = include_str!("../../tests/data/netpol-scenarios.json");
 
 /// Parses the scenarios file.
 pub fn load_scenarios(json: &str) -> Result<Vec<Scenario>> {

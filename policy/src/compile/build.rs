@@ -1,0 +1,1042 @@
+//! The builder: a snapshot and a node in, the [`Ruleset`] of the node's pods out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use super::index::{candidates, label_index, LabelIndex};
+use super::names::ident;
+use super::ranges::{ip_num, net_range, Family, Ranges, FAMILIES};
+use super::{AddrSet, ChainRule, Options, PodChain, ProtoPorts, Ruleset, TupleSet};
+use crate::model::{Labels, Peer, Pod, PolicyType, Port, Protocol, Rule, Snapshot};
+
+/// Local pods: policy pods on `node` with addresses, first by key wins an address.
+fn local_pods<'a>(snap: &'a Snapshot, node: &str) -> Vec<&'a Pod> {
+    snap.pods
+        .iter()
+        .filter(|p| p.is_policy_pod() && p.node.as_deref() == Some(node) && !p.ips.is_empty())
+        .collect()
+}
+
+/// (family, interval, contents) of a peer set.
+type ContentKey = (Family, bool, Vec<(u128, u128)>);
+
+/// Peer addresses of a rule per family: (pod addresses, ipBlock ranges); see
+/// [`Builder::peer_parts`].
+type PeerParts = [(Ranges, Ranges); 2];
+
+/// What makes two chain rules the same rule (the comment aside).
+type RuleKey = (
+    Option<(Family, String)>,
+    Option<(Family, String)>,
+    Option<ProtoPorts>,
+);
+
+/// A namespace that has policy pods.
+struct NsPods<'a> {
+    labels: Labels,
+    /// Indices into [`Builder::pods`].
+    pods: Vec<usize>,
+    /// Built on first use.
+    index: Option<LabelIndex<'a>>,
+}
+
+/// Named container ports: (name, protocol) -> (pod index, number), for each policy pod
+/// the first port of that name and protocol (as [`Pod::named_port`] finds it).
+type NamedPorts<'a> = HashMap<(&'a str, Protocol), Vec<(usize, u16)>>;
+
+struct Builder<'a> {
+    snap: &'a Snapshot,
+    addr_sets: BTreeMap<String, AddrSet>,
+    tuple_sets: BTreeMap<String, TupleSet>,
+    /// (policy index, dir, rule index) -> per-family peer set names.
+    peer_sets: BTreeMap<(usize, PolicyType, usize), [Vec<String>; 2]>,
+    /// Identical peer sets are emitted once: (family, interval, contents) -> set name.
+    by_content: BTreeMap<ContentKey, String>,
+    tuple_names: BTreeMap<(usize, usize), [Option<String>; 2]>,
+    /// Policy pods (not hostNetwork, not terminated), in snapshot order.
+    pods: Vec<&'a Pod>,
+    /// Namespaces that have policy pods, sorted by name, with their labels and pods (built
+    /// once per compile: a peer selector only looks at the pods of the namespaces it
+    /// selects, not at every pod).
+    namespaces: Vec<NsPods<'a>>,
+    /// Namespace name -> index into `namespaces`.
+    ns_index: BTreeMap<&'a str, usize>,
+    /// Expanded peers by (policy namespace, peers): a peer list that several rules or
+    /// policies of a namespace share is expanded once.
+    parts: HashMap<(&'a str, &'a [Peer]), Rc<PeerParts>>,
+    /// Selection marks over `pods` for one expansion: `mark[i] == stamp` = selected. A new
+    /// stamp per expansion, so the marks are never cleared.
+    mark: Vec<u32>,
+    stamp: u32,
+    /// Pods looked at while expanding peers: the work done, which tests keep linear.
+    #[cfg_attr(not(test), allow(dead_code))]
+    visits: usize,
+    /// Built on first use (egress named ports).
+    named_ports: Option<NamedPorts<'a>>,
+    /// Per (policy index, dir): the rules that are not repeats of an earlier rule of the
+    /// same policy and direction (a repeat compiles to the same chain rules).
+    distinct: HashMap<(usize, PolicyType), Rc<[usize]>>,
+    /// Chain rules of (policy index, dir, rule index) when they do not depend on the local
+    /// pod (all but ingress rules with named ports), compiled once for every pod chain.
+    templates: HashMap<(usize, PolicyType, usize), Rc<[ChainRule]>>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(snap: &'a Snapshot) -> Builder<'a> {
+        // Pods of broken namespaces are never peers (see `Snapshot::peer_selects_pod`).
+        let pods: Vec<&Pod> = snap
+            .pods
+            .iter()
+            .filter(|p| p.is_policy_pod() && !snap.is_broken(&p.namespace))
+            .collect();
+        let mut by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, p) in pods.iter().enumerate() {
+            by_ns.entry(p.namespace.as_str()).or_default().push(i);
+        }
+        let mut namespaces = Vec::with_capacity(by_ns.len());
+        let mut ns_index = BTreeMap::new();
+        for (n, pods) in by_ns {
+            ns_index.insert(n, namespaces.len());
+            namespaces.push(NsPods {
+                labels: snap.namespace_labels(n),
+                pods,
+                index: None,
+            });
+        }
+        Builder {
+            snap,
+            addr_sets: BTreeMap::new(),
+            tuple_sets: BTreeMap::new(),
+            peer_sets: BTreeMap::new(),
+            by_content: BTreeMap::new(),
+            tuple_names: BTreeMap::new(),
+            mark: vec![0; pods.len()],
+            stamp: 0,
+            visits: 0,
+            pods,
+            namespaces,
+            ns_index,
+            parts: HashMap::new(),
+            named_ports: None,
+            distinct: HashMap::new(),
+            templates: HashMap::new(),
+        }
+    }
+
+    /// Peer addresses of a rule as per-family ranges.
+    fn peer_ranges(&mut self, ns: &'a str, peers: &'a [Peer]) -> [Ranges; 2] {
+        let parts = self.peer_parts(ns, peers);
+        let [(a4, b4), (a6, b6)] = &*parts;
+        [
+            Ranges::normalize(a4.0.iter().chain(&b4.0).copied().collect()),
+            Ranges::normalize(a6.0.iter().chain(&b6.0).copied().collect()),
+        ]
+    }
+
+    /// Peer addresses of a rule per family, as (pod addresses: sorted single addresses,
+    /// ipBlocks: normalized ranges). Kept apart so that pod addresses go into hash sets:
+    /// nft (1.0.6) reads every element of every interval set of the table before any
+    /// element change, which made a one-element update cost as much as listing 110k
+    /// elements; ipBlock sets are small.
+    ///
+    /// Linear in the peers and in the pods they look at: repeated peers are skipped, a pod
+    /// already selected is neither matched again nor collected twice, a namespace whose
+    /// pods are all selected is not visited again, and once every pod is selected only
+    /// ipBlocks are left to read. (Each distinct selector still looks at the not yet
+    /// selected pods of the namespaces it selects.)
+    fn peer_parts(&mut self, ns: &'a str, peers: &'a [Peer]) -> Rc<PeerParts> {
+        if let Some(p) = self.parts.get(&(ns, peers)) {
+            return p.clone();
+        }
+        if self.stamp == u32::MAX {
+            self.mark.iter_mut().for_each(|m| *m = 0);
+            self.stamp = 0;
+        }
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let mut v: [Vec<(u128, u128)>; 2] = [vec![], vec![]];
+        let mut selected: Vec<usize> = Vec::new();
+        // Selected pods per namespace.
+        let mut ns_count = vec![0usize; self.namespaces.len()];
+        let mut seen = HashSet::new();
+        for peer in peers {
+            if !seen.insert(peer) {
+                continue;
+            }
+            match peer {
+                Peer::IpBlock(b) => {
+                    let (fam, r) = net_range(&b.cidr);
+                    let mut cut = Vec::new();
+                    for e in &b.except {
+                        cut.push(net_range(e).1);
+                    }
+                    let block = Ranges(vec![r]).subtract(&Ranges::normalize(cut));
+                    v[fam as usize].extend(block.0);
+                }
+                Peer::Pods { .. } if selected.len() == self.pods.len() => {}
+                Peer::Pods { pods, namespaces } => {
+                    let targets: Vec<usize> = match namespaces {
+                        None => self.ns_index.get(ns).copied().into_iter().collect(),
+                        Some(sel) => (0..self.namespaces.len())
+                            .filter(|&k| {
+                                ns_count[k] < self.namespaces[k].pods.len()
+                                    && sel.matches(&self.namespaces[k].labels)
+                            })
+                            .collect(),
+                    };
+                    let all = pods.is_empty();
+                    for k in targets {
+                        if ns_count[k] == self.namespaces[k].pods.len() {
+                            continue;
+                        }
+                        if !all && self.namespaces[k].index.is_none() {
+                            self.namespaces[k].index =
+                                Some(label_index(&self.pods, &self.namespaces[k].pods));
+                        }
+                        let n = &self.namespaces[k];
+                        let lists = match n.index.as_ref().and_then(|ix| candidates(ix, pods)) {
+                            Some(lists) => lists,
+                            None => vec![n.pods.as_slice()],
+                        };
+                        for list in lists {
+                            self.visits += list.len();
+                            for &i in list {
+                                if self.mark[i] != stamp
+                                    && (all || pods.matches(&self.pods[i].labels))
+                                {
+                                    self.mark[i] = stamp;
+                                    ns_count[k] += 1;
+                                    selected.push(i);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut pods_v: [Vec<(u128, u128)>; 2] = [vec![], vec![]];
+        for i in selected {
+            for ip in &self.pods[i].ips {
+                let n = ip_num(*ip);
+                pods_v[Family::of(*ip) as usize].push((n, n));
+            }
+        }
+        let [a, b] = v;
+        let [mut pa, mut pb] = pods_v;
+        pa.sort_unstable();
+        pa.dedup();
+        pb.sort_unstable();
+        pb.dedup();
+        let parts = Rc::new([
+            (Ranges(pa), Ranges::normalize(a)),
+            (Ranges(pb), Ranges::normalize(b)),
+        ]);
+        self.parts.insert((ns, peers), parts.clone());
+        parts
+    }
+
+    fn peer_set(&mut self, pi: usize, dir: PolicyType, ri: usize) -> [Vec<String>; 2] {
+        if let Some(s) = self.peer_sets.get(&(pi, dir, ri)) {
+            return s.clone();
+        }
+        let snap = self.snap;
+        let pol = &snap.policies[pi];
+        let parts = self.peer_parts(&pol.namespace, &pol.rules(dir)[ri].peers);
+        let short = match dir {
+            PolicyType::Ingress => "in",
+            PolicyType::Egress => "eg",
+        };
+        let mut names: [Vec<String>; 2] = [vec![], vec![]];
+        for fam in FAMILIES {
+            let (pods, blocks) = &parts[fam as usize];
+            for (interval, r, kind) in [(false, pods, "peers"), (true, blocks, "cidrs")] {
+                if r.0.is_empty() {
+                    continue;
+                }
+                if let Some(name) = self.by_content.get(&(fam, interval, r.0.clone())) {
+                    names[fam as usize].push(name.clone());
+                    continue;
+                }
+                let name = ident(
+                    kind,
+                    &[&pol.namespace, &pol.name],
+                    &format!("{short}{ri}/{}", fam.suffix()),
+                );
+                self.addr_sets.insert(
+                    name.clone(),
+                    AddrSet {
+                        name: name.clone(),
+                        family: fam,
+                        interval,
+                        ranges: r.clone(),
+                        comment: format!(
+                            "{} {dir}[{ri}] {}",
+                            pol.key(),
+                            if interval { "ipBlocks" } else { "peer pods" }
+                        ),
+                    },
+                );
+                self.by_content
+                    .insert((fam, interval, r.0.clone()), name.clone());
+                names[fam as usize].push(name);
+            }
+        }
+        self.peer_sets.insert((pi, dir, ri), names.clone());
+        names
+    }
+
+    /// The named ports of every policy pod, indexed once per compile.
+    fn named_ports(&mut self) -> &NamedPorts<'a> {
+        let pods = &self.pods;
+        self.named_ports.get_or_insert_with(|| {
+            let mut index: NamedPorts<'a> = HashMap::new();
+            for (i, pod) in pods.iter().enumerate() {
+                for p in &pod.ports {
+                    let Some(name) = p.name.as_deref() else {
+                        continue;
+                    };
+                    let list = index.entry((name, p.protocol)).or_default();
+                    // The pod's first port of this name and protocol wins.
+                    if list.last().is_none_or(|(j, _)| *j != i) {
+                        list.push((i, p.port));
+                    }
+                }
+            }
+            index
+        })
+    }
+
+    /// Egress named ports of rule `ri` of policy `pi`, resolved against every destination
+    /// pod among the rule's peers (all pods if the rule has no peers). Each distinct
+    /// (name, protocol) is looked up once in the named-port index: only the pods that have
+    /// such a port are visited.
+    fn tuple_set(&mut self, pi: usize, ri: usize) -> [Option<String>; 2] {
+        if let Some(s) = self.tuple_names.get(&(pi, ri)) {
+            return s.clone();
+        }
+        let snap = self.snap;
+        let pol = &snap.policies[pi];
+        let rule = &pol.egress[ri];
+        let peers = if rule.peers.is_empty() {
+            None
+        } else {
+            Some(self.peer_ranges(&pol.namespace, &rule.peers))
+        };
+        let mut elems: [Vec<(IpAddr, Protocol, u16)>; 2] = [vec![], vec![]];
+        let mut seen = HashSet::new();
+        self.named_ports();
+        let (index, pods) = (self.named_ports.as_ref().expect("built"), &self.pods);
+        for pp in &rule.ports {
+            let Some(Port::Named(n)) = &pp.port else {
+                continue;
+            };
+            let key = (n.as_str(), pp.protocol);
+            if !seen.insert(key) {
+                continue;
+            }
+            for &(i, num) in index.get(&key).into_iter().flatten() {
+                for ip in &pods[i].ips {
+                    let fam = Family::of(*ip);
+                    if peers
+                        .as_ref()
+                        .is_none_or(|p| p[fam as usize].contains(ip_num(*ip)))
+                    {
+                        elems[fam as usize].push((*ip, pp.protocol, num));
+                    }
+                }
+            }
+        }
+        let mut names = [None, None];
+        for fam in FAMILIES {
+            let mut e = std::mem::take(&mut elems[fam as usize]);
+            e.sort();
+            e.dedup();
+            if e.is_empty() {
+                continue;
+            }
+            let name = ident(
+                "named",
+                &[&pol.namespace, &pol.name],
+                &format!("eg{ri}/{}", fam.suffix()),
+            );
+            self.tuple_sets.insert(
+                name.clone(),
+                TupleSet {
+                    name: name.clone(),
+                    family: fam,
+                    elems: e,
+                    comment: format!("{} egress[{ri}] named ports", pol.key()),
+                },
+            );
+            names[fam as usize] = Some(name);
+        }
+        self.tuple_names.insert((pi, ri), names.clone());
+        names
+    }
+
+    /// Indices of the rules of policy `pi` in direction `dir` that are not exact repeats of
+    /// an earlier one (500k copies of `{}` are one rule).
+    fn distinct_rules(&mut self, pi: usize, dir: PolicyType) -> Rc<[usize]> {
+        let snap = self.snap;
+        self.distinct
+            .entry((pi, dir))
+            .or_insert_with(|| {
+                let rules = snap.policies[pi].rules(dir);
+                let mut seen = HashSet::with_capacity(rules.len());
+                (0..rules.len())
+                    .filter(|&i| seen.insert(&rules[i]))
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// The chain rules of rule `ri` of policy `pi` in direction `dir`, in the chain of
+    /// `pod`: one per (peer set, protocol group), plus the egress named-port tuple sets.
+    fn chain_rules(&mut self, pi: usize, dir: PolicyType, ri: usize, pod: &Pod) -> Rc<[ChainRule]> {
+        let snap = self.snap;
+        let pol = &snap.policies[pi];
+        let rule = &pol.rules(dir)[ri];
+        let has_named = rule
+            .ports
+            .iter()
+            .any(|p| matches!(p.port, Some(Port::Named(_))));
+        // Ingress named ports are resolved against the local pod; nothing else is per pod.
+        let per_pod = dir == PolicyType::Ingress && has_named;
+        if !per_pod {
+            if let Some(r) = self.templates.get(&(pi, dir, ri)) {
+                return r.clone();
+            }
+        }
+        let comment = format!("{} {dir}[{ri}]", pol.key());
+        let peer_sets: Vec<Option<(Family, String)>> = if rule.peers.is_empty() {
+            vec![None]
+        } else {
+            let names = self.peer_set(pi, dir, ri);
+            FAMILIES
+                .iter()
+                .flat_map(|f| names[*f as usize].iter().map(|n| Some((*f, n.clone()))))
+                .collect()
+        };
+        let mut rules = Vec::new();
+        let dst = (dir == PolicyType::Ingress).then_some(pod);
+        match port_groups(rule, dst) {
+            None => {
+                for ps in &peer_sets {
+                    rules.push(ChainRule {
+                        peer_set: ps.clone(),
+                        tuple_set: None,
+                        ports: None,
+                        comment: comment.clone(),
+                    });
+                }
+            }
+            Some(groups) => {
+                for ps in &peer_sets {
+                    for g in &groups {
+                        rules.push(ChainRule {
+                            peer_set: ps.clone(),
+                            tuple_set: None,
+                            ports: Some(g.clone()),
+                            comment: comment.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        if dir == PolicyType::Egress && has_named {
+            let names = self.tuple_set(pi, ri);
+            for f in FAMILIES {
+                if let Some(n) = &names[f as usize] {
+                    rules.push(ChainRule {
+                        peer_set: None,
+                        tuple_set: Some((f, n.clone())),
+                        ports: None,
+                        comment: comment.clone(),
+                    });
+                }
+            }
+        }
+        let rules: Rc<[ChainRule]> = rules.into();
+        if !per_pod {
+            self.templates.insert((pi, dir, ri), rules.clone());
+        }
+        rules
+    }
+}
+
+/// Numeric port conditions of a rule, per protocol; named ports are resolved against
+/// `dst` (ingress: the local pod) or skipped (`dst` None: egress, handled by tuple sets).
+/// `None` = the rule has no ports (everything). `Some(empty)` = nothing numeric matches.
+fn port_groups(rule: &Rule, dst: Option<&Pod>) -> Option<Vec<ProtoPorts>> {
+    if rule.ports.is_empty() {
+        return None;
+    }
+    let mut by_proto: BTreeMap<Protocol, Option<Vec<(u16, u16)>>> = BTreeMap::new();
+    for pp in &rule.ports {
+        let range = match &pp.port {
+            None => None,
+            Some(Port::Range(a, b)) => Some((*a, *b)),
+            Some(Port::Named(n)) => match dst.and_then(|p| p.named_port(n, pp.protocol)) {
+                Some(num) => Some((num, num)),
+                None => continue,
+            },
+        };
+        let e = by_proto.entry(pp.protocol).or_insert_with(|| Some(vec![]));
+        match (e.as_mut(), range) {
+            (_, None) => *e = None,
+            (Some(v), Some(r)) => v.push(r),
+            (None, Some(_)) => {}
+        }
+    }
+    Some(
+        by_proto
+            .into_iter()
+            .map(|(proto, r)| {
+                let ranges = match r {
+                    None => vec![],
+                    Some(v) => {
+                        let n = Ranges::normalize(
+                            v.into_iter().map(|(a, b)| (a as u128, b as u128)).collect(),
+                        );
+                        n.0.into_iter().map(|(a, b)| (a as u16, b as u16)).collect()
+                    }
+                };
+                ProtoPorts { proto, ranges }
+            })
+            .collect(),
+    )
+}
+
+/// Compiles the ruleset for the pods on `node`.
+pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
+    let mut b = Builder::new(snap);
+    let mut chains = Vec::new();
+    let mut ingress_map = Vec::new();
+    let mut egress_map = Vec::new();
+    let mut seen_ips = HashSet::new();
+    let mut known_local: Vec<IpAddr> = Vec::new();
+    if !opts.pod_cidrs.is_empty() {
+        known_local = local_pods(snap, node)
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        known_local.sort();
+        known_local.dedup();
+    }
+    for pod in local_pods(snap, node) {
+        let ips: Vec<IpAddr> = pod
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| seen_ips.insert(*ip))
+            .collect();
+        // A pod of a broken namespace fails closed: isolated both ways by a chain that
+        // only drops, as in the fail-closed table, whatever its policies say.
+        let broken = snap.is_broken(&pod.namespace);
+        for dir in [PolicyType::Ingress, PolicyType::Egress] {
+            let selecting: Vec<usize> = (0..snap.policies.len())
+                .filter(|&i| !broken && snap.policies[i].selects(pod, dir))
+                .collect();
+            if selecting.is_empty() && !broken {
+                continue;
+            }
+            let kind = match dir {
+                PolicyType::Ingress => "pod-in",
+                PolicyType::Egress => "pod-out",
+            };
+            let name = ident(kind, &[&pod.namespace, &pod.name], "");
+            let mut rules: Vec<ChainRule> = Vec::new();
+            if opts.allow_rules && !broken {
+                // A chain rule identical to an earlier one of the chain (but for its
+                // comment) is left out, and so is everything after an unconditional
+                // `return`: neither can change what the chain does.
+                let mut seen: HashSet<RuleKey> = HashSet::new();
+                'chain: for pi in selecting {
+                    for &ri in b.distinct_rules(pi, dir).iter() {
+                        for r in b.chain_rules(pi, dir, ri, pod).iter() {
+                            if !seen.insert((
+                                r.peer_set.clone(),
+                                r.tuple_set.clone(),
+                                r.ports.clone(),
+                            )) {
+                                continue;
+                            }
+                            rules.push(r.clone());
+                            if r.is_unconditional() {
+                                break 'chain;
+                            }
+                        }
+                    }
+                }
+            }
+            let map = match dir {
+                PolicyType::Ingress => &mut ingress_map,
+                PolicyType::Egress => &mut egress_map,
+            };
+            for ip in &ips {
+                map.push((*ip, name.clone()));
+            }
+            chains.push(PodChain {
+                name,
+                pod: pod.key(),
+                dir,
+                rules,
+            });
+        }
+    }
+    Ruleset {
+        table: opts.table.clone(),
+        addr_sets: b.addr_sets.into_values().collect(),
+        tuple_sets: b.tuple_sets.into_values().collect(),
+        chains,
+        ingress_map,
+        egress_map,
+        log_rate: opts.log_rate.max(1),
+        pod_cidrs: opts.pod_cidrs.clone(),
+        known_local,
+        pod_bridge: opts.pod_bridge.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::compile::{Decision, COMMENT_MAX, LOG_PREFIX_MAX};
+    use crate::model::{
+        ContainerPort, LabelSelector, Namespace, NetworkPolicy, Operator, PolicyPort, Requirement,
+    };
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// `n` pods spread over namespaces x, y and z, labelled `app: a0|a1|a2`, each with a
+    /// TCP port `http` (8080); every tenth pod is on node n1.
+    fn world(n: u32, policies: Vec<NetworkPolicy>) -> Snapshot {
+        let nss = ["x", "y", "z"];
+        let pods = (0..n).map(|i| Pod {
+            namespace: nss[i as usize % 3].into(),
+            name: format!("p{i}"),
+            labels: labels(&[("app", &format!("a{}", i / 3 % 3))]),
+            node: Some(if i % 10 == 0 { "n1" } else { "n2" }.into()),
+            ips: vec![IpAddr::V4(Ipv4Addr::from(0x0af4_0000 + i))],
+            host_network: false,
+            ports: vec![ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            phase: None,
+            terminating: false,
+        });
+        Snapshot::new(
+            nss.iter().map(|n| Namespace::new(n, Labels::new())),
+            pods,
+            policies,
+        )
+    }
+
+    fn policy(name: &str, ingress: Vec<Rule>, egress: Vec<Rule>) -> NetworkPolicy {
+        NetworkPolicy {
+            namespace: "x".into(),
+            name: name.into(),
+            pod_selector: LabelSelector::default(),
+            policy_types: vec![PolicyType::Ingress, PolicyType::Egress],
+            ingress,
+            egress,
+        }
+    }
+
+    fn every_pod() -> Peer {
+        Peer::Pods {
+            pods: LabelSelector::default(),
+            namespaces: Some(LabelSelector::default()),
+        }
+    }
+
+    fn app(v: &str) -> LabelSelector {
+        LabelSelector {
+            match_labels: labels(&[("app", v)]),
+            match_expressions: vec![],
+        }
+    }
+
+    fn rule(peers: Vec<Peer>, ports: Vec<PolicyPort>) -> Rule {
+        Rule { peers, ports }
+    }
+
+    fn tcp(p: u16) -> PolicyPort {
+        PolicyPort {
+            protocol: Protocol::Tcp,
+            port: Some(Port::Range(p, p)),
+        }
+    }
+
+    fn named(n: &str) -> PolicyPort {
+        PolicyPort {
+            protocol: Protocol::Tcp,
+            port: Some(Port::Named(n.into())),
+        }
+    }
+
+    fn render(snap: &Snapshot) -> String {
+        compile(snap, "n1", &Options::default()).render()
+    }
+
+    #[test]
+    fn repeated_peers_are_expanded_once() {
+        // 50k copies of `{namespaceSelector: {}}` over 3000 pods: 1.5e8 (pod, peer) visits
+        // and as many set entries before; now every pod is looked at once.
+        let peers = vec![every_pod(); 50_000];
+        let snap = world(
+            3000,
+            vec![policy("p", vec![rule(peers.clone(), vec![])], vec![])],
+        );
+        let one = world(
+            3000,
+            vec![policy("p", vec![rule(vec![every_pod()], vec![])], vec![])],
+        );
+        assert_eq!(render(&snap), render(&one));
+        let mut b = Builder::new(&snap);
+        let parts = b.peer_parts("x", &snap.policies[0].ingress[0].peers);
+        assert_eq!(parts[0].0 .0.len(), 3000);
+        assert!(b.visits <= 3000, "{} pods visited", b.visits);
+        // Once every pod is selected, further (even distinct) selectors are not expanded.
+        let mut peers = vec![every_pod()];
+        peers.extend((0..10_000).map(|i| Peer::Pods {
+            pods: app(&format!("nope{i}")),
+            namespaces: Some(LabelSelector::default()),
+        }));
+        let snap = world(3000, vec![policy("p", vec![rule(peers, vec![])], vec![])]);
+        let mut b = Builder::new(&snap);
+        b.peer_parts("x", &snap.policies[0].ingress[0].peers);
+        assert!(b.visits <= 3000, "{} pods visited", b.visits);
+        // Selected pods are not collected again by an overlapping peer, and a namespace whose
+        // pods are all selected is not visited again.
+        let peers = vec![
+            Peer::Pods {
+                pods: LabelSelector::default(),
+                namespaces: None,
+            },
+            Peer::Pods {
+                pods: app("a0"),
+                namespaces: None,
+            },
+            Peer::Pods {
+                pods: app("a1"),
+                namespaces: Some(LabelSelector::default()),
+            },
+        ];
+        let snap = world(300, vec![policy("p", vec![rule(peers, vec![])], vec![])]);
+        let mut b = Builder::new(&snap);
+        let parts = b.peer_parts("x", &snap.policies[0].ingress[0].peers);
+        // All 100 of x, plus the a1 pods of y and z.
+        let want = snap
+            .pods
+            .iter()
+            .filter(|p| p.namespace == "x" || p.labels["app"] == "a1")
+            .count();
+        assert_eq!(parts[0].0 .0.len(), want);
+        // x once; then in y and z only the a1 pods (label index).
+        let a1_elsewhere = snap
+            .pods
+            .iter()
+            .filter(|p| p.namespace != "x" && p.labels["app"] == "a1")
+            .count();
+        assert_eq!(b.visits, 100 + a1_elsewhere);
+    }
+
+    fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
+        Requirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn selectors_look_only_at_the_pods_they_can_match() {
+        // 20k distinct selectors that match no pod: 20k times every pod before; the label
+        // index answers each with a lookup.
+        let peers: Vec<Peer> = (0..20_000)
+            .map(|i| Peer::Pods {
+                pods: app(&format!("nope{i}")),
+                namespaces: Some(LabelSelector::default()),
+            })
+            .collect();
+        let snap = world(3000, vec![policy("p", vec![rule(peers, vec![])], vec![])]);
+        let mut b = Builder::new(&snap);
+        let parts = b.peer_parts("x", &snap.policies[0].ingress[0].peers);
+        assert!(parts[0].0 .0.is_empty());
+        assert_eq!(b.visits, 0);
+        // The index only narrows the pods looked at: every kind of requirement selects
+        // exactly what the selector matches.
+        let mut snap = world(600, vec![]);
+        for (i, p) in snap.pods.iter_mut().enumerate() {
+            if i % 4 != 0 {
+                p.labels.insert("tier".into(), format!("t{}", i % 5));
+            }
+        }
+        use Operator::*;
+        let sels = [
+            vec![req("app", In, &["a0", "a2", "zz"])],
+            vec![req("app", In, &["zz"])],
+            vec![req("nokey", In, &["a"])],
+            vec![req("tier", Exists, &[])],
+            vec![req("nokey", Exists, &[])],
+            vec![req("tier", DoesNotExist, &[])],
+            vec![req("tier", NotIn, &["t1", "t2"])],
+            vec![req("app", In, &["a1"]), req("tier", NotIn, &["t3"])],
+            vec![req("tier", Exists, &[]), req("app", In, &["a0", "a1"])],
+        ];
+        let mut peers = Vec::new();
+        for m in sels {
+            for labels in [Labels::new(), labels(&[("app", "a2")])] {
+                peers.push(vec![Peer::Pods {
+                    pods: LabelSelector {
+                        match_labels: labels,
+                        match_expressions: m.clone(),
+                    },
+                    namespaces: Some(LabelSelector::default()),
+                }]);
+            }
+        }
+        let mut b = Builder::new(&snap);
+        for ps in &peers {
+            let got = b.peer_parts("x", ps);
+            let Peer::Pods { pods: sel, .. } = &ps[0] else {
+                unreachable!()
+            };
+            let mut want: Vec<(u128, u128)> = snap
+                .pods
+                .iter()
+                .filter(|p| sel.matches(&p.labels))
+                .map(|p| (ip_num(p.ips[0]), ip_num(p.ips[0])))
+                .collect();
+            want.sort();
+            assert_eq!(got[0].0 .0, want, "{sel}");
+        }
+    }
+
+    #[test]
+    fn identical_peer_lists_share_one_expansion() {
+        let peers = vec![Peer::Pods {
+            pods: app("a0"),
+            namespaces: Some(LabelSelector::default()),
+        }];
+        let rules: Vec<Rule> = (0..1000)
+            .map(|i| rule(peers.clone(), vec![tcp(1000 + i)]))
+            .collect();
+        let snap = world(3000, vec![policy("p", rules, vec![])]);
+        let rs = compile(&snap, "n1", &Options::default());
+        // One set for the 1000 rules that name the same peers.
+        assert_eq!(rs.addr_sets.len(), 1, "{:?}", rs.addr_sets);
+        let mut b = Builder::new(&snap);
+        for ri in 0..1000 {
+            b.peer_set(0, PolicyType::Ingress, ri);
+        }
+        assert_eq!(b.parts.len(), 1);
+        assert!(b.visits <= 3000, "{} pods visited", b.visits);
+    }
+
+    #[test]
+    fn repeated_named_ports_resolve_once() {
+        // 50k copies of `{port: http}` over 3000 pods: 1.5e8 (port, pod) lookups and set
+        // elements before; now one index lookup.
+        let ports = vec![named("http"); 50_000];
+        let peers = vec![Peer::Pods {
+            pods: app("a1"),
+            namespaces: Some(LabelSelector::default()),
+        }];
+        let snap = world(
+            3000,
+            vec![policy(
+                "p",
+                vec![],
+                vec![rule(vec![], ports.clone()), rule(peers.clone(), ports)],
+            )],
+        );
+        let one = world(
+            3000,
+            vec![policy(
+                "p",
+                vec![],
+                vec![
+                    rule(vec![], vec![named("http")]),
+                    rule(peers, vec![named("http")]),
+                ],
+            )],
+        );
+        let rs = compile(&snap, "n1", &Options::default());
+        assert_eq!(rs.render(), render(&one));
+        assert_eq!(rs.tuple_sets.len(), 2);
+        assert_eq!(rs.tuple_sets[0].elems.len(), 3000);
+        let a1 = snap.pods.iter().filter(|p| p.labels["app"] == "a1").count();
+        assert_eq!(rs.tuple_sets[1].elems.len(), a1);
+        // The index keeps each pod's first port of a name and protocol, as named_port does.
+        let mut snap = world(
+            30,
+            vec![policy("p", vec![], vec![rule(vec![], vec![named("http")])])],
+        );
+        for p in &mut snap.pods {
+            p.ports.insert(
+                0,
+                ContainerPort {
+                    name: Some("http".into()),
+                    port: 9090,
+                    protocol: Protocol::Udp,
+                },
+            );
+            p.ports.push(ContainerPort {
+                name: Some("http".into()),
+                port: 9999,
+                protocol: Protocol::Tcp,
+            });
+        }
+        let rs = compile(&snap, "n1", &Options::default());
+        assert!(rs.tuple_sets[0]
+            .elems
+            .iter()
+            .all(|e| e.1 == Protocol::Tcp && e.2 == 8080));
+        assert_eq!(rs.tuple_sets[0].elems.len(), 30);
+    }
+
+    fn chain_rules_of(rs: &Ruleset) -> Vec<usize> {
+        rs.chains.iter().map(|c| c.rules.len()).collect()
+    }
+
+    #[test]
+    fn repeated_rules_compile_to_one_chain_rule() {
+        // 500k `{}` ingress rules: 500k returns in every pod chain before.
+        let snap = world(
+            300,
+            vec![policy("p", vec![rule(vec![], vec![]); 500_000], vec![])],
+        );
+        let rs = compile(&snap, "n1", &Options::default());
+        let one = world(300, vec![policy("p", vec![rule(vec![], vec![])], vec![])]);
+        assert_eq!(rs.render(), render(&one));
+        assert!(
+            chain_rules_of(&rs).iter().all(|n| *n <= 1),
+            "{:?}",
+            chain_rules_of(&rs)
+        );
+        // Distinct rules that compile to the same chain rule (their selectors pick the same
+        // pods, so they share one set): one chain rule, with the first rule's comment.
+        let rules: Vec<Rule> = (0..20_000)
+            .map(|i| {
+                let mut sel = app("a0");
+                sel.match_expressions.push(Requirement {
+                    key: "k".into(),
+                    operator: Operator::NotIn,
+                    values: [format!("v{i}")].into(),
+                });
+                rule(
+                    vec![Peer::Pods {
+                        pods: sel,
+                        namespaces: None,
+                    }],
+                    vec![tcp(80)],
+                )
+            })
+            .collect();
+        let snap = world(300, vec![policy("p", rules, vec![])]);
+        let rs = compile(&snap, "n1", &Options::default());
+        let ingress: Vec<&PodChain> = rs
+            .chains
+            .iter()
+            .filter(|c| c.dir == PolicyType::Ingress)
+            .collect();
+        assert!(!ingress.is_empty());
+        for c in ingress {
+            assert_eq!(c.rules.len(), 1, "{:?}", c.rules);
+            assert_eq!(c.rules[0].comment, "x/p ingress[0]");
+        }
+        assert_eq!(rs.addr_sets.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_and_dead_chain_rules_are_dropped() {
+        let udp80 = PolicyPort {
+            protocol: Protocol::Udp,
+            port: Some(Port::Range(80, 80)),
+        };
+        let p1 = policy(
+            "p1",
+            vec![
+                rule(vec![], vec![tcp(80)]),
+                rule(vec![], vec![udp80.clone()]),
+                rule(vec![], vec![tcp(80), tcp(80)]),
+            ],
+            vec![],
+        );
+        // The same rules again in another policy, then an open rule, then dead ones.
+        let p2 = policy(
+            "p2",
+            vec![
+                rule(vec![], vec![udp80]),
+                rule(vec![], vec![]),
+                rule(vec![], vec![tcp(81)]),
+            ],
+            vec![],
+        );
+        let p3 = policy("p3", vec![rule(vec![every_pod()], vec![tcp(82)])], vec![]);
+        let snap = world(30, vec![p1, p2, p3]);
+        let rs = compile(&snap, "n1", &Options::default());
+        let c = rs
+            .chains
+            .iter()
+            .find(|c| c.dir == PolicyType::Ingress)
+            .unwrap();
+        let got: Vec<(&str, Option<Protocol>)> = c
+            .rules
+            .iter()
+            .map(|r| (r.comment.as_str(), r.ports.as_ref().map(|p| p.proto)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x/p1 ingress[0]", Some(Protocol::Tcp)),
+                ("x/p1 ingress[1]", Some(Protocol::Udp)),
+                ("x/p2 ingress[1]", None),
+            ]
+        );
+        assert!(c.rules[2].is_unconditional());
+        // What the chain does is unchanged: everything is allowed in.
+        let (src, dst) = (snap.pods[1].ips[0], snap.pods[0].ips[0]);
+        assert_eq!(rs.decide(src, dst, Protocol::Sctp, 9), Decision::Accept);
+    }
+
+    #[test]
+    fn an_over_long_policy_name_renders_within_nft_limits() {
+        // A 182-character policy name (three 60-character labels) selecting a pod: its
+        // comment once made nft reject every sync on the node.
+        let name = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
+        let snap = world(
+            30,
+            vec![policy(
+                &name,
+                vec![rule(vec![every_pod()], vec![tcp(80)])],
+                vec![],
+            )],
+        );
+        let script = render(&snap);
+        for line in script.lines() {
+            for (i, part) in line.split('"').enumerate() {
+                if i % 2 == 1 {
+                    let limit = if line.contains("log prefix") {
+                        LOG_PREFIX_MAX
+                    } else {
+                        COMMENT_MAX
+                    };
+                    assert!(part.len() <= limit, "{line}");
+                }
+            }
+        }
+        assert!(script.contains(&format!("x/{}", &name[..40])), "{script}");
+    }
+}
