@@ -22,8 +22,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::config::NetConfig;
-use crate::registry::lease::{Lease, SubnetKey};
+use twill_formats::lease::{Lease, SubnetKey};
+use twill_formats::net_conf::NetConfig;
 
 /// `raceRetries` in Flannel.
 pub const RACE_RETRIES: usize = 10;
@@ -327,7 +327,7 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
-    use crate::registry::lease::LeaseAttrs;
+    use twill_formats::lease::LeaseAttrs;
 
     /// The scan as Flannel writes it: every block against every range.
     fn free_blocks_naive(min: u128, max: u128, size: u128, taken: &[(u128, u128)]) -> Vec<u128> {

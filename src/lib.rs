@@ -3,7 +3,6 @@
 
 pub mod alloc;
 pub mod cleanup;
-pub mod config;
 pub mod daemon;
 pub mod flags;
 pub mod health;

@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 
-use crate::config::NetConfig;
 use crate::iptables::{self, Family, FamilyRules, IptablesError, Part, Support};
 use crate::masq::{self, MasqInput};
 use crate::nft::SharedNft;
+use twill_formats::net_conf::NetConfig;
 
 /// Which traffic manager runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

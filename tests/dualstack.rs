@@ -8,7 +8,7 @@ mod common;
 use std::net::{IpAddr, Ipv6Addr};
 
 use common::{cluster, wait_for, DEADLINE, PREFIX};
-use twill_cni::subnet_env::SubnetEnv;
+use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::Ipv4Net;
 
 const DUAL: &str = r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:42::/56","Backend":{"Type":"vxlan"}}"#;

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{cluster, log_times, subnet_key, wait_until, Cluster, DEADLINE, PREFIX};
-use twill_cni::subnet_env::SubnetEnv;
+use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::ping::Pinger;
 use twill_lab::{Ipv4Net, Signal};
 

@@ -173,7 +173,7 @@ fn direct_route(state: &mut DataplaneState, subnet: IpNet, gateway: IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MacAddr;
+    use twill_formats::Mac;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -181,7 +181,7 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
-    fn mac(s: &str) -> MacAddr {
+    fn mac(s: &str) -> Mac {
         s.parse().unwrap()
     }
 
@@ -504,7 +504,7 @@ mod tests {
     #[test]
     fn mac_parses_and_prints_like_go() {
         assert_eq!(mac("C6:D2:32:6F:8F:44").to_string(), "c6:d2:32:6f:8f:44");
-        assert!("c6:d2:32:6f:8f".parse::<MacAddr>().is_err());
-        assert!("c6:d2:32:6f:8f:4g".parse::<MacAddr>().is_err());
+        assert!("c6:d2:32:6f:8f".parse::<Mac>().is_err());
+        assert!("c6:d2:32:6f:8f:4g".parse::<Mac>().is_err());
     }
 }

@@ -17,5 +17,5 @@ pub mod reconcile;
 pub mod vxlan;
 
 pub use desired::{desired_state, Topology};
-pub use model::{BackendKind, DataplaneState, LinkRef, MacAddr, PeerFamily, PeerLease, Skipped};
+pub use model::{BackendKind, DataplaneState, LinkRef, PeerFamily, PeerLease, Skipped};
 pub use reconcile::{diff, Op};

@@ -3,58 +3,10 @@
 //! kernel; the effector maps roles to indexes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
 use ipnet::IpNet;
-
-/// A 48-bit Ethernet address, printed as Go's `net.HardwareAddr` does (lower-case, colons).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!("invalid MAC address {s:?}"));
-        }
-        let mut out = [0u8; 6];
-        for (slot, part) in out.iter_mut().zip(&parts) {
-            if part.len() != 2 {
-                return Err(format!("invalid MAC address {s:?}"));
-            }
-            *slot =
-                u8::from_str_radix(part, 16).map_err(|_| format!("invalid MAC address {s:?}"))?;
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl MacAddr {
-    /// A MAC from a netlink attribute; `None` unless it is exactly six bytes.
-    pub fn from_slice(bytes: &[u8]) -> Option<MacAddr> {
-        <[u8; 6]>::try_from(bytes).ok().map(MacAddr)
-    }
-}
+use twill_formats::Mac;
 
 /// The links twill programs, by role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -92,7 +44,7 @@ pub struct PeerFamily {
     /// The peer's public (underlay) address: VXLAN tunnel endpoint or host-gw gateway.
     pub public_ip: IpAddr,
     /// The peer's VTEP MAC for this family (VXLAN only).
-    pub vtep_mac: Option<MacAddr>,
+    pub vtep_mac: Option<Mac>,
 }
 
 /// A peer's lease as the dataplane sees it.
@@ -127,9 +79,9 @@ pub struct RouteEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataplaneState {
     /// Permanent neighbour (ARP/NDP) entries: (link, IP) → MAC.
-    pub neighbours: BTreeMap<(LinkRef, IpAddr), MacAddr>,
+    pub neighbours: BTreeMap<(LinkRef, IpAddr), Mac>,
     /// FDB entries on VXLAN devices: (link, MAC, remote VTEP IP).
-    pub fdb: BTreeSet<(LinkRef, MacAddr, IpAddr)>,
+    pub fdb: BTreeSet<(LinkRef, Mac, IpAddr)>,
     /// Routes keyed by destination (the main table holds one route per destination here).
     pub routes: BTreeMap<IpNet, RouteEntry>,
 }

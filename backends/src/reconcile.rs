@@ -6,7 +6,8 @@
 
 use std::net::IpAddr;
 
-use crate::model::{DataplaneState, LinkRef, MacAddr, RouteEntry};
+use crate::model::{DataplaneState, LinkRef, RouteEntry};
+use twill_formats::Mac;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -14,23 +15,23 @@ pub enum Op {
     DelNeighbour {
         link: LinkRef,
         ip: IpAddr,
-        mac: MacAddr,
+        mac: Mac,
     },
     DelFdb {
         link: LinkRef,
-        mac: MacAddr,
+        mac: Mac,
         dst: IpAddr,
     },
     /// `ip neigh replace … nud permanent`
     SetNeighbour {
         link: LinkRef,
         ip: IpAddr,
-        mac: MacAddr,
+        mac: Mac,
     },
     /// `bridge fdb replace … self permanent`
     SetFdb {
         link: LinkRef,
-        mac: MacAddr,
+        mac: Mac,
         dst: IpAddr,
     },
     /// `ip route replace …`
@@ -98,8 +99,8 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
-    fn mac(last: u8) -> MacAddr {
-        MacAddr([0x0a, 0, 0, 0, 0, last])
+    fn mac(last: u8) -> Mac {
+        Mac([0x0a, 0, 0, 0, 0, last])
     }
 
     fn peer_state(entries: &[(&str, &str, u8)]) -> DataplaneState {

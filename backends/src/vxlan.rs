@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use rtnetlink::packet_route::link::InfoVxlan;
 use rtnetlink::LinkVxlan;
 
-use crate::model::MacAddr;
 use crate::netlink::{LinkState, Netlink, NetlinkError, EEXIST};
+use twill_formats::Mac;
 
 /// The kernel's VXLAN port when none is configured (IANA's is 4789; Linux and Flannel use 8472).
 pub const KERNEL_DEFAULT_PORT: u16 = 8472;
@@ -44,7 +44,7 @@ pub struct VxlanSpec {
     pub learning: bool,
     pub mtu: u32,
     /// The MAC to create the device with (a restarted node keeps the one it advertised).
-    pub mac: MacAddr,
+    pub mac: Mac,
 }
 
 impl VxlanSpec {
@@ -140,7 +140,7 @@ pub fn incompatibility(spec: &VxlanSpec, link: &LinkState) -> Option<String> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VxlanDevice {
     pub index: u32,
-    pub mac: MacAddr,
+    pub mac: Mac,
     /// True when an existing compatible device was kept.
     pub reused: bool,
 }
@@ -253,7 +253,7 @@ mod tests {
             gbp: false,
             learning: false,
             mtu: 1450,
-            mac: MacAddr([0x0a, 0, 0, 0, 0, 1]),
+            mac: Mac([0x0a, 0, 0, 0, 0, 1]),
         }
     }
 

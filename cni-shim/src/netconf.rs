@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
 use crate::error::{code, CniError};
-use crate::subnet_env::SubnetEnv;
 use crate::validate;
+use twill_formats::subnet_env::SubnetEnv;
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
@@ -328,7 +328,7 @@ pub fn convert_result(result: &[u8], target: &str) -> Result<Vec<u8>, CniError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gojson;
+    use twill_formats::gojson;
 
     const DEFAULT_PLUGIN: &str = r#"{"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true},"name":"cbr0","cniVersion":"0.3.1"}"#;
 
@@ -381,6 +381,26 @@ mod tests {
             build(conf, V4).unwrap(),
             r#"{"cniVersion":"1.1.0","ipMasq":true,"ipam":{"dataDir":"/x","ranges":[[{"subnet":"10.244.1.0/24"}]],"routes":[{"dst":"192.168.0.1/24","gw":"10.0.0.1","scope":0},{"dst":"10.244.0.0/16"}],"type":"static"},"master":"eth0","mtu":1400,"name":"n","runtimeConfig":{"portMappings":[]},"type":"ipvlan"}"#
         );
+    }
+
+    /// The delegate config is where floats reach the Go-JSON writer: any number the user put in
+    /// `delegate` (Flannel decodes it into `interface{}`, i.e. `float64`) is written back with
+    /// Go's float64 text.
+    #[test]
+    fn delegate_numbers_are_written_as_go_writes_float64() {
+        let conf = r#"{"name":"n","cniVersion":"1.0.0","type":"flannel","delegate":{"type":"bridge",
+            "mtu":1400.0,"a":0.000001,"b":1e-7,"c":1e20,"d":1e21,"e":9007199254740993}}"#;
+        let out = build(conf, V4).unwrap();
+        for want in [
+            r#""mtu":1400,"#,
+            r#""a":0.000001,"#,
+            r#""b":1e-7,"#,
+            r#""c":100000000000000000000,"#,
+            r#""d":1e+21,"#,
+            r#""e":9007199254740992,"#,
+        ] {
+            assert!(out.contains(want), "{want} in {out}");
+        }
     }
 
     #[test]

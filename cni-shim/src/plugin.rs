@@ -10,11 +10,11 @@ use serde_json::{Map, Value};
 use crate::antispoof;
 use crate::delegate;
 use crate::error::{code, CniError};
-use crate::gojson;
 use crate::netconf::{self, FlannelConf};
 use crate::result::host_interfaces;
-use crate::subnet_env::{SubnetEnv, SubnetEnvError};
 use crate::validate::{self, LATEST_VERSION, SUPPORTED_VERSIONS};
+use twill_formats::gojson;
+use twill_formats::subnet_env::{SubnetEnv, SubnetEnvError};
 
 /// The CNI_* environment variables.
 #[derive(Debug, Clone, Default)]

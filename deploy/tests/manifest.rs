@@ -379,25 +379,19 @@ fn configmap_and_args_pass_twills_parsers() {
     let docs = documents();
     let cm = find(&docs, "ConfigMap");
     let net_conf = cm["data"]["net-conf.json"].as_str().unwrap();
-    let cfg = twill::config::NetConfig::parse(net_conf).expect("net-conf.json");
+    let cfg = twill_formats::net_conf::NetConfig::parse(net_conf).expect("net-conf.json");
     assert_eq!(cfg.backend_type(), "vxlan");
     assert_eq!(cfg.network.unwrap().to_string(), "10.244.0.0/16");
 
     let cni_conf: Value =
         serde_json::from_str(cm["data"]["cni-conf.json"].as_str().unwrap()).unwrap();
     let dropin: Value = serde_json::from_str(&read("deploy/cni/10-flannel.conflist")).unwrap();
+    // Equal to the drop-in, which the CNI plugin's own test (cni-shim/tests/deploy_conflist.rs)
+    // passes through its parser and delegate checks.
     assert_eq!(
         cni_conf, dropin,
         "deploy/cni/10-flannel.conflist differs from the ConfigMap's"
     );
-    let mut plugin = cni_conf["plugins"][0].clone();
-    assert_eq!(plugin["type"], "flannel");
-    // What a runtime passes the plugin: the list's name and version injected.
-    plugin["name"] = cni_conf["name"].clone();
-    plugin["cniVersion"] = cni_conf["cniVersion"].clone();
-    let conf = twill_cni::netconf::FlannelConf::parse(plugin.to_string().as_bytes())
-        .expect("flannel plugin entry");
-    conf.validate_delegate().expect("delegate");
 
     let ds = find(&docs, "DaemonSet");
     let twilld = &ds["spec"]["template"]["spec"]["containers"][0];

@@ -4,7 +4,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use twill_cni::plugin::{prepare, CniEnv, Prepared};
-use twill_cni::subnet_env::SubnetEnv;
+use twill_formats::subnet_env::SubnetEnv;
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(7, |b| *b == 0);

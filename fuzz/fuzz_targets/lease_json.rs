@@ -3,8 +3,8 @@
 //! a NUL byte, the value.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use twill::config::NetConfig;
-use twill::registry::lease::{parse_subnet_key_path, validate_peer, Lease, LeaseAttrs};
+use twill_formats::net_conf::NetConfig;
+use twill_formats::lease::{parse_subnet_key_path, validate_peer, Lease, LeaseAttrs};
 
 const PREFIX: &str = "/coreos.com/network";
 

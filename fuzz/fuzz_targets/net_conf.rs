@@ -7,9 +7,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(cfg) = twill::config::NetConfig::parse_and_check(text) {
+    if let Ok(cfg) = twill_formats::net_conf::NetConfig::parse_and_check(text) {
         let _ = cfg.backend_type();
         let _ = cfg.vxlan();
     }
-    let _ = twill::config::NetConfig::parse(text);
+    let _ = twill_formats::net_conf::NetConfig::parse(text);
 });

@@ -2,7 +2,7 @@
 //! to a file it parses back to the same values.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use twill_cni::subnet_env::SubnetEnv;
+use twill_formats::subnet_env::SubnetEnv;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -194,7 +194,7 @@ fn options(common: &Common) -> Result<Options> {
 fn pod_cidrs(common: &Common) -> Result<Vec<ipnet::IpNet>> {
     let mut out = common.pod_cidr.clone();
     if let Some(path) = &common.subnet_file {
-        let env = twill_cni::subnet_env::SubnetEnv::read(path)
+        let env = twill_formats::subnet_env::SubnetEnv::read(path)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         out.extend(env.subnet_network().map(ipnet::IpNet::V4));
         out.extend(env.ipv6_subnet_network().map(ipnet::IpNet::V6));

@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use twill_cni::subnet_env::SubnetEnv;
+use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::{compile, Options};
 use twill_policy::enforce::ruleset_marker;

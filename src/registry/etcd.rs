@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use crate::registry::lease::{
+use twill_formats::lease::{
     config_key_path, parse_subnet_key_path, subnet_key_path, LeaseAttrs, SubnetKey,
 };
 

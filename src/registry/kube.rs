@@ -19,9 +19,10 @@ use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::config::NetConfig;
 use crate::registry::etcd::LeaseRecord;
-use crate::registry::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::gojson;
+use twill_formats::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::NetConfig;
 
 /// Every Kubernetes API call twilld makes, as (resource, verb): the one place the RBAC test
 /// (`tests/kube.rs`) compares with the `flannel` ClusterRole in kube-flannel.yml.
@@ -173,7 +174,12 @@ pub fn annotation_patch(
     ipv4: bool,
     ipv6: bool,
 ) -> Option<Value> {
-    let json_text = |d: &Option<Value>| d.as_ref().unwrap_or(&Value::Null).to_string();
+    // Flannel writes the annotation as the marshalled BackendData's bytes: Go-JSON text.
+    let json_text = |d: &Option<Value>| {
+        let mut out = String::new();
+        gojson::encode_value(d.as_ref().unwrap_or(&Value::Null), &mut out);
+        out
+    };
     let mut want: Vec<(String, String)> = vec![
         (ann.backend_type.clone(), attrs.backend_type.clone()),
         (ann.subnet_kube_managed.clone(), "true".into()),
@@ -209,10 +215,7 @@ pub fn annotation_patch(
 pub fn previous_vtep_macs(
     node: &Node,
     ann: &Annotations,
-) -> (
-    Option<crate::registry::lease::Mac>,
-    Option<crate::registry::lease::Mac>,
-) {
+) -> (Option<twill_formats::Mac>, Option<twill_formats::Mac>) {
     let a = annotations(node);
     let mac = |k: &str| {
         a.get(k)

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use twill_cni::subnet_env::SubnetEnv;
+use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::{Ipv4Net, Lab, ProcId, Signal};
 
 pub const PREFIX: &str = "/coreos.com/network";

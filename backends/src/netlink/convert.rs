@@ -10,9 +10,10 @@ use rtnetlink::packet_route::route::{
 };
 
 use super::LinkMap;
-use crate::model::{MacAddr, RouteEntry};
+use crate::model::RouteEntry;
+use twill_formats::Mac;
 
-pub(super) fn neighbour_ip_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<MacAddr>) {
+pub(super) fn neighbour_ip_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     let mut ip = None;
     let mut mac = None;
     for a in &m.attributes {
@@ -28,7 +29,7 @@ pub(super) fn neighbour_ip_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<
             NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
                 ip = ip_from_bytes(bytes)
             }
-            NeighbourAttribute::LinkLayerAddress(b) => mac = MacAddr::from_slice(b),
+            NeighbourAttribute::LinkLayerAddress(b) => mac = Mac::from_slice(b),
             _ => {}
         }
     }

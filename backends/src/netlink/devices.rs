@@ -12,7 +12,7 @@ use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use std::net::IpAddr;
 
 use super::{is_errno, req, Netlink, NetlinkError};
-use crate::model::MacAddr;
+use twill_formats::Mac;
 
 /// What netlink says about one link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub struct LinkState {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
-    pub mac: Option<MacAddr>,
+    pub mac: Option<Mac>,
     pub up: bool,
     pub kind: Option<String>,
     pub vxlan: Vec<InfoVxlan>,
@@ -40,7 +40,7 @@ fn link_state(msg: LinkMessage) -> LinkState {
         match attr {
             LinkAttribute::IfName(n) => st.name = n,
             LinkAttribute::Mtu(m) => st.mtu = m,
-            LinkAttribute::Address(a) => st.mac = MacAddr::from_slice(&a),
+            LinkAttribute::Address(a) => st.mac = Mac::from_slice(&a),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {

@@ -13,8 +13,9 @@ use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::RouteMessageBuilder;
 
 use super::{LinkMap, NetlinkError};
-use crate::model::{LinkRef, MacAddr, RouteEntry};
+use crate::model::{LinkRef, RouteEntry};
 use crate::reconcile::Op;
+use twill_formats::Mac;
 
 /// `ip`/`bridge` commands with the effect of `op`, for error messages.
 pub(super) fn describe(op: &Op) -> String {
@@ -59,7 +60,7 @@ pub(super) fn request(
         Ok(msg)
     };
     // The FDB entry as both its add and its delete name it: bridge family, self, MAC -> VTEP.
-    let fdb = |link, mac: MacAddr, dst: IpAddr| -> Result<NeighbourMessage, NetlinkError> {
+    let fdb = |link, mac: Mac, dst: IpAddr| -> Result<NeighbourMessage, NetlinkError> {
         let mut msg = neighbour(AddressFamily::Bridge, link, NeighbourState::Permanent)?;
         msg.header.flags = NeighbourFlags::Own;
         msg.attributes
@@ -137,11 +138,11 @@ pub(super) fn route_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MacAddr;
     use crate::netlink::convert::neighbour_ip_mac;
     use crate::netlink::LinkMap;
     use rtnetlink::packet_core::NetlinkPayload;
     use rtnetlink::packet_route::neighbour::NeighbourState;
+    use twill_formats::Mac;
 
     fn links() -> LinkMap {
         LinkMap {
@@ -165,7 +166,7 @@ mod tests {
         let (_conn, handle, _) = rtnetlink::new_connection().unwrap();
         let replace = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE | NLM_F_CREATE;
         let delete = NLM_F_REQUEST | NLM_F_ACK;
-        let mac = MacAddr([0x0e, 0xbe, 0, 0, 1, 2]);
+        let mac = Mac([0x0e, 0xbe, 0, 0, 1, 2]);
         let v4: IpAddr = "10.244.2.0".parse().unwrap();
         let v6: IpAddr = "fd00:42:0:2::".parse().unwrap();
         let dst: IpAddr = "198.18.0.12".parse().unwrap();

@@ -1,0 +1,611 @@
+//! The node's dataplane: the devices it owns (checked and recreated), the entries toward its
+//! peers (observe, decide, diff, apply) and the underlay guard (`inet twill-underlay`), plus the
+//! netlink monitor that reports drift. The underlay guard's nft calls are made from here only;
+//! the masquerade/forward rules ([`crate::traffic::TrafficManager`]) are started in
+//! [`super::startup`] and checked on a task of their own.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use futures::StreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use twill_backends::netlink::{LinkMap, Netlink};
+use twill_backends::vxlan::{self, VxlanSpec, ENCAP_OVERHEAD};
+use twill_backends::{desired_state, diff, BackendKind, Op, PeerLease, Topology};
+
+use crate::flags::Flags;
+use crate::iface::ExternalInterface;
+use twill_formats::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
+use twill_formats::net_conf::{BackendConfig, NetConfig};
+use twill_formats::Mac;
+
+use super::core::NetlinkSignal;
+use super::event_loop::DataplaneEffects;
+
+/// Per-family view of the node's addresses.
+#[derive(Clone, Debug)]
+pub(super) struct PublicAddrs {
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// An underlay guard transaction in flight: the input it applied, or why it failed.
+type GuardJob = tokio::task::JoinHandle<Result<crate::underlay::GuardInput, crate::nft::NftError>>;
+
+/// The node's dataplane: the devices it owns and the entries toward its peers.
+pub(super) struct Dataplane {
+    nl: Netlink,
+    kind: BackendKind,
+    ext: ExternalInterface,
+    vni: u32,
+    vxlan4: Option<VxlanSpec>,
+    vxlan6: Option<VxlanSpec>,
+    links: LinkMap,
+    topo: Topology,
+    pub(super) mtu: u32,
+    blackhole: bool,
+    own_subnets: Vec<IpNet>,
+    /// Shared with the netlink monitor so it can tell our devices' events from others'.
+    pub(super) watched: Arc<[AtomicU32; 2]>,
+    last_skipped: BTreeSet<(String, String)>,
+    /// The underlay guard's template (peers filled in per pass) and the input last applied
+    /// successfully; `None` when the table's state is unknown (never applied, a failure,
+    /// drift), so the next pass replaces the whole table.
+    guard: crate::underlay::GuardInput,
+    guard_applied: Option<crate::underlay::GuardInput>,
+    nft: crate::nft::SharedNft,
+}
+
+impl Dataplane {
+    pub(super) fn new(
+        nl: Netlink,
+        config: &NetConfig,
+        ext: ExternalInterface,
+        public: &PublicAddrs,
+        flags: &Flags,
+    ) -> anyhow::Result<Dataplane> {
+        let mut networks = Vec::new();
+        if config.enable_ipv4 {
+            networks.extend(config.network.map(IpNet::V4));
+        }
+        if config.enable_ipv6 {
+            networks.extend(config.ipv6_network.map(IpNet::V6));
+        }
+        let (kind, vni, mtu, vxlan4, vxlan6) = match &config.backend {
+            BackendConfig::Vxlan(vx) => {
+                let mtu = vx.mtu.unwrap_or(ext.mtu).saturating_sub(ENCAP_OVERHEAD);
+                let spec = |ipv6: bool, local: IpAddr| VxlanSpec {
+                    name: vxlan::device_name(vx.vni, ipv6),
+                    vni: vx.vni,
+                    local,
+                    external_index: ext.index,
+                    port: vx.port,
+                    gbp: vx.gbp,
+                    learning: vx.learning,
+                    mtu,
+                    mac: Mac::default(),
+                };
+                let v4 = config
+                    .enable_ipv4
+                    .then(|| spec(false, IpAddr::V4(public.v4)));
+                let v6 = public.v6.filter(|_| config.enable_ipv6).map(|a| {
+                    // An IPv6 underlay carries 20 more bytes of outer header, and the
+                    // kernel refuses a VXLAN MTU above the lower device's minus 70.
+                    // FLANNEL_MTU stays Flannel's (−50); IPv6 pods learn the smaller path
+                    // MTU from the node.
+                    let mut s = spec(true, IpAddr::V6(a));
+                    s.mtu = s
+                        .mtu
+                        .min(ext.mtu.saturating_sub(vxlan::ENCAP_OVERHEAD_IPV6));
+                    s
+                });
+                (
+                    BackendKind::Vxlan {
+                        direct_routing: vx.direct_routing,
+                    },
+                    vx.vni,
+                    mtu,
+                    v4,
+                    v6,
+                )
+            }
+            BackendConfig::HostGw => {
+                twill_backends::hostgw::check_public_ip(IpAddr::V4(public.v4), &ext.addrs)
+                    .map_err(|e| anyhow!(e))?;
+                (BackendKind::HostGw, 0, ext.mtu, None, None)
+            }
+        };
+        let guard = crate::underlay::GuardInput {
+            vxlan_port: vxlan4.as_ref().or(vxlan6.as_ref()).map(|v| {
+                if v.port == 0 {
+                    8472
+                } else {
+                    v.port
+                }
+            }),
+            external: ext.name.clone(),
+            networks: networks.clone(),
+            ..Default::default()
+        };
+        let topo = Topology {
+            backend: kind,
+            networks,
+            own_subnets: Vec::new(),
+            external_prefixes: ext.prefixes.clone(),
+            vxlan4: vxlan4.is_some(),
+            vxlan6: vxlan6.is_some(),
+        };
+        Ok(Dataplane {
+            nl,
+            kind,
+            links: LinkMap {
+                vxlan4: None,
+                vxlan6: None,
+                external: ext.index,
+            },
+            ext,
+            vni,
+            vxlan4,
+            vxlan6,
+            topo,
+            mtu,
+            blackhole: flags.ip_blackhole_route,
+            own_subnets: Vec::new(),
+            watched: Arc::new([AtomicU32::new(0), AtomicU32::new(0)]),
+            last_skipped: BTreeSet::new(),
+            guard,
+            guard_applied: None,
+            nft: crate::nft::runner(),
+        })
+    }
+
+    /// Creates (or keeps) the VXLAN devices before the lease is taken, as Flannel does, so
+    /// the lease can advertise their MACs.
+    pub(super) async fn prepare_devices(
+        &mut self,
+        previous: (Option<Mac>, Option<Mac>),
+    ) -> anyhow::Result<()> {
+        let mut rng = rand::rng();
+        for (spec, prev) in [
+            (self.vxlan4.as_mut(), previous.0),
+            (self.vxlan6.as_mut(), previous.1),
+        ] {
+            let Some(spec) = spec else { continue };
+            let existing = self.nl.link_by_name(&spec.name).await?;
+            spec.mac = match existing
+                .as_ref()
+                .filter(|l| vxlan::incompatibility(spec, l).is_none())
+                .and_then(|l| l.mac)
+            {
+                Some(mac) => mac,
+                None => prev.unwrap_or_else(|| Mac::random_local(&mut rng)),
+            };
+        }
+        self.ensure_devices(false).await
+    }
+
+    pub(super) fn set_own(&mut self, key: &SubnetKey) {
+        self.own_subnets = std::iter::once(IpNet::V4(key.ipv4))
+            .chain(key.ipv6.map(IpNet::V6))
+            .collect();
+        self.topo.own_subnets = self.own_subnets.clone();
+        self.guard.own_subnets = self.own_subnets.clone();
+    }
+
+    /// Makes sure each VXLAN device exists (recreating a deleted or altered one with the same
+    /// MAC) and, once the lease is known, carries its address.
+    async fn ensure_devices(&mut self, with_address: bool) -> anyhow::Result<()> {
+        let networks = self.topo.networks.clone();
+        for (i, spec) in [self.vxlan4.clone(), self.vxlan6.clone()]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(spec) = spec else { continue };
+            let address = if with_address {
+                self.own_subnets
+                    .iter()
+                    .find(|s| s.addr().is_ipv4() == (i == 0))
+                    .map(|s| {
+                        IpNet::new(s.network(), if i == 0 { 32 } else { 128 })
+                            .expect("host prefix is valid")
+                    })
+            } else {
+                None
+            };
+            let dev = vxlan::ensure_device(&self.nl, &spec, address, &networks).await?;
+            if !dev.reused && with_address {
+                tracing::warn!(device = %spec.name, "VXLAN device was missing or altered; recreated it");
+            }
+            if dev.mac != spec.mac {
+                tracing::warn!(device = %spec.name, kept = %dev.mac, "device MAC differs from the advertised one");
+            }
+            if i == 0 {
+                self.links.vxlan4 = Some(dev.index);
+            } else {
+                self.links.vxlan6 = Some(dev.index);
+            }
+            self.watched[i].store(dev.index, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn address_devices(&mut self) -> anyhow::Result<()> {
+        self.ensure_devices(true).await
+    }
+
+    /// The attributes this node advertises.
+    pub(super) fn lease_attrs(&self, public: &PublicAddrs) -> LeaseAttrs {
+        let data = |spec: &Option<VxlanSpec>| {
+            spec.as_ref().map(|s| {
+                VxlanBackendData {
+                    vni: self.vni,
+                    vtep_mac: s.mac,
+                }
+                .to_value()
+            })
+        };
+        LeaseAttrs {
+            public_ip: public.v4,
+            public_ipv6: public.v6,
+            backend_type: self.kind.lease_type().to_string(),
+            backend_data: data(&self.vxlan4),
+            backend_v6_data: data(&self.vxlan6),
+        }
+    }
+
+    /// Cheap check used on every pass: are our devices still there, unchanged?
+    async fn devices_intact(&self) -> anyhow::Result<bool> {
+        for (spec, index) in [
+            (&self.vxlan4, self.links.vxlan4),
+            (&self.vxlan6, self.links.vxlan6),
+        ] {
+            let Some(spec) = spec else { continue };
+            match self.nl.link_by_name(&spec.name).await? {
+                Some(link)
+                    if Some(link.index) == index
+                        && link.up
+                        && vxlan::incompatibility(spec, &link).is_none() => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Observe, decide, diff, apply.
+    async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize> {
+        let started = Instant::now();
+        if !self.devices_intact().await? {
+            self.ensure_devices(true).await?;
+        }
+        let (desired, skipped) = desired_state(&self.topo, peers);
+        let skipped_now: BTreeSet<(String, String)> =
+            skipped.into_iter().map(|s| (s.peer, s.reason)).collect();
+        for (peer, reason) in skipped_now.difference(&self.last_skipped) {
+            tracing::warn!(lease = %peer, %reason, "not programming peer");
+        }
+        self.last_skipped = skipped_now;
+        // The underlay guard's input: a new peer is allowed before its FDB entry exists.
+        let skipped_peers: BTreeSet<&str> =
+            self.last_skipped.iter().map(|(p, _)| p.as_str()).collect();
+        let mut guard = self.guard.clone();
+        for p in peers
+            .iter()
+            .filter(|p| !skipped_peers.contains(p.name.as_str()))
+        {
+            for fam in p.v4.iter().chain(p.v6.iter()) {
+                guard.peer_ips.insert(fam.public_ip);
+                guard.peer_subnets.insert(fam.subnet);
+            }
+        }
+        let decided = Instant::now();
+        // The guard's nft transaction runs on a blocking thread while the entries are read
+        // and diffed and the ops that let no traffic in are applied (deletions, VXLAN
+        // neighbours: without FDB entry and route they carry nothing); FDB entries and routes,
+        // which do let a peer's traffic in, wait for it.
+        let guard_job = self.start_guard(guard);
+        let programmed = self.program(&desired, guard_job).await;
+        let guarded = Instant::now();
+        let ops = programmed?;
+        tracing::debug!(
+            peers = peers.len(),
+            ops,
+            decide = ?decided - started,
+            program = ?guarded - decided,
+            "reconcile pass timings"
+        );
+        if self.blackhole {
+            for subnet in &self.own_subnets {
+                if let Err(e) = self.nl.ensure_blackhole(*subnet).await {
+                    tracing::warn!(error = %e, "blackhole route");
+                }
+            }
+        }
+        Ok(ops)
+    }
+
+    /// Reads the entries, diffs them against `desired` and applies the ops, those letting a
+    /// peer's traffic in (FDB entries, routes) only after `guard_job` finished. The guard job
+    /// is always awaited, whatever fails, so its outcome is recorded.
+    async fn program(
+        &mut self,
+        desired: &twill_backends::DataplaneState,
+        guard_job: Option<GuardJob>,
+    ) -> anyhow::Result<usize> {
+        let ops = self
+            .nl
+            .observe(&self.links, &self.topo)
+            .await
+            .map(|actual| diff(desired, &actual));
+        let (gated, early): (Vec<Op>, Vec<Op>) = match &ops {
+            Ok(ops) => ops
+                .iter()
+                .cloned()
+                .partition(|op| matches!(op, Op::SetFdb { .. } | Op::SetRoute(_))),
+            Err(_) => Default::default(),
+        };
+        let started = Instant::now();
+        let mut failed = self.nl.apply(&self.links, &early).await;
+        let early_done = Instant::now();
+        if let Some(job) = guard_job {
+            self.finish_guard(job).await;
+        }
+        let guard_done = Instant::now();
+        failed.extend(self.nl.apply(&self.links, &gated).await);
+        tracing::debug!(
+            early = ?early_done - started,
+            guard_wait = ?guard_done - early_done,
+            gated = ?guard_done.elapsed(),
+            "programming timings"
+        );
+        let ops = ops?;
+        for (op, err) in &failed {
+            tracing::warn!(?op, error = %err, "dataplane operation failed; will retry on the next pass");
+        }
+        if !ops.is_empty() {
+            tracing::info!(
+                applied = ops.len() - failed.len(),
+                failed = failed.len(),
+                entries = desired.len(),
+                "reconciled dataplane"
+            );
+        }
+        Ok(ops.len())
+    }
+
+    /// Starts bringing the underlay guard to `guard` on a task of its own (nft runs off the runtime):
+    /// element deltas when only peers changed, else the whole table; a rejected delta is
+    /// replaced by the whole table in the same job. Until [`Self::finish_guard`] records the
+    /// outcome the table's state is unknown, so a pass that never gets there leaves the next
+    /// one to replace the whole table.
+    fn start_guard(&mut self, guard: crate::underlay::GuardInput) -> Option<GuardJob> {
+        use crate::underlay::{self, Update};
+        let update = underlay::update(self.guard_applied.as_ref(), &guard);
+        if update == Update::Unchanged {
+            return None;
+        }
+        self.guard_applied = None;
+        let nft = self.nft.clone();
+        Some(tokio::spawn(async move {
+            underlay::apply_update(&nft, update, guard).await
+        }))
+    }
+
+    /// Waits for the guard job and records what the table now holds; a failure is retried
+    /// (as a whole table) on the next pass.
+    async fn finish_guard(&mut self, job: GuardJob) {
+        match job.await {
+            Ok(Ok(guard)) => {
+                tracing::info!(
+                    peers = guard.peer_ips.len(),
+                    "underlay guard updated (inet twill-underlay)"
+                );
+                self.guard_applied = Some(guard);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "underlay guard not applied; retrying on the next pass")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "underlay guard job failed; retrying on the next pass")
+            }
+        }
+    }
+
+    /// Drift check on the resync tick: a table removed or changed by hand (its sets no longer
+    /// what deltas would start from, rules missing) is replaced whole on the next pass.
+    async fn check_guard(&mut self) {
+        let drifted = match &self.guard_applied {
+            Some(applied) => crate::underlay::drifted(&self.nft, applied).await,
+            None => false,
+        };
+        if drifted {
+            tracing::warn!("underlay guard table was removed or changed; re-applying it whole");
+            self.guard_applied = None;
+        }
+    }
+
+    async fn refresh_external(&mut self) {
+        match self.nl.addresses(Some(self.ext.index)).await {
+            Ok(addrs) => {
+                self.topo.external_prefixes = addrs.into_iter().map(|(_, a)| a.trunc()).collect()
+            }
+            Err(e) => tracing::warn!(error = %e, "reading external interface addresses"),
+        }
+    }
+}
+
+impl DataplaneEffects for Dataplane {
+    async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize> {
+        Dataplane::reconcile(self, peers).await
+    }
+
+    async fn check_underlay(&mut self) {
+        self.refresh_external().await;
+        self.check_guard().await;
+    }
+}
+
+/// What a netlink event means to the reconciler: something twill owns may have been removed
+/// (a device, a route, a neighbour; `watched` holds our devices' indexes), or the socket
+/// overran and events were lost. Anything else is none of its business.
+fn classify(
+    payload: &NetlinkPayload<RouteNetlinkMessage>,
+    watched: &[AtomicU32; 2],
+) -> Option<NetlinkSignal> {
+    use RouteNetlinkMessage as M;
+    let ours = |index: u32| watched.iter().any(|w| w.load(Ordering::Relaxed) == index);
+    let changed = match payload {
+        NetlinkPayload::Overrun(_) => return Some(NetlinkSignal::Overrun),
+        NetlinkPayload::InnerMessage(M::DelLink(_)) => true,
+        NetlinkPayload::InnerMessage(M::NewLink(l)) => {
+            ours(l.header.index)
+                && !l
+                    .header
+                    .flags
+                    .contains(rtnetlink::packet_route::link::LinkFlags::Up)
+        }
+        NetlinkPayload::InnerMessage(M::DelRoute(_)) => true,
+        NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => ours(n.header.ifindex),
+        _ => false,
+    };
+    changed.then_some(NetlinkSignal::Changed)
+}
+
+/// Listens to rtnetlink and reports when something twill owns may have been removed, so drift
+/// is repaired at once instead of at the next periodic resync, and when the socket overran
+/// (ENOBUFS), so the whole dataplane is checked. If the socket fails, the monitor opens a new
+/// one after a backoff and reports an overrun (events were lost meanwhile): the daemon keeps
+/// running on its periodic resync in between rather than stopping over a lost event socket.
+pub(super) fn spawn_netlink_monitor(
+    watched: Arc<[AtomicU32; 2]>,
+) -> anyhow::Result<mpsc::Receiver<NetlinkSignal>> {
+    let (tx, rx) = mpsc::channel(64);
+    let mut messages = open_netlink_monitor()?;
+    tokio::spawn(async move {
+        loop {
+            if !forward_netlink_signals(&mut messages, &watched, &tx).await {
+                return;
+            }
+            let mut delays = twill_runtime::backoff::retry_delays(
+                Duration::from_millis(200),
+                Duration::from_secs(10),
+            );
+            messages = loop {
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(retry_in = ?delay, "the netlink event socket closed; opening a new one");
+                tokio::time::sleep(delay).await;
+                match open_netlink_monitor() {
+                    Ok(m) => break m,
+                    Err(e) => tracing::warn!(error = %e, "opening the netlink event socket failed"),
+                }
+            };
+            if tx.send(NetlinkSignal::Overrun).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+type NetlinkMessages = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// A multicast rtnetlink socket joined to the groups that tell of removed links, routes and
+/// neighbours; its connection runs on a task of its own.
+fn open_netlink_monitor() -> anyhow::Result<NetlinkMessages> {
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _handle, messages) =
+        rtnetlink::new_multicast_connection(&[G::Link, G::Ipv4Route, G::Ipv6Route, G::Neigh])?;
+    tokio::spawn(conn);
+    Ok(messages)
+}
+
+/// Forwards what the socket's messages mean until the socket ends (returns true) or the loop
+/// stopped listening (returns false).
+async fn forward_netlink_signals(
+    messages: &mut NetlinkMessages,
+    watched: &[AtomicU32; 2],
+    tx: &mpsc::Sender<NetlinkSignal>,
+) -> bool {
+    while let Some((msg, _)) = messages.next().await {
+        let open = match classify(&msg.payload, watched) {
+            // A change already queued causes a pass too: a full queue loses nothing.
+            Some(NetlinkSignal::Changed) => !matches!(
+                tx.try_send(NetlinkSignal::Changed),
+                Err(mpsc::error::TrySendError::Closed(_))
+            ),
+            // An overrun asks for more than a pass: it must not be dropped.
+            Some(NetlinkSignal::Overrun) => tx.send(NetlinkSignal::Overrun).await.is_ok(),
+            None => true,
+        };
+        if !open {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_route::link::LinkMessage;
+    use rtnetlink::packet_route::neighbour::NeighbourMessage;
+
+    fn watched(indexes: [u32; 2]) -> [AtomicU32; 2] {
+        indexes.map(AtomicU32::new)
+    }
+
+    #[test]
+    fn an_overrun_of_the_event_socket_asks_for_a_full_check() {
+        assert_eq!(
+            classify(&NetlinkPayload::Overrun(Vec::new()), &watched([7, 0])),
+            Some(NetlinkSignal::Overrun)
+        );
+    }
+
+    #[test]
+    fn removals_of_what_twill_owns_are_changes_and_others_events_are_not() {
+        let w = watched([7, 0]);
+        let del_link =
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(LinkMessage::default()));
+        assert_eq!(classify(&del_link, &w), Some(NetlinkSignal::Changed));
+        let mut ours = NeighbourMessage::default();
+        ours.header.ifindex = 7;
+        let mut theirs = NeighbourMessage::default();
+        theirs.header.ifindex = 9;
+        assert_eq!(
+            classify(
+                &NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(ours)),
+                &w
+            ),
+            Some(NetlinkSignal::Changed)
+        );
+        assert_eq!(
+            classify(
+                &NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(theirs)),
+                &w
+            ),
+            None
+        );
+        let mut up = LinkMessage::default();
+        up.header.index = 7;
+        up.header.flags = rtnetlink::packet_route::link::LinkFlags::Up;
+        assert_eq!(
+            classify(
+                &NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(up)),
+                &w
+            ),
+            None
+        );
+    }
+}
