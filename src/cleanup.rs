@@ -21,7 +21,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::nft;
+use crate::nft::{Nft, NftError, NftRunner};
 
 /// twill-policy's table name (its `--table` default); it owns the name in both the `inet`
 /// and the `bridge` family.
@@ -30,7 +30,7 @@ pub const POLICY_TABLE: &str = "twill-policy";
 /// Every table twill creates, as (family, name).
 pub const TWILL_TABLES: [(&str, &str); 4] = [
     ("inet", crate::underlay::TABLE),
-    ("bridge", twill_cni::antispoof::TABLE),
+    ("bridge", twill_nft::tables::ANTISPOOF),
     ("inet", POLICY_TABLE),
     ("bridge", POLICY_TABLE),
 ];
@@ -111,9 +111,9 @@ pub enum CleanupError {
     #[error("{name} (pid {pid}) is running in this network namespace and would re-create its table; stop twill's daemons first (replace the DaemonSet with Flannel's manifest, or systemctl stop twilld twill-policy), then run twilld --cleanup again")]
     DaemonRunning { name: String, pid: u32 },
     #[error("listing nftables tables: {0}")]
-    List(nft::NftError),
+    List(NftError),
     #[error("deleting twill's tables: {0}")]
-    Delete(nft::NftError),
+    Delete(NftError),
 }
 
 /// Removes twill's tables from this network namespace; returns the ones it removed
@@ -122,10 +122,16 @@ pub fn run() -> Result<Vec<String>, CleanupError> {
     if let Some((pid, name)) = running_daemons(Path::new("/proc")).into_iter().next() {
         return Err(CleanupError::DaemonRunning { name, pid });
     }
-    let listing = nft::run(&["list", "tables"], None).map_err(CleanupError::List)?;
+    delete_tables(&Nft::default())
+}
+
+/// The table removal of [`run`], through `nft` (synchronous: `--cleanup` runs before any
+/// runtime starts).
+fn delete_tables(nft: &dyn NftRunner) -> Result<Vec<String>, CleanupError> {
+    let listing = nft.list_tables().map_err(CleanupError::List)?;
     let tables = present(&listing);
     if !tables.is_empty() {
-        nft::apply(&script(&tables)).map_err(CleanupError::Delete)?;
+        nft.apply(&script(&tables)).map_err(CleanupError::Delete)?;
     }
     Ok(tables
         .iter()
@@ -168,7 +174,37 @@ mod tests {
     #[test]
     fn table_names_are_the_components_own() {
         assert_eq!(crate::underlay::TABLE, "twill-underlay");
-        assert_eq!(twill_cni::antispoof::TABLE, "twill-antispoof");
+        assert_eq!(twill_nft::tables::ANTISPOOF, "twill-antispoof");
+    }
+
+    #[test]
+    fn the_present_tables_go_in_one_transaction() {
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok(LISTING.into()));
+        let removed = delete_tables(&nft).unwrap();
+        assert_eq!(
+            removed,
+            [
+                "inet twill-underlay",
+                "bridge twill-antispoof",
+                "inet twill-policy",
+                "bridge twill-policy"
+            ]
+        );
+        assert_eq!(nft.calls()[0].args, ["list", "tables"]);
+        assert_eq!(nft.scripts(), [script(&present(LISTING))]);
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok("table ip flannel-ipv4\n".into()));
+        assert!(delete_tables(&nft).unwrap().is_empty());
+        assert_eq!(nft.calls().len(), 1);
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok(LISTING.into()))
+            .fail("Error: Operation not permitted");
+        let e = delete_tables(&nft).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "deleting twill's tables: nft -f - failed (exit status: 1): Error: Operation not permitted"
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 pub mod compile;
 pub mod conntrack;
 pub mod counters;
+pub mod enforce;
 pub mod eval;
 pub mod metrics;
 pub mod model;
-pub mod nft;
 pub mod source;
