@@ -71,7 +71,7 @@ pub fn script(tables: &[(&str, &str)]) -> String {
 /// a Flannel DaemonSet with only its image changed); when that cannot be read it is taken for
 /// Flannel's own, which the switch back runs beside the cleanup. A twill daemon whose
 /// namespace cannot be read (another container's process, without ptrace rights) counts as
-/// running here: refusing wrongly costs a retry, deleting under a live daemon does not.
+/// running here, one that exited while the list was read does not: refusing wrongly costs a retry, deleting under a live daemon does not.
 pub fn running_daemons(proc: &Path) -> Vec<(u32, String)> {
     let own_pid = std::process::id();
     let own_net = fs::read_link(proc.join("self/ns/net")).ok();
@@ -97,7 +97,12 @@ pub fn running_daemons(proc: &Path) -> Vec<(u32, String)> {
         if !is_twill {
             continue;
         }
-        let net = fs::read_link(e.path().join("ns/net")).ok();
+        let net = match fs::read_link(e.path().join("ns/net")) {
+            Ok(net) => Some(net),
+            // Gone since it was listed, or a zombie: no daemon runs there any more.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => None,
+        };
         if net.is_none() || own_net.is_none() || net == own_net {
             out.push((pid, comm.to_string()));
         }
@@ -226,13 +231,17 @@ mod tests {
         mk(std::process::id(), "twilld", &own_net);
         assert_eq!(running_daemons(&dir), [(10, "twilld".to_string())]);
         // twilld under Flannel's name counts, Flannel's own flanneld does not; a twill daemon
-        // whose namespace cannot be read counts.
+        // whose namespace cannot be read counts, one that has exited does not.
         mk(20, "flanneld", &own_net);
         std::os::unix::fs::symlink("/opt/bin/twilld", dir.join("20/exe")).unwrap();
         mk(21, "flanneld", &own_net);
         std::os::unix::fs::symlink("/opt/bin/flanneld", dir.join("21/exe")).unwrap();
-        fs::create_dir_all(dir.join("22")).unwrap();
+        // Unreadable here: not a link (a permission error cannot be staged as root).
+        fs::create_dir_all(dir.join("22/ns/net")).unwrap();
         fs::write(dir.join("22/comm"), "twill-policy\n").unwrap();
+        // Exited (or a zombie) while the list was read: its namespace link is gone.
+        fs::create_dir_all(dir.join("23")).unwrap();
+        fs::write(dir.join("23/comm"), "twilld\n").unwrap();
         assert_eq!(
             running_daemons(&dir),
             [
