@@ -21,7 +21,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::nft;
+use crate::nft::{Nft, NftError, NftRunner};
 
 /// twill-policy's table name (its `--table` default); it owns the name in both the `inet`
 /// and the `bridge` family.
@@ -30,7 +30,7 @@ pub const POLICY_TABLE: &str = "twill-policy";
 /// Every table twill creates, as (family, name).
 pub const TWILL_TABLES: [(&str, &str); 4] = [
     ("inet", crate::underlay::TABLE),
-    ("bridge", twill_cni::antispoof::TABLE),
+    ("bridge", twill_nft::tables::ANTISPOOF),
     ("inet", POLICY_TABLE),
     ("bridge", POLICY_TABLE),
 ];
@@ -71,7 +71,7 @@ pub fn script(tables: &[(&str, &str)]) -> String {
 /// a Flannel DaemonSet with only its image changed); when that cannot be read it is taken for
 /// Flannel's own, which the switch back runs beside the cleanup. A twill daemon whose
 /// namespace cannot be read (another container's process, without ptrace rights) counts as
-/// running here: refusing wrongly costs a retry, deleting under a live daemon does not.
+/// running here, one that exited while the list was read does not: refusing wrongly costs a retry, deleting under a live daemon does not.
 pub fn running_daemons(proc: &Path) -> Vec<(u32, String)> {
     let own_pid = std::process::id();
     let own_net = fs::read_link(proc.join("self/ns/net")).ok();
@@ -97,7 +97,12 @@ pub fn running_daemons(proc: &Path) -> Vec<(u32, String)> {
         if !is_twill {
             continue;
         }
-        let net = fs::read_link(e.path().join("ns/net")).ok();
+        let net = match fs::read_link(e.path().join("ns/net")) {
+            Ok(net) => Some(net),
+            // Gone since it was listed, or a zombie: no daemon runs there any more.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => None,
+        };
         if net.is_none() || own_net.is_none() || net == own_net {
             out.push((pid, comm.to_string()));
         }
@@ -111,9 +116,9 @@ pub enum CleanupError {
     #[error("{name} (pid {pid}) is running in this network namespace and would re-create its table; stop twill's daemons first (replace the DaemonSet with Flannel's manifest, or systemctl stop twilld twill-policy), then run twilld --cleanup again")]
     DaemonRunning { name: String, pid: u32 },
     #[error("listing nftables tables: {0}")]
-    List(nft::NftError),
+    List(NftError),
     #[error("deleting twill's tables: {0}")]
-    Delete(nft::NftError),
+    Delete(NftError),
 }
 
 /// Removes twill's tables from this network namespace; returns the ones it removed
@@ -122,10 +127,16 @@ pub fn run() -> Result<Vec<String>, CleanupError> {
     if let Some((pid, name)) = running_daemons(Path::new("/proc")).into_iter().next() {
         return Err(CleanupError::DaemonRunning { name, pid });
     }
-    let listing = nft::run(&["list", "tables"], None).map_err(CleanupError::List)?;
+    delete_tables(&Nft::default())
+}
+
+/// The table removal of [`run`], through `nft` (synchronous: `--cleanup` runs before any
+/// runtime starts).
+fn delete_tables(nft: &dyn NftRunner) -> Result<Vec<String>, CleanupError> {
+    let listing = nft.list_tables().map_err(CleanupError::List)?;
     let tables = present(&listing);
     if !tables.is_empty() {
-        nft::apply(&script(&tables)).map_err(CleanupError::Delete)?;
+        nft.apply(&script(&tables)).map_err(CleanupError::Delete)?;
     }
     Ok(tables
         .iter()
@@ -168,7 +179,37 @@ mod tests {
     #[test]
     fn table_names_are_the_components_own() {
         assert_eq!(crate::underlay::TABLE, "twill-underlay");
-        assert_eq!(twill_cni::antispoof::TABLE, "twill-antispoof");
+        assert_eq!(twill_nft::tables::ANTISPOOF, "twill-antispoof");
+    }
+
+    #[test]
+    fn the_present_tables_go_in_one_transaction() {
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok(LISTING.into()));
+        let removed = delete_tables(&nft).unwrap();
+        assert_eq!(
+            removed,
+            [
+                "inet twill-underlay",
+                "bridge twill-antispoof",
+                "inet twill-policy",
+                "bridge twill-policy"
+            ]
+        );
+        assert_eq!(nft.calls()[0].args, ["list", "tables"]);
+        assert_eq!(nft.scripts(), [script(&present(LISTING))]);
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok("table ip flannel-ipv4\n".into()));
+        assert!(delete_tables(&nft).unwrap().is_empty());
+        assert_eq!(nft.calls().len(), 1);
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok(LISTING.into()))
+            .fail("Error: Operation not permitted");
+        let e = delete_tables(&nft).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "deleting twill's tables: nft -f - failed (exit status: 1): Error: Operation not permitted"
+        );
     }
 
     #[test]
@@ -190,13 +231,17 @@ mod tests {
         mk(std::process::id(), "twilld", &own_net);
         assert_eq!(running_daemons(&dir), [(10, "twilld".to_string())]);
         // twilld under Flannel's name counts, Flannel's own flanneld does not; a twill daemon
-        // whose namespace cannot be read counts.
+        // whose namespace cannot be read counts, one that has exited does not.
         mk(20, "flanneld", &own_net);
         std::os::unix::fs::symlink("/opt/bin/twilld", dir.join("20/exe")).unwrap();
         mk(21, "flanneld", &own_net);
         std::os::unix::fs::symlink("/opt/bin/flanneld", dir.join("21/exe")).unwrap();
-        fs::create_dir_all(dir.join("22")).unwrap();
+        // Unreadable here: not a link (a permission error cannot be staged as root).
+        fs::create_dir_all(dir.join("22/ns/net")).unwrap();
         fs::write(dir.join("22/comm"), "twill-policy\n").unwrap();
+        // Exited (or a zombie) while the list was read: its namespace link is gone.
+        fs::create_dir_all(dir.join("23")).unwrap();
+        fs::write(dir.join("23/comm"), "twilld\n").unwrap();
         assert_eq!(
             running_daemons(&dir),
             [

@@ -4,11 +4,14 @@
 //! listing must read exactly like Flannel's. Every chain is flushed and refilled in the same
 //! transaction, so rules for a previous subnet vanish and a half-applied set never exists; a
 //! chain the flags no longer ask for is deleted in it.
+//!
+//! The effectors are async (nft runs on the blocking pool, [`crate::nft::off_runtime`]) and
+//! take the runner, so unit tests drive them with a recording fake.
 
 use ipnet::IpNet;
 
 use crate::iptables::Family;
-use crate::nft::{self, NftError};
+use crate::nft::{off_runtime, NftError, NftRunner, SharedNft};
 
 /// What the rules are built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,16 +105,20 @@ pub fn rule_count(input: &MasqInput) -> usize {
 
 /// Whether this kernel and nft accept `masquerade fully-random` (Flannel probes the same way,
 /// with a check-only transaction that changes nothing).
-pub fn fully_random_supported() -> bool {
-    nft::check(
-        "add table ip twill-masq-probe\nadd chain ip twill-masq-probe masqueradeTest { type nat hook postrouting priority srcnat ; }\nadd rule ip twill-masq-probe masqueradeTest masquerade fully-random\n",
-    )
+pub async fn fully_random_supported(nft: &SharedNft) -> bool {
+    off_runtime(nft, |n| {
+        n.check(
+            "add table ip twill-masq-probe\nadd chain ip twill-masq-probe masqueradeTest { type nat hook postrouting priority srcnat ; }\nadd rule ip twill-masq-probe masqueradeTest masquerade fully-random\n",
+        )
+    })
+    .await
     .is_ok()
 }
 
 /// Applies the rules of one family as one transaction.
-pub fn apply(input: &MasqInput) -> Result<(), NftError> {
-    nft::apply(&ruleset(input))
+pub async fn apply(nft: &SharedNft, input: &MasqInput) -> Result<(), NftError> {
+    let script = ruleset(input);
+    off_runtime(nft, move |n| n.apply(&script)).await
 }
 
 /// Flannel's nft table of `family` (`ip flannel-ipv4` / `ip6 flannel-ipv6`).
@@ -141,11 +148,21 @@ pub fn deletion(listing: &str, families: &[Family]) -> Option<String> {
 /// Deletes Flannel's nft tables of `families`: iptables mode's clean-up of nftables mode (as
 /// Flannel's `NFTablesManager.CleanUp`), and in nftables mode the table of a family no longer
 /// used. Returns the tables that were there.
-pub fn delete_tables(families: &[Family]) -> Result<Vec<&'static str>, NftError> {
-    let listing = nft::run(&["list", "tables"], None)?;
+pub async fn delete_tables(
+    nft: &SharedNft,
+    families: Vec<Family>,
+) -> Result<Vec<&'static str>, NftError> {
+    off_runtime(nft, move |n| delete_tables_with(n, &families)).await
+}
+
+fn delete_tables_with(
+    nft: &dyn NftRunner,
+    families: &[Family],
+) -> Result<Vec<&'static str>, NftError> {
+    let listing = nft.list_tables()?;
     match deletion(&listing, families) {
         Some(script) => {
-            nft::apply(&script)?;
+            nft.apply(&script)?;
             Ok(families
                 .iter()
                 .map(|f| table(*f))
@@ -156,18 +173,20 @@ pub fn delete_tables(families: &[Family]) -> Result<Vec<&'static str>, NftError>
     }
 }
 
-/// Counts the rules currently in the family's table; `None` when the table is missing.
-pub fn installed_rule_count(network: &IpNet) -> Option<usize> {
+/// Counts the rules currently in the family's table; `None` when the table is missing (or
+/// cannot be listed).
+pub async fn installed_rule_count(nft: &SharedNft, network: &IpNet) -> Option<usize> {
     let (family, table, _, _) = family_names(network);
-    let out = nft::run(&["-j", "list", "table", family, table], None).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-    let items = v.get("nftables")?.as_array()?;
-    Some(items.iter().filter(|i| i.get("rule").is_some()).count())
+    off_runtime(nft, move |n| n.list_table(family, table, true))
+        .await
+        .ok()
+        .map(|listing| listing.rules().count())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::recording;
 
     fn input(network: &str, subnet: &str) -> MasqInput {
         MasqInput {
@@ -251,5 +270,61 @@ add rule ip flannel-ipv4 forward ip daddr 10.244.0.0/16 accept
             s.contains("delete chain ip flannel-ipv4 postrtg\n")
                 && s.contains("delete chain ip flannel-ipv4 forward\n")
         );
+    }
+
+    #[tokio::test]
+    async fn the_rule_count_comes_from_a_listing_of_the_familys_table() {
+        let (fake, nft) = recording();
+        // nft 1.0.6's listing of the table ruleset() writes for input(10.244.0.0/16, ...).
+        fake.reply(Ok(include_str!("../nft/tests/data/masq-ipv4.json").into()));
+        let network = net("10.244.0.0/16");
+        assert_eq!(installed_rule_count(&nft, &network).await, Some(8));
+        assert_eq!(
+            fake.calls()[0].args,
+            ["-j", "list", "table", "ip", "flannel-ipv4"].map(String::from)
+        );
+        // A missing table, or output that is not a listing, counts as missing.
+        fake.fail("Error: No such file or directory");
+        assert_eq!(installed_rule_count(&nft, &network).await, None);
+        fake.reply(Ok("{}".into()));
+        assert_eq!(installed_rule_count(&nft, &network).await, None);
+    }
+
+    #[tokio::test]
+    async fn tables_are_deleted_only_when_listed() {
+        let (fake, nft) = recording();
+        fake.reply(Ok(
+            "table ip flannel-ipv4\ntable inet twill-underlay\n".into()
+        ));
+        assert_eq!(
+            delete_tables(&nft, Family::ALL.to_vec()).await.unwrap(),
+            ["ip flannel-ipv4"]
+        );
+        assert_eq!(fake.scripts(), ["delete table ip flannel-ipv4\n"]);
+        let (fake, nft) = recording();
+        fake.reply(Ok("table ip nat\n".into()));
+        assert!(delete_tables(&nft, Family::ALL.to_vec())
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(fake.calls().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn apply_and_probe_are_one_transaction_each() {
+        let (fake, nft) = recording();
+        let i = input("10.244.0.0/16", "10.244.1.1/24");
+        apply(&nft, &i).await.unwrap();
+        assert!(fully_random_supported(&nft).await);
+        fake.fail("Error: syntax error");
+        assert!(!fully_random_supported(&nft).await);
+        let calls = fake.calls();
+        assert_eq!(calls[0].stdin, ruleset(&i));
+        assert_eq!(calls[1].args, ["-c", "-f", "-"]);
+        assert!(calls[1].stdin.contains("masquerade fully-random"));
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
     }
 }

@@ -1,49 +1,54 @@
-//! A small runner for the `nft` binary: feeds a script on stdin and captures stderr, so a
-//! rejected transaction comes back with nft's own message (nftables-rs drops it).
+//! twilld's handle on nftables: the shared runner of [`twill_nft`] (with its timeout), and the
+//! one way twilld's async code calls it, on tokio's blocking pool, so that no async task waits
+//! on an `nft` process. Effectors take a [`SharedNft`], which unit tests replace with a
+//! [`twill_nft::RecordingNft`].
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::sync::Arc;
 
-#[derive(Debug, thiserror::Error)]
-pub enum NftError {
-    #[error("running nft: {0} (is the nftables package installed?)")]
-    Spawn(std::io::Error),
-    #[error("nft rejected the transaction: {stderr}")]
-    Rejected { stderr: String },
+pub use twill_nft::{Nft, NftError, NftRunner};
+
+/// The runner twilld's effectors share.
+pub type SharedNft = Arc<dyn NftRunner>;
+
+/// The real `nft` binary with the default timeout.
+pub fn runner() -> SharedNft {
+    Arc::new(Nft::default())
 }
 
-/// Applies `script` (nft's own syntax) as one transaction: all of it, or none of it.
-pub fn apply(script: &str) -> Result<(), NftError> {
-    run(&["-f", "-"], Some(script)).map(|_| ())
-}
-
-/// Checks `script` without applying it (`nft -c`).
-pub fn check(script: &str) -> Result<(), NftError> {
-    run(&["-c", "-f", "-"], Some(script)).map(|_| ())
-}
-
-/// Runs nft with `args`, returning stdout.
-pub fn run(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NftError::Spawn)?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(NftError::Spawn)?;
+/// Runs `f` (blocking nft calls through `nft`) on tokio's blocking pool and awaits it. A panic
+/// in `f` is resumed here.
+pub async fn off_runtime<T: Send + 'static>(
+    nft: &SharedNft,
+    f: impl FnOnce(&dyn NftRunner) -> Result<T, NftError> + Send + 'static,
+) -> Result<T, NftError> {
+    let nft = Arc::clone(nft);
+    match tokio::task::spawn_blocking(move || f(nft.as_ref())).await {
+        Ok(done) => done,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => Err(NftError::Abandoned(e.to_string())),
+        },
     }
-    let out = child.wait_with_output().map_err(NftError::Spawn)?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(NftError::Rejected {
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
+}
+
+/// A recording fake for unit tests of the effectors, and the same fake as their runner.
+#[cfg(test)]
+pub fn recording() -> (Arc<twill_nft::RecordingNft>, SharedNft) {
+    let fake = Arc::new(twill_nft::RecordingNft::new());
+    let nft: SharedNft = fake.clone();
+    (fake, nft)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_run_off_the_runtime_and_return_their_result() {
+        let (fake, nft) = recording();
+        fake.reply(Ok("listing".into()));
+        let out = off_runtime(&nft, |n| n.run(&["list", "tables"], "")).await;
+        assert_eq!(out.unwrap(), "listing");
+        assert_eq!(fake.calls()[0].args, ["list", "tables"]);
     }
 }

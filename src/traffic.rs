@@ -22,6 +22,7 @@ use anyhow::{anyhow, Context};
 
 use crate::iptables::{self, Family, FamilyRules, IptablesError, Part, Support};
 use crate::masq::{self, MasqInput};
+use crate::nft::SharedNft;
 use twill_formats::net_conf::NetConfig;
 
 /// Which traffic manager runs.
@@ -84,6 +85,7 @@ pub struct TrafficManager {
     iptables: Vec<(FamilyRules, Support)>,
     /// nftables mode: each family's table input.
     nftables: Vec<MasqInput>,
+    nft: SharedNft,
 }
 
 impl TrafficManager {
@@ -92,14 +94,18 @@ impl TrafficManager {
     /// `fully_random` there means "wanted": the mode's support is probed here).
     pub async fn start(mode: Mode, inputs: Vec<MasqInput>) -> anyhow::Result<TrafficManager> {
         tracing::info!(%mode, "starting the traffic manager; cleaning up the other mode's rules");
+        let nft = crate::nft::runner();
         match mode {
-            Mode::Iptables => Self::start_iptables(inputs).await,
-            Mode::Nftables => Self::start_nftables(inputs).await,
+            Mode::Iptables => Self::start_iptables(nft, inputs).await,
+            Mode::Nftables => Self::start_nftables(nft, inputs).await,
         }
     }
 
-    async fn start_iptables(inputs: Vec<MasqInput>) -> anyhow::Result<TrafficManager> {
-        delete_nft_tables_logged(Family::ALL.to_vec()).await;
+    async fn start_iptables(
+        nft: SharedNft,
+        inputs: Vec<MasqInput>,
+    ) -> anyhow::Result<TrafficManager> {
+        delete_nft_tables_logged(&nft, Family::ALL.to_vec()).await;
         let mut out = Vec::new();
         for family in Family::ALL {
             let Some(input) = inputs.iter().find(|i| Family::of(&i.network) == family) else {
@@ -126,10 +132,14 @@ impl TrafficManager {
         Ok(TrafficManager {
             iptables: out,
             nftables: Vec::new(),
+            nft,
         })
     }
 
-    async fn start_nftables(mut inputs: Vec<MasqInput>) -> anyhow::Result<TrafficManager> {
+    async fn start_nftables(
+        nft: SharedNft,
+        mut inputs: Vec<MasqInput>,
+    ) -> anyhow::Result<TrafficManager> {
         for family in Family::ALL {
             remove_logged(family, &Part::ALL).await;
         }
@@ -137,19 +147,15 @@ impl TrafficManager {
             .into_iter()
             .filter(|f| !inputs.iter().any(|i| Family::of(&i.network) == *f))
             .collect();
-        delete_nft_tables_logged(unused).await;
+        delete_nft_tables_logged(&nft, unused).await;
         if inputs.iter().any(|i| i.fully_random) {
-            let supported =
-                blocking(|| Ok::<_, std::convert::Infallible>(masq::fully_random_supported()))
-                    .await
-                    .unwrap_or(false);
+            let supported = masq::fully_random_supported(&nft).await;
             for i in &mut inputs {
                 i.fully_random &= supported;
             }
         }
         for input in &inputs {
-            let i = input.clone();
-            blocking(move || masq::apply(&i))
+            masq::apply(&nft, input)
                 .await
                 .with_context(|| format!("installing the nftables rules for {}", input.network))?;
             tracing::info!(network = %input.network, "nftables rules in place");
@@ -157,6 +163,7 @@ impl TrafficManager {
         Ok(TrafficManager {
             iptables: Vec::new(),
             nftables: inputs,
+            nft,
         })
     }
 
@@ -176,17 +183,10 @@ impl TrafficManager {
             }
         }
         for input in &self.nftables {
-            let i = input.clone();
-            let count = blocking(move || {
-                Ok::<_, std::convert::Infallible>(masq::installed_rule_count(&i.network))
-            })
-            .await
-            .ok()
-            .flatten();
+            let count = masq::installed_rule_count(&self.nft, &input.network).await;
             if count != Some(masq::rule_count(input)) {
                 tracing::warn!(network = %input.network, "masquerade/forward tables drifted; re-applying");
-                let i = input.clone();
-                if let Err(e) = blocking(move || masq::apply(&i)).await {
+                if let Err(e) = masq::apply(&self.nft, input).await {
                     tracing::warn!(error = %e, "re-applying the nftables rules failed");
                 }
             }
@@ -229,27 +229,15 @@ async fn remove_logged(family: Family, parts: &[Part]) {
 
 /// Deletes Flannel's nft tables of `families`, logging what went; failures are logged, not
 /// fatal.
-async fn delete_nft_tables_logged(families: Vec<Family>) {
+async fn delete_nft_tables_logged(nft: &SharedNft, families: Vec<Family>) {
     if families.is_empty() {
         return;
     }
-    match blocking(move || masq::delete_tables(&families)).await {
+    match masq::delete_tables(nft, families).await {
         Ok(gone) if gone.is_empty() => {}
         Ok(gone) => tracing::info!(tables = ?gone, "deleted nft tables twilld does not use"),
         Err(e) => tracing::warn!(error = %e, "could not delete Flannel's nft tables"),
     }
-}
-
-/// Runs a blocking nft call off the async runtime.
-async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> anyhow::Result<T>
-where
-    T: Send + 'static,
-    E: std::error::Error + Send + Sync + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| anyhow!("nft task: {e}"))?
-        .map_err(anyhow::Error::from)
 }
 
 #[cfg(test)]

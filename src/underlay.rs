@@ -26,14 +26,18 @@
 //! transaction of element deltas against the last applied input instead (removals and
 //! additions together), which costs nft far less than re-loading 2000 elements. A delta that
 //! nft rejects (the sets were changed behind twill's back) is replaced by the whole table.
+//!
+//! The effectors ([`apply_update`], [`drifted`]) are async (nft runs on the blocking pool,
+//! [`crate::nft::off_runtime`]) and take the runner, so unit tests drive them with a fake.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use twill_nft::listing::{Elem, Listing};
 
-use crate::nft::{self, NftError};
+use crate::nft::{off_runtime, NftError, NftRunner, SharedNft};
 
 pub const TABLE: &str = "twill-underlay";
 /// The bridge Flannel's CNI config gives the bridge plugin.
@@ -244,52 +248,59 @@ pub fn ruleset(input: &GuardInput) -> String {
 }
 
 /// Applies the guard as one transaction.
-pub fn apply(input: &GuardInput) -> Result<(), NftError> {
-    nft::apply(&ruleset(input))
+fn apply(nft: &dyn NftRunner, input: &GuardInput) -> Result<(), NftError> {
+    nft.apply(&ruleset(input))
 }
 
-/// Applies `update`, computed for `next`. A delta nft rejects (the sets no longer hold what
-/// was applied: flushed or edited by hand) is replaced by the whole table in the same call.
-pub fn apply_update(update: &Update, next: &GuardInput) -> Result<(), NftError> {
+/// Applies `update`, computed for `next`, and returns `next` (what the table now holds). A
+/// delta nft rejects (the sets no longer hold what was applied: flushed or edited by hand) is
+/// replaced by the whole table in the same call.
+pub async fn apply_update(
+    nft: &SharedNft,
+    update: Update,
+    next: GuardInput,
+) -> Result<GuardInput, NftError> {
+    off_runtime(nft, move |n| {
+        apply_update_with(n, &update, &next).map(|()| next)
+    })
+    .await
+}
+
+fn apply_update_with(
+    nft: &dyn NftRunner,
+    update: &Update,
+    next: &GuardInput,
+) -> Result<(), NftError> {
     match update {
         Update::Unchanged => Ok(()),
-        Update::Whole(script) => nft::apply(script),
-        Update::Delta(script) => nft::apply(script).or_else(|e| {
+        Update::Whole(script) => nft.apply(script),
+        Update::Delta(script) => nft.apply(script).or_else(|e| {
             tracing::warn!(error = %e, "underlay guard delta rejected (sets changed outside twill?); replacing the whole table");
-            apply(next)
+            apply(nft, next)
         }),
     }
 }
 
-/// The peer sets' elements and the number of rules in a JSON listing of the table
-/// (`nft -j list table inet twill-underlay`); `None` if it cannot be read as one.
-fn listed(json: &str) -> Option<(Sets, usize)> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+/// The peer sets' elements and the number of rules in a listing of the table
+/// (`nft -j list table inet twill-underlay`); `None` if an element is not of the sets' types.
+fn listed(listing: &Listing) -> Option<(Sets, usize)> {
     let mut sets = Sets::default();
-    let mut rules = 0;
-    for item in v["nftables"].as_array()? {
-        if item.get("rule").is_some() {
-            rules += 1;
+    // Plain addresses, or prefixes in the interval sets (where a single-address subnet is
+    // listed as a plain address).
+    let net = |e: &Elem| -> Option<IpNet> {
+        match e {
+            Elem::Str(a) => Some(IpNet::from(a.parse::<IpAddr>().ok()?)),
+            Elem::Prefix { prefix } => IpNet::new(prefix.addr.parse().ok()?, prefix.len).ok(),
+            _ => None,
         }
-        let Some(set) = item.get("set") else { continue };
-        let elems = set["elem"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        // Plain addresses, or `{"prefix": {"addr", "len"}}` in the interval sets (where a
-        // single-address subnet is listed as a plain address).
-        let net = |e: &serde_json::Value| -> Option<IpNet> {
-            match e.as_str() {
-                Some(a) => Some(IpNet::from(a.parse::<IpAddr>().ok()?)),
-                None => {
-                    let p = &e["prefix"];
-                    let addr: IpAddr = p["addr"].as_str()?.parse().ok()?;
-                    IpNet::new(addr, u8::try_from(p["len"].as_u64()?).ok()?).ok()
-                }
-            }
-        };
-        let addr = |e: &serde_json::Value| e.as_str()?.parse::<IpAddr>().ok();
-        match set["name"].as_str()? {
+    };
+    let addr = |e: &Elem| match e {
+        Elem::Str(a) => a.parse::<IpAddr>().ok(),
+        _ => None,
+    };
+    for set in listing.sets() {
+        let elems = &set.elem;
+        match set.name.as_str() {
             "peers4" => sets.peers4 = elems.iter().map(addr).collect::<Option<_>>()?,
             "peers6" => sets.peers6 = elems.iter().map(addr).collect::<Option<_>>()?,
             "peer_subnets4" => sets.peer_subnets4 = elems.iter().map(net).collect::<Option<_>>()?,
@@ -297,12 +308,12 @@ fn listed(json: &str) -> Option<(Sets, usize)> {
             _ => {}
         }
     }
-    Some((sets, rules))
+    Some((sets, listing.rules().count()))
 }
 
-/// Whether `listing` (JSON) shows the table exactly as applying `applied` left it: the same
-/// peer set elements and the same number of rules.
-fn listing_matches(listing: &str, applied: &GuardInput) -> bool {
+/// Whether `listing` shows the table exactly as applying `applied` left it: the same peer set
+/// elements and the same number of rules.
+fn matches(listing: &Listing, applied: &GuardInput) -> bool {
     let rules = ruleset(applied)
         .lines()
         .filter(|l| l.starts_with("add rule "))
@@ -311,11 +322,11 @@ fn listing_matches(listing: &str, applied: &GuardInput) -> bool {
 }
 
 /// Drift check: whether the table no longer holds what applying `applied` made it hold
-/// (removed, a set's elements or the rules changed by hand). Deltas rely on the sets holding
-/// exactly what was applied, so a drifted table is replaced whole.
-pub fn drifted(applied: &GuardInput) -> bool {
-    match nft::run(&["-j", "list", "table", "inet", TABLE], None) {
-        Ok(listing) => !listing_matches(&listing, applied),
+/// (removed, a set's elements or the rules changed by hand, or it cannot be listed). Deltas
+/// rely on the sets holding exactly what was applied, so a drifted table is replaced whole.
+pub async fn drifted(nft: &SharedNft, applied: &GuardInput) -> bool {
+    match off_runtime(nft, |n| n.list_table("inet", TABLE, true)).await {
+        Ok(listing) => !matches(&listing, applied),
         Err(_) => true,
     }
 }
@@ -323,6 +334,7 @@ pub fn drifted(applied: &GuardInput) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::recording;
 
     fn input() -> GuardInput {
         GuardInput {
@@ -587,6 +599,11 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         i
     }
 
+    /// [`matches`] of a JSON listing; text that is no listing matches nothing.
+    fn listing_matches(json: &str, applied: &GuardInput) -> bool {
+        Listing::parse(json).is_ok_and(|l| matches(&l, applied))
+    }
+
     #[test]
     fn a_listing_of_what_was_applied_is_no_drift() {
         assert!(listing_matches(LISTING, &listed_input()));
@@ -625,5 +642,59 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         let s = ruleset(&i);
         assert!(s.contains("add set inet twill-underlay peers4 { type ipv4_addr ; }\n"));
         assert!(s.contains("udp dport 8472 ip saddr != @peers4 counter drop"));
+    }
+
+    #[test]
+    fn a_real_listing_of_the_guard_is_no_drift() {
+        // nft 1.0.6's listing of ruleset(&listed_input()) (tests/data of the nft crate).
+        let real = include_str!("../nft/tests/data/underlay.json");
+        assert!(listing_matches(real, &listed_input()));
+        let mut more = listed_input();
+        more.peer_ips.insert(ip("198.18.0.14"));
+        assert!(!listing_matches(real, &more));
+    }
+
+    #[tokio::test]
+    async fn drift_is_judged_on_a_listing_of_the_table() {
+        let (fake, nft) = recording();
+        fake.reply(Ok(LISTING.into()));
+        assert!(!drifted(&nft, &listed_input()).await);
+        assert_eq!(
+            fake.calls()[0].args,
+            ["-j", "list", "table", "inet", "twill-underlay"].map(String::from)
+        );
+        // No table (nft fails) is drift.
+        fake.fail("Error: No such file or directory");
+        assert!(drifted(&nft, &listed_input()).await);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_delta_is_replaced_by_the_whole_table() {
+        let (fake, nft) = recording();
+        let mut next = input();
+        next.peer_ips.insert(ip("198.18.0.14"));
+        let Update::Delta(delta) = update(Some(&input()), &next) else {
+            panic!("a peer change is a delta");
+        };
+        fake.fail("Error: Could not process rule: No such file or directory");
+        let applied = apply_update(&nft, Update::Delta(delta.clone()), next.clone())
+            .await
+            .unwrap();
+        assert_eq!(applied, next);
+        assert_eq!(fake.scripts(), [delta, ruleset(&next)]);
+        // Unchanged runs nothing; a failed whole table is the error.
+        let (fake, nft) = recording();
+        apply_update(&nft, Update::Unchanged, next.clone())
+            .await
+            .unwrap();
+        assert!(fake.calls().is_empty());
+        fake.reply(Err(NftError::Timeout {
+            args: "-f -".into(),
+            timeout: std::time::Duration::from_secs(30),
+        }));
+        let e = apply_update(&nft, Update::Whole(ruleset(&next)), next)
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "nft -f - timed out after 30s");
     }
 }

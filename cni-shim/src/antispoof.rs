@@ -4,7 +4,7 @@
 //! source (IPv6 link-local and unspecified allowed, for neighbour discovery and DAD), and no
 //! pod may send router advertisements (CVE-2020-10749, towards other pods).
 //!
-//! ADD adds the pod's elements with one nf_tables netlink transaction ([`crate::nfnl`]): no
+//! ADD adds the pod's elements with one nf_tables netlink transaction ([`twill_nft::nfnl`]): no
 //! `nft` process on the per-pod path. Only when that fails (the first pod on the node: no
 //! table yet) does it run `nft` with the whole table: sets, chain rebuilt (flush + rules, the
 //! same every time) and the pod's elements, in one transaction; elements of other pods are never
@@ -15,16 +15,15 @@
 //! longer exists (names are `veth` + 32 random bits, so reuse by another pod is not a practical
 //! risk).
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use serde_json::Value;
+use twill_nft::listing::{Elem, Listing};
+use twill_nft::{nfnl, Nft, NftError, NftRunner};
 
 use crate::error::{code, CniError};
-use crate::nfnl;
 
-pub const TABLE: &str = "twill-antispoof";
+pub const TABLE: &str = twill_nft::tables::ANTISPOOF;
 
 /// A pod's host-side port and addresses, from a CNI result.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,7 +35,7 @@ pub struct PodPort {
 /// The host veth (an interface without `sandbox` that is not the bridge) and every address of
 /// the result. `None` when the result has no such veth or no address.
 pub fn pod_port(result: &Value, bridge: &str) -> Option<PodPort> {
-    let veth = crate::plugin::host_interfaces(result)
+    let veth = crate::result::host_interfaces(result)
         .into_iter()
         .find(|n| n != bridge)?;
     let addrs: Vec<IpAddr> = result
@@ -174,7 +173,7 @@ pub fn add(p: &PodPort) -> Result<(), CniError> {
     match fast {
         Ok(()) => Ok(()),
         Err(e) => {
-            if e.raw_os_error() != Some(nix::libc::ENOENT) {
+            if e.os_error() != Some(nix::libc::ENOENT) {
                 eprintln!("twill-cni: anti-spoofing elements over netlink: {e}; using nft");
             }
             apply(&add_script(p))
@@ -186,7 +185,7 @@ pub fn add(p: &PodPort) -> Result<(), CniError> {
 pub fn remove(p: &PodPort) -> Result<(), CniError> {
     match nfnl::Conn::open().and_then(|mut c| c.transaction(&del_messages(p))) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+        Err(e) if e.os_error() == Some(nix::libc::ENOENT) => Ok(()),
         Err(e) => Err(CniError::new(
             code::IO_FAILURE,
             format!(
@@ -199,31 +198,21 @@ pub fn remove(p: &PodPort) -> Result<(), CniError> {
 
 /// The elements of veths that no longer exist (`exists` says which do), from the JSON listing
 /// of the table, as one delete transaction; `None` when there is nothing to delete. Pure.
-pub fn prune_script(listing: &Value, exists: impl Fn(&str) -> bool) -> Option<String> {
+pub fn prune_script(listing: &Listing, exists: impl Fn(&str) -> bool) -> Option<String> {
     let t = format!("bridge {TABLE}");
     let mut s = String::new();
-    for item in listing.get("nftables")?.as_array()? {
-        let Some(set) = item.get("set") else { continue };
-        let Some(name) = set.get("name").and_then(Value::as_str) else {
-            continue;
-        };
-        for e in set
-            .get("elem")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+    for set in listing.sets() {
+        for e in &set.elem {
             let (veth, text) = match e {
-                Value::String(v) => (v.clone(), format!("\"{v}\"")),
-                _ => match e.get("concat").and_then(Value::as_array).map(Vec::as_slice) {
-                    Some([Value::String(v), Value::String(a)]) => {
-                        (v.clone(), format!("\"{v}\" . {a}"))
-                    }
+                Elem::Str(v) => (v, format!("\"{v}\"")),
+                Elem::Concat { concat } => match concat.as_slice() {
+                    [Elem::Str(v), Elem::Str(a)] => (v, format!("\"{v}\" . {a}")),
                     _ => continue,
                 },
+                _ => continue,
             };
-            if crate::validate::ifname(&veth).is_ok() && !exists(&veth) {
-                s += &format!("delete element {t} {name} {{ {text} }}\n");
+            if crate::validate::ifname(veth).is_ok() && !exists(veth) {
+                s += &format!("delete element {t} {} {{ {text} }}\n", set.name);
             }
         }
     }
@@ -234,55 +223,46 @@ pub fn prune_script(listing: &Value, exists: impl Fn(&str) -> bool) -> Option<St
 /// that carried prevResult) and rebuilds the chain. Does nothing where the table does not
 /// exist.
 pub fn prune() -> Result<(), CniError> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "bridge", TABLE])
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| CniError::new(code::IO_FAILURE, format!("running nft: {e}")))?;
-    if !out.status.success() {
-        return Ok(());
-    }
-    let listing: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    prune_with(&Nft::default(), |v| {
+        std::path::Path::new(&format!("/sys/class/net/{v}")).exists()
+    })
+}
+
+/// [`prune`] through `nft`, with `exists` telling which veths exist.
+pub fn prune_with(nft: &dyn NftRunner, exists: impl Fn(&str) -> bool) -> Result<(), CniError> {
+    let listing = match nft.list_table("bridge", TABLE, true) {
+        Ok(listing) => listing,
+        // No table (or nft refused the listing): nothing to prune or repair.
+        Err(NftError::Failed { .. }) => return Ok(()),
+        // Not nft's JSON: nothing can be pruned, the chain is still rebuilt.
+        Err(NftError::Listing { .. }) => Listing::default(),
+        Err(e) => return Err(fail(e)),
+    };
     // The chain is rebuilt in the same transaction: ADD no longer touches it once the table
     // exists, so GC is where rules changed by hand are repaired.
     let mut script = chain_script();
-    if let Some(deletions) = prune_script(&listing, |v| {
-        std::path::Path::new(&format!("/sys/class/net/{v}")).exists()
-    }) {
+    if let Some(deletions) = prune_script(&listing, exists) {
         script += &deletions;
     }
-    apply(&script)
+    apply_with(nft, &script)
 }
 
 /// Runs `nft -f -` with `script`.
 pub fn apply(script: &str) -> Result<(), CniError> {
-    let fail = |m: String| CniError::new(code::IO_FAILURE, format!("anti-spoofing rules: {m}"));
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            fail(format!(
-                "running nft: {e} (is the nftables package installed?)"
-            ))
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| fail(format!("writing to nft: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("waiting for nft: {e}")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
-    }
+    apply_with(&Nft::default(), script)
+}
+
+fn apply_with(nft: &dyn NftRunner, script: &str) -> Result<(), CniError> {
+    nft.apply(script).map_err(fail)
+}
+
+/// The CNI error for a failed nft call: nft's own message when it ran.
+fn fail(e: NftError) -> CniError {
+    let m = match e {
+        NftError::Failed { stderr, .. } => stderr,
+        e => e.to_string(),
+    };
+    CniError::new(code::IO_FAILURE, format!("anti-spoofing rules: {m}"))
 }
 
 #[cfg(test)]
@@ -324,12 +304,13 @@ mod tests {
 
     #[test]
     fn prune_deletes_only_elements_of_vanished_veths() {
-        let listing = serde_json::json!({"nftables":[
+        let listing: Listing = serde_json::from_value(serde_json::json!({"nftables":[
             {"metainfo":{}},
             {"set":{"name":"ports","elem":["veth1","veth2"]}},
             {"set":{"name":"src4","elem":[{"concat":["veth1","10.244.1.5"]},{"concat":["veth2","10.244.1.6"]}]}},
             {"set":{"name":"src6"}}
-        ]});
+        ]}))
+        .unwrap();
         let s = prune_script(&listing, |v| v == "veth1").unwrap();
         assert_eq!(
             s,
@@ -387,5 +368,51 @@ mod tests {
                 (del, b"src6\0".to_vec())
             ]
         );
+    }
+
+    /// A listing by nft 1.0.6 of the table with pods on veth0a1b2c3d (10.244.1.5,
+    /// fd00:42:0:1::5) and veth9f8e7d6c (10.244.1.6).
+    const LISTING: &str = include_str!("../../nft/tests/data/antispoof.json");
+
+    #[test]
+    fn prune_reads_a_real_listing() {
+        let listing = Listing::parse(LISTING).unwrap();
+        let s = prune_script(&listing, |v| v == "veth0a1b2c3d").unwrap();
+        assert_eq!(
+            s,
+            "delete element bridge twill-antispoof ports { \"veth9f8e7d6c\" }\ndelete element bridge twill-antispoof src4 { \"veth9f8e7d6c\" . 10.244.1.6 }\n"
+        );
+        let s = prune_script(&listing, |_| false).unwrap();
+        assert_eq!(s.lines().count(), 5);
+        assert!(s.contains("src6 { \"veth0a1b2c3d\" . fd00:42:0:1::5 }"));
+    }
+
+    #[test]
+    fn gc_rebuilds_the_chain_with_the_deletions_in_one_transaction() {
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok(LISTING.to_string()));
+        prune_with(&nft, |v| v == "veth0a1b2c3d").unwrap();
+        let calls = nft.calls();
+        assert_eq!(
+            calls[0].args,
+            ["-j", "list", "table", "bridge", "twill-antispoof"].map(String::from)
+        );
+        assert_eq!(
+            nft.scripts(),
+            [chain_script()
+                + "delete element bridge twill-antispoof ports { \"veth9f8e7d6c\" }\n\
+                   delete element bridge twill-antispoof src4 { \"veth9f8e7d6c\" . 10.244.1.6 }\n"]
+        );
+        // No table: nothing at all is applied.
+        let nft = twill_nft::RecordingNft::new();
+        nft.fail("Error: No such file or directory");
+        prune_with(&nft, |_| false).unwrap();
+        assert_eq!(nft.calls().len(), 1);
+        // A rejected transaction is a CNI error with nft's message.
+        let nft = twill_nft::RecordingNft::new();
+        nft.reply(Ok(LISTING.to_string()))
+            .fail("Error: Could not process rule");
+        let e = prune_with(&nft, |_| true).unwrap_err();
+        assert_eq!(e.msg, "anti-spoofing rules: Error: Could not process rule");
     }
 }

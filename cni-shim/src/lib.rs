@@ -5,6 +5,6 @@ pub mod antispoof;
 pub mod delegate;
 pub mod error;
 pub mod netconf;
-pub mod nfnl;
 pub mod plugin;
+pub mod result;
 pub mod validate;

@@ -11,6 +11,7 @@ use crate::antispoof;
 use crate::delegate;
 use crate::error::{code, CniError};
 use crate::netconf::{self, FlannelConf};
+use crate::result::host_interfaces;
 use crate::validate::{self, LATEST_VERSION, SUPPORTED_VERSIONS};
 use twill_formats::gojson;
 use twill_formats::subnet_env::{SubnetEnv, SubnetEnvError};
@@ -373,28 +374,6 @@ fn forget_pod_port(conf: &FlannelConf, saved: &[u8]) {
     }
 }
 
-/// Host-side interface names in a CNI result, checked like `CNI_IFNAME` before they are used
-/// in a path.
-pub fn host_interfaces(result: &Value) -> Vec<String> {
-    result
-        .get("interfaces")
-        .and_then(Value::as_array)
-        .map(|ifs| {
-            ifs.iter()
-                .filter(|i| {
-                    i.get("sandbox")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .is_empty()
-                })
-                .filter_map(|i| i.get("name").and_then(Value::as_str))
-                .filter(|n| crate::validate::ifname(n).is_ok())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Whether `name` is a scratch temp file (`.<id>.<pid>.tmp`) whose writer is gone.
 fn dead_writer_temp(name: &str) -> bool {
     let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
@@ -637,17 +616,6 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
 #[cfg(test)]
 mod ra_tests {
     use super::*;
-
-    #[test]
-    fn host_side_interfaces_are_those_without_a_sandbox() {
-        let r: Value = serde_json::from_str(
-            r#"{"interfaces":[{"name":"cni0","mac":"aa"},{"name":"veth1234","mac":"bb"},
-                {"name":"eth0","mac":"cc","sandbox":"/run/netns/p"},{"name":"../x"}]}"#,
-        )
-        .unwrap();
-        assert_eq!(host_interfaces(&r), vec!["cni0", "veth1234"]);
-        assert!(host_interfaces(&serde_json::json!({})).is_empty());
-    }
 
     #[test]
     fn only_temp_files_of_dead_writers_are_stale() {

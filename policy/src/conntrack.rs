@@ -2,7 +2,7 @@
 //!
 //! The table accepts `ct state established,related` before any policy, so a ruleset only
 //! judges the first packet of a flow. After a sync that changed the ruleset, the enforcer
-//! dumps the conntrack table (one ctnetlink dump over [`twill_cni::nfnl`]), asks the new
+//! dumps the conntrack table (one ctnetlink dump over [`twill_nft::nfnl`]), asks the new
 //! ruleset ([`Ruleset::decide_packet`]) what it would do with the first packet of every
 //! flow of this node's pods, and sets [`CUT_MARK`] on the entries it would drop; the
 //! table drops every packet of a marked entry, in both directions, before it accepts
@@ -30,7 +30,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use twill_cni::nfnl::{self, attrs, Msg};
+use twill_nft::nfnl::{self, attrs, Msg, AF_INET, AF_INET6, AF_UNSPEC, NLA_F_NESTED};
 
 use crate::compile::{Decision, Ruleset, CUT_MARK};
 use crate::model::Protocol;
@@ -55,11 +55,6 @@ const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 const CTA_PROTO_ICMP_TYPE: u16 = 5;
 const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
-const NLA_F_NESTED: u16 = 0x8000;
-
-const AF_UNSPEC: u8 = 0;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -67,7 +62,7 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
 
-const ENOENT: i32 = 2;
+const ENOENT: i32 = nix::libc::ENOENT;
 
 /// One direction of a conntrack entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,7 +307,7 @@ pub fn mark_request(flow: &Flow, cut: bool) -> Msg {
 
 /// Every conntrack entry of this thread's network namespace.
 pub fn dump() -> io::Result<Vec<Flow>> {
-    let mut conn = nfnl::Conn::open()?;
+    let mut conn = nfnl::Conn::open().map_err(io::Error::other)?;
     let mut out = Vec::new();
     let new = (nfnl::NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW;
     conn.dump(&dump_request(), |kind, body| {
@@ -321,7 +316,8 @@ pub fn dump() -> io::Result<Vec<Flow>> {
                 out.push(f);
             }
         }
-    })?;
+    })
+    .map_err(io::Error::other)?;
     Ok(out)
 }
 
@@ -370,7 +366,9 @@ pub fn cut_denied(rs: &Ruleset) -> io::Result<Pass> {
         .map(|f| mark_request(f, true))
         .chain(p.restore.iter().map(|f| mark_request(f, false)))
         .collect();
-    let errnos = nfnl::Conn::open()?.requests(&msgs)?;
+    let errnos = nfnl::Conn::open()
+        .and_then(|mut c| c.requests(&msgs))
+        .map_err(io::Error::other)?;
     let (cut, restored) = errnos.split_at(p.cut.len());
     let failed: Vec<i32> = errnos
         .iter()

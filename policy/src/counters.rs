@@ -1,6 +1,6 @@
 //! Reads the named counter objects of one nftables table (`counter pod-in/<ns>/<pod> { }`)
 //! straight from the kernel with a single nf_tables GETOBJ dump over netlink
-//! ([`twill_cni::nfnl`], the same small client the CNI plugin uses).
+//! ([`twill_nft::nfnl`], the same small client the CNI plugin uses).
 //!
 //! Why not `nft -j list counters table inet T`: nft 1.0.6 fills its whole cache before any
 //! listing, set elements included, so at 10k pods (110k set elements) every listing costs
@@ -8,16 +8,12 @@
 //! objects (a few hundred) and takes well under a millisecond.
 
 use std::collections::BTreeMap;
-use std::io;
 
-use twill_cni::nfnl::{self, attrs, Msg};
-
-const NFT_OBJECT_COUNTER: u32 = 1;
-const NFTA_OBJ_TABLE: u16 = 1;
-const NFTA_OBJ_NAME: u16 = 2;
-const NFTA_OBJ_TYPE: u16 = 3;
-const NFTA_OBJ_DATA: u16 = 4;
-const NFTA_COUNTER_PACKETS: u16 = 2;
+use twill_nft::nfnl::{
+    self, attrs, Msg, NFTA_COUNTER_PACKETS, NFTA_OBJ_DATA, NFTA_OBJ_NAME, NFTA_OBJ_TABLE,
+    NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER,
+};
+use twill_nft::NftError;
 
 /// The GETOBJ dump request for the counters of `inet <table>`.
 pub fn request(table: &str) -> Msg {
@@ -59,7 +55,7 @@ pub fn parse_object(body: &[u8]) -> Option<(String, u64)> {
 
 /// Packets counted by each named counter of `inet <table>` in this thread's network
 /// namespace; empty when the table does not exist.
-pub fn read(table: &str) -> io::Result<BTreeMap<String, u64>> {
+pub fn read(table: &str) -> Result<BTreeMap<String, u64>, NftError> {
     let mut out = BTreeMap::new();
     let mut conn = nfnl::Conn::open()?;
     let newobj = (nfnl::NFNL_SUBSYS_NFTABLES << 8) | nfnl::NFT_MSG_NEWOBJ;

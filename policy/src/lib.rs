@@ -1,9 +1,9 @@
 pub mod compile;
 pub mod conntrack;
 pub mod counters;
+pub mod enforce;
 pub mod eval;
 pub mod http;
 pub mod metrics;
 pub mod model;
-pub mod nft;
 pub mod source;

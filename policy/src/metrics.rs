@@ -27,8 +27,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::enforce::{Applied, SyncReport};
 use crate::model::Snapshot;
-use crate::nft::{Applied, SyncReport};
 
 type Labels = Vec<(String, String)>;
 

@@ -17,9 +17,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use twill_lab::Lab;
+use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::Options;
+use twill_policy::enforce::{Applied, Enforcer};
 use twill_policy::model::Snapshot;
-use twill_policy::nft::{Applied, Enforcer, Nft};
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 

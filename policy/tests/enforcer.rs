@@ -3,8 +3,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use twill_nft::Nft;
 use twill_policy::compile::Options;
-use twill_policy::nft::{Applied, Enforcer, Nft};
+use twill_policy::enforce::{Applied, Enforcer};
 use twill_policy_testkit::conformance::{load_scenarios, step_snapshot, SCENARIOS};
 
 fn fake_nft(dir: &std::path::Path, reject_full: bool) -> Nft {

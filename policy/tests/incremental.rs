@@ -11,9 +11,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::Options;
+use twill_policy::enforce::{Applied, Enforcer};
 use twill_policy::model::Snapshot;
-use twill_policy::nft::{Applied, Enforcer, Nft};
 use twill_policy_testkit::conformance::{load_scenarios, step_snapshot, SCENARIOS};
 
 fn is_root() -> bool {

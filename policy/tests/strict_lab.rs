@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::{compile, Options, CUT_MARK};
 use twill_policy::conntrack::{self, Flow, IPPROTO_TCP, IPPROTO_UDP};
-use twill_policy::nft::ruleset_marker;
+use twill_policy::enforce::ruleset_marker;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 

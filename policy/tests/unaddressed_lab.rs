@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::{compile, Options};
-use twill_policy::nft::ruleset_marker;
+use twill_policy::enforce::ruleset_marker;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 

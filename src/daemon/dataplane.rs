@@ -62,6 +62,7 @@ pub(super) struct Dataplane {
     /// drift), so the next pass replaces the whole table.
     guard: crate::underlay::GuardInput,
     guard_applied: Option<crate::underlay::GuardInput>,
+    nft: crate::nft::SharedNft,
 }
 
 impl Dataplane {
@@ -163,6 +164,7 @@ impl Dataplane {
             last_skipped: BTreeSet::new(),
             guard,
             guard_applied: None,
+            nft: crate::nft::runner(),
         })
     }
 
@@ -379,7 +381,7 @@ impl Dataplane {
         Ok(ops.len())
     }
 
-    /// Starts bringing the underlay guard to `guard` on a blocking thread (nft is a process):
+    /// Starts bringing the underlay guard to `guard` on a task of its own (nft runs off the runtime):
     /// element deltas when only peers changed, else the whole table; a rejected delta is
     /// replaced by the whole table in the same job. Until [`Self::finish_guard`] records the
     /// outcome the table's state is unknown, so a pass that never gets there leaves the next
@@ -391,8 +393,9 @@ impl Dataplane {
             return None;
         }
         self.guard_applied = None;
-        Some(tokio::task::spawn_blocking(move || {
-            underlay::apply_update(&update, &guard).map(|()| guard)
+        let nft = self.nft.clone();
+        Some(tokio::spawn(async move {
+            underlay::apply_update(&nft, update, guard).await
         }))
     }
 
@@ -418,12 +421,12 @@ impl Dataplane {
 
     /// Drift check on the resync tick: a table removed or changed by hand (its sets no longer
     /// what deltas would start from, rules missing) is replaced whole on the next pass.
-    fn check_guard(&mut self) {
-        if self
-            .guard_applied
-            .as_ref()
-            .is_some_and(crate::underlay::drifted)
-        {
+    async fn check_guard(&mut self) {
+        let drifted = match &self.guard_applied {
+            Some(applied) => crate::underlay::drifted(&self.nft, applied).await,
+            None => false,
+        };
+        if drifted {
             tracing::warn!("underlay guard table was removed or changed; re-applying it whole");
             self.guard_applied = None;
         }
@@ -446,7 +449,7 @@ impl DataplaneEffects for Dataplane {
 
     async fn check_underlay(&mut self) {
         self.refresh_external().await;
-        self.check_guard();
+        self.check_guard().await;
     }
 }
 

@@ -38,8 +38,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use twill_bench::{median, ms, percentile, table_row};
 use twill_lab::Lab;
+use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::{compile, Options};
-use twill_policy::nft::{ruleset_marker, Nft};
+use twill_policy::enforce::ruleset_marker;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 
@@ -454,7 +455,7 @@ fn main() -> Result<()> {
         compiles.push(ms(t.elapsed()));
     }
     let stats = rs.stats();
-    let script = twill_policy::nft::mark(&rs.render(), &opts.table);
+    let script = twill_policy::enforce::mark(&rs.render(), &opts.table);
     let compile_ms = median(compiles);
     eprintln!(
         "world: {} pods, {} policies, {} namespaces; read {:?}; n1 ruleset: {stats:?}; script {} KiB; bench VmHWM {} MiB",

@@ -399,7 +399,7 @@ impl TableDef {
     }
 
     /// Writes the full script (see [`Ruleset::render`]) into `w`; `inner` is written
-    /// right after the table's opening line (the ruleset id set, [`crate::nft::mark`]).
+    /// right after the table's opening line (the ruleset id set, [`crate::enforce::mark`]).
     pub fn write_script(&self, w: &mut impl std::fmt::Write, inner: &str) -> std::fmt::Result {
         let t = &self.table;
         writeln!(

@@ -1,5 +1,5 @@
-//! A small runner for the `nft` binary (stdin in, stdout and stderr captured, with a
-//! timeout), and the [`Enforcer`] that applies compiled rulesets and fails closed.
+//! The [`Enforcer`]: applies compiled rulesets through nft ([`twill_nft::Nft`]) and fails
+//! closed; the ruleset markers that tell which ruleset the kernel holds; the start-up plan.
 //!
 //! Fail-closed design:
 //! - The table is never deleted on exit or restart: after a restart the previous run's
@@ -18,152 +18,13 @@
 //!   the next sync retries.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use twill_nft::{Nft, NftRunner};
 
 use crate::compile::{compile, DiffStats, Options, Ruleset, Stats, TableDef};
 use crate::conntrack;
 use crate::model::Snapshot;
-
-/// Errors from running nft.
-#[derive(Debug, thiserror::Error)]
-pub enum NftError {
-    #[error("cannot run {bin}: {err}")]
-    Spawn { bin: String, err: std::io::Error },
-    #[error("nft {args} failed ({status}): {stderr}")]
-    Failed {
-        args: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("nft {args} timed out after {timeout:?}")]
-    Timeout { args: String, timeout: Duration },
-}
-
-/// Runs `nft`.
-#[derive(Debug, Clone)]
-pub struct Nft {
-    pub bin: PathBuf,
-    pub timeout: Duration,
-}
-
-impl Default for Nft {
-    fn default() -> Self {
-        Nft {
-            bin: PathBuf::from("nft"),
-            timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Nft {
-    /// Runs `nft args...` with `stdin`, returning stdout. Non-zero exit is an error that
-    /// carries nft's stderr.
-    pub fn run(&self, args: &[&str], stdin: &str) -> Result<String, NftError> {
-        let argstr = args.join(" ");
-        let mut child = Command::new(&self.bin)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|err| NftError::Spawn {
-                bin: self.bin.display().to_string(),
-                err,
-            })?;
-        let mut sin = child.stdin.take().expect("piped");
-        let mut sout = child.stdout.take().expect("piped");
-        let mut serr = child.stderr.take().expect("piped");
-        // Scoped threads: the script is written from the caller's buffer, not a copy (a
-        // full table is several MiB).
-        let waited = std::thread::scope(|sc| {
-            let writer = sc.spawn(move || {
-                let _ = sin.write_all(stdin.as_bytes());
-            });
-            let out_t = sc.spawn(move || {
-                let mut s = String::new();
-                let _ = sout.read_to_string(&mut s);
-                s
-            });
-            let err_t = sc.spawn(move || {
-                let mut s = String::new();
-                let _ = serr.read_to_string(&mut s);
-                s
-            });
-            let deadline = Instant::now() + self.timeout;
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(st)) => break Some(st),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break None;
-                    }
-                }
-            };
-            let _ = writer.join();
-            let stdout = out_t.join().unwrap_or_default();
-            let stderr = err_t.join().unwrap_or_default();
-            status.map(|st| (st, stdout, stderr))
-        });
-        let Some((status, stdout, stderr)) = waited else {
-            return Err(NftError::Timeout {
-                args: argstr,
-                timeout: self.timeout,
-            });
-        };
-        if status.success() {
-            Ok(stdout)
-        } else {
-            Err(NftError::Failed {
-                args: argstr,
-                status: status.to_string(),
-                stderr: stderr.trim().to_string(),
-            })
-        }
-    }
-
-    /// Applies a script (`nft -f -`) as one transaction.
-    pub fn apply(&self, script: &str) -> Result<(), NftError> {
-        self.run(&["-f", "-"], script).map(|_| ())
-    }
-
-    /// Dry run (`nft -c -f -`): the kernel validates the transaction, nothing changes.
-    pub fn check(&self, script: &str) -> Result<(), NftError> {
-        self.run(&["-c", "-f", "-"], script).map(|_| ())
-    }
-
-    /// Applies a JSON batch (`nft -j -f -`).
-    pub fn apply_json(&self, json: &str) -> Result<(), NftError> {
-        self.run(&["-j", "-f", "-"], json).map(|_| ())
-    }
-
-    /// `nft list table inet NAME`, or None if the table does not exist.
-    pub fn list_table(&self, table: &str) -> Result<Option<String>, NftError> {
-        match self.run(&["list", "table", "inet", table], "") {
-            Ok(s) => Ok(Some(s)),
-            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-impl Nft {
-    /// Whether table `FAMILY NAME` exists. Lists it without set elements (`-t`), which stays
-    /// cheap at any size.
-    pub fn table_exists(&self, family: &str, table: &str) -> Result<bool, NftError> {
-        match self.run(&["-t", "list", "table", family, table], "") {
-            Ok(_) => Ok(true),
-            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-}
 
 /// FNV-1a (64 bits) over everything written into it.
 struct Fnv(u64);
@@ -387,12 +248,8 @@ impl Enforcer {
     /// listed).
     fn refill_script(&self, def: &TableDef, id: &str) -> Option<String> {
         let t = &def.table;
-        // -t: without set elements.
-        let listing = self
-            .nft
-            .run(&["-t", "-j", "list", "table", "inet", t], "")
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&listing).ok()?;
+        // Without set elements (-t).
+        let listing = self.nft.list_table("inet", t, false).ok()?;
         let keep_sets: std::collections::HashSet<&str> = def
             .sets
             .iter()
@@ -415,25 +272,25 @@ impl Enforcer {
             .collect();
         let mut head = format!("add table inet {t}\nflush table inet {t}\n");
         let mut tail = String::new();
-        for item in v.get("nftables")?.as_array()? {
-            for (kind, what) in [("set", "set"), ("map", "map")] {
-                if let Some(name) = item.get(kind).and_then(|o| o.get("name")?.as_str()) {
+        for item in &listing.nftables {
+            for (set, what) in [(&item.set, "set"), (&item.map, "map")] {
+                if let Some(name) = set.as_ref().map(|s| s.name.as_str()) {
                     let _ = writeln!(head, "flush {what} inet {t} {name}");
                     if !keep_sets.contains(name) {
                         let _ = writeln!(tail, "delete {what} inet {t} {name}");
                     }
                 }
             }
-            if let Some(name) = item.get("chain").and_then(|o| o.get("name")?.as_str()) {
-                if !keep_chains.contains(name) {
-                    let _ = writeln!(head, "delete chain inet {t} {name}");
+            if let Some(chain) = &item.chain {
+                if !keep_chains.contains(chain.name.as_str()) {
+                    let _ = writeln!(head, "delete chain inet {t} {}", chain.name);
                 }
             }
             // Counters of kept pod chains keep counting; the others go once no rule
             // names them (`flush table` emptied every chain).
-            if let Some(name) = item.get("counter").and_then(|o| o.get("name")?.as_str()) {
-                if !keep_chains.contains(name) {
-                    let _ = writeln!(tail, "delete counter inet {t} {name}");
+            if let Some(counter) = &item.counter {
+                if !keep_chains.contains(counter.name.as_str()) {
+                    let _ = writeln!(tail, "delete counter inet {t} {}", counter.name);
                 }
             }
         }
@@ -608,31 +465,5 @@ mod tests {
         );
         // Other nodes' subnets are theirs to police.
         assert_eq!(d("10.244.2.7", "10.244.3.9"), Decision::Accept);
-    }
-
-    #[test]
-    fn runner_captures_stderr_and_times_out() {
-        let sh = Nft {
-            bin: "sh".into(),
-            timeout: Duration::from_secs(5),
-        };
-        let e = sh
-            .run(&["-c", "cat >/dev/null; echo oops >&2; exit 3"], "input")
-            .unwrap_err();
-        assert!(e.to_string().contains("oops"), "{e}");
-        assert_eq!(sh.run(&["-c", "cat"], "hello").unwrap(), "hello");
-        let slow = Nft {
-            bin: "sleep".into(),
-            timeout: Duration::from_millis(100),
-        };
-        assert!(matches!(
-            slow.run(&["5"], ""),
-            Err(NftError::Timeout { .. })
-        ));
-        let missing = Nft {
-            bin: "/nonexistent/nft".into(),
-            timeout: Duration::from_secs(1),
-        };
-        assert!(matches!(missing.run(&[], ""), Err(NftError::Spawn { .. })));
     }
 }

@@ -1,6 +1,7 @@
-//! A minimal nf_tables netlink client: just enough for the two hot paths that must not start
-//! an `nft` process: the CNI plugin adding and removing a pod's anti-spoofing set elements on
-//! every ADD/DEL, and twill-policy reading its named counters at every scrape.
+//! A minimal nf_tables netlink client: just enough for the hot paths that must not start an
+//! `nft` process: the CNI plugin adding and removing a pod's anti-spoofing set elements on
+//! every ADD/DEL, twill-policy reading its named counters at every scrape, and twill-policy's
+//! strict mode dumping and marking conntrack entries (ctnetlink, the same framing).
 //!
 //! Starting `nft` costs a fork, an exec and nft's cache fill (which, with nft 1.0.6, reads
 //! every element of every set in the table): several milliseconds per pod, and ~1 s at 10k
@@ -12,6 +13,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
+use crate::error::NftError;
 use nix::sys::socket::{
     bind, recv, send, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
     SockProtocol, SockType,
@@ -27,8 +29,20 @@ pub const NFT_MSG_DELSETELEM: u16 = 14;
 pub const NFT_MSG_NEWOBJ: u16 = 18;
 pub const NFT_MSG_GETOBJ: u16 = 19;
 
+/// Stateful object attributes (`enum nft_object_attributes`) and the counter object's.
+pub const NFTA_OBJ_TABLE: u16 = 1;
+pub const NFTA_OBJ_NAME: u16 = 2;
+pub const NFTA_OBJ_TYPE: u16 = 3;
+pub const NFTA_OBJ_DATA: u16 = 4;
+pub const NFT_OBJECT_COUNTER: u32 = 1;
+pub const NFTA_COUNTER_PACKETS: u16 = 2;
+
 pub const NFPROTO_INET: u8 = 1;
 pub const NFPROTO_BRIDGE: u8 = 7;
+/// Address families of ctnetlink's nfgenmsg (`AF_*`).
+pub const AF_UNSPEC: u8 = 0;
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
@@ -36,7 +50,7 @@ pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
+pub const NLA_F_NESTED: u16 = 0x8000;
 /// Attribute type bits (NLA_F_NESTED and NLA_F_NET_BYTEORDER masked off).
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLMSG_HDRLEN: usize = 16;
@@ -165,20 +179,23 @@ pub fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// One received netlink message of ours.
+/// One received netlink message, with the sequence number of the request it answers.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply<'a> {
     /// NLMSG_ERROR: errno 0 is an acknowledgement.
-    Ack {
-        seq: u32,
-        errno: i32,
-    },
-    Done,
+    Ack { seq: u32, errno: i32 },
+    /// NLMSG_DONE: the end of a dump.
+    Done { seq: u32 },
     /// Any other message: its type and the payload after the nfgenmsg header.
-    Data {
-        kind: u16,
-        body: &'a [u8],
-    },
+    Data { seq: u32, kind: u16, body: &'a [u8] },
+}
+
+impl Reply<'_> {
+    pub fn seq(&self) -> u32 {
+        match self {
+            Reply::Ack { seq, .. } | Reply::Done { seq } | Reply::Data { seq, .. } => *seq,
+        }
+    }
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -205,8 +222,9 @@ pub fn replies(mut buf: &[u8]) -> io::Result<Vec<Reply<'_>>> {
                     .ok_or_else(|| invalid("short netlink error"))?;
                 Reply::Ack { seq, errno: -errno }
             }
-            NLMSG_DONE => Reply::Done,
+            NLMSG_DONE => Reply::Done { seq },
             _ => Reply::Data {
+                seq,
                 kind,
                 body: body.get(NFGENMSG_LEN..).unwrap_or(&[]),
             },
@@ -223,7 +241,11 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn open() -> io::Result<Conn> {
+    pub fn open() -> Result<Conn, NftError> {
+        Conn::open_socket().map_err(|err| NftError::Netlink { op: "open", err })
+    }
+
+    fn open_socket() -> io::Result<Conn> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
@@ -247,16 +269,25 @@ impl Conn {
     }
 
     /// Sends `msgs` as one nf_tables transaction (a batch: all or nothing) and waits for the
-    /// kernel's verdict. The first error of the batch is returned as an OS error (e.g.
-    /// ENOENT when the table or set does not exist).
-    pub fn transaction(&mut self, msgs: &[Msg]) -> io::Result<()> {
+    /// kernel's verdict. The first error of the batch is returned with its OS error (e.g.
+    /// ENOENT when the table or set does not exist, [`NftError::os_error`]).
+    pub fn transaction(&mut self, msgs: &[Msg]) -> Result<(), NftError> {
+        self.batch(NFNL_SUBSYS_NFTABLES, msgs)
+            .map_err(|err| NftError::Netlink {
+                op: "transaction",
+                err,
+            })
+    }
+
+    /// [`Conn::transaction`] for nfnetlink subsystem `subsys` (the batch-begin message's
+    /// resource id).
+    fn batch(&mut self, subsys: u16, msgs: &[Msg]) -> io::Result<()> {
         if msgs.is_empty() {
             return Ok(());
         }
-        let mut out = Msg::raw(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES)
-            .bytes(self.next_seq());
-        let first = self.seq.wrapping_add(1);
-        let mut last = first;
+        let begin = self.next_seq();
+        let mut out = Msg::raw(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, subsys).bytes(begin);
+        let mut last = begin;
         for (i, m) in msgs.iter().enumerate() {
             let mut m = m.clone();
             // Only the last message asks for an acknowledgement: errors are always reported,
@@ -268,28 +299,15 @@ impl Conn {
             last = self.next_seq();
             out.extend(m.bytes(last));
         }
-        out.extend(
-            Msg::raw(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES)
-                .bytes(self.next_seq()),
-        );
+        let end = self.next_seq();
+        out.extend(Msg::raw(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, subsys).bytes(end));
         send(self.fd.as_raw_fd(), &out, MsgFlags::empty())?;
-        let mut first_error = None;
+        let mut verdict = BatchVerdict::new(begin, last);
         loop {
             let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
             for r in replies(&self.buf[..n])? {
-                if let Reply::Ack { seq, errno } = r {
-                    if !(first..=last).contains(&seq) {
-                        continue;
-                    }
-                    if errno != 0 && first_error.is_none() {
-                        first_error = Some(errno);
-                    }
-                    if seq == last {
-                        return match first_error {
-                            None => Ok(()),
-                            Some(e) => Err(io::Error::from_raw_os_error(e)),
-                        };
-                    }
+                if let Some(done) = verdict.feed(&r) {
+                    return done;
                 }
             }
         }
@@ -298,7 +316,14 @@ impl Conn {
     /// Sends `msgs` as plain requests (not a batch: each stands alone, as ctnetlink wants),
     /// each asking for an acknowledgement, a few dozen per datagram so that the answers
     /// fit the socket's receive buffer, and returns each message's errno (0 = done).
-    pub fn requests(&mut self, msgs: &[Msg]) -> io::Result<Vec<i32>> {
+    pub fn requests(&mut self, msgs: &[Msg]) -> Result<Vec<i32>, NftError> {
+        self.plain_requests(msgs).map_err(|err| NftError::Netlink {
+            op: "requests",
+            err,
+        })
+    }
+
+    fn plain_requests(&mut self, msgs: &[Msg]) -> io::Result<Vec<i32>> {
         const CHUNK: usize = 64;
         let mut out = Vec::with_capacity(msgs.len());
         for chunk in msgs.chunks(CHUNK) {
@@ -332,8 +357,14 @@ impl Conn {
     }
 
     /// Runs a dump request and calls `each` with the type and body of every message it
-    /// returns.
-    pub fn dump(&mut self, request: &Msg, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    /// returns. Messages answering another request (another sequence number: a late answer
+    /// to an earlier request on this socket) are skipped.
+    pub fn dump(&mut self, request: &Msg, each: impl FnMut(u16, &[u8])) -> Result<(), NftError> {
+        self.dump_messages(request, each)
+            .map_err(|err| NftError::Netlink { op: "dump", err })
+    }
+
+    fn dump_messages(&mut self, request: &Msg, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
         let seq = self.next_seq();
         send(self.fd.as_raw_fd(), &request.bytes(seq), MsgFlags::empty())?;
         let fd = self.fd.as_raw_fd();
@@ -347,13 +378,73 @@ impl Conn {
                 ));
             }
             for r in replies(&buf[..n])? {
-                match r {
-                    Reply::Done => return Ok(()),
-                    Reply::Ack { errno: 0, .. } => {}
-                    Reply::Ack { errno, .. } => return Err(io::Error::from_raw_os_error(errno)),
-                    Reply::Data { kind, body } => each(kind, body),
+                if let Some(done) = dump_step(seq, &r, &mut each) {
+                    return done;
                 }
             }
+        }
+    }
+}
+
+/// Collects the kernel's answers to one batch sent with sequence numbers `begin` (the
+/// batch-begin message), `begin + 1 ..= last` (the messages; only `last` asks for an
+/// acknowledgement) and `last + 1` (the batch end).
+#[derive(Debug)]
+struct BatchVerdict {
+    begin: u32,
+    last: u32,
+    first_error: Option<i32>,
+}
+
+impl BatchVerdict {
+    fn new(begin: u32, last: u32) -> BatchVerdict {
+        BatchVerdict {
+            begin,
+            last,
+            first_error: None,
+        }
+    }
+
+    /// Takes one reply; the batch's outcome once it is known. An error against the
+    /// batch-begin or batch-end message (unknown subsystem, malformed batch) is the whole
+    /// batch's answer: the kernel processed none of the messages, so no acknowledgement of
+    /// `last` follows. Replies to other requests are ignored.
+    fn feed(&mut self, r: &Reply) -> Option<io::Result<()>> {
+        let Reply::Ack { seq, errno } = *r else {
+            return None;
+        };
+        // Offsets from `begin`, so that a sequence number wrapping past u32::MAX still counts.
+        let at = seq.wrapping_sub(self.begin);
+        let last = self.last.wrapping_sub(self.begin);
+        if at > last + 1 {
+            return None;
+        }
+        if at == 0 || at == last + 1 {
+            return (errno != 0).then(|| Err(io::Error::from_raw_os_error(errno)));
+        }
+        if errno != 0 && self.first_error.is_none() {
+            self.first_error = Some(errno);
+        }
+        (at == last).then(|| match self.first_error {
+            None => Ok(()),
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
+        })
+    }
+}
+
+/// One reply to the dump request sent with `seq`: data goes to `each`; the dump's end or error
+/// is its outcome. Replies with another sequence number are skipped.
+fn dump_step(seq: u32, r: &Reply, each: &mut impl FnMut(u16, &[u8])) -> Option<io::Result<()>> {
+    if r.seq() != seq {
+        return None;
+    }
+    match *r {
+        Reply::Done { .. } => Some(Ok(())),
+        Reply::Ack { errno: 0, .. } => None,
+        Reply::Ack { errno, .. } => Some(Err(io::Error::from_raw_os_error(errno))),
+        Reply::Data { kind, body, .. } => {
+            each(kind, body);
+            None
         }
     }
 }
@@ -422,12 +513,122 @@ mod tests {
                 Reply::Ack { seq: 4, errno: 2 },
                 Reply::Ack { seq: 5, errno: 0 },
                 Reply::Data {
+                    seq: 6,
                     kind: (10 << 8) | NFT_MSG_NEWOBJ,
                     body: &[9, 9]
                 },
-                Reply::Done
+                Reply::Done { seq: 6 }
             ]
         );
         assert!(replies(&[0xff; 20]).is_err());
+    }
+
+    #[test]
+    fn an_error_against_the_batch_begin_is_the_answer_at_once() {
+        // Batch: begin 41, messages 42..=44 (44 asks for the ack), end 45.
+        let mut v = BatchVerdict::new(41, 44);
+        let e = v
+            .feed(&Reply::Ack { seq: 41, errno: 22 })
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(22));
+        let mut v = BatchVerdict::new(41, 44);
+        assert!(v.feed(&Reply::Ack { seq: 45, errno: 22 }).unwrap().is_err());
+        // An acknowledged begin (errno 0) decides nothing; nor does a reply to another request.
+        let mut v = BatchVerdict::new(41, 44);
+        assert!(v.feed(&Reply::Ack { seq: 41, errno: 0 }).is_none());
+        assert!(v.feed(&Reply::Ack { seq: 7, errno: 2 }).is_none());
+        assert!(v
+            .feed(&Reply::Data {
+                seq: 44,
+                kind: 1,
+                body: &[]
+            })
+            .is_none());
+        // The first error of the messages wins, reported when the last one is answered.
+        assert!(v.feed(&Reply::Ack { seq: 42, errno: 2 }).is_none());
+        assert!(v.feed(&Reply::Ack { seq: 43, errno: 17 }).is_none());
+        let e = v
+            .feed(&Reply::Ack { seq: 44, errno: 0 })
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(2));
+        let mut v = BatchVerdict::new(41, 44);
+        assert!(v.feed(&Reply::Ack { seq: 44, errno: 0 }).unwrap().is_ok());
+        // Sequence numbers wrapping past u32::MAX.
+        let mut v = BatchVerdict::new(u32::MAX, 1);
+        assert!(v.feed(&Reply::Ack { seq: 0, errno: 0 }).is_none());
+        assert!(v.feed(&Reply::Ack { seq: 1, errno: 0 }).unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_dump_takes_only_the_replies_to_its_own_request() {
+        let mut got = Vec::new();
+        let mut each = |kind: u16, body: &[u8]| got.push((kind, body.to_vec()));
+        // A late answer to an earlier request (seq 8): its data, error and end are skipped.
+        assert!(dump_step(
+            9,
+            &Reply::Data {
+                seq: 8,
+                kind: 1,
+                body: &[1]
+            },
+            &mut each
+        )
+        .is_none());
+        assert!(dump_step(9, &Reply::Ack { seq: 8, errno: 2 }, &mut each).is_none());
+        assert!(dump_step(9, &Reply::Done { seq: 8 }, &mut each).is_none());
+        assert!(dump_step(
+            9,
+            &Reply::Data {
+                seq: 9,
+                kind: 2,
+                body: &[2]
+            },
+            &mut each
+        )
+        .is_none());
+        assert!(dump_step(9, &Reply::Done { seq: 9 }, &mut each)
+            .unwrap()
+            .is_ok());
+        assert_eq!(got, [(2, vec![2])]);
+        let e = dump_step(9, &Reply::Ack { seq: 9, errno: 2 }, &mut |_, _| {})
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(2));
+    }
+
+    #[test]
+    fn the_kernel_refusing_the_batch_begin_is_reported_at_once() {
+        // Root only (a netlink netfilter batch needs CAP_NET_ADMIN); in a network namespace of
+        // this thread's own, so nothing outside it is touched.
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI runs as root: this test must not be skipped there"
+            );
+            eprintln!("skipping: needs root");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut conn = Conn::open().unwrap();
+            // Resource id 200 is no nfnetlink subsystem: the kernel answers the batch-begin
+            // message with EINVAL and processes nothing else.
+            let msg = set_elements(NFT_MSG_NEWSETELEM, NFPROTO_BRIDGE, "t", "s", &[vec![0; 4]]);
+            let started = std::time::Instant::now();
+            let e = conn.batch(200, &[msg]).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(nix::libc::EINVAL), "{e}");
+            assert!(
+                started.elapsed() < RECEIVE_TIMEOUT,
+                "waited out the receive timeout"
+            );
+            // The connection still works: a real transaction on a missing table is ENOENT.
+            let msg = set_elements(NFT_MSG_NEWSETELEM, NFPROTO_BRIDGE, "t", "s", &[vec![0; 4]]);
+            let e = conn.transaction(&[msg]).unwrap_err();
+            assert_eq!(e.os_error(), Some(nix::libc::ENOENT), "{e}");
+        })
+        .join()
+        .unwrap();
     }
 }
