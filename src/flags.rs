@@ -9,12 +9,24 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 /// Go's `strconv.ParseBool`, which is what flanneld's boolean flags and env values accept.
-pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+pub fn parse_go_bool(s: &str) -> Result<bool, InvalidBool> {
     match s {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        other => Err(format!("invalid boolean value {other:?}")),
+        other => Err(InvalidBool(other.to_string())),
     }
+}
+
+/// A boolean flag's value that Go's `strconv.ParseBool` does not accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid boolean value {0:?}")]
+pub struct InvalidBool(pub String);
+
+/// A flag value out of the range Flannel accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlagsError {
+    #[error("Invalid subnet-lease-renew-margin option, out of acceptable range: {0}")]
+    RenewMarginOutOfRange(i64),
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -180,11 +192,10 @@ impl Flags {
     }
 
     /// Flannel's range check for the renew margin.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), FlagsError> {
         if !(1..=1439).contains(&self.subnet_lease_renew_margin) {
-            return Err(format!(
-                "Invalid subnet-lease-renew-margin option, out of acceptable range: {}",
-                self.subnet_lease_renew_margin
+            return Err(FlagsError::RenewMarginOutOfRange(
+                self.subnet_lease_renew_margin,
             ));
         }
         Ok(())
@@ -258,6 +269,7 @@ mod tests {
         assert!(parse(&["--subnet-lease-renew-margin=0"])
             .check()
             .unwrap_err()
+            .to_string()
             .contains("out of acceptable range: 0"));
         assert!(parse(&["--subnet-lease-renew-margin=1439"]).check().is_ok());
         assert!(parse(&["--subnet-lease-renew-margin=1440"])

@@ -1,12 +1,16 @@
-//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies (§11).
-//! Twenty lines of HTTP/1.0 over tokio rather than a web framework: two fixed answers, any
-//! method, and the connection is closed after each response.
+//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies (§11):
+//! two fixed answers, any method, on axum through twill-runtime's bounded server (the
+//! connection is closed after each response).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
 use tokio::net::TcpListener;
 
 /// Set once rules are installed and subnet.env is written.
@@ -55,41 +59,37 @@ pub fn respond(path: &str, ready: bool) -> (u16, &'static str) {
     }
 }
 
+/// Serves `/healthz` and `/readyz` (any method; other paths get flanneld's 404) on `addr`
+/// with twill-runtime's bounded HTTP server.
 pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz and /readyz");
-    loop {
-        let (mut conn, _) = listener.accept().await?;
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            // Read the whole request head: closing a socket with unread data sends a reset,
-            // which can make the client lose the response.
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                match tokio::time::timeout_at(deadline, conn.read(&mut chunk)).await {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&buf);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let path = path.split('?').next().unwrap_or(path);
-            let (code, body) = respond(path, readiness.is_ready());
-            let reason = match code {
-                200 => "OK",
-                503 => "Service Unavailable",
-                _ => "Not Found",
-            };
-            let reply = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
-    }
+    twill_runtime::http::serve(listener, router(readiness), twill_runtime::http::DEADLINE).await;
+    Ok(())
+}
+
+/// `/healthz` and `/readyz` with flanneld's bodies; other paths get flanneld's 404.
+fn router(readiness: Readiness) -> Router {
+    let answer = |path: &'static str| {
+        move |State(readiness): State<Readiness>| async move {
+            reply(respond(path, readiness.is_ready()))
+        }
+    };
+    Router::new()
+        .route("/healthz", any(answer("/healthz")))
+        .route("/readyz", any(answer("/readyz")))
+        .fallback(|| async { reply(respond("", false)) })
+        .with_state(readiness)
+}
+
+fn reply((code, body): (u16, &'static str)) -> Response {
+    let status = StatusCode::from_u16(code).expect("a status respond() gives");
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -109,6 +109,44 @@ mod tests {
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn served_with_flanneld_bodies_and_content_type() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let readiness = Readiness::default();
+        tokio::spawn(twill_runtime::http::serve(
+            listener,
+            router(readiness.clone()),
+            twill_runtime::http::DEADLINE,
+        ));
+        let get = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("POST {path}?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+            c.write_all(request.as_bytes()).await.unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).await.unwrap();
+            s
+        };
+        let r = get("/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nflanneld is not ready yet"), "{r}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains("content-type: text/plain; charset=utf-8\r\n"),
+            "{r}"
+        );
+        readiness.set_ready();
+        let r = get("/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nflanneld is ready"), "{r}");
+        let r = get("/healthz").await;
+        assert!(r.ends_with("\r\n\r\nflanneld is running"), "{r}");
+        let r = get("/metrics").await;
+        assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\n404 page not found"), "{r}");
     }
 
     #[test]

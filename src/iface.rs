@@ -95,8 +95,27 @@ fn link_with_addr(snap: &NetSnapshot, ip: IpAddr) -> Option<&IfaceInfo> {
         .find(|l| l.addrs.iter().any(|a| a.addr() == ip))
 }
 
+/// Why no external interface was picked; the texts are Flannel's where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    #[error("invalid --iface-regex {pattern:?}: {error}")]
+    InvalidRegex {
+        pattern: String,
+        error: regex::Error,
+    },
+    /// `--iface`, `--iface-regex` or `--iface-can-reach` was given and nothing matched.
+    #[error("{NO_MATCH}")]
+    NoMatch,
+    #[error("failed to get interface for public IP {0}: no interface holds that address")]
+    NoInterfaceForPublicIp(Ipv4Addr),
+    #[error("failed to get default interface: no default route (use --iface or --public-ip)")]
+    NoDefaultRoute,
+    #[error("failed to get default interface: link #{0} has no IPv4 address")]
+    DefaultLinkWithoutIpv4(u32),
+}
+
 /// Picks the external interface; errors carry Flannel's texts.
-pub fn select(snap: &NetSnapshot, sel: &Selection) -> Result<ExternalInterface, String> {
+pub fn select(snap: &NetSnapshot, sel: &Selection) -> Result<ExternalInterface, SelectError> {
     let explicit =
         !sel.iface.is_empty() || !sel.iface_regex.is_empty() || sel.iface_can_reach.is_some();
     for want in sel.iface {
@@ -116,8 +135,10 @@ pub fn select(snap: &NetSnapshot, sel: &Selection) -> Result<ExternalInterface, 
         }
     }
     for pattern in sel.iface_regex {
-        let re =
-            Regex::new(pattern).map_err(|e| format!("invalid --iface-regex {pattern:?}: {e}"))?;
+        let re = Regex::new(pattern).map_err(|error| SelectError::InvalidRegex {
+            pattern: pattern.clone(),
+            error,
+        })?;
         for link in &snap.links {
             if let Some(a) = link
                 .addrs
@@ -154,29 +175,24 @@ pub fn select(snap: &NetSnapshot, sel: &Selection) -> Result<ExternalInterface, 
         }
     }
     if explicit {
-        return Err(NO_MATCH.into());
+        return Err(SelectError::NoMatch);
     }
     if let Some(public) = sel.public_ip {
         return link_with_addr(snap, IpAddr::V4(public))
             .and_then(|l| found(l, Some(public)))
-            .ok_or_else(|| format!("failed to get interface for public IP {public}: no interface holds that address"));
+            .ok_or(SelectError::NoInterfaceForPublicIp(public));
     }
     let default_oif = snap
         .routes_v4
         .iter()
         .find(|(dst, _)| dst.prefix_len() == 0)
         .map(|(_, oif)| *oif)
-        .ok_or_else(|| {
-            "failed to get default interface: no default route (use --iface or --public-ip)"
-                .to_string()
-        })?;
+        .ok_or(SelectError::NoDefaultRoute)?;
     snap.links
         .iter()
         .find(|l| l.index == default_oif)
         .and_then(|l| found(l, None))
-        .ok_or_else(|| {
-            format!("failed to get default interface: link #{default_oif} has no IPv4 address")
-        })
+        .ok_or(SelectError::DefaultLinkWithoutIpv4(default_oif))
 }
 
 /// Reads links, addresses and IPv4 main-table routes through netlink.
@@ -291,11 +307,15 @@ mod tests {
     #[test]
     fn nothing_matched_is_flannels_error() {
         assert_eq!(
-            select(&snap(), &sel(&["wlan9".into()], &[])).unwrap_err(),
+            select(&snap(), &sel(&["wlan9".into()], &[]))
+                .unwrap_err()
+                .to_string(),
             NO_MATCH
         );
         assert_eq!(
-            select(&snap(), &sel(&[], &["^zz".into()])).unwrap_err(),
+            select(&snap(), &sel(&[], &["^zz".into()]))
+                .unwrap_err()
+                .to_string(),
             NO_MATCH
         );
     }
@@ -306,7 +326,10 @@ mod tests {
         s.public_ip = Some("198.19.7.11".parse().unwrap());
         assert_eq!(select(&snap(), &s).unwrap().name, "eth1");
         s.public_ip = Some("203.0.113.1".parse().unwrap());
-        assert!(select(&snap(), &s).unwrap_err().contains("203.0.113.1"));
+        assert!(select(&snap(), &s)
+            .unwrap_err()
+            .to_string()
+            .contains("203.0.113.1"));
         let iface = ["eth0".to_string()];
         let mut s = sel(&iface, &[]);
         s.public_ip = Some("203.0.113.1".parse().unwrap());

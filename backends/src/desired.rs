@@ -66,7 +66,7 @@ pub fn desired_state(topo: &Topology, peers: &[PeerLease]) -> (DataplaneState, V
             if let Err(reason) = add_family(topo, family, &mut state) {
                 skipped.push(Skipped {
                     peer: peer.name.clone(),
-                    reason,
+                    reason: reason.to_string(),
                 });
             }
         }
@@ -74,32 +74,56 @@ pub fn desired_state(topo: &Topology, peers: &[PeerLease]) -> (DataplaneState, V
     (state, skipped)
 }
 
-fn add_family(topo: &Topology, fam: &PeerFamily, state: &mut DataplaneState) -> Result<(), String> {
+/// Why one family of a peer's lease is not programmed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum FamilySkipped {
+    #[error("subnet {0} is outside the flannel network")]
+    OutsideNetwork(IpNet),
+    #[error("subnet {0} overlaps this node's own subnet")]
+    OverlapsOwn(IpNet),
+    #[error("subnet {subnet} overlaps {existing}, already leased by another peer")]
+    OverlapsPeer { subnet: IpNet, existing: IpNet },
+    #[error("public IP {public_ip} does not match the family of {subnet}")]
+    FamilyMismatch { public_ip: IpAddr, subnet: IpNet },
+    #[error("host-gw needs L2 adjacency, but the public IP {public_ip} of subnet {subnet} is not on-link on the external interface")]
+    NotOnLink { public_ip: IpAddr, subnet: IpNet },
+    #[error("no VXLAN device for the family of {0} on this node")]
+    NoVxlanDevice(IpNet),
+    #[error("subnet {0} has no VtepMAC in its BackendData")]
+    NoVtepMac(IpNet),
+}
+
+fn add_family(
+    topo: &Topology,
+    fam: &PeerFamily,
+    state: &mut DataplaneState,
+) -> Result<(), FamilySkipped> {
     let subnet = fam.subnet.trunc();
     if !topo.in_networks(&subnet) {
-        return Err(format!("subnet {subnet} is outside the flannel network"));
+        return Err(FamilySkipped::OutsideNetwork(subnet));
     }
     if topo.overlaps_own(&subnet) {
-        return Err(format!("subnet {subnet} overlaps this node's own subnet"));
+        return Err(FamilySkipped::OverlapsOwn(subnet));
     }
     if let Some(existing) = overlapping(&state.routes, &subnet) {
-        return Err(format!(
-            "subnet {subnet} overlaps {existing}, already leased by another peer"
-        ));
+        return Err(FamilySkipped::OverlapsPeer {
+            subnet,
+            existing: *existing,
+        });
     }
     if subnet.addr().is_ipv4() != fam.public_ip.is_ipv4() {
-        return Err(format!(
-            "public IP {} does not match the family of {subnet}",
-            fam.public_ip
-        ));
+        return Err(FamilySkipped::FamilyMismatch {
+            public_ip: fam.public_ip,
+            subnet,
+        });
     }
     match topo.backend {
         BackendKind::HostGw => {
             if !topo.on_link(fam.public_ip) {
-                return Err(format!(
-                    "host-gw needs L2 adjacency, but the public IP {} of subnet {subnet} is not on-link on the external interface",
-                    fam.public_ip
-                ));
+                return Err(FamilySkipped::NotOnLink {
+                    public_ip: fam.public_ip,
+                    subnet,
+                });
             }
             direct_route(state, subnet, fam.public_ip);
         }
@@ -119,12 +143,10 @@ fn add_family(topo: &Topology, fam: &PeerFamily, state: &mut DataplaneState) -> 
                 topo.vxlan6
             };
             if !device_up {
-                return Err(format!(
-                    "no VXLAN device for the family of {subnet} on this node"
-                ));
+                return Err(FamilySkipped::NoVxlanDevice(subnet));
             }
             let Some(mac) = fam.vtep_mac else {
-                return Err(format!("subnet {subnet} has no VtepMAC in its BackendData"));
+                return Err(FamilySkipped::NoVtepMac(subnet));
             };
             // Flannel's order per peer: neighbour, FDB, then the route that makes them used.
             let gateway = subnet.network();

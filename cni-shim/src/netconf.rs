@@ -152,7 +152,7 @@ impl FlannelConf {
             Some(Value::Array(a)) => a
                 .iter()
                 .map(normalize_route)
-                .collect::<Result<Vec<_>, String>>()
+                .collect::<Result<Vec<_>, RouteError>>()
                 .map_err(|e| {
                     CniError::new(
                         code::INVALID_NETWORK_CONFIG,
@@ -183,35 +183,70 @@ fn route_dst(dst: String) -> Value {
     Value::Object(m)
 }
 
+/// Why an `ipam.routes` entry cannot be re-encoded.
+#[derive(Debug, thiserror::Error)]
+enum RouteError {
+    #[error("route {0} is not an object")]
+    NotAnObject(Value),
+    #[error("route {0} has no string \"dst\"")]
+    NoDst(Value),
+    #[error("route dst {dst:?}: {error}")]
+    Dst {
+        dst: String,
+        error: ipnet::AddrParseError,
+    },
+    #[error("route gw {0} is not a string")]
+    GwNotString(Value),
+    #[error("route gw {gw:?}: {error}")]
+    Gw {
+        gw: String,
+        error: std::net::AddrParseError,
+    },
+    #[error("route {field} {value} is not a number")]
+    NotANumber { field: &'static str, value: Value },
+    #[error("route {field} {value} is not an integer")]
+    NotAnInteger { field: &'static str, value: Value },
+}
+
 /// Re-encode one input route the way Go's `types.Route` round-trips it: known fields only,
 /// in struct order `dst, gw, mtu, advmss, priority, table, scope`, zero ints omitted.
-fn normalize_route(v: &Value) -> Result<Value, String> {
+fn normalize_route(v: &Value) -> Result<Value, RouteError> {
     let Value::Object(r) = v else {
-        return Err(format!("route {v} is not an object"));
+        return Err(RouteError::NotAnObject(v.clone()));
     };
     let dst = r
         .get("dst")
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("route {v} has no string \"dst\""))?;
-    let net: IpNet = dst.parse().map_err(|e| format!("route dst {dst:?}: {e}"))?;
+        .ok_or_else(|| RouteError::NoDst(v.clone()))?;
+    let net: IpNet = dst.parse().map_err(|error| RouteError::Dst {
+        dst: dst.to_string(),
+        error,
+    })?;
     let mut out = Map::new();
     out.insert("dst".into(), Value::String(net.to_string()));
     if let Some(gw) = r.get("gw").filter(|g| !g.is_null()) {
         let s = gw
             .as_str()
-            .ok_or_else(|| format!("route gw {gw} is not a string"))?;
-        let ip: IpAddr = s.parse().map_err(|e| format!("route gw {s:?}: {e}"))?;
+            .ok_or_else(|| RouteError::GwNotString(gw.clone()))?;
+        let ip: IpAddr = s.parse().map_err(|error| RouteError::Gw {
+            gw: s.to_string(),
+            error,
+        })?;
         out.insert("gw".into(), Value::String(ip.to_string()));
     }
-    let int = |k: &str| -> Result<Option<i64>, String> {
+    let int = |k: &'static str| -> Result<Option<i64>, RouteError> {
         match r.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(x) => {
-                let f = x
-                    .as_f64()
-                    .ok_or_else(|| format!("route {k} {x} is not a number"))?;
+                let f = x.as_f64().ok_or_else(|| RouteError::NotANumber {
+                    field: k,
+                    value: x.clone(),
+                })?;
                 if f.fract() != 0.0 {
-                    return Err(format!("route {k} {x} is not an integer"));
+                    return Err(RouteError::NotAnInteger {
+                        field: k,
+                        value: x.clone(),
+                    });
                 }
                 Ok(Some(f as i64))
             }

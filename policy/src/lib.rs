@@ -3,6 +3,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod enforce;
 pub mod eval;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod source;

@@ -15,7 +15,7 @@ use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::{compile, Options, DEFAULT_POD_BRIDGE, DEFAULT_TABLE};
 use twill_policy::enforce::{startup_plan, Applied, Enforcer, StartupPlan, SyncReport};
 use twill_policy::eval::{allowed, Endpoint};
-use twill_policy::metrics::{serve, serve_health, Health, Shared, LIVE_BOUND};
+use twill_policy::http::{serve, serve_health, Health, Shared, LIVE_BOUND};
 use twill_policy::model::{Protocol, Snapshot};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};
 use twill_policy::source::manifests::ManifestDir;

@@ -337,7 +337,11 @@ impl Core {
     }
 
     /// Peers are the other nodes carrying Flannel's annotations, keyed by node name.
-    fn node_put(&mut self, name: &str, rec: Option<Result<LeaseRecord, String>>) {
+    fn node_put(
+        &mut self,
+        name: &str,
+        rec: Option<Result<LeaseRecord, crate::registry::kube::NodeError>>,
+    ) {
         let Own::Node(own_name) = &self.own else {
             return;
         };
@@ -349,7 +353,7 @@ impl Core {
             Some(Ok(rec)) => self.table.put_named(name, &rec),
             Some(Err(reason)) => {
                 tracing::warn!(node = %name, %reason, "Error turning node to lease; skipping it");
-                self.table.skip(name, reason);
+                self.table.skip(name, reason.to_string());
             }
         }
     }
@@ -531,7 +535,7 @@ mod tests {
         core.handle(
             etcd(RegistryEvent::Put(LeaseRecord {
                 key: key("10.244.4.0-24"),
-                attrs: Err("expected value at line 1 column 1".to_string()),
+                attrs: Err(LeaseAttrs::from_json(b"not JSON").unwrap_err()),
                 lease_id: 0,
             })),
             now,
@@ -780,14 +784,22 @@ mod tests {
                     "node-b".to_string(),
                     Some(Ok(record("10.244.2.0-24", "198.18.0.2", 2))),
                 ),
-                ("node-c".to_string(), Some(Err("no podCIDR".to_string()))),
+                (
+                    "node-c".to_string(),
+                    Some(Err(crate::registry::kube::NodeError::NoPodCidr(
+                        "node-c".to_string(),
+                    ))),
+                ),
                 ("node-d".to_string(), None),
             ])),
             now,
         );
         assert!(commands.is_empty(), "{commands:?}");
         assert_eq!(reconciled(&mut core), ["node-b"]);
-        assert_eq!(core.skipped()["node-c"], "no podCIDR");
+        assert_eq!(
+            core.skipped()["node-c"],
+            "node \"node-c\" pod cidr not assigned"
+        );
         core.handle(node(NodeEvent::Delete("node-b".to_string())), now);
         assert_eq!(reconciled(&mut core), Vec::<String>::new());
     }

@@ -11,10 +11,16 @@ use etcd_client::{
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
+use twill_runtime::backoff::retry_delays;
 
 use twill_formats::lease::{
-    config_key_path, parse_subnet_key_path, subnet_key_path, LeaseAttrs, SubnetKey,
+    config_key_path, parse_subnet_key_path, subnet_key_path, LeaseAttrs, LeaseError, SubnetKey,
 };
+
+/// First delay before re-watching or re-listing after an error (Flannel's).
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest delay before re-watching or re-listing (Flannel's cap, before jitter).
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Flannel's `subnetTTL`.
 pub const SUBNET_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -49,7 +55,7 @@ pub struct EtcdOptions {
 #[derive(Clone, Debug)]
 pub struct LeaseRecord {
     pub key: SubnetKey,
-    pub attrs: Result<LeaseAttrs, String>,
+    pub attrs: Result<LeaseAttrs, LeaseError>,
     /// The etcd lease the key is attached to; 0 for a reservation.
     pub lease_id: i64,
 }
@@ -79,6 +85,45 @@ pub struct EtcdRegistry {
     prefix: String,
 }
 
+/// The TLS set up for etcd, decided from the `--etcd-*` flags alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TlsPlan<'a> {
+    /// No TLS options.
+    None,
+    /// A client identity (`--etcd-certfile` and `--etcd-keyfile`), and the server verified
+    /// against `--etcd-cafile` if given: Flannel's one TLS case.
+    Identity {
+        cert: &'a str,
+        key: &'a str,
+        ca: Option<&'a str>,
+    },
+    /// https endpoints and `--etcd-cafile` without a client identity: the server is verified
+    /// against that CA. Flannel ignores the CA here (with no identity it passes etcd's client
+    /// no TLS config, which dials https endpoints verifying against the system's roots only),
+    /// so an operator's private CA was never trusted; twill trusts it.
+    ServerOnly { ca: &'a str },
+}
+
+fn has_https_endpoint(opts: &EtcdOptions) -> bool {
+    opts.endpoints.iter().any(|e| e.starts_with("https://"))
+}
+
+/// Which TLS `connect` sets up for `opts`.
+pub fn tls_plan(opts: &EtcdOptions) -> TlsPlan<'_> {
+    let given = |s: &str| !s.is_empty();
+    if given(&opts.keyfile) && given(&opts.certfile) {
+        TlsPlan::Identity {
+            cert: &opts.certfile,
+            key: &opts.keyfile,
+            ca: given(&opts.cafile).then_some(opts.cafile.as_str()),
+        }
+    } else if given(&opts.cafile) && has_https_endpoint(opts) {
+        TlsPlan::ServerOnly { ca: &opts.cafile }
+    } else {
+        TlsPlan::None
+    }
+}
+
 fn read_file(path: &str) -> Result<Vec<u8>, RegistryError> {
     std::fs::read(Path::new(path)).map_err(|source| RegistryError::File {
         path: path.to_string(),
@@ -87,24 +132,32 @@ fn read_file(path: &str) -> Result<Vec<u8>, RegistryError> {
 }
 
 impl EtcdRegistry {
-    /// Connects; TLS is used when both a key and a certificate file are given, as in Flannel.
+    /// Connects, with the TLS [`tls_plan`] decides from the flags.
     pub async fn connect(opts: &EtcdOptions) -> Result<EtcdRegistry, RegistryError> {
         let mut co = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
-        if !opts.keyfile.is_empty() && !opts.certfile.is_empty() {
-            let mut tls = TlsOptions::new().identity(Identity::from_pem(
-                read_file(&opts.certfile)?,
-                read_file(&opts.keyfile)?,
-            ));
-            if !opts.cafile.is_empty() {
-                tls = tls.ca_certificate(Certificate::from_pem(read_file(&opts.cafile)?));
+        match tls_plan(opts) {
+            TlsPlan::Identity { cert, key, ca } => {
+                let mut tls = TlsOptions::new()
+                    .identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
+                if let Some(ca) = ca {
+                    tls = tls.ca_certificate(Certificate::from_pem(read_file(ca)?));
+                }
+                co = co.with_tls(tls);
             }
-            co = co.with_tls(tls);
-        } else if opts.endpoints.iter().any(|e| e.starts_with("https://")) {
-            tracing::warn!("https etcd endpoint without --etcd-certfile/--etcd-keyfile: connecting without client certificates");
+            TlsPlan::ServerOnly { ca } => {
+                co = co.with_tls(
+                    TlsOptions::new().ca_certificate(Certificate::from_pem(read_file(ca)?)),
+                );
+            }
+            TlsPlan::None => {
+                if has_https_endpoint(opts) {
+                    tracing::warn!("https etcd endpoint without --etcd-certfile/--etcd-keyfile: connecting without client certificates");
+                }
+            }
         }
         if !opts.username.is_empty() {
             co = co.with_user(opts.username.clone(), opts.password.clone());
@@ -139,7 +192,7 @@ impl EtcdRegistry {
 
     fn record(&self, key: &[u8], value: &[u8], lease_id: i64) -> Option<LeaseRecord> {
         let key = parse_subnet_key_path(&self.prefix, std::str::from_utf8(key).ok()?)?;
-        let attrs = LeaseAttrs::from_json(value).map_err(|e| e.to_string());
+        let attrs = LeaseAttrs::from_json(value);
         Some(LeaseRecord {
             key,
             attrs,
@@ -234,11 +287,12 @@ impl EtcdRegistry {
     }
 
     /// Watches `<prefix>/subnets/` from `after_revision + 1` until `events` is closed.
-    /// Reconnects with exponential backoff (100 ms to 5 s) and resumes from the last revision
-    /// seen; after a compaction (or when resuming is refused) it re-lists and sends
+    /// Reconnects with exponential backoff (100 ms to 5 s, Flannel's, plus jitter so nodes
+    /// that lost etcd together do not come back in lockstep) and resumes from the last
+    /// revision seen; after a compaction (or when resuming is refused) it re-lists and sends
     /// [`RegistryEvent::Resync`].
     pub async fn watch(self, mut after_revision: i64, events: mpsc::Sender<RegistryEvent>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
         let mut need_relist = false;
         while !events.is_closed() {
             if need_relist {
@@ -251,9 +305,9 @@ impl EtcdRegistry {
                         need_relist = false;
                     }
                     Err(e) => {
+                        let backoff = delays.next().unwrap_or(WATCH_RETRY_MAX);
                         tracing::warn!(error = %e, retry_in = ?backoff, "re-listing subnets failed");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 }
@@ -269,16 +323,16 @@ impl EtcdRegistry {
             {
                 Ok(s) => s,
                 Err(e) => {
+                    let backoff = delays.next().unwrap_or(WATCH_RETRY_MAX);
                     tracing::warn!(error = %e, retry_in = ?backoff, "watching subnets failed");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
             loop {
                 match stream.message().await {
                     Ok(Some(resp)) => {
-                        backoff = Duration::from_millis(100);
+                        delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
                         if resp.compact_revision() != 0 || resp.canceled() {
                             tracing::warn!(
                                 compact_revision = resp.compact_revision(),
@@ -312,13 +366,71 @@ impl EtcdRegistry {
                         break;
                     }
                     Err(e) => {
+                        let backoff = delays.next().unwrap_or(WATCH_RETRY_MAX);
                         tracing::warn!(error = %e, retry_in = ?backoff, "subnet watch failed; reconnecting");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         break;
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(endpoint: &str, cert: &str, key: &str, ca: &str) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: vec![endpoint.to_string()],
+            certfile: cert.to_string(),
+            keyfile: key.to_string(),
+            cafile: ca.to_string(),
+            ..EtcdOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_ca_alone_verifies_https_servers() {
+        let o = opts("https://198.18.0.1:2379", "", "", "/pki/ca.crt");
+        assert_eq!(tls_plan(&o), TlsPlan::ServerOnly { ca: "/pki/ca.crt" });
+        // Half a client identity is no identity: the CA is still used.
+        let o = opts("https://198.18.0.1:2379", "/pki/c.crt", "", "/pki/ca.crt");
+        assert_eq!(tls_plan(&o), TlsPlan::ServerOnly { ca: "/pki/ca.crt" });
+    }
+
+    #[test]
+    fn a_client_identity_with_or_without_a_ca() {
+        let o = opts("https://e:2379", "/pki/c.crt", "/pki/c.key", "/pki/ca.crt");
+        assert_eq!(
+            tls_plan(&o),
+            TlsPlan::Identity {
+                cert: "/pki/c.crt",
+                key: "/pki/c.key",
+                ca: Some("/pki/ca.crt")
+            }
+        );
+        let o = opts("https://e:2379", "/pki/c.crt", "/pki/c.key", "");
+        assert_eq!(
+            tls_plan(&o),
+            TlsPlan::Identity {
+                cert: "/pki/c.crt",
+                key: "/pki/c.key",
+                ca: None
+            }
+        );
+    }
+
+    #[test]
+    fn no_tls_options_for_plain_endpoints_or_no_files() {
+        // A CA with only http endpoints: nothing to verify (etcd's client refuses TLS
+        // options for http URLs).
+        let o = opts("http://198.18.0.1:2379", "", "", "/pki/ca.crt");
+        assert_eq!(tls_plan(&o), TlsPlan::None);
+        let o = opts("https://198.18.0.1:2379", "", "", "");
+        assert_eq!(tls_plan(&o), TlsPlan::None);
+        let o = opts("http://198.18.0.1:2379", "", "", "");
+        assert_eq!(tls_plan(&o), TlsPlan::None);
     }
 }

@@ -14,10 +14,10 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
-use kube::runtime::WatchStreamExt;
 use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use twill_runtime::backoff::retry_delays;
 
 use crate::registry::etcd::LeaseRecord;
 use twill_formats::gojson;
@@ -52,10 +52,10 @@ pub struct Annotations {
 impl Annotations {
     /// Flannel's `newAnnotations`: at most one slash; no slash → append `/`; a slash but no
     /// trailing `/` or `-` → append `-`.
-    pub fn new(prefix: &str) -> Result<Annotations, String> {
+    pub fn new(prefix: &str) -> Result<Annotations, PrefixError> {
         let slashes = prefix.matches('/').count();
         if slashes > 1 {
-            return Err("subnet/kube: prefix can contain at most single slash".into());
+            return Err(PrefixError);
         }
         let p = if slashes == 0 {
             format!("{prefix}/")
@@ -84,8 +84,36 @@ fn annotations(node: &Node) -> BTreeMap<String, String> {
     node.metadata.annotations.clone().unwrap_or_default()
 }
 
+/// `--kube-annotation-prefix` with more than one slash (Flannel's text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("subnet/kube: prefix can contain at most single slash")]
+pub struct PrefixError;
+
+/// Why a node cannot be read as a lease (its pod CIDRs or its annotations).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("node \"{0}\" pod cidr not assigned")]
+    NoPodCidr(String),
+    #[error("node \"{name}\" has more than two pod CIDRs: {cidrs:?}")]
+    TooManyPodCidrs { name: String, cidrs: Vec<String> },
+    #[error("node \"{name}\": pod CIDR {cidr:?}: {error}")]
+    BadPodCidr {
+        name: String,
+        cidr: String,
+        error: ipnet::AddrParseError,
+    },
+    #[error("no public-ip annotation")]
+    NoPublicIp,
+    #[error("public-ip annotation: {0}")]
+    BadPublicIp(std::net::AddrParseError),
+    #[error("public-ipv6 annotation: {0}")]
+    BadPublicIpv6(std::net::AddrParseError),
+    #[error("no IPv4 pod CIDR")]
+    NoIpv4PodCidr,
+}
+
 /// The node's pod CIDRs: `spec.podCIDRs` (1 or 2, one per family), else `spec.podCIDR`.
-pub fn pod_cidrs(node: &Node) -> Result<(Option<Ipv4Net>, Option<Ipv6Net>), String> {
+pub fn pod_cidrs(node: &Node) -> Result<(Option<Ipv4Net>, Option<Ipv6Net>), NodeError> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let spec = node.spec.clone().unwrap_or_default();
     let mut list: Vec<String> = spec.pod_cidrs.unwrap_or_default();
@@ -93,19 +121,23 @@ pub fn pod_cidrs(node: &Node) -> Result<(Option<Ipv4Net>, Option<Ipv6Net>), Stri
         list.extend(spec.pod_cidr.filter(|c| !c.is_empty()));
     }
     if list.is_empty() {
-        return Err(format!("node \"{name}\" pod cidr not assigned"));
+        return Err(NodeError::NoPodCidr(name));
     }
     if list.len() > 2 {
-        return Err(format!(
-            "node \"{name}\" has more than two pod CIDRs: {list:?}"
-        ));
+        return Err(NodeError::TooManyPodCidrs { name, cidrs: list });
     }
     let (mut v4, mut v6) = (None, None);
     for c in &list {
         match c.parse::<IpNet>() {
             Ok(IpNet::V4(n)) => v4 = Some(n.trunc()),
             Ok(IpNet::V6(n)) => v6 = Some(n.trunc()),
-            Err(e) => return Err(format!("node \"{name}\": pod CIDR {c:?}: {e}")),
+            Err(error) => {
+                return Err(NodeError::BadPodCidr {
+                    name,
+                    cidr: c.clone(),
+                    error,
+                })
+            }
         }
     }
     Ok((v4, v6))
@@ -118,7 +150,7 @@ pub fn node_to_record(
     node: &Node,
     ann: &Annotations,
     config: &NetConfig,
-) -> Option<Result<LeaseRecord, String>> {
+) -> Option<Result<LeaseRecord, NodeError>> {
     let a = annotations(node);
     if a.get(&ann.subnet_kube_managed).map(String::as_str) != Some("true") {
         return None;
@@ -131,23 +163,20 @@ pub fn node_to_record(
         };
         let public_ip: Ipv4Addr = if config.enable_ipv4 {
             a.get(&ann.backend_public_ip)
-                .ok_or("no public-ip annotation")?
+                .ok_or(NodeError::NoPublicIp)?
                 .parse()
-                .map_err(|e| format!("public-ip annotation: {e}"))?
+                .map_err(NodeError::BadPublicIp)?
         } else {
             Ipv4Addr::UNSPECIFIED
         };
         let public_ipv6: Option<Ipv6Addr> = match a.get(&ann.backend_public_ipv6) {
-            Some(s) if config.enable_ipv6 => Some(
-                s.parse()
-                    .map_err(|e| format!("public-ipv6 annotation: {e}"))?,
-            ),
+            Some(s) if config.enable_ipv6 => Some(s.parse().map_err(NodeError::BadPublicIpv6)?),
             _ => None,
         };
         let ipv4 = match v4 {
             Some(n) => n,
             None if !config.enable_ipv4 => Ipv4Net::default(),
-            None => return Err("no IPv4 pod CIDR".to_string()),
+            None => return Err(NodeError::NoIpv4PodCidr),
         };
         Ok(LeaseRecord {
             key: SubnetKey::new(ipv4, if config.enable_ipv6 { v6 } else { None }),
@@ -231,14 +260,19 @@ pub fn previous_vtep_macs(
 pub enum NodeEvent {
     /// A node was added or changed (its name, and its lease record when it is a usable
     /// Flannel node, or why not).
-    Put(String, Box<Option<Result<LeaseRecord, String>>>),
+    Put(String, Box<Option<Result<LeaseRecord, NodeError>>>),
     Delete(String),
     /// The watch (re)listed: the complete set of nodes. Nodes not in it are gone, even if their
     /// deletion was never seen as an event.
-    Resync(Vec<(String, Option<Result<LeaseRecord, String>>)>),
+    Resync(Vec<(String, Option<Result<LeaseRecord, NodeError>>)>),
 }
 
 /// The API client and the node this daemon runs on.
+/// First delay before retrying a failed node watch (doubling, with jitter).
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(800);
+/// Longest delay before retrying a failed node watch (before jitter).
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct KubeSubnetManager {
     pub client: Client,
@@ -247,20 +281,17 @@ pub struct KubeSubnetManager {
 }
 
 /// A client from `--kubeconfig-file` and/or `--kube-api-url`, else the in-cluster config
-/// (as client-go's `BuildConfigFromFlags`).
-pub async fn client(api_url: &str, kubeconfig: &str) -> anyhow::Result<Client> {
-    let mut config = if !kubeconfig.is_empty() {
-        let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-    } else if !api_url.is_empty() {
-        kube::Config::new(api_url.parse()?)
-    } else {
-        kube::Config::incluster()?
-    };
-    if !api_url.is_empty() {
-        config.cluster_url = api_url.parse()?;
-    }
-    Ok(Client::try_from(config)?)
+/// (as client-go's `BuildConfigFromFlags`), with kube's default timeouts.
+pub async fn client(
+    api_url: &str,
+    kubeconfig: &str,
+) -> Result<Client, twill_runtime::kube::ClientError> {
+    twill_runtime::kube::client(&twill_runtime::kube::ClientOptions {
+        api_url: api_url.to_string(),
+        kubeconfig: kubeconfig.to_string(),
+        ..Default::default()
+    })
+    .await
 }
 
 /// `NODE_NAME`, else the node of pod `POD_NAMESPACE/POD_NAME`.
@@ -310,7 +341,7 @@ impl KubeSubnetManager {
         attrs: &LeaseAttrs,
     ) -> anyhow::Result<SubnetKey> {
         let node = self.own_node().await?;
-        let (v4, v6) = pod_cidrs(&node).map_err(anyhow::Error::msg)?;
+        let (v4, v6) = pod_cidrs(&node)?;
         if let Some(patch) = annotation_patch(
             &annotations(&node),
             &self.annotations,
@@ -385,10 +416,13 @@ impl KubeSubnetManager {
                 node_to_record(n, &ann, &config),
             )
         };
-        let mut stream = watcher(self.nodes(), watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        let mut init: Vec<(String, Option<Result<LeaseRecord, String>>)> = Vec::new();
+        // twill-runtime's backoff, reset only by progress (a complete list or a change), as
+        // twill-policy's watchers do. kube's default_backoff() (0.8 s to 30 s, with jitter
+        // too) is reset by every item the watcher yields, and a failing initial list yields
+        // Event::Init before each error, so it retried an unreachable API every ~1 s.
+        let mut stream = watcher(self.nodes(), watcher::Config::default()).boxed();
+        let mut delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
+        let mut init: Vec<(String, Option<Result<LeaseRecord, NodeError>>)> = Vec::new();
         while let Some(ev) = stream.next().await {
             let out = match ev {
                 Ok(watcher::Event::Init) => {
@@ -408,10 +442,15 @@ impl KubeSubnetManager {
                     Some(NodeEvent::Delete(n.metadata.name.unwrap_or_default()))
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "node watch failed; kube's watcher retries");
+                    let delay = delays.next().unwrap_or(WATCH_RETRY_MAX);
+                    tracing::warn!(error = %e, "node watch failed; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
                     None
                 }
             };
+            if out.is_some() {
+                delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
+            }
             if let Some(out) = out {
                 if events.send(out).await.is_err() {
                     return;
@@ -515,7 +554,7 @@ mod tests {
         assert!(node_to_record(&plain, &ann, &cfg).is_none());
         let no_cidr: Node = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
         assert_eq!(
-            pod_cidrs(&no_cidr).unwrap_err(),
+            pod_cidrs(&no_cidr).unwrap_err().to_string(),
             "node \"x\" pod cidr not assigned"
         );
     }

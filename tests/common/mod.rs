@@ -364,21 +364,30 @@ pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Polls `pred` every [`POLL`] until it holds; panics naming `what` after `timeout`. Returns
 /// how long it took (to within a poll).
 pub fn wait_until(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) -> Duration {
-    wait_for(what, timeout, || {
-        pred().then_some(()).ok_or_else(String::new)
-    })
+    wait_for(what, timeout, || pred().then_some(()).ok_or(NotYet))
+}
+
+/// What [`wait_until`]'s predicate saw when false: nothing to say.
+#[derive(Debug)]
+pub struct NotYet;
+
+impl std::fmt::Display for NotYet {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Ok(())
+    }
 }
 
 /// Polls `check` every [`POLL`] until it returns `Ok`; after `timeout` panics with `what` and
-/// the last error `check` gave (what it saw instead). Returns how long it took.
-pub fn wait_for(
+/// the last error `check` gave (what it saw instead, any displayable error; an empty text
+/// adds nothing). Returns how long it took.
+pub fn wait_for<E: std::fmt::Display>(
     what: &str,
     timeout: Duration,
-    mut check: impl FnMut() -> Result<(), String>,
+    mut check: impl FnMut() -> Result<(), E>,
 ) -> Duration {
     let start = Instant::now();
     loop {
-        match check() {
+        match check().map_err(|e| e.to_string()) {
             Ok(()) => return start.elapsed(),
             Err(e) => assert!(
                 start.elapsed() < timeout,

@@ -10,8 +10,9 @@
 //!
 //! Nothing here gives up or spins: building the client (kubeconfig, in-cluster config) is
 //! retried, and so is every failed list or watch, after a delay that doubles from 0.8 s to
-//! 30 s with jitter ([`retry_backoff`], `backon`, the crate kube-runtime's own backoff uses);
-//! every failure is logged with the delay. Every call has a bound: connect 10 s,
+//! 30 s with jitter ([`retry_backoff`], twill-runtime's one backoff);
+//! every failure is logged with the delay. Every call has a bound (the client comes from
+//! twill-runtime's one builder): connect 10 s,
 //! a list or watch response that stays silent for [`READ_TIMEOUT`] is dropped, and watches
 //! ask the server to end them after [`WATCH_TIMEOUT`] (the watcher also drops one idle for
 //! that plus 5 s), so a hung connection cannot stall the source.
@@ -21,7 +22,6 @@ use std::fmt::Debug;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -60,13 +60,7 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// The delays between attempts after errors (client construction, each watch): 0.8 s
 /// doubling to [`MAX_RETRY_DELAY`], each plus a random jitter of up to itself, forever.
 pub fn retry_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(800))
-        .with_max_delay(MAX_RETRY_DELAY)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    twill_runtime::backoff::retry_delays(Duration::from_millis(800), MAX_RETRY_DELAY)
 }
 
 #[derive(Default)]
@@ -114,23 +108,14 @@ pub struct KubeApiSource {
     pub initial_timeout: Duration,
 }
 
-async fn client(opts: &KubeOptions) -> anyhow::Result<Client> {
-    let mut config = if !opts.kubeconfig.is_empty() {
-        let kc = kube::config::Kubeconfig::read_from(&opts.kubeconfig)?;
-        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-    } else if !opts.api_url.is_empty() {
-        kube::Config::new(opts.api_url.parse()?)
-    } else {
-        kube::Config::incluster()?
-    };
-    if !opts.api_url.is_empty() {
-        config.cluster_url = opts.api_url.parse()?;
-    }
-    config.connect_timeout = Some(CONNECT_TIMEOUT);
-    config.read_timeout = Some(opts.read_timeout);
-    // Count the read timeout from the request, not from when a pooled connection went idle.
-    config.reset_reader_on_write = true;
-    Ok(Client::try_from(config)?)
+async fn client(opts: &KubeOptions) -> Result<Client, twill_runtime::kube::ClientError> {
+    twill_runtime::kube::client(&twill_runtime::kube::ClientOptions {
+        api_url: opts.api_url.clone(),
+        kubeconfig: opts.kubeconfig.clone(),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        read_timeout: Some(opts.read_timeout),
+    })
+    .await
 }
 
 /// [`client`], retried with [`retry_backoff`] until it succeeds; every failure is logged
@@ -141,6 +126,8 @@ async fn client_retrying(opts: &KubeOptions, shared: &Shared) -> Client {
         match client(opts).await {
             Ok(c) => return c,
             Err(e) => {
+                // anyhow's "{:#}" writes the error and each of its causes.
+                let e = anyhow::Error::new(e);
                 let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
                 tracing::warn!("Kubernetes client: {e:#}; retrying in {delay:?}");
                 shared.state.lock().expect("state").last_error =

@@ -208,13 +208,12 @@ fn parse_text(text: &str, origin: &str, objs: &mut Objects, errors: &mut Vec<Obj
             message,
         };
         let replay = ALIAS_ALLOWANCE.min(budget - used);
-        let opts = serde_saphyr::Options {
+        // Both are #[non_exhaustive]: set from their defaults.
+        let mut alias_limits = serde_saphyr::options::AliasLimits::default();
+        alias_limits.max_total_replayed_events = replay;
+        let opts = serde_saphyr::options! {
             strict_booleans: true,
-            alias_limits: serde_saphyr::options::AliasLimits {
-                max_total_replayed_events: replay,
-                ..serde_saphyr::options::AliasLimits::default()
-            },
-            ..serde_saphyr::Options::default()
+            alias_limits: alias_limits,
         };
         let v: Value = match serde_saphyr::from_str_with_options(&doc, opts) {
             Ok(v) => v,

@@ -1,0 +1,129 @@
+//! The one HTTP server of twilld's and twill-policy's endpoints: an axum router, one task
+//! per connection (a slow or hostile client holds only its own), each connection bounded:
+//! its request head within [`MAX_HEAD`] bytes and the given deadline, the whole exchange
+//! within twice that, one request per connection (`Connection: close`, as the probes and
+//! the tests that read a response to its end expect).
+
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// Longest request head (request line and headers) that is read: 8 KiB (also hyper's
+/// smallest buffer limit).
+pub const MAX_HEAD: usize = 8 << 10;
+
+/// How long a client has to send its request head, and then to take the response.
+pub const DEADLINE: Duration = Duration::from_secs(3);
+
+/// Serves `router` on `listener` until accepting fails for good; `deadline` bounds each
+/// request head and (doubled) each whole connection.
+pub async fn serve(listener: TcpListener, router: Router, deadline: Duration) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: the next accept may succeed.
+                tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(false)
+                .max_buf_size(MAX_HEAD)
+                .header_read_timeout(deadline)
+                .serve_connection(TokioIo::new(stream), service);
+            // A client that sends its head in time but then does not read is dropped too.
+            let _ = tokio::time::timeout(deadline * 2, conn).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::any;
+    use std::io::{Read, Write};
+
+    fn start(deadline: Duration) -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                let router = Router::new().route("/x", any(|| async { "x here\n" }));
+                serve(listener, router, deadline).await
+            });
+        });
+        addr
+    }
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn one_request_per_connection_then_closed() {
+        let addr = start(DEADLINE);
+        let r = get(addr, "/x");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.to_ascii_lowercase().contains("connection: close"), "{r}");
+        assert!(r.ends_with("\r\n\r\nx here\n"), "{r}");
+        assert!(get(addr, "/y").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn slow_or_huge_heads_are_dropped_and_do_not_hold_the_server() {
+        let addr = start(Duration::from_millis(300));
+        // Says nothing; sends a byte every 20 ms; sends 1 MiB of header.
+        let idle = std::net::TcpStream::connect(addr).unwrap();
+        // Gives up (false) only if the server keeps it for 30 s; it should close it in 0.6 s.
+        let trickle = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            let _ = c.write_all(b"GET /x HTTP/1.1\r\n");
+            let give_up = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < give_up {
+                if c.write_all(b"x").is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        let mut huge = std::net::TcpStream::connect(addr).unwrap();
+        let _ = huge.write_all(b"GET /x HTTP/1.1\r\nX: ");
+        let _ = huge.write_all(&vec![b'a'; 1 << 20]);
+        let mut s = String::new();
+        let _ = huge.read_to_string(&mut s);
+        assert!(!s.contains("200 OK"), "{s}");
+        // Meanwhile others are served.
+        assert!(get(addr, "/x").starts_with("HTTP/1.1 200 OK"));
+        // The idle client is closed after its deadline (read returns 0 or an error).
+        let mut idle = idle;
+        idle.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(matches!(idle.read(&mut buf), Ok(0) | Err(_)));
+        // The trickling client's connection is closed too (its writes start failing).
+        assert!(
+            trickle.join().unwrap(),
+            "a client sending a byte every 20 ms was kept for 30 s"
+        );
+    }
+}
