@@ -1,4 +1,4 @@
-//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies (§11):
+//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies:
 //! two fixed answers, any method, on axum through twill-runtime's bounded server (the
 //! connection is closed after each response).
 

@@ -1,4 +1,4 @@
-//! IP masquerade and forward rules in Flannel's nftables layout (§7): tables `ip flannel-ipv4`
+//! IP masquerade and forward rules in Flannel's nftables layout: tables `ip flannel-ipv4`
 //! and `ip6 flannel-ipv6`, chains `postrtg` and `forward`. Each table is written in nft's text
 //! syntax, not JSON, because nft 1.0.x drops table and chain comments given in JSON and the
 //! listing must read exactly like Flannel's. Every chain is flushed and refilled in the same

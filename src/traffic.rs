@@ -1,5 +1,5 @@
 //! The traffic manager: Flannel's masquerade and forward rules in the mode net-conf.json's
-//! `EnableNFTables` picks, as Flannel's `main.go` does (start-up steps 5 and 9-11, §7).
+//! `EnableNFTables` picks, as Flannel's `main.go` does at start-up.
 //!
 //! - iptables mode (`EnableNFTables` false or absent, Flannel's default and kube-flannel.yml's
 //!   setting): [`crate::iptables`], chains `FLANNEL-POSTRTG` / `FLANNEL-FWD`, checked with

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-/// Codes from the CNI spec (SPEC.md "Error" section) plus twill's plugin-specific ones (>= 100).
+/// Codes from the CNI specification's "Error" section plus twill's plugin-specific ones (>= 100).
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
     pub const UNSUPPORTED_FIELD: u32 = 2;

@@ -1,4 +1,4 @@
-//! A pure reference evaluator of NetworkPolicy semantics (networkpolicy.md §2).
+//! A pure reference evaluator of NetworkPolicy semantics, rule for rule as the NetworkPolicy API defines it.
 //!
 //! It answers "may `from` open a connection to `to` on `port/proto`?" directly from the
 //! objects, without any dataplane. `twill-policy explain` prints its reasons, and tests

@@ -1,7 +1,7 @@
 //! twilld's daemon: start-up in Flannel's order, then one event loop that owns the dataplane.
 //!
 //! - `startup`: config, external interface, backend device, lease, device address,
-//!   masquerade rules, subnet.env (§ start-up order), for etcd and Kubernetes mode.
+//!   masquerade rules, subnet.env, for etcd and Kubernetes mode.
 //! - `core`: the state machine: lease events, netlink signals, ticks, timers and signals in;
 //!   commands (reconcile with these peers, renew, re-acquire, stop) out. No I/O.
 //! - `peers`: the peer table (other nodes' leases as dataplane peers, garbage skipped).

@@ -1,4 +1,4 @@
-//! twilld's start-up, in Flannel's start-up order (§ start-up order): config, external
+//! twilld's start-up, in Flannel's start-up order: config, external
 //! interface, backend device, lease, device address, masquerade rules, subnet.env, then the
 //! event loop. etcd mode ([`run`]) allocates a subnet; Kubernetes mode ([`run_kube`]) reads
 //! the node's podCIDR.
@@ -93,7 +93,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     run_loop(&flags, core, EtcdSource { registry }, dataplane, traffic).await
 }
 
-/// Kubernetes mode (`--kube-subnet-mgr`, §3): the lease is the node's podCIDR, its attributes
+/// Kubernetes mode (`--kube-subnet-mgr`): the lease is the node's podCIDR, its attributes
 /// are node annotations, peers come from a node watch. No etcd, no renewal.
 async fn run_kube(flags: Flags) -> anyhow::Result<()> {
     use crate::registry::kube::{self, Annotations, KubeSubnetManager};
@@ -139,7 +139,7 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
             })?);
     }
     let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
-    // MAC persistence: the VtepMAC this node's annotation advertises is reused (§4).
+    // MAC persistence: the VtepMAC this node's annotation advertises is reused, as Flannel does.
     let (m4, m6) = kube::previous_vtep_macs(&node, &ksm.annotations);
     dataplane.prepare_devices((m4, m6)).await?;
     let mut attrs = dataplane.lease_attrs(&public);

@@ -1,4 +1,4 @@
-//! The etcd v3 subnet registry, with Flannel's key layout and semantics (§2): leases under
+//! The etcd v3 subnet registry, with Flannel's key layout and semantics: leases under
 //! `<prefix>/subnets/<key>`, created with a create-if-absent transaction on a 24 h etcd lease,
 //! renewed by re-granting and re-putting, and watched from a revision with resume and
 //! re-list after compaction.

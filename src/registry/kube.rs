@@ -1,4 +1,4 @@
-//! The Kubernetes subnet manager (`--kube-subnet-mgr`, shared/spec/flannel-compat.md §3): the
+//! The Kubernetes subnet manager (`--kube-subnet-mgr`): the
 //! node's lease is its `spec.podCIDR(s)`, its attributes are Flannel's node annotations (patched
 //! on `nodes/<name>/status` only when they differ), peers come from a watch on all nodes.
 //!

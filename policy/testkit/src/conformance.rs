@@ -1,6 +1,5 @@
-//! The upstream conformance world (networkpolicy.md §3) and its machine-readable
-//! scenarios ([`SCENARIOS`]: twill-policy's `tests/data/netpol-scenarios.json`, a copy of
-//! the spec's file).
+//! The world of the upstream NetworkPolicy conformance tests and its machine-readable
+//! scenarios ([`SCENARIOS`]: twill-policy's `tests/data/netpol-scenarios.json`).
 //!
 //! World: namespaces x, y, z labelled `{ns: <ns>, kubernetes.io/metadata.name: <ns>}`;
 //! pods a, b, c in each, labelled `{pod: <name>}`, each exposing ports 80 and 81 for TCP,
