@@ -32,21 +32,52 @@ impl GoValue {
         }
     }
 
-    /// Compact JSON text of this value (Go encoder escaping).
+    /// Compact JSON text of this value as it was written, as near as a parsed value allows:
+    /// numbers keep their own text (`1.0` stays `1.0`; serde's text is the source's for the
+    /// forms people write), strings get Go's escaping, keys keep document order.
     pub fn to_json_text(&self) -> String {
         let mut out = String::new();
-        crate::gojson::encode_value(&self.to_value(), &mut out);
+        self.write_json_text(&mut out);
         out
     }
 
-    /// The text Flannel's IP types see in `UnmarshalJSON` after `bytes.Trim(j, "\"")`
-    /// (for strings: the decoded content; escapes are not reproduced).
+    fn write_json_text(&self, out: &mut String) {
+        match self {
+            GoValue::Null => out.push_str("null"),
+            GoValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            GoValue::Number(n) => out.push_str(&n.to_string()),
+            GoValue::String(s) => crate::gojson::encode_string(s, out),
+            GoValue::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    item.write_json_text(out);
+                }
+                out.push(']');
+            }
+            GoValue::Object(pairs) => {
+                out.push('{');
+                for (i, (k, v)) in pairs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    crate::gojson::encode_string(k, out);
+                    out.push(':');
+                    v.write_json_text(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+
+    /// The text Flannel's IP types see in `UnmarshalJSON` after `bytes.Trim(j, "\"")`: Go
+    /// hands them the value's own bytes (for strings: the decoded content; escapes are not
+    /// reproduced).
     pub fn unmarshaler_text(&self) -> String {
         match self {
             GoValue::String(s) => s.trim_matches('"').to_string(),
-            // Go hands the parser the number's own bytes; serde's text is the same for the
-            // forms people write (`1`, `1.5`, `1e-7`), where Go's float64 text would not be.
-            GoValue::Number(n) => n.to_string(),
             other => other.to_json_text(),
         }
     }

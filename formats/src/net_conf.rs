@@ -758,6 +758,10 @@ mod tests {
         // Go quotes the number's own bytes, not its float64 text ("1" for 1.0).
         assert_eq!(parse_err(r#"{"Network":1.0}"#), "invalid CIDR address: 1.0");
         assert_eq!(
+            parse_err(r#"{"Network":[1.0]}"#),
+            "invalid CIDR address: [1.0]"
+        );
+        assert_eq!(
             parse_err(r#"{"Network":1e-7}"#),
             "invalid CIDR address: 1e-7"
         );
