@@ -157,6 +157,11 @@ pub struct Flags {
     #[arg(long, env = "TWILL_RESYNC_PERIOD", default_value_t = 10)]
     pub resync_period: u64,
 
+    /// twill: the unix socket serving `GET /status` (root only) for `twilld status`; empty
+    /// disables it. Each twilld on a machine needs its own.
+    #[arg(long, env = "FLANNELD_STATUS_SOCKET", default_value = twill_runtime::status::TWILLD_SOCKET)]
+    pub status_socket: String,
+
     /// twill: remove what twill adds beyond Flannel's state from this node's network
     /// namespace (nftables tables inet twill-underlay, bridge twill-antispoof, inet and bridge
     /// twill-policy), then exit. For switching back to Flannel, after twill's daemons stopped;

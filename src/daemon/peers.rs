@@ -126,7 +126,6 @@ impl PeerTable {
     }
 
     /// The leases left out, by name, with why.
-    #[cfg(test)]
     pub(super) fn skipped(&self) -> &BTreeMap<String, String> {
         &self.skipped
     }
