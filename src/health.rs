@@ -173,6 +173,35 @@ mod tests {
         assert!(r.ends_with("\r\n\r\n404 page not found"), "{r}");
     }
 
+    #[tokio::test]
+    async fn metrics_are_served_as_openmetrics_text() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.record_renewal(true);
+        tokio::spawn(twill_runtime::http::serve(
+            listener,
+            router(Readiness::default(), metrics),
+            twill_runtime::http::DEADLINE,
+        ));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.to_ascii_lowercase().contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("\ntwilld_lease_renewals_total 1\n"), "{r}");
+        assert!(r.ends_with("# EOF\n"), "{r}");
+    }
+
     #[test]
     fn bodies_match_flanneld() {
         assert_eq!(respond("/healthz", false), (200, "flanneld is running"));

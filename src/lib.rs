@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod nft;
 pub mod registry;
 pub mod status;
+pub mod status_command;
 pub mod traffic;
 pub mod underlay;

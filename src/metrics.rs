@@ -71,25 +71,41 @@ pub fn op_kind(op: &Op) -> &'static str {
 /// A skipped lease's reason as a snake_case code (the `reason` label): the reasons are
 /// sentences naming values, which would make a series per lease.
 pub fn reason_code(reason: &str) -> &'static str {
-    const CODES: [(&str, &str); 11] = [
-        ("bad lease JSON", "bad_lease_json"),
-        ("ignoring non-", "backend_type_mismatch"),
-        ("outside the flannel network", "outside_network"),
-        ("overlaps this node's own subnet", "overlaps_own_subnet"),
-        ("already leased by another peer", "overlaps_peer"),
-        ("does not match the family", "family_mismatch"),
-        ("not on-link", "not_on_link"),
-        ("no VXLAN device", "no_vxlan_device"),
-        ("no VtepMAC", "no_vtep_mac"),
-        ("annotation", "bad_node_annotation"),
-        ("podCIDR", "bad_pod_cidr"),
-    ];
-    CODES
+    let reason = reason.to_lowercase();
+    REASON_CODES
         .iter()
         .find(|(needle, _)| reason.contains(needle))
         .map(|(_, code)| *code)
-        .unwrap_or("invalid_lease")
+        .unwrap_or(OTHER_REASON)
 }
+
+/// The code of a reason none of [`REASON_CODES`] matches.
+const OTHER_REASON: &str = "invalid_lease";
+
+/// (text in the lower-cased reason, code), first match wins.
+const REASON_CODES: [(&str, &str); 11] = [
+    ("bad lease json", "bad_lease_json"),
+    ("ignoring non-", "backend_type_mismatch"),
+    ("outside the flannel network", "outside_network"),
+    ("overlaps this node's own subnet", "overlaps_own_subnet"),
+    ("already leased by another peer", "overlaps_peer"),
+    ("does not match the family", "family_mismatch"),
+    ("not on-link", "not_on_link"),
+    ("no vxlan device", "no_vxlan_device"),
+    ("no vtepmac", "no_vtep_mac"),
+    ("annotation", "bad_node_annotation"),
+    ("pod cidr", "bad_pod_cidr"),
+];
+
+/// Every `kind` label of `twilld_kernel_operations_total`.
+const OP_KINDS: [&str; 6] = [
+    "route_replace",
+    "route_delete",
+    "neighbor_replace",
+    "neighbor_delete",
+    "fdb_replace",
+    "fdb_delete",
+];
 
 /// What one reconcile pass did, as the dataplane reports it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -245,16 +261,52 @@ impl Metrics {
             "Packets dropped by the underlay guard, by rule",
             m.guard_drops.clone(),
         );
+        // Every known label value exists from the start at 0, so a scrape shows every series
+        // (a rate over a series that appears late loses its first increase).
+        for result in ["ok", "error"] {
+            m.reconciles.get_or_create(&label("result", result));
+        }
+        for kind in OP_KINDS {
+            m.kernel_ops.get_or_create(&label("kind", kind));
+        }
+        for c in [
+            Component::Peers,
+            Component::Masquerade,
+            Component::UnderlayGuard,
+        ] {
+            m.drift_repairs
+                .get_or_create(&label("component", c.label()));
+        }
+        m.zero_skipped();
+        for rule in crate::underlay::DROP_COUNTERS {
+            m.guard_drops.get_or_create(&label("rule", rule));
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Every reason code's gauge at 0.
+    fn zero_skipped(&self) {
+        for (_, code) in REASON_CODES {
+            self.leases_skipped
+                .get_or_create(&label("reason", code))
+                .set(0);
+        }
+        self.leases_skipped
+            .get_or_create(&label("reason", OTHER_REASON))
+            .set(0);
     }
 
     /// Records one reconcile pass.
     pub fn record_pass(&self, r: &PassReport) {
         self.reconcile_duration.observe(r.duration);
         let result = if r.ok { "ok" } else { "error" };
-        self.reconciles.get_or_create(&label("result", result)).inc();
+        self.reconciles
+            .get_or_create(&label("result", result))
+            .inc();
         for (kind, n) in &r.applied {
-            self.kernel_ops.get_or_create(&label("kind", kind)).inc_by(*n);
+            self.kernel_ops
+                .get_or_create(&label("kind", kind))
+                .inc_by(*n);
         }
         if r.repaired {
             self.record_repair(Component::Peers);
@@ -262,7 +314,7 @@ impl Metrics {
         if r.ok {
             self.peers_known.set(r.peers_known as i64);
             self.peers_programmed.set(r.peers_programmed as i64);
-            self.leases_skipped.clear();
+            self.zero_skipped();
             for (code, n) in &r.skipped {
                 self.leases_skipped
                     .get_or_create(&label("reason", code))
@@ -289,7 +341,10 @@ impl Metrics {
 
     /// This node's lease now expires at `at` (`None`: it does not expire, or is not held).
     pub fn set_lease_expiry(&self, at: Option<Instant>) {
-        *self.lease_expires_at.lock().unwrap_or_else(|p| p.into_inner()) = at;
+        *self
+            .lease_expires_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = at;
     }
 
     pub fn record_watch_restart(&self) {
@@ -326,7 +381,10 @@ impl Metrics {
     }
 
     fn refresh_at_scrape(&self, now: Instant) {
-        let expires = *self.lease_expires_at.lock().unwrap_or_else(|p| p.into_inner());
+        let expires = *self
+            .lease_expires_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.lease_expiry.clear();
         if let Some(at) = expires {
             let left = at.saturating_duration_since(now).as_secs_f64();
@@ -353,7 +411,8 @@ mod tests {
     #[test]
     fn every_contract_metric_is_registered_with_its_name() {
         let m = Metrics::new();
-        m.record_guard_counters(&BTreeMap::new());
+        // The one series absent until set: a lease that expires (etcd mode).
+        m.set_lease_expiry(Some(Instant::now() + Duration::from_secs(60)));
         let text = m.render();
         for name in [
             "twilld_peers_known",
@@ -391,18 +450,23 @@ mod tests {
             skipped: [("not_on_link", 1)].into(),
         });
         let text = m.render();
-        assert!(text.contains("twilld_reconciles_total{result=\"ok\"} 1\n"), "{text}");
+        assert!(
+            text.contains("twilld_reconciles_total{result=\"ok\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("twilld_kernel_operations_total{kind=\"route_replace\"} 2\n"));
         assert!(text.contains("twilld_drift_repairs_total{component=\"peers\"} 1\n"));
         assert!(text.contains("twilld_peers_known 3\n"));
         assert!(text.contains("twilld_peers_programmed 2\n"));
         assert!(text.contains("twilld_peer_leases_skipped{reason=\"not_on_link\"} 1\n"));
-        // A skipped reason that is gone leaves no series behind.
+        // A skipped reason that is gone is back at 0.
         m.record_pass(&PassReport {
             ok: true,
             ..Default::default()
         });
-        assert!(!m.render().contains("not_on_link"));
+        assert!(m
+            .render()
+            .contains("twilld_peer_leases_skipped{reason=\"not_on_link\"} 0\n"));
     }
 
     #[test]
@@ -449,6 +513,10 @@ mod tests {
         assert_eq!(
             reason_code("ignoring non-vxlan subnet: BackendType is \"host-gw\""),
             "backend_type_mismatch"
+        );
+        assert_eq!(
+            reason_code("node \"c\" pod cidr not assigned"),
+            "bad_pod_cidr"
         );
         assert_eq!(reason_code("something new"), "invalid_lease");
     }

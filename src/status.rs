@@ -193,7 +193,10 @@ pub fn build(
     }
     let mut peers = Vec::new();
     for (i, p) in pass.peers.iter().enumerate() {
-        let (want, have) = (std::mem::take(&mut desired[i]), std::mem::take(&mut held[i]));
+        let (want, have) = (
+            std::mem::take(&mut desired[i]),
+            std::mem::take(&mut held[i]),
+        );
         // A lease skipped whole is listed with its reason, not as a peer, unless the kernel
         // still holds something for it.
         if want.is_empty() && have.is_empty() && skipped.contains_key(p.name.as_str()) {
@@ -341,9 +344,7 @@ impl StatusServer {
     pub async fn serve(self, path: &Path) -> std::io::Result<()> {
         let listener = twill_runtime::http::bind_unix(path)?;
         tracing::info!(socket = %path.display(), "serving /status");
-        let router = Router::new()
-            .route("/status", get(answer))
-            .with_state(self);
+        let router = Router::new().route("/status", get(answer)).with_state(self);
         twill_runtime::http::serve_unix(listener, router, twill_runtime::http::DEADLINE).await;
         Ok(())
     }

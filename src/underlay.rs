@@ -346,9 +346,7 @@ pub async fn drifted(nft: &SharedNft, applied: &GuardInput) -> bool {
 
 /// The guard's peer sets as the kernel holds them now (public IPs of both families, subnets
 /// of both families); `None` when the table cannot be listed (it is missing).
-pub async fn kernel_sets(
-    nft: &SharedNft,
-) -> Option<(BTreeSet<IpAddr>, BTreeSet<IpNet>)> {
+pub async fn kernel_sets(nft: &SharedNft) -> Option<(BTreeSet<IpAddr>, BTreeSet<IpNet>)> {
     let listing = off_runtime(nft, |n| n.list_table("inet", TABLE, true))
         .await
         .ok()?;
@@ -676,7 +674,9 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         i.peer_subnets.clear();
         let s = ruleset(&i);
         assert!(s.contains("add set inet twill-underlay peers4 { type ipv4_addr ; }\n"));
-        assert!(s.contains("udp dport 8472 ip saddr != @peers4 counter name \"vxlan_from_non_peer\" drop"));
+        assert!(s.contains(
+            "udp dport 8472 ip saddr != @peers4 counter name \"vxlan_from_non_peer\" drop"
+        ));
     }
 
     #[test]

@@ -861,7 +861,10 @@ mod tests {
             "{commands:?}"
         );
         assert!(core
-            .handle(node(Some(Ok(record("10.244.1.0-24", "198.18.0.9", 1)))), now)
+            .handle(
+                node(Some(Ok(record("10.244.1.0-24", "198.18.0.9", 1)))),
+                now
+            )
             .is_empty());
         // A failed write is retried after a delay.
         core.handle(

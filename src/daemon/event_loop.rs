@@ -65,7 +65,15 @@ pub(super) async fn event_loop<S: LeaseSource, D: DataplaneEffects>(
 
     loop {
         let skipped = core.skipped();
-        if let Some(stop) = execute(commands.drain(..), skipped, &mut dataplane, &source, &mut write).await {
+        if let Some(stop) = execute(
+            commands.drain(..),
+            skipped,
+            &mut dataplane,
+            &source,
+            &mut write,
+        )
+        .await
+        {
             return stop;
         }
         if core.is_dirty() {

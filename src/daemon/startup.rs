@@ -94,7 +94,9 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         .map(|n| n.trim().to_string())
         .unwrap_or_else(|| public.v4.to_string());
     let expires_at = own.ttl.map(|t| std::time::Instant::now() + t);
-    show_lease(&obs, &node, &config, &own.key, &public, &dataplane, expires_at);
+    show_lease(
+        &obs, &node, &config, &own.key, &public, &dataplane, expires_at,
+    );
     let traffic = bring_up(&flags, &config, &own.key, &mut dataplane, &readiness).await?;
     start_status(&flags, &obs, &readiness, &dataplane);
 
@@ -232,7 +234,15 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
         ),
         related_node: None,
     });
-    show_lease(&obs, &ksm.node_name, &config, &key, &public, &dataplane, None);
+    show_lease(
+        &obs,
+        &ksm.node_name,
+        &config,
+        &key,
+        &public,
+        &dataplane,
+        None,
+    );
     let traffic = bring_up(&flags, &config, &key, &mut dataplane, &readiness).await?;
     start_status(&flags, &obs, &readiness, &dataplane);
     if flags.set_node_network_unavailable {
@@ -268,8 +278,7 @@ async fn run_loop<S: LeaseSource>(
     obs: Observability,
 ) -> anyhow::Result<()> {
     let netlink = spawn_netlink_monitor(dataplane.watched.clone())?;
-    let _traffic_resync =
-        DropAbort(traffic.spawn_resync(
+    let _traffic_resync = DropAbort(traffic.spawn_resync(
         Duration::from_secs(flags.iptables_resync),
         obs.metrics.clone(),
     ));
@@ -281,7 +290,16 @@ async fn run_loop<S: LeaseSource>(
         }
     };
     let resync_period = Duration::from_secs(flags.resync_period.max(1));
-    event_loop(core, source, dataplane, netlink, resync_period, shutdown, obs).await
+    event_loop(
+        core,
+        source,
+        dataplane,
+        netlink,
+        resync_period,
+        shutdown,
+        obs,
+    )
+    .await
 }
 
 /// Aborts a background task when the owner goes (the event loop returning stops the resync).
