@@ -83,8 +83,16 @@ pub fn reason_code(reason: &str) -> &'static str {
 const OTHER_REASON: &str = "invalid_lease";
 
 /// (text in the lower-cased reason, code), first match wins.
-const REASON_CODES: [(&str, &str); 11] = [
+const REASON_CODES: [(&str, &str); 17] = [
     ("bad lease json", "bad_lease_json"),
+    // validate_peer's "lease <key>: <field>: <reason>", by field.
+    (": backendtype: ", "backend_type_mismatch"),
+    (": backenddata", "bad_backend_data"),
+    (": backendv6data", "bad_backend_data"),
+    (": publicip: ", "bad_public_ip"),
+    (": publicipv6: ", "bad_public_ip"),
+    (": subnet: ", "bad_subnet"),
+    // The decide step's reasons.
     ("ignoring non-", "backend_type_mismatch"),
     ("outside the flannel network", "outside_network"),
     ("overlaps this node's own subnet", "overlaps_own_subnet"),
@@ -264,22 +272,24 @@ impl Metrics {
         // Every known label value exists from the start at 0, so a scrape shows every series
         // (a rate over a series that appears late loses its first increase).
         for result in ["ok", "error"] {
-            m.reconciles.get_or_create(&label("result", result));
+            drop(m.reconciles.get_or_create(&label("result", result)));
         }
         for kind in OP_KINDS {
-            m.kernel_ops.get_or_create(&label("kind", kind));
+            drop(m.kernel_ops.get_or_create(&label("kind", kind)));
         }
         for c in [
             Component::Peers,
             Component::Masquerade,
             Component::UnderlayGuard,
         ] {
-            m.drift_repairs
-                .get_or_create(&label("component", c.label()));
+            drop(
+                m.drift_repairs
+                    .get_or_create(&label("component", c.label())),
+            );
         }
         m.zero_skipped();
         for rule in crate::underlay::DROP_COUNTERS {
-            m.guard_drops.get_or_create(&label("rule", rule));
+            drop(m.guard_drops.get_or_create(&label("rule", rule)));
         }
         Metrics { registry, ..m }
     }
@@ -510,6 +520,18 @@ mod tests {
             "not_on_link"
         );
         assert_eq!(reason_code("bad lease JSON: EOF"), "bad_lease_json");
+        assert_eq!(
+            reason_code(
+                "lease 10.244.200.0-24: BackendType: is \"host-gw\", this node uses \"vxlan\""
+            ),
+            "backend_type_mismatch"
+        );
+        assert_eq!(
+            reason_code(
+                "lease 10.244.9.0-24: subnet: 10.244.9.0/24 is outside Network 10.244.0.0/16"
+            ),
+            "bad_subnet"
+        );
         assert_eq!(
             reason_code("ignoring non-vxlan subnet: BackendType is \"host-gw\""),
             "backend_type_mismatch"

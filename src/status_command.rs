@@ -41,7 +41,7 @@ pub struct StatusArgs {
     pub twilld_socket: PathBuf,
     /// twill-policy's status socket; empty: twill-policy is not asked (not deployed here).
     #[arg(long, default_value = twill_runtime::status::POLICY_SOCKET)]
-    pub policy_socket: PathBuf,
+    pub policy_socket: String,
 }
 
 /// What the command found: each daemon's answer, or why there is none.
@@ -90,11 +90,11 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
         let twilld = twill_runtime::status::fetch::<TwilldStatus>(&args.twilld_socket)
             .await
             .map_err(|e| e.to_string());
-        let policy = if args.policy_socket.as_os_str().is_empty() {
+        let policy = if args.policy_socket.is_empty() {
             None
         } else {
             Some(
-                twill_runtime::status::fetch::<PolicyStatus>(&args.policy_socket)
+                twill_runtime::status::fetch::<PolicyStatus>(args.policy_socket.as_ref())
                     .await
                     .map_err(|e| e.to_string()),
             )
@@ -585,5 +585,7 @@ mod tests {
         let a = StatusArgs::try_parse_from(["twilld status", "--output", "json"]).unwrap();
         assert_eq!(a.output, Output::Json);
         assert_eq!(a.twilld_socket, PathBuf::from("/run/twill/twilld.sock"));
+        let a = StatusArgs::try_parse_from(["twilld status", "--policy-socket", ""]).unwrap();
+        assert_eq!(a.policy_socket, "");
     }
 }

@@ -96,6 +96,7 @@ pub fn up() -> Result<()> {
     for n in NODES {
         let node = lab.add_node(n)?;
         let subnet_file = node.dir.join("subnet.env").to_string_lossy().into_owned();
+        let status_socket = node.twilld_socket().to_string_lossy().into_owned();
         lab.spawn(
             &node.netns,
             &format!("twilld-{n}"),
@@ -105,6 +106,8 @@ pub fn up() -> Result<()> {
                 "--ip-masq",
                 "--subnet-file",
                 &subnet_file,
+                "--status-socket",
+                &status_socket,
             ],
             &[],
         )?;

@@ -32,6 +32,10 @@ pub const API_VERBS: &[(&str, &str)] = &[
     ("nodes", "list"),
     ("nodes", "watch"),
     ("nodes/status", "patch"),
+    // Events on the node (LeaseAcquired, LeaseLost, ...): kube's Recorder creates an event
+    // and patches it when it repeats.
+    ("events", "create"),
+    ("events", "patch"),
 ];
 
 /// Flannel's annotation names under a prefix (`--kube-annotation-prefix`).
