@@ -137,7 +137,7 @@ impl LeaseSource for KubeSource {
                     action: "WatchLease",
                     note: format!(
                         "the flannel annotations of this node (subnet {}) were removed or changed; writing them back",
-                        w.key
+                        w.key.ipv4
                     ),
                     related_node: None,
                 });
@@ -145,12 +145,12 @@ impl LeaseSource for KubeSource {
             match ksm.acquire(&config, &w.attrs).await {
                 Ok(key) if key == w.key => {
                     lost.store(false, Ordering::SeqCst);
-                    tracing::info!(node = %ksm.node_name, subnet = %key, "wrote this node's flannel annotations back");
+                    tracing::info!(node = %ksm.node_name, subnet = %key.ipv4, "wrote this node's flannel annotations back");
                     events.publish(KubeEvent {
                         severity: Severity::Normal,
                         reason: "LeaseReacquired",
                         action: "AcquireLease",
-                        note: format!("wrote the flannel annotations of subnet {key} back"),
+                        note: format!("wrote the flannel annotations of subnet {} back", key.ipv4),
                         related_node: None,
                     });
                     Ok(None)

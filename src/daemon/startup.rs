@@ -228,7 +228,8 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
         reason: "LeaseAcquired",
         action: "AcquireLease",
         note: format!(
-            "subnet {key}, public IP {}, backend {}",
+            "subnet {}, public IP {}, backend {}",
+            key.ipv4,
             public.v4,
             config.backend_type()
         ),
