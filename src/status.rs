@@ -116,30 +116,44 @@ impl StatusBoard {
 /// What the kernel holds for the guard: its peer sets (`None`: the table is missing).
 pub type GuardKernel = Option<(BTreeSet<IpAddr>, BTreeSet<IpNet>)>;
 
+/// What the daemon holds, as the status shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct Held<'a> {
+    pub node: &'a str,
+    pub backend: &'a str,
+    pub ready: bool,
+    pub lease: Option<&'a OwnLeaseView>,
+    /// The last pass and its age in seconds.
+    pub pass: Option<(&'a PassSnapshot, f64)>,
+}
+
 /// The status from what the daemon holds and what the kernel holds (`kernel`: twill's
 /// entries as observed; `guard_kernel`: the guard's sets). Pure.
 pub fn build(
-    node: &str,
-    backend: &str,
-    ready: bool,
-    lease: Option<&OwnLeaseView>,
-    pass: Option<(&PassSnapshot, f64)>,
+    held: Held<'_>,
     kernel: &DataplaneState,
     guard_kernel: GuardKernel,
     now: Instant,
 ) -> TwilldStatus {
+    let Held {
+        node,
+        backend,
+        ready,
+        lease,
+        pass,
+    } = held;
     let lease = lease.map(|l| LeaseStatus {
         subnet: l.key.ipv4.to_string(),
         ipv6_subnet: l.key.ipv6.map(|n| n.to_string()),
         public_ip: l.public_ip.to_string(),
         public_ipv6: l.public_ipv6.map(|a| a.to_string()),
         vtep_mac: l.vtep_mac.map(|m| m.to_string()),
+        // Negative once past: an expired lease is shown as such.
         expires_in_seconds: l.expires_at.map(|at| {
-            let left = at.saturating_duration_since(now).as_secs() as i64;
-            if at < now {
-                -(now.duration_since(at).as_secs() as i64)
+            if at >= now {
+                at.duration_since(now).as_secs() as i64
             } else {
-                left
+                -(now.duration_since(at).as_secs() as i64)
             }
         }),
     });
@@ -328,16 +342,14 @@ impl StatusServer {
             None => (DataplaneState::default(), None),
         };
         let age = pass_at.map(|at| now.duration_since(at).as_secs_f64());
-        Ok(build(
-            &node,
-            &backend,
-            self.readiness.is_ready(),
-            lease.as_ref(),
-            pass.as_deref().zip(age),
-            &kernel,
-            guard_kernel,
-            now,
-        ))
+        let held = Held {
+            node: &node,
+            backend: &backend,
+            ready: self.readiness.is_ready(),
+            lease: lease.as_ref(),
+            pass: pass.as_deref().zip(age),
+        };
+        Ok(build(held, &kernel, guard_kernel, now))
     }
 
     /// Serves `GET /status` on the unix socket at `path` until the process ends.
@@ -413,16 +425,14 @@ mod tests {
     }
 
     fn status(pass: &PassSnapshot, kernel: &DataplaneState, guard: GuardKernel) -> TwilldStatus {
-        build(
-            "n1",
-            "vxlan",
-            true,
-            None,
-            Some((pass, 1.0)),
-            kernel,
-            guard,
-            Instant::now(),
-        )
+        let held = Held {
+            node: "n1",
+            backend: "vxlan",
+            ready: true,
+            lease: None,
+            pass: Some((pass, 1.0)),
+        };
+        build(held, kernel, guard, Instant::now())
     }
 
     fn guard_of(pass: &PassSnapshot) -> GuardKernel {
@@ -516,31 +526,20 @@ mod tests {
             vtep_mac: Some(mac(1)),
             expires_at: Some(now + std::time::Duration::from_secs(90)),
         };
-        let s = build(
-            "n1",
-            "vxlan",
-            false,
-            Some(&lease),
-            None,
-            &DataplaneState::default(),
-            None,
-            now,
-        );
+        let held = Held {
+            node: "n1",
+            backend: "vxlan",
+            ready: false,
+            lease: Some(&lease),
+            pass: None,
+        };
+        let s = build(held, &DataplaneState::default(), None, now);
         let l = s.lease.unwrap();
         assert_eq!(l.expires_in_seconds, Some(90));
         assert_eq!(l.subnet, "10.244.1.0/24");
         assert_eq!(l.vtep_mac.as_deref(), Some("0a:00:00:00:00:01"));
         let later = now + std::time::Duration::from_secs(100);
-        let s = build(
-            "n1",
-            "vxlan",
-            false,
-            Some(&lease),
-            None,
-            &DataplaneState::default(),
-            None,
-            later,
-        );
+        let s = build(held, &DataplaneState::default(), None, later);
         assert_eq!(s.lease.unwrap().expires_in_seconds, Some(-10));
     }
 }

@@ -331,7 +331,7 @@ impl Core {
         let own = self.own_mut();
         match own.phase {
             Phase::Held { .. } => {
-                tracing::warn!(subnet = %own.lease.key, "this node's lease was deleted or expired; re-acquiring the same subnet");
+                tracing::warn!(subnet = %own.lease.key.ipv4, "this node's lease was deleted or expired; re-acquiring the same subnet");
                 own.delays = None;
                 own.failures = 0;
                 own.phase = Phase::Reacquiring;
@@ -414,7 +414,7 @@ impl Core {
             Ok(ttl) => {
                 let renew_at = ttl.map(|t| renew_deadline(now, t, own.margin));
                 if ttl.is_some() {
-                    tracing::info!(subnet = %own.lease.key, after_failures = own.failures, "renewed lease");
+                    tracing::info!(subnet = %own.lease.key.ipv4, after_failures = own.failures, "renewed lease");
                 }
                 own.succeeded(renew_at);
             }
@@ -443,7 +443,7 @@ impl Core {
         match result {
             Ok(ttl) => {
                 own.lease.ttl = ttl;
-                tracing::info!(subnet = %own.lease.key, "re-acquired lease");
+                tracing::info!(subnet = %own.lease.key.ipv4, "re-acquired lease");
                 let renew_at = ttl.map(|t| renew_deadline(now, t, own.margin));
                 own.succeeded(renew_at);
             }

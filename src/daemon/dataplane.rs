@@ -352,7 +352,10 @@ impl Dataplane {
         }
         let all_skipped = merge_skipped(table_skipped, &skipped_now);
         for (peer, reason) in all_skipped.difference(&self.last_skipped) {
-            tracing::warn!(peer = %peer, %reason, "not programming peer");
+            match SubnetKey::parse(peer) {
+                Some(key) => tracing::warn!(subnet = %key.ipv4, %reason, "not programming peer"),
+                None => tracing::warn!(node = %peer, %reason, "not programming peer"),
+            }
             self.obs.peer_skipped(peer, reason);
         }
         self.last_skipped = all_skipped;

@@ -76,7 +76,7 @@ impl PeerTable {
         match to_peer(rec, &self.config) {
             Ok(peer) => self.insert(name, peer),
             Err(reason) => {
-                tracing::warn!(lease = %name, %reason, "skipping peer lease");
+                tracing::warn!(subnet = %rec.key.ipv4, %reason, "skipping peer lease");
                 self.skip(&name, reason);
             }
         }

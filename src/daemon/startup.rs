@@ -85,7 +85,7 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     dataplane.prepare_devices(previous_macs).await?;
 
     let own = acquire(&registry, &config, &public, &dataplane, previous.as_ref()).await?;
-    tracing::info!(subnet = %own.key, "acquired lease");
+    tracing::info!(subnet = %own.key.ipv4, "acquired lease");
     // etcd mode knows no node name: NODE_NAME when set (as in Flannel's DaemonSet), else the
     // host name.
     let node = std::env::var("NODE_NAME")
@@ -222,7 +222,7 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
     let mut attrs = dataplane.lease_attrs(&public);
     attrs.public_ipv6 = public.v6;
     let key = ksm.acquire(&config, &attrs).await?;
-    tracing::info!(node = %ksm.node_name, subnet = %key, "acquired lease (podCIDR)");
+    tracing::info!(node = %ksm.node_name, subnet = %key.ipv4, "acquired lease (podCIDR)");
     obs.events.publish(KubeEvent {
         severity: Severity::Normal,
         reason: "LeaseAcquired",
@@ -478,7 +478,7 @@ fn leases_for_allocation(records: &[LeaseRecord]) -> Vec<Lease> {
         .map(|r| match &r.attrs {
             Ok(a) => record_to_lease(&r.key, a, r.lease_id),
             Err(e) => {
-                tracing::warn!(subnet = %r.key, error = %e, "unreadable lease; its subnet counts as taken");
+                tracing::warn!(subnet = %r.key.ipv4, error = %e, "unreadable lease; its subnet counts as taken");
                 record_to_lease(&r.key, &LeaseAttrs::default(), r.lease_id)
             }
         })
@@ -510,9 +510,9 @@ async fn acquire(
         let plan = plan_acquire(&input, &mut rng).map_err(|e| anyhow!("{e}"))?;
         let mut attrs = dataplane.lease_attrs(public);
         for stale in &plan.delete_first {
-            tracing::info!(subnet = %stale, "deleting this node's incompatible previous lease");
+            tracing::info!(subnet = %stale.ipv4, "deleting this node's incompatible previous lease");
             if let Err(e) = registry.delete(stale).await {
-                tracing::warn!(subnet = %stale, error = %e, "deleting old lease failed");
+                tracing::warn!(subnet = %stale.ipv4, error = %e, "deleting old lease failed");
             }
         }
         let result = match &plan.decision {
