@@ -76,7 +76,8 @@ impl PeerTable {
         match to_peer(rec, &self.config) {
             Ok(peer) => self.insert(name, peer),
             Err(reason) => {
-                tracing::warn!(subnet = %rec.key.ipv4, %reason, "skipping peer lease");
+                // The etcd key too, as an operator finds the lease by it (`etcdctl get`).
+                tracing::warn!(subnet = %rec.key.ipv4, key = %name, %reason, "skipping peer lease");
                 self.skip(&name, reason);
             }
         }
