@@ -352,9 +352,14 @@ impl Dataplane {
         }
         let all_skipped = merge_skipped(table_skipped, &skipped_now);
         for (peer, reason) in all_skipped.difference(&self.last_skipped) {
-            match SubnetKey::parse(peer) {
-                Some(key) => tracing::warn!(subnet = %key.ipv4, %reason, "not programming peer"),
-                None => tracing::warn!(node = %peer, %reason, "not programming peer"),
+            // The peer table logged its own skips when it made them.
+            if !table_skipped.contains_key(peer) {
+                match SubnetKey::parse(peer) {
+                    Some(key) => {
+                        tracing::warn!(subnet = %key.ipv4, %reason, "not programming peer")
+                    }
+                    None => tracing::warn!(node = %peer, %reason, "not programming peer"),
+                }
             }
             self.obs.peer_skipped(peer, reason);
         }
