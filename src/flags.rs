@@ -228,6 +228,16 @@ mod tests {
     }
 
     #[test]
+    fn the_status_socket_defaults_to_run_twill_and_empty_disables_it() {
+        assert_eq!(parse(&[]).status_socket, "/run/twill/twilld.sock");
+        assert_eq!(
+            parse(&["--status-socket=/tmp/n1/twilld.sock"]).status_socket,
+            "/tmp/n1/twilld.sock"
+        );
+        assert_eq!(parse(&["--status-socket="]).status_socket, "");
+    }
+
+    #[test]
     fn defaults_are_flannels() {
         let f = parse(&[]);
         assert_eq!(
