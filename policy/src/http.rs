@@ -14,7 +14,7 @@ use axum::Router;
 use twill_runtime::http::{serve as serve_router, DEADLINE};
 
 use crate::counters;
-use crate::metrics::{drop_counts, DropTracker, Metrics};
+use crate::metrics::{drop_counts, DropTracker, LastGood, Metrics};
 
 /// Default [`Health::live_bound`]: longer than the slowest pass of the loop (a source read,
 /// then up to five nft runs of at most 30 s each).
@@ -28,8 +28,8 @@ pub struct Health {
     /// When the loop last came round.
     beat: Mutex<Instant>,
     /// When the loop last confirmed that the full ruleset of the source's newest state (read
-    /// without errors) is loaded.
-    good: Mutex<Option<Instant>>,
+    /// without errors) is loaded (shared with the metrics' snapshot age).
+    good: LastGood,
     /// `/healthz` fails when the loop has not come round for this long (stuck).
     pub live_bound: Duration,
     /// `/readyz` fails when the last confirmation is older than this (or there was none).
@@ -40,7 +40,7 @@ impl Health {
     pub fn new(live_bound: Duration, ready_max_age: Duration) -> Health {
         Health {
             beat: Mutex::new(Instant::now()),
-            good: Mutex::new(None),
+            good: LastGood::default(),
             live_bound,
             ready_max_age,
         }
@@ -56,6 +56,14 @@ impl Health {
         *self.good.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
+    /// How long ago the last good snapshot was confirmed loaded (None: never).
+    pub fn good_age(&self) -> Option<Duration> {
+        self.good
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|g| g.elapsed())
+    }
+
     /// `(status, body)` of `/healthz` now.
     pub fn healthz(&self) -> (u16, String) {
         let beat = *self.beat.lock().unwrap_or_else(|e| e.into_inner());
@@ -64,8 +72,7 @@ impl Health {
 
     /// `(status, body)` of `/readyz` now.
     pub fn readyz(&self) -> (u16, String) {
-        let good = *self.good.lock().unwrap_or_else(|e| e.into_inner());
-        readyz(good.map(|g| g.elapsed()), self.ready_max_age)
+        readyz(self.good_age(), self.ready_max_age)
     }
 }
 
@@ -128,11 +135,16 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(table: &str) -> Shared {
+        Shared::with_health(table, Health::default())
+    }
+
+    /// Shared state whose metrics' snapshot age follows `health`'s good snapshots.
+    pub fn with_health(table: &str, health: Health) -> Shared {
         Shared {
-            metrics: Metrics::new(),
+            metrics: Metrics::with_last_good(health.good.clone()),
             table: table.to_string(),
             drops: Mutex::new(DropTracker::default()),
-            health: Health::default(),
+            health,
         }
     }
 
