@@ -154,11 +154,26 @@ pub fn parse_packet(body: &[u8]) -> Result<LoggedPacket, ParseError> {
 /// The transport of a logged IP packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    Tcp { sport: u16, dport: u16 },
-    Udp { sport: u16, dport: u16 },
-    Sctp { sport: u16, dport: u16 },
-    Icmp { kind: u8, code: u8 },
-    Icmpv6 { kind: u8, code: u8 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
+    Icmp {
+        kind: u8,
+        code: u8,
+    },
+    Icmpv6 {
+        kind: u8,
+        code: u8,
+    },
     /// A later fragment (no transport header) of protocol `0`.
     Fragment(u8),
     /// Any other protocol number.
@@ -319,9 +334,7 @@ pub fn parse_ip(payload: &[u8]) -> Result<IpPacket, ParseError> {
                     }
                     44 => {
                         let Some(h) = rest.get(..8) else {
-                            return Err(payload_err(
-                                "IPv6 fragment header truncated".to_string(),
-                            ));
+                            return Err(payload_err("IPv6 fragment header truncated".to_string()));
                         };
                         let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
                         if offset != 0 {

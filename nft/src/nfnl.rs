@@ -371,10 +371,7 @@ impl Conn {
     /// because the socket's buffer was full) is an error with that [`NftError::os_error`];
     /// the socket stays usable.
     pub fn receive(&mut self, mut each: impl FnMut(&Reply)) -> Result<bool, NftError> {
-        let err = |err| NftError::Netlink {
-            op: "receive",
-            err,
-        };
+        let err = |err| NftError::Netlink { op: "receive", err };
         let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
             Ok(n) => n,
             Err(nix::errno::Errno::EAGAIN) => return Ok(false),

@@ -417,9 +417,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let status: PolicyStatus = rt
-            .block_on(twill_runtime::status::fetch(&path))
-            .unwrap();
+        let status: PolicyStatus = rt.block_on(twill_runtime::status::fetch(&path)).unwrap();
         assert_eq!(status.node, "n1");
         assert!(!status.ready && !status.fail_closed);
         assert_eq!(status.ruleset_id, None);
@@ -427,10 +425,19 @@ mod tests {
         let e: Endpoints = rt
             .block_on(twill_runtime::status::get_json(&path, "/endpoints"))
             .unwrap();
-        assert_eq!(e, Endpoints { node: "n1".into(), pods: vec![] });
+        assert_eq!(
+            e,
+            Endpoints {
+                node: "n1".into(),
+                pods: vec![]
+            }
+        );
         let missing = rt.block_on(twill_runtime::status::get_json::<Endpoints>(&path, "/nope"));
         assert!(
-            matches!(missing, Err(twill_runtime::status::StatusError::Status { status: 404, .. })),
+            matches!(
+                missing,
+                Err(twill_runtime::status::StatusError::Status { status: 404, .. })
+            ),
             "{missing:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -1,6 +1,7 @@
 pub mod compile;
 pub mod conntrack;
 pub mod counters;
+pub mod drops;
 pub mod enforce;
 pub mod eval;
 pub mod http;

@@ -292,7 +292,10 @@ impl DropTracker {
                 _ => n,
             };
             if delta > 0 {
-                metrics.drops.get_or_create(&drop_labels(pod, dir)).inc_by(delta);
+                metrics
+                    .drops
+                    .get_or_create(&drop_labels(pod, dir))
+                    .inc_by(delta);
                 *self.totals.entry(key).or_default() += delta;
             }
         }
@@ -496,17 +499,26 @@ mod tests {
         // Non-pod counters are served but are no pods in the top list.
         t.observe(&drops(&[("unknown", "egress", 50)]), &m);
         assert!(t.top(10).is_empty());
-        assert!(m.render().contains("pod=\"unknown\",direction=\"egress\"} 50"));
+        assert!(m
+            .render()
+            .contains("pod=\"unknown\",direction=\"egress\"} 50"));
     }
 
     #[test]
     fn snapshot_age_is_absent_until_the_first_good_snapshot() {
         let last_good = LastGood::default();
         let m = Metrics::with_last_good(last_good.clone());
-        assert!(!m.render().contains("last_good_snapshot_age"), "{}", m.render());
+        assert!(
+            !m.render().contains("last_good_snapshot_age"),
+            "{}",
+            m.render()
+        );
         *last_good.lock().unwrap() = Some(Instant::now() - std::time::Duration::from_secs(42));
         let text = m.render();
-        assert!(text.contains("# TYPE twill_policy_last_good_snapshot_age_seconds gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE twill_policy_last_good_snapshot_age_seconds gauge"),
+            "{text}"
+        );
         let line = text
             .lines()
             .find(|l| l.starts_with("twill_policy_last_good_snapshot_age_seconds "))

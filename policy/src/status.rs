@@ -40,7 +40,12 @@ pub struct Enforced {
 impl Enforced {
     /// Takes what a sync of `snapshot` did; a sync that loaded nothing (both tables
     /// rejected) leaves the state as it was, since the kernel keeps what it had.
-    pub fn record(&mut self, applied: &Applied, ruleset_id: Option<String>, snapshot: Arc<Snapshot>) {
+    pub fn record(
+        &mut self,
+        applied: &Applied,
+        ruleset_id: Option<String>,
+        snapshot: Arc<Snapshot>,
+    ) {
         match applied {
             Applied::Full | Applied::Incremental | Applied::Unchanged => {
                 self.fail_closed = false;
@@ -149,11 +154,14 @@ fn id_of_key(key: &[u8]) -> Option<String> {
 pub fn kernel_ruleset_id(table: &str) -> Result<Option<String>, NftError> {
     let mut keys = Vec::new();
     let newsetelem = (nfnl::NFNL_SUBSYS_NFTABLES << 8) | nfnl::NFT_MSG_NEWSETELEM;
-    let res = Conn::open()?.dump(&set_elements_request(table, RULESET_ID_SET), |kind, body| {
-        if kind == newsetelem {
-            keys.extend(element_keys(body));
-        }
-    });
+    let res = Conn::open()?.dump(
+        &set_elements_request(table, RULESET_ID_SET),
+        |kind, body| {
+            if kind == newsetelem {
+                keys.extend(element_keys(body));
+            }
+        },
+    );
     match res {
         Err(e) if e.os_error() == Some(nix::libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
@@ -315,7 +323,11 @@ spec: {podSelector: {matchLabels: {app: a}}, ingress: [{}]}
     fn status_reports_what_was_enforced_and_what_the_kernel_holds() {
         let snap = Arc::new(parse_str(WORLD, "world.yaml"));
         let mut enf = Enforced::default();
-        enf.record(&Applied::Full, Some("00000000000000aa".into()), snap.clone());
+        enf.record(
+            &Applied::Full,
+            Some("00000000000000aa".into()),
+            snap.clone(),
+        );
         let s = policy_status(
             "n1",
             true,
@@ -362,7 +374,10 @@ spec: {podSelector: {matchLabels: {app: a}}, ingress: [{}]}
             fail_closed_error: "b".into(),
         };
         let e = fail_closed_event(false, &fc).unwrap();
-        assert_eq!((e.reason, e.severity), ("FailClosedEntered", Severity::Warning));
+        assert_eq!(
+            (e.reason, e.severity),
+            ("FailClosedEntered", Severity::Warning)
+        );
         assert!(e.note.contains("nft: boom"), "{}", e.note);
         assert_eq!(fail_closed_event(true, &fc), None);
         assert_eq!(fail_closed_event(true, &failed), None);
@@ -379,14 +394,16 @@ spec: {podSelector: {matchLabels: {app: a}}, ingress: [{}]}
         // NEWSETELEM body: elements > element > key > value (16 bytes).
         let mut m = Msg::nftables(nfnl::NFT_MSG_NEWSETELEM, 0, nfnl::NFPROTO_INET);
         let key = u128::from(0x0123_4567_89ab_cdefu64).to_be_bytes();
-        m.str_attr(NFTA_SET_ELEM_LIST_TABLE, "twill-policy")
-            .nest(NFTA_SET_ELEM_LIST_ELEMENTS, |m| {
+        m.str_attr(NFTA_SET_ELEM_LIST_TABLE, "twill-policy").nest(
+            NFTA_SET_ELEM_LIST_ELEMENTS,
+            |m| {
                 m.nest(NFTA_LIST_ELEM, |m| {
                     m.nest(NFTA_SET_ELEM_KEY, |m| {
                         m.attr(NFTA_DATA_VALUE, &key);
                     });
                 });
-            });
+            },
+        );
         let body = m.bytes(1)[20..].to_vec();
         let keys = element_keys(&body);
         assert_eq!(keys.len(), 1);
