@@ -169,11 +169,7 @@ fn bad_metrics_addresses_and_nflog_groups_are_named_in_the_error() {
             "--nflog-group",
             "65536",
         ),
-        (
-            vec!["--nflog-group", "-1", "compile"],
-            "--nflog-group",
-            "-1",
-        ),
+        (vec!["--nflog-group=-1", "compile"], "--nflog-group", "-1"),
     ] {
         let out = bin().args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?}");
