@@ -106,6 +106,7 @@ fn closed_from_the_first_second() {
     // gives no snapshot at all.)
     let dir = lab.dir().join("manifests");
     let bin = bin();
+    let socket = node.dir.join("policy.sock");
     let argv = [
         bin.as_str(),
         "--manifests",
@@ -115,6 +116,8 @@ fn closed_from_the_first_second() {
         "run",
         "--poll-ms",
         "200",
+        "--status-socket",
+        socket.to_str().unwrap(),
     ];
     let id = lab
         .spawn(&node.netns, "policy-1", &argv, &[("NODE_NAME", "n1")])
@@ -272,6 +275,8 @@ fn unreachable_api_backs_off_without_spinning() {
                 "--pod-cidr",
                 "10.244.1.0/24",
                 "run",
+                "--status-socket",
+                node.dir.join("policy.sock").to_str().unwrap(),
             ],
             &[("NODE_NAME", "n1"), ("NO_COLOR", "1")],
         )
