@@ -218,50 +218,35 @@ fn payload_err(what: String) -> ParseError {
     ParseError::Payload(what)
 }
 
+/// The first `n` bytes of the `name` header `l4`.
+fn head<'a>(l4: &'a [u8], n: usize, name: &str) -> Result<&'a [u8], ParseError> {
+    l4.get(..n).ok_or_else(|| {
+        payload_err(format!(
+            "{name} header truncated: {} bytes, want {n}",
+            l4.len()
+        ))
+    })
+}
+
 /// The transport of protocol `proto` whose header starts at `l4`.
 fn transport(proto: u8, l4: &[u8]) -> Result<Transport, ParseError> {
-    let ports = |name: &str| -> Result<(u16, u16), ParseError> {
-        match l4.get(..4) {
-            Some(b) => Ok((
+    // Source and destination port: the first 4 bytes of TCP, UDP and SCTP.
+    let ports = |name: &str| {
+        head(l4, 4, name).map(|b| {
+            (
                 u16::from_be_bytes([b[0], b[1]]),
                 u16::from_be_bytes([b[2], b[3]]),
-            )),
-            None => Err(payload_err(format!(
-                "{name} header truncated: {} bytes, want 4 for the ports",
-                l4.len()
-            ))),
-        }
+            )
+        })
     };
-    let icmp = |name: &str| -> Result<(u8, u8), ParseError> {
-        match l4.get(..2) {
-            Some(b) => Ok((b[0], b[1])),
-            None => Err(payload_err(format!(
-                "{name} header truncated: {} bytes, want 2",
-                l4.len()
-            ))),
-        }
-    };
+    // Type and code: the first 2 bytes of ICMP and ICMPv6.
+    let icmp = |name: &str| head(l4, 2, name).map(|b| (b[0], b[1]));
     Ok(match proto {
-        6 => {
-            let (sport, dport) = ports("TCP")?;
-            Transport::Tcp { sport, dport }
-        }
-        17 => {
-            let (sport, dport) = ports("UDP")?;
-            Transport::Udp { sport, dport }
-        }
-        132 => {
-            let (sport, dport) = ports("SCTP")?;
-            Transport::Sctp { sport, dport }
-        }
-        1 => {
-            let (kind, code) = icmp("ICMP")?;
-            Transport::Icmp { kind, code }
-        }
-        58 => {
-            let (kind, code) = icmp("ICMPv6")?;
-            Transport::Icmpv6 { kind, code }
-        }
+        6 => ports("TCP").map(|(sport, dport)| Transport::Tcp { sport, dport })?,
+        17 => ports("UDP").map(|(sport, dport)| Transport::Udp { sport, dport })?,
+        132 => ports("SCTP").map(|(sport, dport)| Transport::Sctp { sport, dport })?,
+        1 => icmp("ICMP").map(|(kind, code)| Transport::Icmp { kind, code })?,
+        58 => icmp("ICMPv6").map(|(kind, code)| Transport::Icmpv6 { kind, code })?,
         p => Transport::Other(p),
     })
 }
@@ -454,7 +439,7 @@ mod tests {
         let mut v = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
         v.extend_from_slice(&kind.to_ne_bytes());
         v.extend_from_slice(payload);
-        while v.len() % 4 != 0 {
+        while !v.len().is_multiple_of(4) {
             v.push(0);
         }
         v

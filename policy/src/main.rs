@@ -777,6 +777,8 @@ fn cmd_uninstall(common: &Common) -> Result<()> {
 
 /// How often `drops` asks the daemon for its pods again (pods come and go).
 const ENDPOINTS_REFRESH: Duration = Duration::from_secs(5);
+/// How soon `drops` asks again when a packet has an address no known pod has.
+const ENDPOINTS_RETRY: Duration = Duration::from_secs(1);
 
 /// The running daemon's `/endpoints`; on failure a warning (once per failure text) and the
 /// last known ones stay.
@@ -854,9 +856,19 @@ fn cmd_drops(
                     continue;
                 }
             };
-            let Some(d) = describe(&p, &endpoints) else {
+            let Some(mut d) = describe(&p, &endpoints) else {
                 continue;
             };
+            // An address no pod is known for may be a pod that started since the last ask.
+            let unknown = (d.src.is_some() && d.src_pod.is_none())
+                || (d.dst.is_some() && d.dst_pod.is_none());
+            if unknown && fetched.elapsed() >= ENDPOINTS_RETRY {
+                if let Some(e) = fetch_endpoints(&rt, socket, &mut last_error) {
+                    endpoints = e;
+                    d = describe(&p, &endpoints).unwrap_or(d);
+                }
+                fetched = Instant::now();
+            }
             match output {
                 Output::Text => println!("{}", d.text()),
                 Output::Json => println!("{}", serde_json::to_string(&d)?),

@@ -13,8 +13,6 @@
 //! HTTP clients and the fake API server run on threads that entered the node's namespace
 //! (setns), never in the root namespace.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,31 +22,13 @@ use twill_lab::Lab;
 use twill_runtime::status::PolicyStatus;
 
 mod common;
-use common::{connects, policy_bin, serve, wait_for};
-
-/// Runs `f` on a thread that has entered network namespace `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
+use common::{connects, http_get, in_netns, policy_bin, serve, serve_api_in, wait_for};
 
 /// The body of `GET /metrics` on the default metrics port inside `netns`, None if refused.
 fn scrape(netns: &str) -> Option<String> {
-    in_netns(netns, move || {
-        let mut c = TcpStream::connect("127.0.0.1:9753").ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        let mut s = String::new();
-        c.read_to_string(&mut s).ok()?;
-        s.starts_with("HTTP/1.1 200")
-            .then(|| s.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))?
-    })
+    http_get(netns, "127.0.0.1:9753", "/metrics")
+        .filter(|(code, _)| *code == 200)
+        .map(|(_, body)| body)
 }
 
 /// The value of the series `name` (with its labels, as exposed) in `text`.
@@ -370,22 +350,7 @@ fn fail_closed_entered_and_left_are_events_on_the_node() {
                "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]}})
     };
     srv.put("networking.k8s.io", "networkpolicies", "x", policy(80));
-    let s = srv.clone();
-    let ns = node.netns.clone();
-    std::thread::spawn(move || {
-        in_netns(&ns, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:16444")
-                    .await
-                    .unwrap();
-                s.serve_tcp(l).await.unwrap();
-            });
-        })
-    });
+    serve_api_in(&node.netns, &srv, "127.0.0.1:16444");
     let url = "http://127.0.0.1:16444";
     let flag = lab.dir().join("reject-full-rulesets");
     let nft = rejecting_nft(lab.dir(), &flag);
