@@ -528,9 +528,14 @@ fn cmd_run(common: &Common, run: RunOptions) -> Result<()> {
         Err(e) => error!("cannot serve /healthz and /readyz on {health_addr}: {e}"),
     }
     if let MetricsAddr::On(addr) = metrics_addr {
-        let local =
-            serve(addr, shared.clone()).with_context(|| format!("serving metrics on {addr}"))?;
-        info!("metrics on http://{local}/metrics");
+        // Not fatal since metrics are on by default: a port taken on the node must not keep
+        // the node's pods from being enforced (the error says why there are no metrics).
+        match serve(addr, shared.clone()) {
+            Ok(local) => info!("metrics on http://{local}/metrics"),
+            Err(e) => {
+                error!("cannot serve metrics on {addr}: {e}; --metrics-addr picks another address")
+            }
+        }
     }
     if !status_socket.as_os_str().is_empty() {
         // Not fatal either: the status command is for people, enforcement for pods.

@@ -9,6 +9,7 @@
 //! - In Kubernetes-API mode, a rejected ruleset (a wrapper around nft rejects full rulesets
 //!   while a flag file exists) and the recovery reach the fake API server as one
 //!   `FailClosedEntered` and one `FailClosedLeft` event on the node.
+//! - With the metrics port taken on the node, `run` logs it and enforces all the same.
 //!
 //! HTTP clients and the fake API server run on threads that entered the node's namespace
 //! (setns), never in the root namespace.
@@ -436,6 +437,52 @@ fn fail_closed_entered_and_left_are_events_on_the_node() {
             ("FailClosedEntered".to_string(), 1),
             ("FailClosedLeft".to_string(), 1)
         ]
+    );
+    assert!(lab.is_running(id), "{}", lab.log(id));
+    lab.teardown().unwrap();
+}
+
+#[test]
+fn a_taken_metrics_port_does_not_stop_enforcement() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut lab = Lab::new("polport").unwrap();
+    let node = lab.add_node("n1").unwrap();
+    // Something else on the node has the default metrics port.
+    let _taken = in_netns(&node.netns, || {
+        std::net::TcpListener::bind("0.0.0.0:9753").expect("bind 9753")
+    });
+    let dir = lab.dir().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    write(&dir, "pods.yaml", PODS);
+    let socket = node.dir.join("policy.sock");
+    let bin = policy_bin().display().to_string();
+    let id = lab
+        .spawn(
+            &node.netns,
+            "twill-policy",
+            &[
+                &bin,
+                "--manifests",
+                dir.to_str().unwrap(),
+                "run",
+                "--status-socket",
+                socket.to_str().unwrap(),
+            ],
+            &[("NODE_NAME", "n1")],
+        )
+        .unwrap();
+    wait_for(
+        "the ruleset loaded without metrics",
+        || status(&socket).is_some_and(|s| s.ready && s.ruleset_id == s.kernel_ruleset_id),
+        || lab.log(id),
+    );
+    assert!(
+        lab.log(id)
+            .contains("cannot serve metrics on 0.0.0.0:9753: Address already in use"),
+        "{}",
+        lab.log(id)
     );
     assert!(lab.is_running(id), "{}", lab.log(id));
     lab.teardown().unwrap();
