@@ -255,6 +255,16 @@ fn pod_cidrs(common: &Common) -> Result<Vec<ipnet::IpNet>> {
     Ok(out)
 }
 
+/// The log fields `pod` and `policy` ("namespace/name") of an object named `Kind
+/// namespace/name` (as [`twill_policy::source::ObjectError::object`] has it).
+fn object_fields(object: &str) -> (Option<&str>, Option<&str>) {
+    match object.split_once(' ') {
+        Some(("Pod", key)) => (Some(key), None),
+        Some(("NetworkPolicy", key)) => (None, Some(key)),
+        _ => (None, None),
+    }
+}
+
 /// Reads the source and logs every object it could not read: each one fails its namespace
 /// closed, every other namespace is enforced as read.
 fn load(src: &mut dyn Source) -> Result<Snapshot> {
@@ -269,9 +279,10 @@ fn load(src: &mut dyn Source) -> Result<Snapshot> {
     })?;
     for (ns, errors) in &snap.broken {
         for err in errors {
+            let (pod, policy) = object_fields(&err.object);
             error!(
                 namespace = ns.as_str(),
-                "invalid object: {err}; namespace {ns} fails closed"
+                pod, policy, "invalid object: {err}; namespace {ns} fails closed"
             );
         }
     }
@@ -985,6 +996,17 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_objects_are_logged_with_the_pod_or_policy_field() {
+        assert_eq!(object_fields("Pod x/a"), (Some("x/a"), None));
+        assert_eq!(
+            object_fields("NetworkPolicy x/deny"),
+            (None, Some("x/deny"))
+        );
+        assert_eq!(object_fields("Namespace x"), (None, None));
+        assert_eq!(object_fields(""), (None, None));
+    }
 
     #[test]
     fn metrics_addresses_or_off() {
