@@ -246,6 +246,21 @@ fn metrics_status_and_nflog_drops_name_the_denied_pods() {
         "x/b ingress drops: {counted} in /metrics, {} in /status",
         top.packets
     );
+    // What a scrape and a status request cost here (reported, not asserted: timings are
+    // not stable on this machine).
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        scrape(&node.netns).expect("scrape");
+    }
+    let per_scrape = t.elapsed() / 20;
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        status(&socket).expect("status");
+    }
+    eprintln!(
+        "GET /metrics {per_scrape:?}, GET /status {:?} (mean of 20, client included)",
+        t.elapsed() / 20
+    );
 
     // x/b leaves the node: its series goes, and the kernel holds the new ruleset.
     std::fs::remove_file(dir.join("b.yaml")).unwrap();
