@@ -87,6 +87,27 @@ spec: {podSelector: {matchLabels: {app: b}}, policyTypes: [Ingress]}
 const DROPS_B: &str =
     "twill_policy_dropped_packets_total{namespace=\"x\",pod=\"b\",direction=\"ingress\"}";
 
+/// Starts `twill-policy GLOBAL... run RUN... --status-socket <node dir>/policy.sock` on `node`
+/// (node name n1); returns its process and its status socket.
+fn spawn_policy(
+    lab: &mut Lab,
+    node: &twill_lab::Node,
+    global: &[&str],
+    run: &[&str],
+) -> (twill_lab::ProcId, std::path::PathBuf) {
+    let socket = node.dir.join("policy.sock");
+    let bin = policy_bin().display().to_string();
+    let mut argv = vec![bin.as_str()];
+    argv.extend_from_slice(global);
+    argv.push("run");
+    argv.extend_from_slice(run);
+    argv.extend(["--status-socket", socket.to_str().unwrap()]);
+    let id = lab
+        .spawn(&node.netns, "twill-policy", &argv, &[("NODE_NAME", "n1")])
+        .unwrap();
+    (id, socket)
+}
+
 /// The JSON lines `twill-policy drops --output json` printed so far.
 fn drop_lines(log: &str) -> Vec<Value> {
     log.lines()
@@ -113,30 +134,21 @@ fn metrics_status_and_nflog_drops_name_the_denied_pods() {
     std::fs::create_dir_all(&dir).unwrap();
     write(&dir, "pods.yaml", PODS);
     write(&dir, "b.yaml", POD_B);
-    let socket = node.dir.join("policy.sock");
+    let (id, socket) = spawn_policy(
+        &mut lab,
+        &node,
+        &[
+            "--manifests",
+            dir.to_str().unwrap(),
+            "--pod-cidr",
+            "10.244.1.0/24",
+            "--nflog-group",
+            "100",
+        ],
+        &["--poll-ms", "100"],
+    );
     let sock = socket.to_str().unwrap();
     let bin = policy_bin().display().to_string();
-    let id = lab
-        .spawn(
-            &node.netns,
-            "twill-policy",
-            &[
-                &bin,
-                "--manifests",
-                dir.to_str().unwrap(),
-                "--pod-cidr",
-                "10.244.1.0/24",
-                "--nflog-group",
-                "100",
-                "run",
-                "--poll-ms",
-                "100",
-                "--status-socket",
-                sock,
-            ],
-            &[("NODE_NAME", "n1")],
-        )
-        .unwrap();
     // Ready, and the ruleset the daemon loaded is the one the kernel holds.
     let mut first = None;
     wait_for(
@@ -370,27 +382,19 @@ fn fail_closed_entered_and_left_are_events_on_the_node() {
     let url = "http://127.0.0.1:16444";
     let flag = lab.dir().join("reject-full-rulesets");
     let nft = rejecting_nft(lab.dir(), &flag);
-    let socket = node.dir.join("policy.sock");
-    let bin = policy_bin().display().to_string();
-    let id = lab
-        .spawn(
-            &node.netns,
-            "twill-policy",
-            &[
-                &bin,
-                "--kube-api-url",
-                url,
-                "--nft",
-                nft.to_str().unwrap(),
-                "--pod-cidr",
-                "10.244.1.0/24",
-                "run",
-                "--status-socket",
-                socket.to_str().unwrap(),
-            ],
-            &[("NODE_NAME", "n1")],
-        )
-        .unwrap();
+    let (id, socket) = spawn_policy(
+        &mut lab,
+        &node,
+        &[
+            "--kube-api-url",
+            url,
+            "--nft",
+            nft.to_str().unwrap(),
+            "--pod-cidr",
+            "10.244.1.0/24",
+        ],
+        &[],
+    );
     let ready = |want_fail_closed: bool| {
         move |s: &Option<PolicyStatus>| {
             s.as_ref().is_some_and(|s| {
@@ -471,23 +475,12 @@ fn a_taken_metrics_port_does_not_stop_enforcement() {
     let dir = lab.dir().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     write(&dir, "pods.yaml", PODS);
-    let socket = node.dir.join("policy.sock");
-    let bin = policy_bin().display().to_string();
-    let id = lab
-        .spawn(
-            &node.netns,
-            "twill-policy",
-            &[
-                &bin,
-                "--manifests",
-                dir.to_str().unwrap(),
-                "run",
-                "--status-socket",
-                socket.to_str().unwrap(),
-            ],
-            &[("NODE_NAME", "n1")],
-        )
-        .unwrap();
+    let (id, socket) = spawn_policy(
+        &mut lab,
+        &node,
+        &["--manifests", dir.to_str().unwrap()],
+        &[],
+    );
     wait_for(
         "the ruleset loaded without metrics",
         || status(&socket).is_some_and(|s| s.ready && s.ruleset_id == s.kernel_ruleset_id),
