@@ -274,6 +274,50 @@ fn metrics_status_and_nflog_drops_name_the_denied_pods() {
         t.elapsed() / 20
     );
 
+    // The text form, and --count: a second reader (one process per group) prints one line
+    // and exits.
+    lab.stop(reader, Duration::from_secs(5)).unwrap();
+    let text_reader = lab
+        .spawn(
+            &node.netns,
+            "drops-text",
+            &[
+                &bin,
+                "--nflog-group",
+                "100",
+                "drops",
+                "--count",
+                "1",
+                "--status-socket",
+                sock,
+            ],
+            &[],
+        )
+        .unwrap();
+    wait_for(
+        "the text reader to bind the group",
+        || {
+            lab.log(text_reader)
+                .contains("listening on NFLOG group 100")
+        },
+        || lab.log(text_reader),
+    );
+    assert!(!connects(&lab, &a.netns, "10.244.1.3"), "x/b is isolated");
+    let text_log = lab.log_path(text_reader).unwrap();
+    wait_for(
+        "the text reader to print one line and exit",
+        || !lab.is_running(text_reader),
+        || std::fs::read_to_string(&text_log).unwrap_or_default(),
+    );
+    let log = lab.log(text_reader);
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("DENIED")).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].starts_with("DENIED ingress TCP/80 x/a (10.244.1.2:")
+            && lines[0].ends_with(" -> x/b (10.244.1.3:80): x/b isolated for ingress by x/deny-b"),
+        "{log}"
+    );
+
     // x/b leaves the node: its series goes, and the kernel holds the new ruleset.
     std::fs::remove_file(dir.join("b.yaml")).unwrap();
     wait_for(
