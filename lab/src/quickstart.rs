@@ -181,6 +181,9 @@ pub fn up() -> Result<()> {
                 n,
                 "--subnet-file",
                 &subnet_file.to_string_lossy(),
+                // Lab nodes share one filesystem: a status socket per node.
+                "--status-socket",
+                &lab.node(n).dir.join("policy.sock").to_string_lossy(),
             ],
             &[],
         )?;

@@ -22,9 +22,13 @@ use nix::sys::socket::{
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 /// Connection tracking (`linux/netfilter/nfnetlink_conntrack.h`); not batched.
 pub const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+/// nfnetlink_log (`linux/netfilter/nfnetlink_log.h`): packets logged to an NFLOG group;
+/// see [`crate::nflog`].
+pub const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 pub const NFT_MSG_NEWSETELEM: u16 = 12;
+pub const NFT_MSG_GETSETELEM: u16 = 13;
 pub const NFT_MSG_DELSETELEM: u16 = 14;
 pub const NFT_MSG_NEWOBJ: u16 = 18;
 pub const NFT_MSG_GETOBJ: u16 = 19;
@@ -88,6 +92,11 @@ impl Msg {
     /// [`NFNL_SUBSYS_CTNETLINK`]) for `family`.
     pub fn subsys(subsys: u16, msg: u16, flags: u16, family: u8) -> Msg {
         Msg::raw((subsys << 8) | msg, flags, family, 0)
+    }
+
+    /// Like [`Msg::subsys`] with the nfgenmsg resource id set (nfnetlink_log: the group).
+    pub fn subsys_resource(subsys: u16, msg: u16, flags: u16, family: u8, res_id: u16) -> Msg {
+        Msg::raw((subsys << 8) | msg, flags, family, res_id)
     }
 
     fn raw(kind: u16, flags: u16, family: u8, res_id: u16) -> Msg {
@@ -354,6 +363,24 @@ impl Conn {
             out.extend(errnos.into_iter().map(|e| e.unwrap_or(0)));
         }
         Ok(out)
+    }
+
+    /// Waits for the next datagram (up to the receive timeout) and calls `each` with every
+    /// message in it; false when nothing arrived in time. For subscriptions such as an NFLOG
+    /// group, where the kernel sends messages unasked. ENOBUFS (the kernel dropped messages
+    /// because the socket's buffer was full) is an error with that [`NftError::os_error`];
+    /// the socket stays usable.
+    pub fn receive(&mut self, mut each: impl FnMut(&Reply)) -> Result<bool, NftError> {
+        let err = |err| NftError::Netlink { op: "receive", err };
+        let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(false),
+            Err(e) => return Err(err(e.into())),
+        };
+        for r in replies(&self.buf[..n]).map_err(err)? {
+            each(&r);
+        }
+        Ok(true)
     }
 
     /// Runs a dump request and calls `each` with the type and body of every message it

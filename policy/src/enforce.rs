@@ -74,6 +74,9 @@ fn id_elem(id: &str) -> String {
     std::net::Ipv6Addr::from(u128::from(n)).to_string()
 }
 
+/// The set whose one element names the loaded ruleset (see [`ruleset_id`]).
+pub const RULESET_ID_SET: &str = "ruleset-id";
+
 /// The `ruleset-id` set of a table holding ruleset `id`. The table's own comment cannot
 /// be changed by a later transaction (the kernel keeps the first one), a set element
 /// can; deleting the old element also makes every incremental transaction check, inside
@@ -186,6 +189,9 @@ pub struct Enforcer {
     pub opts: Options,
     /// The last successfully applied full ruleset.
     last: Option<Loaded>,
+    /// The id of the ruleset the last apply loaded: the full one, or the isolation-only
+    /// one after a rejected full ruleset; kept when nothing could be applied.
+    loaded_id: Option<String>,
     /// When false, every change replaces the whole table.
     pub incremental: bool,
     /// Strict mode: after every sync that loads a new full ruleset, mark the conntrack
@@ -204,6 +210,7 @@ impl Enforcer {
             node: node.to_string(),
             opts,
             last: None,
+            loaded_id: None,
             incremental: true,
             strict: false,
         }
@@ -219,11 +226,24 @@ impl Enforcer {
 
     /// The isolation-only (fail-closed) script for `snap`.
     pub fn fail_closed_script(&self, snap: &Snapshot) -> String {
+        self.fail_closed_marked(snap).0
+    }
+
+    /// The isolation-only script for `snap`, marked, and its [`ruleset_id`].
+    fn fail_closed_marked(&self, snap: &Snapshot) -> (String, String) {
         let opts = Options {
             allow_rules: false,
             ..self.opts.clone()
         };
-        mark(&compile(snap, &self.node, &opts).render(), &opts.table)
+        let script = compile(snap, &self.node, &opts).render();
+        let id = ruleset_id(&script);
+        (mark(&script, &opts.table), id)
+    }
+
+    /// The id of the ruleset the last apply loaded (what the kernel should hold; the
+    /// kernel's own copy is in set [`RULESET_ID_SET`]).
+    pub fn loaded_id(&self) -> Option<&str> {
+        self.loaded_id.as_deref()
     }
 
     /// The incremental transaction from `last` to `def` (id `id`), if one can do it:
@@ -341,6 +361,7 @@ impl Enforcer {
             );
             match res {
                 Ok(()) => {
+                    self.loaded_id = Some(id.clone());
                     self.last = Some(Loaded { def, id });
                     report.applied = Applied::Incremental;
                     report.changed_chains = st.chains;
@@ -363,6 +384,7 @@ impl Enforcer {
         if let Some(script) = self.refill_script(&def, &id) {
             match self.nft.apply(&script) {
                 Ok(()) => {
+                    self.loaded_id = Some(id.clone());
                     self.last = Some(Loaded { def, id });
                     report.applied = Applied::Full;
                     report.duration = start.elapsed();
@@ -378,16 +400,21 @@ impl Enforcer {
         report.applied = match self.nft.apply(&script) {
             Ok(()) => {
                 drop(script);
+                self.loaded_id = Some(id.clone());
                 self.last = Some(Loaded { def, id });
                 Applied::Full
             }
             Err(e) => {
                 self.last = None;
                 drop(script);
-                match self.nft.apply(&self.fail_closed_script(snap)) {
-                    Ok(()) => Applied::FailClosed {
-                        error: e.to_string(),
-                    },
+                let (fail_closed, fail_closed_id) = self.fail_closed_marked(snap);
+                match self.nft.apply(&fail_closed) {
+                    Ok(()) => {
+                        self.loaded_id = Some(fail_closed_id);
+                        Applied::FailClosed {
+                            error: e.to_string(),
+                        }
+                    }
                     Err(e2) => Applied::Failed {
                         error: e.to_string(),
                         fail_closed_error: e2.to_string(),

@@ -1,9 +1,11 @@
 //! The HTTP endpoints of `twill-policy run`: `/healthz` and `/readyz` (the sync loop's
-//! [`Health`]) and `/metrics` (the [`Shared`] metrics' exposition), on axum through
+//! [`Health`]) and `/metrics` (the [`Shared`] metrics' exposition) over TCP, and `/status`
+//! and `/endpoints` ([`crate::status`]) on the local unix socket, on axum through
 //! twill-runtime's bounded server.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -11,10 +13,12 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::any;
 use axum::Router;
-use twill_runtime::http::{serve as serve_router, DEADLINE};
+use twill_runtime::http::{bind_unix, serve as serve_router, serve_unix, DEADLINE};
+use twill_runtime::status::PolicyStatus;
 
 use crate::counters;
-use crate::metrics::{drop_counts, DropTracker, Metrics};
+use crate::metrics::{drop_counts, DropTracker, LastGood, Metrics};
+use crate::status::{endpoints, kernel_ruleset_id, policy_status, Endpoints, Enforced, TOP_DROPS};
 
 /// Default [`Health::live_bound`]: longer than the slowest pass of the loop (a source read,
 /// then up to five nft runs of at most 30 s each).
@@ -28,8 +32,8 @@ pub struct Health {
     /// When the loop last came round.
     beat: Mutex<Instant>,
     /// When the loop last confirmed that the full ruleset of the source's newest state (read
-    /// without errors) is loaded.
-    good: Mutex<Option<Instant>>,
+    /// without errors) is loaded (shared with the metrics' snapshot age).
+    good: LastGood,
     /// `/healthz` fails when the loop has not come round for this long (stuck).
     pub live_bound: Duration,
     /// `/readyz` fails when the last confirmation is older than this (or there was none).
@@ -40,7 +44,7 @@ impl Health {
     pub fn new(live_bound: Duration, ready_max_age: Duration) -> Health {
         Health {
             beat: Mutex::new(Instant::now()),
-            good: Mutex::new(None),
+            good: LastGood::default(),
             live_bound,
             ready_max_age,
         }
@@ -56,6 +60,14 @@ impl Health {
         *self.good.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
+    /// How long ago the last good snapshot was confirmed loaded (None: never).
+    pub fn good_age(&self) -> Option<Duration> {
+        self.good
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|g| g.elapsed())
+    }
+
     /// `(status, body)` of `/healthz` now.
     pub fn healthz(&self) -> (u16, String) {
         let beat = *self.beat.lock().unwrap_or_else(|e| e.into_inner());
@@ -64,8 +76,7 @@ impl Health {
 
     /// `(status, body)` of `/readyz` now.
     pub fn readyz(&self) -> (u16, String) {
-        let good = *self.good.lock().unwrap_or_else(|e| e.into_inner());
-        readyz(good.map(|g| g.elapsed()), self.ready_max_age)
+        readyz(self.good_age(), self.ready_max_age)
     }
 }
 
@@ -117,37 +128,147 @@ pub fn readyz(good_age: Option<Duration>, max_age: Duration) -> (u16, String) {
     }
 }
 
-/// Metrics plus the drop-counter tracker; shared by the sync loop and the HTTP server.
+/// Metrics plus the drop-counter tracker, health and what was enforced; shared by the
+/// sync loop and the HTTP servers.
 #[derive(Debug)]
 pub struct Shared {
     pub metrics: Metrics,
     pub table: String,
+    /// This node's name (`/status`, `/endpoints`).
+    pub node: String,
     pub drops: Mutex<DropTracker>,
     pub health: Health,
+    /// What the sync loop last enforced.
+    pub enforced: Mutex<Enforced>,
 }
 
 impl Shared {
     pub fn new(table: &str) -> Shared {
+        Shared::with_health(table, Health::default())
+    }
+
+    /// Shared state whose metrics' snapshot age follows `health`'s good snapshots.
+    pub fn with_health(table: &str, health: Health) -> Shared {
         Shared {
-            metrics: Metrics::new(),
+            metrics: Metrics::with_last_good(health.good.clone()),
             table: table.to_string(),
+            node: String::new(),
             drops: Mutex::new(DropTracker::default()),
-            health: Health::default(),
+            health,
+            enforced: Mutex::new(Enforced::default()),
         }
     }
 
-    /// The exposition, with fresh drop counters (one netlink dump of the table's counter
-    /// objects; a failure is logged and the last totals are served).
-    pub fn scrape(&self) -> String {
+    /// The drop tracker after reading the table's counters now (one netlink dump of its
+    /// counter objects; a failure is logged and the last totals stay).
+    fn fresh_drops(&self) -> MutexGuard<'_, DropTracker> {
+        let mut t = self.drops.lock().unwrap_or_else(|e| e.into_inner());
         match counters::read(&self.table) {
-            Ok(named) => {
-                let mut t = self.drops.lock().unwrap_or_else(|e| e.into_inner());
-                t.observe(&drop_counts(&named), &self.metrics);
-            }
+            Ok(named) => t.observe(&drop_counts(&named), &self.metrics),
             Err(e) => tracing::warn!(table = self.table, "reading drop counters: {e}"),
         }
+        t
+    }
+
+    /// The exposition, with fresh drop counters.
+    pub fn scrape(&self) -> String {
+        drop(self.fresh_drops());
         self.metrics.render()
     }
+
+    /// `/status`: what was enforced, the ruleset id the kernel holds now, and the pods with
+    /// the most drops by the counters read now.
+    pub fn status(&self) -> PolicyStatus {
+        let top = self.fresh_drops().top(TOP_DROPS);
+        let kernel_id = kernel_ruleset_id(&self.table).unwrap_or_else(|e| {
+            tracing::warn!(table = self.table, "reading the kernel's ruleset id: {e}");
+            None
+        });
+        let enforced = self
+            .enforced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        policy_status(
+            &self.node,
+            self.health.readyz().0 == 200,
+            &enforced,
+            kernel_id,
+            self.health.good_age(),
+            top,
+        )
+    }
+
+    /// `/endpoints`: the pods of the snapshot last enforced (none before the first).
+    pub fn endpoints(&self) -> Endpoints {
+        let snap = self
+            .enforced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot
+            .clone();
+        match snap {
+            Some(s) => endpoints(&s, &self.node),
+            None => Endpoints {
+                node: self.node.clone(),
+                pods: Vec::new(),
+            },
+        }
+    }
+}
+
+/// `answer` as JSON, computed off the async threads (it reads the kernel).
+async fn blocking_json<T: serde::Serialize + Send + 'static>(
+    shared: Arc<Shared>,
+    answer: fn(&Shared) -> T,
+) -> axum::response::Response {
+    match tokio::task::spawn_blocking(move || answer(&shared)).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("status failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// `/status` and `/endpoints` as JSON (any method); other paths get 404.
+fn status_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/status",
+            any(|State(shared): State<Arc<Shared>>| blocking_json(shared, Shared::status)),
+        )
+        .route(
+            "/endpoints",
+            any(|State(shared): State<Arc<Shared>>| blocking_json(shared, Shared::endpoints)),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                [(header::CONTENT_TYPE, "text/plain")],
+                "not found\n",
+            )
+        })
+        .with_state(shared)
+}
+
+/// Serves `/status` and `/endpoints` on the unix socket `path` (created 0600, a stale one
+/// replaced) from a thread with a small tokio runtime of its own. Binds here, so a bad path
+/// is the caller's error.
+pub fn serve_status(path: &Path, shared: Arc<Shared>) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = {
+        let _enter = runtime.enter();
+        bind_unix(path)?
+    };
+    std::thread::Builder::new()
+        .name("status".into())
+        .spawn(move || runtime.block_on(serve_unix(listener, status_router(shared), DEADLINE)))?;
+    Ok(())
 }
 
 /// Answers `/healthz` and `/readyz` always (any method), `/metrics` and `/` only if
@@ -277,6 +398,49 @@ mod tests {
         let mut s = String::new();
         c.read_to_string(&mut s).unwrap();
         assert!(s.starts_with("HTTP/1.1 200 OK"), "{s}");
+    }
+
+    #[test]
+    fn status_socket_serves_status_and_endpoints_as_json() {
+        let dir = std::env::temp_dir().join(format!("twill-policy-status-{}", std::process::id()));
+        let path = dir.join("policy.sock");
+        let mut sh = Shared::new("twill-policy-test-no-such-table");
+        sh.node = "n1".into();
+        let shared = Arc::new(sh);
+        serve_status(&path, shared.clone()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let status: PolicyStatus = rt.block_on(twill_runtime::status::fetch(&path)).unwrap();
+        assert_eq!(status.node, "n1");
+        assert!(!status.ready && !status.fail_closed);
+        assert_eq!(status.ruleset_id, None);
+        assert_eq!(status.last_good_snapshot_age_seconds, None);
+        let e: Endpoints = rt
+            .block_on(twill_runtime::status::get_json(&path, "/endpoints"))
+            .unwrap();
+        assert_eq!(
+            e,
+            Endpoints {
+                node: "n1".into(),
+                pods: vec![]
+            }
+        );
+        let missing = rt.block_on(twill_runtime::status::get_json::<Endpoints>(&path, "/nope"));
+        assert!(
+            matches!(
+                missing,
+                Err(twill_runtime::status::StatusError::Status { status: 404, .. })
+            ),
+            "{missing:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

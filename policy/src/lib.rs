@@ -1,9 +1,11 @@
 pub mod compile;
 pub mod conntrack;
 pub mod counters;
+pub mod drops;
 pub mod enforce;
 pub mod eval;
 pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod status;

@@ -13,13 +13,16 @@ use tracing::{error, info, warn};
 
 use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::{compile, Options, DEFAULT_POD_BRIDGE, DEFAULT_TABLE};
+use twill_policy::drops::{describe, DEFAULT_GROUP};
 use twill_policy::enforce::{startup_plan, Applied, Enforcer, StartupPlan, SyncReport};
 use twill_policy::eval::{allowed, Endpoint};
-use twill_policy::http::{serve, serve_health, Health, Shared, LIVE_BOUND};
+use twill_policy::http::{serve, serve_health, serve_status, Health, Shared, LIVE_BOUND};
 use twill_policy::model::{Protocol, Snapshot};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
+use twill_policy::status::{fail_closed_event, Endpoints};
+use twill_runtime::events::NodeEvents;
 
 #[derive(Parser, Debug)]
 #[command(name = "twill-policy", version, about)]
@@ -53,6 +56,11 @@ struct Common {
     /// Denied-packet log rate per pod and direction (packets/second).
     #[arg(long, global = true, default_value_t = 5)]
     log_rate: u32,
+    /// Send denied packets to this NFLOG group (0-65535; Calico and kube-router use 100)
+    /// instead of the kernel log, for `twill-policy drops` to read; same rate limit and
+    /// prefix. `drops` listens on it (default 100).
+    #[arg(long, global = true, value_name = "N")]
+    nflog_group: Option<u16>,
     /// This node's pod subnet (repeatable): addresses in it that belong to no known pod
     /// are isolated until the source reports the pod (new pods fail closed).
     #[arg(long, global = true, value_name = "CIDR")]
@@ -96,6 +104,30 @@ fn interface_name(s: &str) -> Result<String, BadInterfaceName> {
     }
 }
 
+/// Where `run` serves its metrics: `--metrics-addr ADDR`, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricsAddr {
+    Off,
+    On(std::net::SocketAddr),
+}
+
+/// A value of --metrics-addr: `off`, or an address and port.
+fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse()
+        .map(MetricsAddr::On)
+        .map_err(|_| "want ADDRESS:PORT (e.g. 0.0.0.0:9753) or off".to_string())
+}
+
+/// How `drops` prints each denied packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Watch the source and keep the table in sync.
@@ -103,9 +135,14 @@ enum Cmd {
         /// Full resync interval (repairs drift such as a table deleted by hand).
         #[arg(long, default_value = "60", value_name = "SECONDS")]
         resync: u64,
-        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9753); off by default.
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve Prometheus metrics on this address; `off` serves none. The DaemonSet is
+        /// hostNetwork, so Prometheus scrapes the node's address.
+        #[arg(long, default_value = "0.0.0.0:9753", value_name = "ADDR", value_parser = metrics_addr)]
+        metrics_addr: MetricsAddr,
+        /// Serve GET /status and /endpoints (JSON, for `twilld status` and `twill-policy
+        /// drops`) on this unix socket, root only; empty: none.
+        #[arg(long, default_value = twill_runtime::status::POLICY_SOCKET, value_name = "PATH")]
+        status_socket: PathBuf,
         /// Serve /healthz and /readyz (no metrics) on this address. Loopback by default: the
         /// DaemonSet is hostNetwork and its probes set host 127.0.0.1, so pods cannot reach it.
         #[arg(long, default_value = "127.0.0.1:9754", value_name = "ADDR")]
@@ -133,6 +170,19 @@ enum Cmd {
     /// switching a node back to Flannel after twill-policy stopped. `twilld --cleanup` removes
     /// the default-named tables together with twill's others; this covers a custom --table.
     Uninstall,
+    /// Print the packets this node's policies deny, as they are denied, with the pods on
+    /// both sides and the policies that isolate them (needs `run --nflog-group`).
+    Drops {
+        /// Stop after this many packets (default: run until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// One line of text per packet, or one JSON object per line.
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        /// The status socket of the running `twill-policy run` (pods and policies).
+        #[arg(long, default_value = twill_runtime::status::POLICY_SOCKET, value_name = "PATH")]
+        status_socket: PathBuf,
+    },
     /// Which policies allow or deny a connection, and why.
     Explain {
         /// Source: NS/POD or an IP address.
@@ -184,6 +234,7 @@ fn options(common: &Common) -> Result<Options> {
     Ok(Options {
         table: common.table.clone(),
         log_rate: common.log_rate,
+        nflog_group: common.nflog_group,
         allow_rules: true,
         pod_cidrs: pod_cidrs(common)?,
         pod_bridge: common.pod_bridge.clone(),
@@ -204,6 +255,16 @@ fn pod_cidrs(common: &Common) -> Result<Vec<ipnet::IpNet>> {
     Ok(out)
 }
 
+/// The log fields `pod` and `policy` ("namespace/name") of an object named `Kind
+/// namespace/name` (as [`twill_policy::source::ObjectError::object`] has it).
+fn object_fields(object: &str) -> (Option<&str>, Option<&str>) {
+    match object.split_once(' ') {
+        Some(("Pod", key)) => (Some(key), None),
+        Some(("NetworkPolicy", key)) => (None, Some(key)),
+        _ => (None, None),
+    }
+}
+
 /// Reads the source and logs every object it could not read: each one fails its namespace
 /// closed, every other namespace is enforced as read.
 fn load(src: &mut dyn Source) -> Result<Snapshot> {
@@ -218,9 +279,10 @@ fn load(src: &mut dyn Source) -> Result<Snapshot> {
     })?;
     for (ns, errors) in &snap.broken {
         for err in errors {
+            let (pod, policy) = object_fields(&err.object);
             error!(
                 namespace = ns.as_str(),
-                "invalid object: {err}; namespace {ns} fails closed"
+                pod, policy, "invalid object: {err}; namespace {ns} fails closed"
             );
         }
     }
@@ -380,14 +442,84 @@ fn exit_on_sigterm() -> Result<()> {
     Ok(())
 }
 
-fn cmd_run(
-    common: &Common,
+/// The options of `run`.
+struct RunOptions {
     resync: u64,
-    metrics_addr: Option<std::net::SocketAddr>,
+    metrics_addr: MetricsAddr,
+    status_socket: PathBuf,
     health_addr: std::net::SocketAddr,
     ready_max_age: Duration,
     poll: Duration,
-) -> Result<()> {
+}
+
+/// Kubernetes events on this node (Kubernetes-API mode only; none from manifests), and the
+/// runtime their publisher task runs on, which must live as long as they are published.
+fn node_events(common: &Common, node: &str) -> (NodeEvents, Option<tokio::runtime::Runtime>) {
+    if common.manifests.is_some() {
+        return (NodeEvents::disabled(), None);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("events")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the events runtime: {e}; no Kubernetes events");
+            return (NodeEvents::disabled(), None);
+        }
+    };
+    let client = runtime.block_on(twill_runtime::kube::client(
+        &twill_runtime::kube::ClientOptions {
+            api_url: common.kube_api_url.clone(),
+            kubeconfig: common.kubeconfig.clone(),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(30)),
+        },
+    ));
+    match client {
+        Ok(client) => {
+            let _enter = runtime.enter();
+            let events = NodeEvents::start(client, "twill-policy", node);
+            (events, Some(runtime))
+        }
+        Err(e) => {
+            error!(
+                node,
+                "Kubernetes client for events: {e}; no Kubernetes events"
+            );
+            (NodeEvents::disabled(), None)
+        }
+    }
+}
+
+/// Records what a sync of `snap` loaded for `/status`, and publishes the event of a move into
+/// or out of fail-closed enforcement.
+fn record_sync(
+    shared: &Shared,
+    enf: &Enforcer,
+    r: &SyncReport,
+    snap: Arc<Snapshot>,
+    events: &NodeEvents,
+) {
+    let mut enforced = shared.enforced.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(event) = fail_closed_event(enforced.fail_closed, &r.applied) {
+        info!(node = enf.node, reason = event.reason, "{}", event.note);
+        events.publish(event);
+    }
+    enforced.record(&r.applied, enf.loaded_id().map(str::to_string), snap);
+}
+
+fn cmd_run(common: &Common, run: RunOptions) -> Result<()> {
+    let RunOptions {
+        resync,
+        metrics_addr,
+        status_socket,
+        health_addr,
+        ready_max_age,
+        poll,
+    } = run;
     exit_on_sigterm()?;
     let node = node(common)?;
     // Short: the loop must not sit in a snapshot while the lists are missing (each list
@@ -398,19 +530,32 @@ fn cmd_run(
         bin: common.nft.clone(),
         ..Nft::default()
     };
-    let mut shared = Shared::new(&common.table);
-    shared.health = Health::new(LIVE_BOUND, ready_max_age);
+    let mut shared = Shared::with_health(&common.table, Health::new(LIVE_BOUND, ready_max_age));
+    shared.node = node.clone();
     let shared = Arc::new(shared);
     // Not fatal: enforcement matters more than probes (a failing probe shows it).
     match serve_health(health_addr, shared.clone()) {
         Ok(local) => info!("health on http://{local}/healthz and /readyz"),
         Err(e) => error!("cannot serve /healthz and /readyz on {health_addr}: {e}"),
     }
-    if let Some(addr) = metrics_addr {
-        let local =
-            serve(addr, shared.clone()).with_context(|| format!("serving metrics on {addr}"))?;
-        info!("metrics on http://{local}/metrics");
+    if let MetricsAddr::On(addr) = metrics_addr {
+        // Not fatal since metrics are on by default: a port taken on the node must not keep
+        // the node's pods from being enforced (the error says why there are no metrics).
+        match serve(addr, shared.clone()) {
+            Ok(local) => info!("metrics on http://{local}/metrics"),
+            Err(e) => {
+                error!("cannot serve metrics on {addr}: {e}; --metrics-addr picks another address")
+            }
+        }
     }
+    if !status_socket.as_os_str().is_empty() {
+        // Not fatal either: the status command is for people, enforcement for pods.
+        match serve_status(&status_socket, shared.clone()) {
+            Ok(()) => info!("status on unix:{}", status_socket.display()),
+            Err(e) => error!("cannot serve /status on {}: {e}", status_socket.display()),
+        }
+    }
+    let (events, _events_runtime) = node_events(common, &node);
     let mut subnet_error = None;
     let opts = match options(common) {
         Ok(o) => o,
@@ -422,6 +567,7 @@ fn cmd_run(
             Options {
                 table: common.table.clone(),
                 log_rate: common.log_rate,
+                nflog_group: common.nflog_group,
                 allow_rules: true,
                 pod_cidrs: common.pod_cidr.clone(),
                 pod_bridge: common.pod_bridge.clone(),
@@ -443,7 +589,7 @@ fn cmd_run(
         }
     };
     let resync = Duration::from_secs(resync.max(1));
-    let mut last_good: Option<Snapshot> = None;
+    let mut last_good: Option<Arc<Snapshot>> = None;
     // Whether the last read of the source succeeded (its newest state is `last_good`).
     let mut source_ok = false;
     let mut last_full = Instant::now();
@@ -475,7 +621,9 @@ fn cmd_run(
             // No good snapshot yet (fresh boot, API unreachable, broken manifests): close
             // the node's pods before anything else, and again every pass (the subnet file
             // may have appeared, an isolation may have failed).
-            startup(&mut enf, table_existed, &mut startup_logged);
+            if let Some(r) = startup(&mut enf, table_existed, &mut startup_logged) {
+                record_sync(&shared, &enf, &r, Arc::new(Snapshot::default()), &events);
+            }
         }
         if changed {
             let t = Instant::now();
@@ -483,7 +631,7 @@ fn cmd_run(
                 Ok(s) => {
                     tracing::debug!("read the source in {:?}", t.elapsed());
                     shared.metrics.record_source(&s);
-                    last_good = Some(s);
+                    last_good = Some(Arc::new(s));
                     source_ok = true;
                 }
                 Err(e) => {
@@ -510,6 +658,7 @@ fn cmd_run(
         let r = enf.sync(s);
         shared.metrics.observe(&r);
         log_sync(&r);
+        record_sync(&shared, &enf, &r, s.clone(), &events);
         if !full_ruleset_loaded(&r) {
             // Retry soon: the next pass reapplies since nothing was recorded as loaded.
             changed = src.wait_change(Duration::from_secs(1));
@@ -528,8 +677,13 @@ fn cmd_run(
 /// Before the first good snapshot: keeps a table left by an earlier run, or installs the
 /// startup isolation table (every address of the node's pod subnets is an unknown pod:
 /// new connections to and from it are dropped), or warns that nothing can be isolated.
-/// Logs the node's state whenever it changes (`logged` holds the last message).
-fn startup(enf: &mut Enforcer, table_existed: bool, logged: &mut Option<String>) {
+/// Logs the node's state whenever it changes (`logged` holds the last message). Returns the
+/// report of the isolation table's sync, if it ran one.
+fn startup(
+    enf: &mut Enforcer,
+    table_existed: bool,
+    logged: &mut Option<String>,
+) -> Option<SyncReport> {
     let mut say = |level: tracing::Level, msg: String| {
         if logged.as_ref() != Some(&msg) {
             match level {
@@ -541,13 +695,16 @@ fn startup(enf: &mut Enforcer, table_existed: bool, logged: &mut Option<String>)
         }
     };
     match startup_plan(table_existed, &enf.opts.pod_cidrs) {
-        StartupPlan::KeepPrevious => say(
+        StartupPlan::KeepPrevious => {
+            say(
             tracing::Level::WARN,
             format!(
                 "no good snapshot yet: table inet {} from an earlier run stays (the last known policy) until there is one",
                 enf.opts.table
             ),
-        ),
+        );
+            None
+        }
         StartupPlan::Isolate => {
             let r = enf.sync(&Snapshot::default());
             match &r.applied {
@@ -563,11 +720,15 @@ fn startup(enf: &mut Enforcer, table_existed: bool, logged: &mut Option<String>)
                     ),
                 ),
             }
+            Some(r)
         }
-        StartupPlan::Unprotected => say(
+        StartupPlan::Unprotected => {
+            say(
             tracing::Level::ERROR,
             "no good snapshot yet and no pod subnets known (--pod-cidr, or --subnet-file not readable yet): this node's pods are NOT isolated".to_string(),
-        ),
+        );
+            None
+        }
     }
 }
 
@@ -630,6 +791,113 @@ fn cmd_uninstall(common: &Common) -> Result<()> {
     Ok(())
 }
 
+/// How often `drops` asks the daemon for its pods again (pods come and go).
+const ENDPOINTS_REFRESH: Duration = Duration::from_secs(5);
+/// How soon `drops` asks again when a packet has an address no known pod has.
+const ENDPOINTS_RETRY: Duration = Duration::from_secs(1);
+
+/// The running daemon's `/endpoints`; on failure a warning (once per failure text) and the
+/// last known ones stay.
+fn fetch_endpoints(
+    rt: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    last_error: &mut Option<String>,
+) -> Option<Endpoints> {
+    match rt.block_on(twill_runtime::status::get_json::<Endpoints>(
+        socket,
+        "/endpoints",
+    )) {
+        Ok(e) => {
+            *last_error = None;
+            Some(e)
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            if last_error.as_ref() != Some(&msg) {
+                eprintln!("warning: {msg}; addresses are printed without pod names");
+                *last_error = Some(msg);
+            }
+            None
+        }
+    }
+}
+
+/// `drops`: binds the NFLOG group, then prints each packet a twill-policy rule denied.
+fn cmd_drops(
+    common: &Common,
+    count: Option<u64>,
+    output: Output,
+    socket: &std::path::Path,
+) -> Result<()> {
+    let group = common.nflog_group.unwrap_or(DEFAULT_GROUP);
+    let mut listener = twill_nft::nflog::Listener::bind(group).map_err(|e| {
+        if e.os_error() == Some(nix::libc::EBUSY) {
+            anyhow!("NFLOG group {group} is bound by another process (another `twill-policy drops`, or a logging daemon such as ulogd)")
+        } else {
+            anyhow!("binding NFLOG group {group}: {e}")
+        }
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime for the status socket client")?;
+    let mut last_error = None;
+    let mut endpoints = fetch_endpoints(&rt, socket, &mut last_error).unwrap_or_default();
+    let mut fetched = Instant::now();
+    eprintln!(
+        "listening on NFLOG group {group} (twill-policy run --nflog-group {group}); pods from {}",
+        socket.display()
+    );
+    let mut printed = 0u64;
+    while count.is_none_or(|c| printed < c) {
+        let mut packets = Vec::new();
+        match listener.receive(|p| packets.push(p)) {
+            Ok(_) => {}
+            Err(e) if e.os_error() == Some(nix::libc::ENOBUFS) => {
+                eprintln!("warning: the kernel dropped log messages (receive buffer full)");
+            }
+            Err(e) => return Err(anyhow!("reading NFLOG group {group}: {e}")),
+        }
+        if fetched.elapsed() >= ENDPOINTS_REFRESH {
+            if let Some(e) = fetch_endpoints(&rt, socket, &mut last_error) {
+                endpoints = e;
+            }
+            fetched = Instant::now();
+        }
+        for p in packets {
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("warning: unreadable NFLOG message: {e}");
+                    continue;
+                }
+            };
+            let Some(mut d) = describe(&p, &endpoints) else {
+                continue;
+            };
+            // An address no pod is known for may be a pod that started since the last ask.
+            let unknown = (d.src.is_some() && d.src_pod.is_none())
+                || (d.dst.is_some() && d.dst_pod.is_none());
+            if unknown && fetched.elapsed() >= ENDPOINTS_RETRY {
+                if let Some(e) = fetch_endpoints(&rt, socket, &mut last_error) {
+                    endpoints = e;
+                    d = describe(&p, &endpoints).unwrap_or(d);
+                }
+                fetched = Instant::now();
+            }
+            match output {
+                Output::Text => println!("{}", d.text()),
+                Output::Json => println!("{}", serde_json::to_string(&d)?),
+            }
+            printed += 1;
+            if count.is_some_and(|c| printed >= c) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn endpoint<'a>(snap: &'a Snapshot, s: &str) -> Result<Endpoint<'a>> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(Endpoint::ip(snap, ip));
@@ -683,17 +951,26 @@ fn main() -> ExitCode {
         Cmd::Run {
             resync,
             metrics_addr,
+            status_socket,
             health_addr,
             ready_max_age,
             poll_ms,
         } => cmd_run(
             &cli.common,
-            *resync,
-            *metrics_addr,
-            *health_addr,
-            Duration::from_secs(*ready_max_age),
-            Duration::from_millis(*poll_ms),
+            RunOptions {
+                resync: *resync,
+                metrics_addr: *metrics_addr,
+                status_socket: status_socket.clone(),
+                health_addr: *health_addr,
+                ready_max_age: Duration::from_secs(*ready_max_age),
+                poll: Duration::from_millis(*poll_ms),
+            },
         ),
+        Cmd::Drops {
+            count,
+            output,
+            status_socket,
+        } => cmd_drops(&cli.common, *count, *output, status_socket),
         Cmd::Apply { check } => cmd_apply(&cli.common, *check),
         Cmd::Compile { fail_closed } => cmd_compile(&cli.common, *fail_closed),
         Cmd::Uninstall => cmd_uninstall(&cli.common),
@@ -719,6 +996,33 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_objects_are_logged_with_the_pod_or_policy_field() {
+        assert_eq!(object_fields("Pod x/a"), (Some("x/a"), None));
+        assert_eq!(
+            object_fields("NetworkPolicy x/deny"),
+            (None, Some("x/deny"))
+        );
+        assert_eq!(object_fields("Namespace x"), (None, None));
+        assert_eq!(object_fields(""), (None, None));
+    }
+
+    #[test]
+    fn metrics_addresses_or_off() {
+        assert_eq!(metrics_addr("off"), Ok(MetricsAddr::Off));
+        assert_eq!(
+            metrics_addr("0.0.0.0:9753"),
+            Ok(MetricsAddr::On("0.0.0.0:9753".parse().unwrap()))
+        );
+        assert_eq!(
+            metrics_addr("[::1]:9"),
+            Ok(MetricsAddr::On("[::1]:9".parse().unwrap()))
+        );
+        for bad in ["", "Off", "9753", "localhost:9753", "1.2.3.4"] {
+            assert!(metrics_addr(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn interface_names_are_checked_and_bad_ones_named() {

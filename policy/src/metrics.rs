@@ -9,7 +9,8 @@
 //! | `twill_policy_broken_namespaces` | gauge | namespaces failing closed because an object in them could not be read |
 //! | `twill_policy_rules`, `_chains`, `_sets`, `_set_elements`, `_map_elements` | gauge | size of the ruleset of the last sync |
 //! | `twill_policy_fail_closed` | gauge | 1 while the isolation-only table is loaded |
-//! | `twill_policy_dropped_packets_total{namespace,pod,direction}` | counter | packets dropped by each pod chain |
+//! | `twill_policy_dropped_packets_total{namespace,pod,direction}` | counter | packets dropped by each pod chain; a pod's series go when it leaves the node |
+//! | `twill_policy_last_good_snapshot_age_seconds` | gauge | seconds since the full ruleset of a snapshot read without errors was last confirmed loaded (computed at scrape; absent before the first) |
 //!
 //! Drops are the table's named counters (one per pod chain and direction, plus the
 //! unknown-pod chains), read at scrape time with one netlink dump ([`crate::counters`]); syncs never
@@ -19,11 +20,15 @@
 //! The HTTP endpoints that serve them, and the sync loop's health, are in [`crate::http`].
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -55,12 +60,45 @@ impl Default for Metrics {
     }
 }
 
+/// When the sync loop last confirmed that a good snapshot's full ruleset is loaded; written
+/// by the loop ([`crate::http::Health::good`]), read by `/readyz`, `/status` and scrapes.
+pub type LastGood = Arc<Mutex<Option<Instant>>>;
+
+/// `twill_policy_last_good_snapshot_age_seconds`, computed at each scrape from [`LastGood`];
+/// left out of the exposition until there is a first good snapshot (an age of 0 would read
+/// as fresh).
+#[derive(Debug)]
+struct SnapshotAge(LastGood);
+
+impl Collector for SnapshotAge {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let good = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(good) = good else {
+            return Ok(());
+        };
+        let gauge = ConstGauge::new(good.elapsed().as_secs_f64());
+        let metric = encoder.encode_descriptor(
+            "last_good_snapshot_age_seconds",
+            "Seconds since the full ruleset of a snapshot read without errors was last confirmed loaded",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
 fn label(k: &str, v: &str) -> Labels {
     vec![(k.to_string(), v.to_string())]
 }
 
 impl Metrics {
+    /// Metrics whose snapshot age is never known (tests, one-shot commands).
     pub fn new() -> Metrics {
+        Metrics::with_last_good(LastGood::default())
+    }
+
+    /// Metrics whose `last_good_snapshot_age_seconds` is computed from `last_good`.
+    pub fn with_last_good(last_good: LastGood) -> Metrics {
         let mut registry = Registry::with_prefix("twill_policy");
         // 1 ms .. ~16 s
         let sync_duration = Histogram::new([
@@ -127,6 +165,7 @@ impl Metrics {
             "Packets dropped by a pod's policy chain",
             m.drops.clone(),
         );
+        registry.register_collector(Box::new(SnapshotAge(last_good)));
         Metrics { registry, ..m }
     }
 
@@ -215,38 +254,70 @@ pub fn drop_counts(named: &BTreeMap<String, u64>) -> DropCounts {
     out
 }
 
-/// Turns the counters' current values into monotonic drop totals.
+/// Turns the counters' current values into monotonic drop totals, one series per pod and
+/// direction, and removes a pod's series once its counter is gone.
 ///
 /// The counters are named objects, so flushing and refilling a pod's chain (every
-/// incremental update) keeps them counting; they vanish with their pod and start from zero
-/// only when the whole table is deleted and created again (the last-resort fallback), which
-/// shows as a value lower than the last one read.
+/// incremental update) keeps them counting; they vanish with their pod (its chain and
+/// counter are deleted) and start from zero only when the whole table is deleted and
+/// created again (the last-resort fallback), which shows as a value lower than the last one
+/// read. A counter that vanished is forgotten with its series: a pod re-created with the
+/// same name starts a new series from its new counter's value.
 #[derive(Debug, Default)]
 pub struct DropTracker {
     /// Counter values as last read.
     seen: DropCounts,
+    /// The totals served, per (pod, direction): what the series hold.
+    totals: DropCounts,
+}
+
+/// The labels of the drop series of `pod` ("namespace/name", or "unknown"/"unaddressed").
+fn drop_labels(pod: &str, dir: &str) -> Labels {
+    let (ns, name) = pod.split_once('/').unwrap_or(("", pod));
+    vec![
+        ("namespace".to_string(), ns.to_string()),
+        ("pod".to_string(), name.to_string()),
+        ("direction".to_string(), dir.to_string()),
+    ]
 }
 
 impl DropTracker {
-    /// Accounts the counters `now` read from the loaded table into `metrics`.
+    /// Accounts the counters `now` read from the loaded table into `metrics`, and removes
+    /// the series of counters that are no longer in the table.
     pub fn observe(&mut self, now: &DropCounts, metrics: &Metrics) {
         for ((pod, dir), &n) in now {
-            let prev = self.seen.get(&(pod.clone(), dir.clone())).copied();
-            let delta = match prev {
+            let key = (pod.clone(), dir.clone());
+            let delta = match self.seen.get(&key).copied() {
                 Some(p) if n >= p => n - p,
                 _ => n,
             };
             if delta > 0 {
-                let (ns, name) = pod.split_once('/').unwrap_or(("", pod));
-                let labels = vec![
-                    ("namespace".to_string(), ns.to_string()),
-                    ("pod".to_string(), name.to_string()),
-                    ("direction".to_string(), dir.clone()),
-                ];
-                metrics.drops.get_or_create(&labels).inc_by(delta);
+                metrics
+                    .drops
+                    .get_or_create(&drop_labels(pod, dir))
+                    .inc_by(delta);
+                *self.totals.entry(key).or_default() += delta;
             }
         }
+        for (pod, dir) in self.seen.keys().filter(|k| !now.contains_key(*k)) {
+            metrics.drops.remove(&drop_labels(pod, dir));
+            self.totals.remove(&(pod.clone(), dir.clone()));
+        }
         self.seen = now.clone();
+    }
+
+    /// The `limit` pods ("namespace/name") with the most drops served, most first (ties
+    /// by pod and direction); the unknown-pod and unaddressed counters are no pods.
+    pub fn top(&self, limit: usize) -> Vec<(String, String, u64)> {
+        let mut v: Vec<(String, String, u64)> = self
+            .totals
+            .iter()
+            .filter(|((pod, _), n)| pod.contains('/') && **n > 0)
+            .map(|((pod, dir), n)| (pod.clone(), dir.clone(), *n))
+            .collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (&a.0, &a.1).cmp(&(&b.0, &b.1))));
+        v.truncate(limit);
+        v
     }
 }
 
@@ -390,6 +461,70 @@ mod tests {
                 "{name} in:\n{text}"
             );
         }
+    }
+
+    fn drops(pairs: &[(&str, &str, u64)]) -> DropCounts {
+        pairs
+            .iter()
+            .map(|(p, d, n)| ((p.to_string(), d.to_string()), *n))
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_that_leaves_loses_its_series_and_a_new_one_starts_from_its_counter() {
+        let m = Metrics::new();
+        let mut t = DropTracker::default();
+        t.observe(&drops(&[("x/a", "ingress", 5), ("x/b", "egress", 2)]), &m);
+        t.observe(&drops(&[("x/a", "ingress", 9), ("x/b", "egress", 2)]), &m);
+        let text = m.render();
+        assert!(text.contains("twill_policy_dropped_packets_total{namespace=\"x\",pod=\"a\",direction=\"ingress\"} 9"), "{text}");
+        assert_eq!(
+            t.top(10),
+            vec![
+                ("x/a".to_string(), "ingress".to_string(), 9),
+                ("x/b".to_string(), "egress".to_string(), 2)
+            ]
+        );
+        // x/a leaves: its counter is gone from the table, and so is its series.
+        t.observe(&drops(&[("x/b", "egress", 3)]), &m);
+        let text = m.render();
+        assert!(!text.contains("pod=\"a\""), "{text}");
+        assert!(text.contains("twill_policy_dropped_packets_total{namespace=\"x\",pod=\"b\",direction=\"egress\"} 3"), "{text}");
+        // Re-created with the same name: a new series from the new counter's value (lower
+        // than the old total, which is no reset of a series that no longer exists).
+        t.observe(&drops(&[("x/a", "ingress", 1), ("x/b", "egress", 3)]), &m);
+        let text = m.render();
+        assert!(text.contains("twill_policy_dropped_packets_total{namespace=\"x\",pod=\"a\",direction=\"ingress\"} 1"), "{text}");
+        assert_eq!(t.top(1), vec![("x/b".to_string(), "egress".to_string(), 3)]);
+        // Non-pod counters are served but are no pods in the top list.
+        t.observe(&drops(&[("unknown", "egress", 50)]), &m);
+        assert!(t.top(10).is_empty());
+        assert!(m
+            .render()
+            .contains("pod=\"unknown\",direction=\"egress\"} 50"));
+    }
+
+    #[test]
+    fn snapshot_age_is_absent_until_the_first_good_snapshot() {
+        let last_good = LastGood::default();
+        let m = Metrics::with_last_good(last_good.clone());
+        assert!(
+            !m.render().contains("last_good_snapshot_age"),
+            "{}",
+            m.render()
+        );
+        *last_good.lock().unwrap() = Some(Instant::now() - std::time::Duration::from_secs(42));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE twill_policy_last_good_snapshot_age_seconds gauge"),
+            "{text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("twill_policy_last_good_snapshot_age_seconds "))
+            .unwrap();
+        let age: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+        assert!((42.0..100.0).contains(&age), "{line}");
     }
 
     #[test]

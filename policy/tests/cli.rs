@@ -150,3 +150,52 @@ fn invalid_object_fails_its_namespace_closed_and_is_reported_with_file_document_
     assert!(s.contains("egress of x/a: namespace x fails closed"), "{s}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bad_metrics_addresses_and_nflog_groups_are_named_in_the_error() {
+    for (args, flag, value) in [
+        (
+            vec!["run", "--metrics-addr", "bogus"],
+            "--metrics-addr",
+            "bogus",
+        ),
+        (
+            vec!["run", "--metrics-addr", "9753"],
+            "--metrics-addr",
+            "9753",
+        ),
+        (
+            vec!["--nflog-group", "65536", "compile"],
+            "--nflog-group",
+            "65536",
+        ),
+        (vec!["--nflog-group=-1", "compile"], "--nflog-group", "-1"),
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag) && err.contains(&format!("'{value}'")),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn nflog_group_moves_every_log_statement_to_the_group() {
+    let out = bin()
+        .args(["--node-name", "n1", "--nflog-group", "100", "compile"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        s.contains("log prefix \"twill-policy drop ingress web/a: \" group 100"),
+        "{s}"
+    );
+    assert!(!s.contains("level info"), "{s}");
+}

@@ -225,6 +225,15 @@ impl World {
                 "50".into(),
                 "--metrics-addr".into(),
                 "127.0.0.1:9753".into(),
+                // Lab nodes share one filesystem: a status socket per node.
+                "--status-socket".into(),
+                self.lab
+                    .node(n)
+                    .dir
+                    .join("policy.sock")
+                    .to_str()
+                    .unwrap()
+                    .into(),
             ];
             argv.extend(extra(n));
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();

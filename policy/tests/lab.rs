@@ -423,7 +423,14 @@ fn run_follows_manifest_changes_and_fails_a_broken_namespace_closed() {
         .spawn(
             &node.netns,
             "twill-policy",
-            &[bin, "--manifests", dir.to_str().unwrap(), "run"],
+            &[
+                bin,
+                "--manifests",
+                dir.to_str().unwrap(),
+                "run",
+                "--status-socket",
+                node.dir.join("policy.sock").to_str().unwrap(),
+            ],
             &[("NODE_NAME", "n1")],
         )
         .unwrap();

@@ -105,6 +105,8 @@ fn a_bad_object_closes_only_its_namespace_and_a_reused_address_gets_its_own_verd
                 "run",
                 "--poll-ms",
                 "100",
+                "--status-socket",
+                node.dir.join("policy.sock").to_str().unwrap(),
             ],
             &[("NODE_NAME", "n1")],
         )

@@ -14,8 +14,6 @@
 //! Everything runs inside lab namespaces; HTTP clients and the fake API server run on
 //! threads that entered the node's namespace (setns), never in the root namespace.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -23,7 +21,7 @@ use twill_fake_apiserver::FakeApiServer;
 use twill_lab::Lab;
 
 mod common;
-use common::{connects, policy_bin, serve, wait_for};
+use common::{connects, http_get, policy_bin, serve, serve_api_in, wait_for};
 
 const HEALTH: &str = "127.0.0.1:9754";
 
@@ -31,31 +29,9 @@ fn bin() -> String {
     policy_bin().display().to_string()
 }
 
-/// Runs `f` on a thread that has entered network namespace `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
 /// `GET path` on the health address inside `netns`: (status code, body), None if refused.
 fn get(netns: &str, path: &str) -> Option<(u16, String)> {
-    let path = path.to_string();
-    in_netns(netns, move || {
-        let mut c = TcpStream::connect(HEALTH).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        let mut s = String::new();
-        c.read_to_string(&mut s).ok()?;
-        let code = s.split_whitespace().nth(1)?.parse().ok()?;
-        let body = s.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-        Some((code, body))
-    })
+    http_get(netns, HEALTH, path)
 }
 
 fn table(lab: &Lab, netns: &str) -> String {
@@ -106,6 +82,7 @@ fn closed_from_the_first_second() {
     // gives no snapshot at all.)
     let dir = lab.dir().join("manifests");
     let bin = bin();
+    let socket = node.dir.join("policy.sock");
     let argv = [
         bin.as_str(),
         "--manifests",
@@ -115,6 +92,8 @@ fn closed_from_the_first_second() {
         "run",
         "--poll-ms",
         "200",
+        "--status-socket",
+        socket.to_str().unwrap(),
     ];
     let id = lab
         .spawn(&node.netns, "policy-1", &argv, &[("NODE_NAME", "n1")])
@@ -272,6 +251,8 @@ fn unreachable_api_backs_off_without_spinning() {
                 "--pod-cidr",
                 "10.244.1.0/24",
                 "run",
+                "--status-socket",
+                node.dir.join("policy.sock").to_str().unwrap(),
             ],
             &[("NODE_NAME", "n1"), ("NO_COLOR", "1")],
         )
@@ -322,22 +303,7 @@ fn unreachable_api_backs_off_without_spinning() {
                "status": {"phase": "Running", "podIP": "10.244.1.2",
                           "podIPs": [{"ip": "10.244.1.2"}]}}),
     );
-    let s = srv.clone();
-    let ns = node.netns.clone();
-    std::thread::spawn(move || {
-        in_netns(&ns, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:16443")
-                    .await
-                    .unwrap();
-                s.serve_tcp(l).await.unwrap();
-            });
-        })
-    });
+    serve_api_in(&node.netns, &srv, "127.0.0.1:16443");
     // The next attempt comes after at most ~13 s (the fifth delay); 60 s is generous.
     let deadline = Instant::now() + Duration::from_secs(60);
     while get(&node.netns, "/readyz").map(|(c, _)| c) != Some(200) {

@@ -244,6 +244,8 @@ fn tighten(label: &str, strict: bool) {
                 "run",
                 "--poll-ms",
                 "100",
+                "--status-socket",
+                node.dir.join("policy.sock").to_str().unwrap(),
             ],
             &[("NODE_NAME", "n1")],
         )

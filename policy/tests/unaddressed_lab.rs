@@ -442,6 +442,8 @@ impl World {
                         // rules the control deletes by hand.
                         "--resync",
                         "3600",
+                        "--status-socket",
+                        node.dir.join("policy.sock").to_str().unwrap(),
                     ],
                     &[],
                 )

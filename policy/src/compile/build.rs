@@ -593,6 +593,7 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         ingress_map,
         egress_map,
         log_rate: opts.log_rate.max(1),
+        nflog_group: opts.nflog_group,
         pod_cidrs: opts.pod_cidrs.clone(),
         known_local,
         pod_bridge: opts.pod_bridge.clone(),
@@ -686,6 +687,47 @@ mod tests {
 
     fn render(snap: &Snapshot) -> String {
         compile(snap, "n1", &Options::default()).render()
+    }
+
+    #[test]
+    fn denied_packets_go_to_the_nflog_group_when_one_is_set() {
+        let snap = world(30, vec![policy("deny", vec![], vec![])]);
+        let opts = Options {
+            pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..Options::default()
+        };
+        let kernel_log = compile(&snap, "n1", &opts).render();
+        let nflog = compile(
+            &snap,
+            "n1",
+            &Options {
+                nflog_group: Some(100),
+                ..opts
+            },
+        )
+        .render();
+        let logs = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.contains(" log prefix "))
+                .map(|l| l.trim().to_string())
+                .collect()
+        };
+        let (k, n) = (logs(&kernel_log), logs(&nflog));
+        // Pod chains (both directions), unknown-pod chains, unaddressed, non-IP frames.
+        assert!(k.len() >= 6, "{kernel_log}");
+        assert_eq!(k.len(), n.len());
+        for (k, n) in k.iter().zip(&n) {
+            assert!(k.ends_with(" level info"), "{k}");
+            assert!(n.ends_with(" group 100"), "{n}");
+            // The same rate limit and prefix (naming the chain's pod and direction).
+            assert_eq!(
+                k.trim_end_matches(" level info"),
+                n.trim_end_matches(" group 100")
+            );
+        }
+        assert!(n
+            .iter()
+            .any(|l| l.contains("log prefix \"twill-policy drop ingress x/p0: \"")));
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub struct Ruleset {
     pub egress_map: Vec<(IpAddr, String)>,
     /// Denied-packet log rate per pod chain, packets per second.
     pub log_rate: u32,
+    /// [`Options::nflog_group`].
+    pub nflog_group: Option<u16>,
     /// This node's pod subnets ([`Options::pod_cidrs`]); empty = no unknown-pod isolation.
     pub pod_cidrs: Vec<ipnet::IpNet>,
     /// Addresses of the local pods the snapshot knows (exempt from unknown-pod isolation).
@@ -157,6 +159,9 @@ pub struct Options {
     pub table: String,
     /// Log rate per pod chain, packets per second.
     pub log_rate: u32,
+    /// Where denied packets are logged: None, the kernel log (`level info`); Some(n),
+    /// NFLOG group n (`group n`), where `twill-policy drops` reads them.
+    pub nflog_group: Option<u16>,
     /// When false, emit only isolation (every isolated pod's chain just drops): the
     /// fail-closed table.
     pub allow_rules: bool,
@@ -179,6 +184,7 @@ impl Default for Options {
         Options {
             table: DEFAULT_TABLE.into(),
             log_rate: 5,
+            nflog_group: None,
             allow_rules: true,
             pod_cidrs: Vec::new(),
             pod_bridge: DEFAULT_POD_BRIDGE.into(),
@@ -190,6 +196,14 @@ impl Ruleset {
     /// An address in this node's pod subnets that no known local pod has.
     pub fn is_unknown_local(&self, ip: IpAddr) -> bool {
         self.pod_cidrs.iter().any(|n| n.contains(&ip)) && !self.known_local.contains(&ip)
+    }
+
+    /// The end of every denied-packet `log` statement: where the packet goes.
+    pub fn log_target(&self) -> String {
+        match self.nflog_group {
+            None => "level info".to_string(),
+            Some(n) => format!("group {n}"),
+        }
     }
 
     fn unknown_families(&self) -> Vec<Family> {

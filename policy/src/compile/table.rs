@@ -118,9 +118,10 @@ impl Ruleset {
                 LOG_PREFIX_MAX,
             );
             rules.push(format!(
-                "limit rate {}/second burst {} packets log prefix {prefix} level info",
+                "limit rate {}/second burst {} packets log prefix {prefix} {}",
                 self.log_rate,
-                self.log_rate * 2
+                self.log_rate * 2,
+                self.log_target()
             ));
             // A named counter (same name as the chain): it survives the chain being
             // flushed and refilled, so drop totals need no listing before each update.
@@ -174,9 +175,10 @@ impl Ruleset {
                 );
                 let _ = writeln!(
                     s,
-                    "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop {dir} unknown pod: \" level info",
+                    "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop {dir} unknown pod: \" {}",
                     self.log_rate,
-                    self.log_rate * 2
+                    self.log_rate * 2,
+                    self.log_target()
                 );
                 let _ = writeln!(s, "\t\tcounter name \"unknown-{dir}\" drop");
                 let _ = writeln!(s, "\t}}");
@@ -226,9 +228,10 @@ impl Ruleset {
         );
         let _ = writeln!(
             s,
-            "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop unaddressed: \" level info",
+            "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop unaddressed: \" {}",
             self.log_rate,
-            self.log_rate * 2
+            self.log_rate * 2,
+            self.log_target()
         );
         let _ = writeln!(s, "\t\tcounter name \"unaddressed\" drop");
         let _ = writeln!(s, "\t}}");
@@ -295,9 +298,10 @@ impl Ruleset {
         );
         let _ = writeln!(
             bridge,
-            "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop non-IP frame: \" level info",
+            "\t\tlimit rate {}/second burst {} packets log prefix \"twill-policy drop non-IP frame: \" {}",
             self.log_rate,
-            self.log_rate * 2
+            self.log_rate * 2,
+            self.log_target()
         );
         let _ = writeln!(bridge, "\t\tcounter drop");
         let _ = writeln!(bridge, "\t}}");

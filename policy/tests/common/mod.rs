@@ -78,3 +78,50 @@ pub fn connects(lab: &Lab, netns: &str, to: impl ToString) -> bool {
     .status
     .success()
 }
+
+/// Runs `f` on a thread that has entered network namespace `netns` (HTTP clients and servers
+/// of a lab node, never in the root namespace).
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// `GET path` on `addr` inside `netns`: (status code, body), None if refused or cut short.
+pub fn http_get(netns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let (addr, path) = (addr.to_string(), path.to_string());
+    in_netns(netns, move || {
+        let mut c = std::net::TcpStream::connect(addr.as_str()).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut s = String::new();
+        c.read_to_string(&mut s).ok()?;
+        let code = s.split_whitespace().nth(1)?.parse().ok()?;
+        let body = s.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((code, body))
+    })
+}
+
+/// Serves `srv` on `addr` (e.g. 127.0.0.1:16443) inside `netns`, from a thread of its own,
+/// for as long as the test runs.
+pub fn serve_api_in(netns: &str, srv: &twill_fake_apiserver::FakeApiServer, addr: &str) {
+    let (netns, srv, addr) = (netns.to_string(), srv.clone(), addr.to_string());
+    std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind(addr.as_str()).await.unwrap();
+                srv.serve_tcp(l).await.unwrap();
+            });
+        })
+    });
+}
