@@ -183,7 +183,7 @@ pub fn up() -> Result<()> {
                 &subnet_file.to_string_lossy(),
                 // Lab nodes share one filesystem: a status socket per node.
                 "--status-socket",
-                &lab.node(n).dir.join("policy.sock").to_string_lossy(),
+                &lab.node(n).policy_socket().to_string_lossy(),
             ],
             &[],
         )?;
