@@ -157,6 +157,11 @@ pub struct Flags {
     #[arg(long, env = "TWILL_RESYNC_PERIOD", default_value_t = 10)]
     pub resync_period: u64,
 
+    /// twill: the unix socket serving `GET /status` (root only) for `twilld status`; empty
+    /// disables it. Each twilld on a machine needs its own.
+    #[arg(long, env = "FLANNELD_STATUS_SOCKET", default_value = twill_runtime::status::TWILLD_SOCKET)]
+    pub status_socket: String,
+
     /// twill: remove what twill adds beyond Flannel's state from this node's network
     /// namespace (nftables tables inet twill-underlay, bridge twill-antispoof, inet and bridge
     /// twill-policy), then exit. For switching back to Flannel, after twill's daemons stopped;
@@ -220,6 +225,16 @@ mod tests {
             .chain(args.iter().copied())
             .map(String::from);
         Flags::try_parse_from(normalize_go_args(argv)).unwrap()
+    }
+
+    #[test]
+    fn the_status_socket_defaults_to_run_twill_and_empty_disables_it() {
+        assert_eq!(parse(&[]).status_socket, "/run/twill/twilld.sock");
+        assert_eq!(
+            parse(&["--status-socket=/tmp/n1/twilld.sock"]).status_socket,
+            "/tmp/n1/twilld.sock"
+        );
+        assert_eq!(parse(&["--status-socket="]).status_socket, "");
     }
 
     #[test]

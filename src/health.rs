@@ -1,6 +1,6 @@
-//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies:
-//! two fixed answers, any method, on axum through twill-runtime's bounded server (the
-//! connection is closed after each response).
+//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flanneld's bodies (two
+//! fixed answers, any method), and twill's `GET /metrics` ([`crate::metrics`]), on axum
+//! through twill-runtime's bounded server (the connection is closed after each response).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +9,11 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get};
 use axum::Router;
 use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
 
 /// Set once rules are installed and subnet.env is written.
 #[derive(Clone, Default)]
@@ -59,17 +61,29 @@ pub fn respond(path: &str, ready: bool) -> (u16, &'static str) {
     }
 }
 
-/// Serves `/healthz` and `/readyz` (any method; other paths get flanneld's 404) on `addr`
-/// with twill-runtime's bounded HTTP server.
-pub async fn serve(addr: SocketAddr, readiness: Readiness) -> std::io::Result<()> {
+/// Serves `/healthz` and `/readyz` (any method), `GET /metrics`, and flanneld's 404 for
+/// other paths on `addr` with twill-runtime's bounded HTTP server.
+pub async fn serve(
+    addr: SocketAddr,
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /healthz and /readyz");
-    twill_runtime::http::serve(listener, router(readiness), twill_runtime::http::DEADLINE).await;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    twill_runtime::http::serve(
+        listener,
+        router(readiness, metrics),
+        twill_runtime::http::DEADLINE,
+    )
+    .await;
     Ok(())
 }
 
-/// `/healthz` and `/readyz` with flanneld's bodies; other paths get flanneld's 404.
-fn router(readiness: Readiness) -> Router {
+/// The OpenMetrics content type prometheus-client's text encoding is.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `/healthz` and `/readyz` with flanneld's bodies, `/metrics`; other paths get flanneld's 404.
+fn router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
     let answer = |path: &'static str| {
         move |State(readiness): State<Readiness>| async move {
             reply(respond(path, readiness.is_ready()))
@@ -78,6 +92,16 @@ fn router(readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", any(answer("/healthz")))
         .route("/readyz", any(answer("/readyz")))
+        .route(
+            "/metrics",
+            get(move || async move {
+                // The guard's counters are read over netlink at scrape: off the runtime.
+                match tokio::task::spawn_blocking(move || metrics.render()).await {
+                    Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                }
+            }),
+        )
         .fallback(|| async { reply(respond("", false)) })
         .with_state(readiness)
 }
@@ -119,7 +143,7 @@ mod tests {
         let readiness = Readiness::default();
         tokio::spawn(twill_runtime::http::serve(
             listener,
-            router(readiness.clone()),
+            router(readiness.clone(), Arc::new(Metrics::new())),
             twill_runtime::http::DEADLINE,
         ));
         let get = |path: &'static str| async move {
@@ -144,9 +168,38 @@ mod tests {
         assert!(r.ends_with("\r\n\r\nflanneld is ready"), "{r}");
         let r = get("/healthz").await;
         assert!(r.ends_with("\r\n\r\nflanneld is running"), "{r}");
-        let r = get("/metrics").await;
+        let r = get("/nowhere").await;
         assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"), "{r}");
         assert!(r.ends_with("\r\n\r\n404 page not found"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_openmetrics_text() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.record_renewal(true);
+        tokio::spawn(twill_runtime::http::serve(
+            listener,
+            router(Readiness::default(), metrics),
+            twill_runtime::http::DEADLINE,
+        ));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.to_ascii_lowercase().contains(
+                "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("\ntwilld_lease_renewals_total 1\n"), "{r}");
+        assert!(r.ends_with("# EOF\n"), "{r}");
     }
 
     #[test]

@@ -3,6 +3,11 @@
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    // `twilld status`: flanneld takes no positional arguments, so a first argument `status`
+    // cannot be one of Flannel's command lines.
+    if std::env::args().nth(1).as_deref() == Some("status") {
+        return twill::status_command::main(std::env::args().skip(2));
+    }
     let flags = twill::flags::Flags::parse_from_env_and_args();
     let level = match flags.verbosity {
         0 => "info",

@@ -168,12 +168,14 @@ impl TrafficManager {
     }
 
     /// One drift check: a missing rule (iptables) or a changed rule count (nftables) re-applies
-    /// the family's whole set.
-    pub async fn resync(&self) {
+    /// the family's whole set. Whether something had drifted (a repair was needed).
+    pub async fn resync(&self) -> bool {
+        let mut drifted = false;
         for (rules, support) in &self.iptables {
             match iptables::missing(rules).await {
                 Ok(missing) if missing.is_empty() => {}
                 Ok(missing) => {
+                    drifted = true;
                     tracing::warn!(family = %rules.family, missing = missing.len(), first = %missing[0].line("-A"), "iptables rules missing; re-applying the whole set");
                     if let Err(e) = iptables::apply(rules, *support).await {
                         tracing::warn!(error = %e, "re-applying the iptables rules failed; retrying on the next resync");
@@ -185,24 +187,33 @@ impl TrafficManager {
         for input in &self.nftables {
             let count = masq::installed_rule_count(&self.nft, &input.network).await;
             if count != Some(masq::rule_count(input)) {
+                drifted = true;
                 tracing::warn!(network = %input.network, "masquerade/forward tables drifted; re-applying");
                 if let Err(e) = masq::apply(&self.nft, input).await {
                     tracing::warn!(error = %e, "re-applying the nftables rules failed");
                 }
             }
         }
+        drifted
     }
 
     /// Runs [`TrafficManager::resync`] every `period`, on a task of its own (a slow iptables
-    /// never holds up the dataplane's event loop).
-    pub fn spawn_resync(self, period: Duration) -> tokio::task::JoinHandle<()> {
+    /// never holds up the dataplane's event loop); each check that found drift is counted as
+    /// a masquerade repair in `metrics`.
+    pub fn spawn_resync(
+        self,
+        period: Duration,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period.max(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                self.resync().await;
+                if self.resync().await {
+                    metrics.record_repair(crate::metrics::Component::Masquerade);
+                }
             }
         })
     }

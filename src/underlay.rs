@@ -40,6 +40,14 @@ use twill_nft::listing::{Elem, Listing};
 use crate::nft::{off_runtime, NftError, NftRunner, SharedNft};
 
 pub const TABLE: &str = "twill-underlay";
+/// The named counters of the guard's drop rules, one per rule (both families share it); the
+/// names are the `rule` label of `twilld_underlay_guard_dropped_packets_total`.
+pub const VXLAN_FROM_NON_PEER: &str = "vxlan_from_non_peer";
+pub const NOT_LEASED: &str = "pod_source_not_leased";
+pub const SPOOFING: &str = "pod_source_spoofing";
+pub const POD_TO_VXLAN_PORT: &str = "pod_to_vxlan_port";
+pub const DROP_COUNTERS: [&str; 4] = [VXLAN_FROM_NON_PEER, NOT_LEASED, SPOOFING, POD_TO_VXLAN_PORT];
+
 /// The bridge Flannel's CNI config gives the bridge plugin.
 pub const POD_BRIDGE: &str = "cni0";
 
@@ -194,6 +202,11 @@ pub fn ruleset(input: &GuardInput) -> String {
         "add set {t} peer_subnets6 {{ type ipv6_addr ; flags interval ;{} }}",
         elements(&sets.peer_subnets6)
     );
+    // One named counter per drop rule (both families share it), so the drops are read at
+    // scrape time with one netlink dump of the table's counter objects.
+    for counter in DROP_COUNTERS {
+        let _ = writeln!(s, "add counter {t} {counter}");
+    }
     let _ = writeln!(
         s,
         "add chain {t} prerouting {{ type filter hook prerouting priority raw ; policy accept ; }}"
@@ -224,23 +237,23 @@ pub fn ruleset(input: &GuardInput) -> String {
         if !own.is_empty() {
             let _ = writeln!(
                 s,
-                "add rule {t} prerouting iifname \"{POD_BRIDGE}\" {p} saddr != {{ {} }} counter drop comment \"pod source spoofing\"",
+                "add rule {t} prerouting iifname \"{POD_BRIDGE}\" {p} saddr != {{ {} }} counter name \"{SPOOFING}\" drop comment \"pod source spoofing\"",
                 own.join(", ")
             );
         }
         // Routed pod traffic on the underlay: only from peers' subnets.
         let _ = writeln!(
             s,
-            "add rule {t} prerouting iifname \"{ext}\" {p} saddr {net} {p} saddr != @peer_subnets{sfx} counter drop comment \"pod source not leased to a peer\""
+            "add rule {t} prerouting iifname \"{ext}\" {p} saddr {net} {p} saddr != @peer_subnets{sfx} counter name \"{NOT_LEASED}\" drop comment \"pod source not leased to a peer\""
         );
         if let Some(port) = input.vxlan_port {
             let _ = writeln!(
                 s,
-                "add rule {t} input udp dport {port} {p} saddr != @peers{sfx} counter drop comment \"VXLAN from a non-peer (flannel#961)\""
+                "add rule {t} input udp dport {port} {p} saddr != @peers{sfx} counter name \"{VXLAN_FROM_NON_PEER}\" drop comment \"VXLAN from a non-peer (flannel#961)\""
             );
             let _ = writeln!(
                 s,
-                "add rule {t} forward {p} saddr {net} udp dport {port} counter drop comment \"pods never reach a VXLAN port\""
+                "add rule {t} forward {p} saddr {net} udp dport {port} counter name \"{POD_TO_VXLAN_PORT}\" drop comment \"pods never reach a VXLAN port\""
             );
         }
     }
@@ -331,6 +344,22 @@ pub async fn drifted(nft: &SharedNft, applied: &GuardInput) -> bool {
     }
 }
 
+/// The guard's peer sets as the kernel holds them now (public IPs of both families, subnets
+/// of both families); `None` when the table cannot be listed (it is missing).
+pub async fn kernel_sets(nft: &SharedNft) -> Option<(BTreeSet<IpAddr>, BTreeSet<IpNet>)> {
+    let listing = off_runtime(nft, |n| n.list_table("inet", TABLE, true))
+        .await
+        .ok()?;
+    let (sets, _) = listed(&listing)?;
+    Some((
+        sets.peers4.into_iter().chain(sets.peers6).collect(),
+        sets.peer_subnets4
+            .into_iter()
+            .chain(sets.peer_subnets6)
+            .collect(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,13 +396,17 @@ add set inet twill-underlay peers4 { type ipv4_addr ; elements = { 198.18.0.12, 
 add set inet twill-underlay peers6 { type ipv6_addr ; }
 add set inet twill-underlay peer_subnets4 { type ipv4_addr ; flags interval ; elements = { 10.244.2.0/24, 10.244.3.0/24 } ; }
 add set inet twill-underlay peer_subnets6 { type ipv6_addr ; flags interval ; }
+add counter inet twill-underlay vxlan_from_non_peer
+add counter inet twill-underlay pod_source_not_leased
+add counter inet twill-underlay pod_source_spoofing
+add counter inet twill-underlay pod_to_vxlan_port
 add chain inet twill-underlay prerouting { type filter hook prerouting priority raw ; policy accept ; }
 add chain inet twill-underlay input { type filter hook input priority filter - 10 ; policy accept ; }
 add chain inet twill-underlay forward { type filter hook forward priority filter - 10 ; policy accept ; }
-add rule inet twill-underlay prerouting iifname \"cni0\" ip saddr != { 10.244.1.0/24 } counter drop comment \"pod source spoofing\"
-add rule inet twill-underlay prerouting iifname \"eth0\" ip saddr 10.244.0.0/16 ip saddr != @peer_subnets4 counter drop comment \"pod source not leased to a peer\"
-add rule inet twill-underlay input udp dport 8472 ip saddr != @peers4 counter drop comment \"VXLAN from a non-peer (flannel#961)\"
-add rule inet twill-underlay forward ip saddr 10.244.0.0/16 udp dport 8472 counter drop comment \"pods never reach a VXLAN port\"
+add rule inet twill-underlay prerouting iifname \"cni0\" ip saddr != { 10.244.1.0/24 } counter name \"pod_source_spoofing\" drop comment \"pod source spoofing\"
+add rule inet twill-underlay prerouting iifname \"eth0\" ip saddr 10.244.0.0/16 ip saddr != @peer_subnets4 counter name \"pod_source_not_leased\" drop comment \"pod source not leased to a peer\"
+add rule inet twill-underlay input udp dport 8472 ip saddr != @peers4 counter name \"vxlan_from_non_peer\" drop comment \"VXLAN from a non-peer (flannel#961)\"
+add rule inet twill-underlay forward ip saddr 10.244.0.0/16 udp dport 8472 counter name \"pod_to_vxlan_port\" drop comment \"pods never reach a VXLAN port\"
 ";
         assert_eq!(ruleset(&input()), golden);
     }
@@ -389,7 +422,7 @@ add rule inet twill-underlay forward ip saddr 10.244.0.0/16 udp dport 8472 count
         assert!(!s.contains("udp dport"));
         assert!(s.contains("peers6 { type ipv6_addr ; elements = { 2001:db8::12 } ; }"));
         assert!(s.contains(
-            "iifname \"cni0\" ip6 saddr != { fd00:42:0:1::/64, ::, fe80::/10 } counter drop"
+            "iifname \"cni0\" ip6 saddr != { fd00:42:0:1::/64, ::, fe80::/10 } counter name \"pod_source_spoofing\" drop"
         ));
     }
 
@@ -641,7 +674,9 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         i.peer_subnets.clear();
         let s = ruleset(&i);
         assert!(s.contains("add set inet twill-underlay peers4 { type ipv4_addr ; }\n"));
-        assert!(s.contains("udp dport 8472 ip saddr != @peers4 counter drop"));
+        assert!(s.contains(
+            "udp dport 8472 ip saddr != @peers4 counter name \"vxlan_from_non_peer\" drop"
+        ));
     }
 
     #[test]

@@ -450,3 +450,105 @@ fn kube_net_conf_errors_use_flannels_text() {
         "{log}"
     );
 }
+
+/// The events on node objects the fake API server holds (events.k8s.io/v1, namespace
+/// default, where kube's Recorder puts events about cluster-scoped objects).
+fn events(k: &Kube) -> Vec<Value> {
+    k.call(
+        "GET",
+        "/apis/events.k8s.io/v1/namespaces/default/events",
+        "",
+        Value::Null,
+    )["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until an event with `reason` about node `regarding` exists; returns it.
+fn wait_event(k: &Kube, regarding: &str, reason: &str) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let all = events(k);
+        if let Some(e) = all
+            .iter()
+            .find(|e| e["reason"] == reason && e["regarding"]["name"] == regarding)
+        {
+            return e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} event about {regarding}; events: {all:#?}\nlog:\n{}",
+            k.c.log(regarding)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn kube_events_lease_acquired_lost_reacquired_and_peer_skipped() {
+    if !twill_lab::require_root() {
+        return;
+    }
+    let mut k = kube_cluster("kev", &["n1"]);
+    // A peer whose public-ip annotation is garbage: skipped, with an event naming it.
+    let mut broken = flannel_annotations("198.18.0.44", "0a:58:0a:f4:09:00");
+    broken[format!("{A}public-ip")] = json!("not-an-address");
+    k.create_node("broken", "10.244.9.0/24", broken);
+    k.start("n1");
+    k.c.wait_ready("n1");
+
+    let acquired = wait_event(&k, "n1", "LeaseAcquired");
+    assert_eq!(acquired["type"], "Normal");
+    assert_eq!(acquired["reportingController"], "twilld");
+    assert_eq!(acquired["regarding"]["kind"], "Node");
+    assert!(
+        acquired["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("subnet 10.244.1.0/24, public IP 198.18.0.11"),
+        "{acquired:#}"
+    );
+    let skipped = wait_event(&k, "n1", "PeerLeaseSkipped");
+    assert_eq!(skipped["type"], "Warning");
+    assert_eq!(skipped["related"]["kind"], "Node");
+    assert_eq!(skipped["related"]["name"], "broken");
+    let note = skipped["note"].as_str().unwrap();
+    assert!(
+        note.contains("broken") && note.contains("public-ip"),
+        "{note}"
+    );
+
+    // Someone removes n1's flannel annotations: twilld writes them back, with events.
+    let ours = k.node("n1")["metadata"]["annotations"].clone();
+    let removed: serde_json::Map<String, Value> = ours
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|key| key.starts_with(A))
+        .map(|key| (key.clone(), Value::Null))
+        .collect();
+    assert!(removed.len() >= 4, "{ours:#}");
+    k.annotate("n1", Value::Object(removed));
+    let lost = wait_event(&k, "n1", "LeaseLost");
+    assert_eq!(lost["type"], "Warning");
+    let back = wait_event(&k, "n1", "LeaseReacquired");
+    assert_eq!(back["type"], "Normal");
+    let deadline = Instant::now() + DEADLINE;
+    while k.node("n1")["metadata"]["annotations"] != ours {
+        assert!(
+            Instant::now() < deadline,
+            "annotations not written back: {:#}",
+            k.node("n1")["metadata"]["annotations"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Written back once: no loop of re-acquires.
+    std::thread::sleep(Duration::from_secs(2));
+    let lost_events: Vec<Value> = events(&k)
+        .into_iter()
+        .filter(|e| e["reason"] == "LeaseLost")
+        .collect();
+    assert_eq!(lost_events.len(), 1, "{lost_events:#?}");
+    assert!(lost_events[0]["series"].is_null(), "{lost_events:#?}");
+}

@@ -107,16 +107,30 @@ fn snapshot(c: &Cluster, f: &FlannelNode) -> NodeSnapshot {
         .expect("snapshot")
 }
 
-/// The packet count of the rule carrying `comment` in `table` on `node`.
+/// The packet count of the rule carrying `comment` in `table` on `node`: its own counter, or
+/// the named counter it counts into.
 fn rule_packets(c: &Cluster, node: &str, family: &str, table: &str, comment: &str) -> u64 {
     let listing = c
         .lab
         .exec_ok(&c.ns(node), &["nft", "list", "table", family, table])
         .unwrap_or_default();
-    listing
-        .lines()
-        .find(|l| l.contains(comment))
-        .and_then(|l| l.split("packets ").nth(1)?.split(' ').next()?.parse().ok())
+    let Some(rule) = listing.lines().find(|l| l.contains(comment)) else {
+        return 0;
+    };
+    // A named counter (`counter name "x"`) keeps its packets in the object `counter x { }`.
+    let counted = match rule.split("counter name \"").nth(1) {
+        Some(rest) => {
+            let name = rest.split('"').next().unwrap_or_default();
+            let object = format!("counter {name} {{");
+            let mut lines = listing.lines().skip_while(|l| l.trim() != object);
+            lines.nth(1).unwrap_or_default()
+        }
+        None => rule,
+    };
+    counted
+        .split("packets ")
+        .nth(1)
+        .and_then(|p| p.split(' ').next()?.parse().ok())
         .unwrap_or(0)
 }
 

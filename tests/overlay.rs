@@ -521,15 +521,7 @@ fn healthz_and_readyz_answer_like_flanneld() {
         .etcdctl(&["del", "/coreos.com/network/config"])
         .unwrap();
     c.start("n1", &["--healthz-port=8081", "--healthz-ip=127.0.0.1"]);
-    let get = |c: &Cluster, path: &str| -> String {
-        let script = format!(
-            "exec 3<>/dev/tcp/127.0.0.1/8081 && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3 && cat <&3"
-        );
-        c.lab
-            .exec(&c.ns("n1"), &["bash", "-c", &script])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
+    let get = |c: &Cluster, path: &str| c.http_get("n1", 8081, path);
     let deadline = Instant::now() + DEADLINE;
     while !get(&c, "/healthz").contains("200 OK") {
         assert!(Instant::now() < deadline, "no /healthz:\n{}", c.log("n1"));

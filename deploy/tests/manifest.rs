@@ -147,6 +147,7 @@ fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
 fn api_group(resource: &str) -> &'static str {
     match resource {
         "networkpolicies" => "networking.k8s.io",
+        "events" => "events.k8s.io",
         _ => "",
     }
 }

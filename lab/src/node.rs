@@ -33,6 +33,18 @@ pub struct Node {
 }
 
 impl Node {
+    /// This node's twilld status socket (`--status-socket`): lab nodes share one filesystem,
+    /// so each node's daemons need sockets of their own, in the node's directory.
+    pub fn twilld_socket(&self) -> PathBuf {
+        self.dir.join("twilld.sock")
+    }
+
+    /// This node's twill-policy status socket (`run --status-socket`), as
+    /// [`Node::twilld_socket`].
+    pub fn policy_socket(&self) -> PathBuf {
+        self.dir.join("policy.sock")
+    }
+
     /// Underlay address with its prefix length (198.18.0.<10+idx>/24).
     pub fn underlay(&self) -> Ipv4Net {
         Ipv4Net::new(self.addr, UNDERLAY_PREFIX_LEN).expect("valid prefix length")

@@ -96,6 +96,7 @@ pub fn up() -> Result<()> {
     for n in NODES {
         let node = lab.add_node(n)?;
         let subnet_file = node.dir.join("subnet.env").to_string_lossy().into_owned();
+        let status_socket = node.twilld_socket().to_string_lossy().into_owned();
         lab.spawn(
             &node.netns,
             &format!("twilld-{n}"),
@@ -105,6 +106,8 @@ pub fn up() -> Result<()> {
                 "--ip-masq",
                 "--subnet-file",
                 &subnet_file,
+                "--status-socket",
+                &status_socket,
             ],
             &[],
         )?;
@@ -180,7 +183,7 @@ pub fn up() -> Result<()> {
                 &subnet_file.to_string_lossy(),
                 // Lab nodes share one filesystem: a status socket per node.
                 "--status-socket",
-                &lab.node(n).dir.join("policy.sock").to_string_lossy(),
+                &lab.node(n).policy_socket().to_string_lossy(),
             ],
             &[],
         )?;

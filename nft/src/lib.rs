@@ -4,12 +4,14 @@
 //! - [`runner`]: the `nft` process runner, with a timeout and a configurable binary, behind the
 //!   [`NftRunner`] trait so that effectors can be unit-tested with [`RecordingNft`];
 //! - [`listing`]: the typed reader of `nft -j list ...` output;
+//! - [`counters`]: a table's named counters, read with one netlink dump;
 //! - [`nfnl`]: a minimal nf_tables (and ctnetlink) netlink client for the hot paths that must
 //!   not start a process;
 //! - [`nflog`]: an nfnetlink_log client (bind a group, parse the packets it logs);
 //! - [`tables`]: names of twill's tables that more than their writer needs;
 //! - [`NftError`]: the one error type of all three.
 
+pub mod counters;
 pub mod error;
 pub mod listing;
 pub mod nflog;

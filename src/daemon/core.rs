@@ -147,8 +147,10 @@ struct EtcdOwn {
 
 enum Own {
     Etcd(Box<EtcdOwn>),
-    /// Kubernetes mode: the node's name; its podCIDR needs no renewal.
-    Node(String),
+    /// Kubernetes mode: the node's name and its lease (the podCIDR and the annotations
+    /// twilld wrote): nothing to renew, but annotations removed or changed by someone else
+    /// are written back (re-acquired), as a deleted etcd lease is.
+    Node(String, Box<EtcdOwn>),
 }
 
 pub(super) struct Core {
@@ -189,12 +191,35 @@ impl Core {
         }
     }
 
-    /// Kubernetes mode on node `node_name`.
-    pub(super) fn kube(config: NetConfig, node_name: String) -> Core {
+    /// Kubernetes mode on node `node_name`, whose annotations hold `own` (no TTL).
+    pub(super) fn kube(
+        config: NetConfig,
+        node_name: String,
+        own: OwnLease,
+        reacquire_retry: Retry,
+    ) -> Core {
         Core {
             table: PeerTable::new(config),
-            own: Own::Node(node_name),
+            own: Own::Node(
+                node_name,
+                Box::new(EtcdOwn {
+                    lease: own,
+                    margin: Duration::ZERO,
+                    renew_retry: reacquire_retry,
+                    reacquire_retry,
+                    phase: Phase::Held { renew_at: None },
+                    delays: None,
+                    failures: 0,
+                }),
+            ),
             dirty: true,
+        }
+    }
+
+    /// The own lease's state machine, in either mode.
+    fn own_mut(&mut self) -> &mut EtcdOwn {
+        match &mut self.own {
+            Own::Etcd(own) | Own::Node(_, own) => own,
         }
     }
 
@@ -210,20 +235,17 @@ impl Core {
     }
 
     /// Peers left out of the dataplane, with why.
-    #[cfg(test)]
     pub(super) fn skipped(&self) -> &std::collections::BTreeMap<String, String> {
         self.table.skipped()
     }
 
     /// When [`Event::Timer`] is due next: a renewal, or a re-acquire retry.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        match &self.own {
-            Own::Etcd(own) => match own.phase {
-                Phase::Held { renew_at } => renew_at,
-                Phase::Lost { retry_at } => Some(retry_at),
-                Phase::Renewing { .. } | Phase::Reacquiring => None,
-            },
-            Own::Node(_) => None,
+        let (Own::Etcd(own) | Own::Node(_, own)) = &self.own;
+        match own.phase {
+            Phase::Held { renew_at } => renew_at,
+            Phase::Lost { retry_at } => Some(retry_at),
+            Phase::Renewing { .. } | Phase::Reacquiring => None,
         }
     }
 
@@ -257,7 +279,7 @@ impl Core {
     fn lease_event(&mut self, ev: LeaseEvent, out: &mut Vec<Command>) {
         match (ev, &self.own) {
             (LeaseEvent::Etcd(ev), Own::Etcd(_)) => self.registry_event(ev, out),
-            (LeaseEvent::Node(ev), Own::Node(_)) => self.node_event(ev),
+            (LeaseEvent::Node(ev), Own::Node(..)) => self.node_event(ev, out),
             (ev, _) => {
                 tracing::warn!(event = ?ev, "lease event from the other mode's source; ignored")
             }
@@ -306,12 +328,10 @@ impl Core {
     }
 
     fn own_lost(&mut self, out: &mut Vec<Command>) {
-        let Own::Etcd(own) = &mut self.own else {
-            return;
-        };
+        let own = self.own_mut();
         match own.phase {
             Phase::Held { .. } => {
-                tracing::warn!(subnet = %own.lease.key, "this node's lease was deleted or expired; re-acquiring the same subnet");
+                tracing::warn!(subnet = %own.lease.key.ipv4, "this node's lease was deleted or expired; re-acquiring the same subnet");
                 own.delays = None;
                 own.failures = 0;
                 own.phase = Phase::Reacquiring;
@@ -323,14 +343,14 @@ impl Core {
         }
     }
 
-    fn node_event(&mut self, ev: NodeEvent) {
+    fn node_event(&mut self, ev: NodeEvent, out: &mut Vec<Command>) {
         match ev {
-            NodeEvent::Put(name, rec) => self.node_put(&name, *rec),
+            NodeEvent::Put(name, rec) => self.node_put(&name, *rec, out),
             NodeEvent::Delete(name) => self.table.remove(&name),
             NodeEvent::Resync(nodes) => {
                 self.table.clear();
                 for (name, rec) in nodes {
-                    self.node_put(&name, rec);
+                    self.node_put(&name, rec, out);
                 }
             }
         }
@@ -341,11 +361,19 @@ impl Core {
         &mut self,
         name: &str,
         rec: Option<Result<LeaseRecord, crate::registry::kube::NodeError>>,
+        out: &mut Vec<Command>,
     ) {
-        let Own::Node(own_name) = &self.own else {
+        let Own::Node(own_name, own) = &self.own else {
             return;
         };
         if name == own_name {
+            // This node's annotations as twilld wrote them, or someone removed or changed
+            // them: then they are written back.
+            let intact = matches!(&rec, Some(Ok(r)) if r.attrs.as_ref() == Ok(&own.lease.attrs));
+            if !intact {
+                tracing::warn!(node = %name, "this node's flannel annotations were removed or changed; writing them back");
+                self.own_lost(out);
+            }
             return;
         }
         match rec {
@@ -359,9 +387,7 @@ impl Core {
     }
 
     fn timer(&mut self, now: Instant, out: &mut Vec<Command>) {
-        let Own::Etcd(own) = &mut self.own else {
-            return;
-        };
+        let own = self.own_mut();
         match own.phase {
             Phase::Held { renew_at: Some(at) } if at <= now => {
                 own.phase = Phase::Renewing { lost: false };
@@ -380,9 +406,7 @@ impl Core {
     }
 
     fn renewed(&mut self, result: WriteResult, now: Instant, out: &mut Vec<Command>) {
-        let Own::Etcd(own) = &mut self.own else {
-            return;
-        };
+        let own = self.own_mut();
         let Phase::Renewing { lost } = own.phase else {
             return;
         };
@@ -390,7 +414,7 @@ impl Core {
             Ok(ttl) => {
                 let renew_at = ttl.map(|t| renew_deadline(now, t, own.margin));
                 if ttl.is_some() {
-                    tracing::info!(subnet = %own.lease.key, after_failures = own.failures, "renewed lease");
+                    tracing::info!(subnet = %own.lease.key.ipv4, after_failures = own.failures, "renewed lease");
                 }
                 own.succeeded(renew_at);
             }
@@ -412,16 +436,14 @@ impl Core {
     }
 
     fn reacquired(&mut self, result: WriteResult, now: Instant, out: &mut Vec<Command>) {
-        let Own::Etcd(own) = &mut self.own else {
-            return;
-        };
+        let own = self.own_mut();
         if !matches!(own.phase, Phase::Reacquiring) {
             return;
         }
         match result {
             Ok(ttl) => {
                 own.lease.ttl = ttl;
-                tracing::info!(subnet = %own.lease.key, "re-acquired lease");
+                tracing::info!(subnet = %own.lease.key.ipv4, "re-acquired lease");
                 let renew_at = ttl.map(|t| renew_deadline(now, t, own.margin));
                 own.succeeded(renew_at);
             }
@@ -774,7 +796,7 @@ mod tests {
     #[test]
     fn kubernetes_nodes_are_peers_by_name_without_the_own_node_or_renewals() {
         let now = Instant::now();
-        let mut core = Core::kube(crate::daemon::testing::config(), "node-a".to_string());
+        let mut core = kube_core();
         assert_eq!(core.next_deadline(), None);
         let node = |ev| Event::Lease(LeaseEvent::Node(ev));
         let commands = core.handle(
@@ -802,5 +824,65 @@ mod tests {
         );
         core.handle(node(NodeEvent::Delete("node-b".to_string())), now);
         assert_eq!(reconciled(&mut core), Vec::<String>::new());
+    }
+
+    /// A core in Kubernetes mode on node-a, whose annotations hold [`own_record`].
+    fn kube_core() -> Core {
+        let own = own_record();
+        Core::kube(
+            crate::daemon::testing::config(),
+            "node-a".to_string(),
+            OwnLease {
+                key: own.key,
+                attrs: own.attrs.expect("own attrs"),
+                ttl: None,
+            },
+            RETRY,
+        )
+    }
+
+    #[test]
+    fn kubernetes_annotations_removed_or_changed_are_written_back_once_and_retried() {
+        let now = Instant::now();
+        let mut core = kube_core();
+        let node = |rec| {
+            Event::Lease(LeaseEvent::Node(NodeEvent::Put(
+                "node-a".to_string(),
+                Box::new(rec),
+            )))
+        };
+        // As written: nothing to do.
+        assert!(core.handle(node(Some(Ok(own_record()))), now).is_empty());
+        // Removed: re-acquired (the same key and attributes), once while in flight.
+        let commands = core.handle(node(None), now);
+        let own = own_record();
+        assert!(
+            matches!(&commands[..], [Command::Reacquire(w)] if w.key == own.key && Ok(&w.attrs) == own.attrs.as_ref()),
+            "{commands:?}"
+        );
+        assert!(core
+            .handle(
+                node(Some(Ok(record("10.244.1.0-24", "198.18.0.9", 1)))),
+                now
+            )
+            .is_empty());
+        // A failed write is retried after a delay.
+        core.handle(
+            Event::Reacquired(Err(WriteError::Failed("API down".into()))),
+            now,
+        );
+        let retry_at = core.next_deadline().expect("a retry is due");
+        assert!(matches!(
+            &core.handle(Event::Timer, retry_at)[..],
+            [Command::Reacquire(_)]
+        ));
+        core.handle(Event::Reacquired(Ok(None)), retry_at);
+        assert_eq!(core.next_deadline(), None);
+        // Changed by someone else (another public IP): written back again.
+        let changed = record("10.244.1.0-24", "198.18.0.9", 1);
+        assert!(matches!(
+            &core.handle(node(Some(Ok(changed))), now)[..],
+            [Command::Reacquire(_)]
+        ));
     }
 }

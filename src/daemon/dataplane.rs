@@ -4,7 +4,7 @@
 //! the masquerade/forward rules ([`crate::traffic::TrafficManager`]) are started in
 //! [`super::startup`] and checked on a task of their own.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use twill_backends::netlink::{LinkMap, Netlink};
 use twill_backends::vxlan::{self, VxlanSpec, ENCAP_OVERHEAD};
-use twill_backends::{desired_state, diff, BackendKind, Op, PeerLease, Topology};
+use twill_backends::{desired_state, diff, BackendKind, DataplaneState, Op, PeerLease, Topology};
 
 use crate::flags::Flags;
 use crate::iface::ExternalInterface;
@@ -28,8 +28,12 @@ use twill_formats::lease::{LeaseAttrs, SubnetKey, VxlanBackendData};
 use twill_formats::net_conf::{BackendConfig, NetConfig};
 use twill_formats::Mac;
 
+use crate::metrics::{op_kind, reason_code, Component, PassReport};
+use crate::status::{LinkNames, PassSnapshot};
+
 use super::core::NetlinkSignal;
 use super::event_loop::DataplaneEffects;
+use super::Observability;
 
 /// Per-family view of the node's addresses.
 #[derive(Clone, Debug)]
@@ -63,6 +67,12 @@ pub(super) struct Dataplane {
     guard: crate::underlay::GuardInput,
     guard_applied: Option<crate::underlay::GuardInput>,
     nft: crate::nft::SharedNft,
+    /// The last pass's desired entries and the ops that failed in it: an entry the last pass
+    /// already wanted (and did not fail to set) that must be set again was removed or changed
+    /// by someone else, a drift repair.
+    last_desired: Arc<DataplaneState>,
+    last_failed: Vec<Op>,
+    obs: Observability,
 }
 
 impl Dataplane {
@@ -72,6 +82,7 @@ impl Dataplane {
         ext: ExternalInterface,
         public: &PublicAddrs,
         flags: &Flags,
+        obs: Observability,
     ) -> anyhow::Result<Dataplane> {
         let mut networks = Vec::new();
         if config.enable_ipv4 {
@@ -165,6 +176,9 @@ impl Dataplane {
             guard,
             guard_applied: None,
             nft: crate::nft::runner(),
+            last_desired: Arc::default(),
+            last_failed: Vec::new(),
+            obs,
         })
     }
 
@@ -238,6 +252,16 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The netlink connection, for the status server's kernel reads.
+    pub(super) fn netlink(&self) -> Netlink {
+        self.nl.clone()
+    }
+
+    /// The IPv4 VXLAN device's MAC (the lease's VtepMAC), if any.
+    pub(super) fn vtep_mac(&self) -> Option<Mac> {
+        self.vxlan4.as_ref().or(self.vxlan6.as_ref()).map(|s| s.mac)
+    }
+
     pub(super) async fn address_devices(&mut self) -> anyhow::Result<()> {
         self.ensure_devices(true).await
     }
@@ -280,22 +304,42 @@ impl Dataplane {
         Ok(true)
     }
 
-    /// Observe, decide, diff, apply.
-    async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize> {
+    /// Observe, decide, diff, apply; the pass is recorded in the metrics and the status
+    /// board. `table_skipped` are the leases the peer table left out (unreadable), by name.
+    async fn reconcile(
+        &mut self,
+        peers: &[PeerLease],
+        table_skipped: &BTreeMap<String, String>,
+    ) -> anyhow::Result<usize> {
         let started = Instant::now();
+        let outcome = self.pass(peers, table_skipped).await;
+        let mut report = match &outcome {
+            Ok(report) => report.clone(),
+            Err(_) => PassReport::default(),
+        };
+        report.duration = started.elapsed().as_secs_f64();
+        self.obs.metrics.record_pass(&report);
+        outcome.map(|r| r.applied.values().sum::<u64>() as usize)
+    }
+
+    async fn pass(
+        &mut self,
+        peers: &[PeerLease],
+        table_skipped: &BTreeMap<String, String>,
+    ) -> anyhow::Result<PassReport> {
+        let started = Instant::now();
+        let mut repaired = false;
         if !self.devices_intact().await? {
             self.ensure_devices(true).await?;
+            // Devices exist from start-up on: one missing or altered now was touched by hand.
+            repaired = true;
         }
         let (desired, skipped) = desired_state(&self.topo, peers);
+        let desired = Arc::new(desired);
         let skipped_now: BTreeSet<(String, String)> =
             skipped.into_iter().map(|s| (s.peer, s.reason)).collect();
-        for (peer, reason) in skipped_now.difference(&self.last_skipped) {
-            tracing::warn!(lease = %peer, %reason, "not programming peer");
-        }
-        self.last_skipped = skipped_now;
         // The underlay guard's input: a new peer is allowed before its FDB entry exists.
-        let skipped_peers: BTreeSet<&str> =
-            self.last_skipped.iter().map(|(p, _)| p.as_str()).collect();
+        let skipped_peers: BTreeSet<&str> = skipped_now.iter().map(|(p, _)| p.as_str()).collect();
         let mut guard = self.guard.clone();
         for p in peers
             .iter()
@@ -306,18 +350,32 @@ impl Dataplane {
                 guard.peer_subnets.insert(fam.subnet);
             }
         }
+        let all_skipped = merge_skipped(table_skipped, &skipped_now);
+        for (peer, reason) in all_skipped.difference(&self.last_skipped) {
+            // The peer table logged its own skips when it made them.
+            if !table_skipped.contains_key(peer) {
+                match SubnetKey::parse(peer) {
+                    Some(key) => {
+                        tracing::warn!(subnet = %key.ipv4, %reason, "not programming peer")
+                    }
+                    None => tracing::warn!(node = %peer, %reason, "not programming peer"),
+                }
+            }
+            self.obs.peer_skipped(peer, reason);
+        }
+        self.last_skipped = all_skipped;
         let decided = Instant::now();
         // The guard's nft transaction runs on a blocking thread while the entries are read
         // and diffed and the ops that let no traffic in are applied (deletions, VXLAN
         // neighbours: without FDB entry and route they carry nothing); FDB entries and routes,
         // which do let a peer's traffic in, wait for it.
-        let guard_job = self.start_guard(guard);
+        let guard_job = self.start_guard(guard.clone());
         let programmed = self.program(&desired, guard_job).await;
         let guarded = Instant::now();
-        let ops = programmed?;
+        let (ops, failed) = programmed?;
         tracing::debug!(
             peers = peers.len(),
-            ops,
+            ops = ops.len(),
             decide = ?decided - started,
             program = ?guarded - decided,
             "reconcile pass timings"
@@ -329,17 +387,72 @@ impl Dataplane {
                 }
             }
         }
-        Ok(ops)
+        repaired |= ops
+            .iter()
+            .any(|op| was_programmed(op, &self.last_desired) && !self.last_failed.contains(op));
+        let mut applied: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for op in ops.iter().filter(|op| !failed.contains(op)) {
+            *applied.entry(op_kind(op)).or_default() += 1;
+        }
+        let accepted: Vec<&PeerLease> = peers
+            .iter()
+            .filter(|p| !skipped_peers.contains(p.name.as_str()))
+            .collect();
+        let programmed = accepted
+            .iter()
+            .filter(|p| !failed.iter().any(|op| op_touches(op, p)))
+            .count();
+        let mut skipped_by_code: BTreeMap<&'static str, BTreeSet<&str>> = BTreeMap::new();
+        for (peer, reason) in &self.last_skipped {
+            skipped_by_code
+                .entry(reason_code(reason))
+                .or_default()
+                .insert(peer);
+        }
+        let report = PassReport {
+            duration: 0.0,
+            ok: true,
+            applied,
+            repaired,
+            peers_known: accepted.len(),
+            peers_programmed: programmed,
+            skipped: skipped_by_code
+                .into_iter()
+                .map(|(code, peers)| (code, peers.len() as i64))
+                .collect(),
+        };
+        self.obs.status.record_pass(PassSnapshot {
+            peers: peers.to_vec(),
+            desired: Arc::clone(&desired),
+            skipped: self.last_skipped.iter().cloned().collect(),
+            guard: Some(guard),
+            links: self.links,
+            topo: self.topo.clone(),
+            names: self.link_names(),
+        });
+        self.last_desired = desired;
+        self.last_failed = failed;
+        Ok(report)
+    }
+
+    /// The devices' names, for the status's one-line entries.
+    fn link_names(&self) -> LinkNames {
+        LinkNames {
+            vxlan4: self.vxlan4.as_ref().map(|s| s.name.clone()),
+            vxlan6: self.vxlan6.as_ref().map(|s| s.name.clone()),
+            external: self.ext.name.clone(),
+        }
     }
 
     /// Reads the entries, diffs them against `desired` and applies the ops, those letting a
     /// peer's traffic in (FDB entries, routes) only after `guard_job` finished. The guard job
-    /// is always awaited, whatever fails, so its outcome is recorded.
+    /// is always awaited, whatever fails, so its outcome is recorded. Returns the ops and
+    /// those of them that failed.
     async fn program(
         &mut self,
-        desired: &twill_backends::DataplaneState,
+        desired: &DataplaneState,
         guard_job: Option<GuardJob>,
-    ) -> anyhow::Result<usize> {
+    ) -> anyhow::Result<(Vec<Op>, Vec<Op>)> {
         let ops = self
             .nl
             .observe(&self.links, &self.topo)
@@ -378,7 +491,7 @@ impl Dataplane {
                 "reconciled dataplane"
             );
         }
-        Ok(ops.len())
+        Ok((ops, failed.into_iter().map(|(op, _)| op).collect()))
     }
 
     /// Starts bringing the underlay guard to `guard` on a task of its own (nft runs off the runtime):
@@ -428,6 +541,7 @@ impl Dataplane {
         };
         if drifted {
             tracing::warn!("underlay guard table was removed or changed; re-applying it whole");
+            self.obs.metrics.record_repair(Component::UnderlayGuard);
             self.guard_applied = None;
         }
     }
@@ -443,13 +557,57 @@ impl Dataplane {
 }
 
 impl DataplaneEffects for Dataplane {
-    async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize> {
-        Dataplane::reconcile(self, peers).await
+    async fn reconcile(
+        &mut self,
+        peers: &[PeerLease],
+        table_skipped: &BTreeMap<String, String>,
+    ) -> anyhow::Result<usize> {
+        Dataplane::reconcile(self, peers, table_skipped).await
     }
 
     async fn check_underlay(&mut self) {
         self.refresh_external().await;
         self.check_guard().await;
+    }
+}
+
+/// The leases left out of the dataplane, by name: the peer table's (unreadable) and the
+/// decide step's (impossible here), one reason per lease (a lease skipped for both families
+/// keeps its reasons joined).
+fn merge_skipped(
+    table: &BTreeMap<String, String>,
+    decided: &BTreeSet<(String, String)>,
+) -> BTreeSet<(String, String)> {
+    let mut by_peer: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (peer, reason) in table.iter().chain(decided.iter().map(|(p, r)| (p, r))) {
+        by_peer.entry(peer).or_default().push(reason);
+    }
+    by_peer
+        .into_iter()
+        .map(|(peer, reasons)| (peer.to_string(), reasons.join("; ")))
+        .collect()
+}
+
+/// Whether `op` sets an entry `previous` (the last pass's desired state) already held as
+/// it is now wanted: then the kernel lost it since, a repair.
+fn was_programmed(op: &Op, previous: &DataplaneState) -> bool {
+    match op {
+        Op::SetRoute(r) => previous.routes.get(&r.dst) == Some(r),
+        Op::SetNeighbour { link, ip, mac } => previous.neighbours.get(&(*link, *ip)) == Some(mac),
+        Op::SetFdb { link, mac, dst } => previous.fdb.contains(&(*link, *mac, *dst)),
+        Op::DelRoute(_) | Op::DelNeighbour { .. } | Op::DelFdb { .. } => false,
+    }
+}
+
+/// Whether `op` writes one of `peer`'s entries (its subnets' routes and gateways, its VTEPs).
+fn op_touches(op: &Op, peer: &PeerLease) -> bool {
+    let families = || peer.v4.iter().chain(peer.v6.iter());
+    match op {
+        Op::SetRoute(r) | Op::DelRoute(r) => families().any(|f| f.subnet.trunc() == r.dst),
+        Op::SetNeighbour { ip, .. } | Op::DelNeighbour { ip, .. } => {
+            families().any(|f| f.subnet.network() == *ip)
+        }
+        Op::SetFdb { dst, .. } | Op::DelFdb { dst, .. } => families().any(|f| f.public_ip == *dst),
     }
 }
 

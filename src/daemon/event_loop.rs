@@ -4,6 +4,7 @@
 //! up neither reconciling nor shutting down. The effects sit behind [`LeaseSource`] and
 //! [`DataplaneEffects`], so tests drive the loop with fakes.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use twill_backends::PeerLease;
 
 use super::core::{Command, Core, Event, NetlinkSignal, Stop, WriteResult};
 use super::sources::{LeaseSource, WriteJob};
+use super::Observability;
 
 /// A lease-event burst is taken as over once the watch has been quiet this long...
 const LEASE_BURST_QUIET: Duration = Duration::from_millis(10);
@@ -24,8 +26,13 @@ const NETLINK_SETTLE: Duration = Duration::from_millis(20);
 
 /// What the loop asks of the dataplane.
 pub(super) trait DataplaneEffects {
-    /// Observe, decide, diff, apply toward `peers`; the number of ops.
-    async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize>;
+    /// Observe, decide, diff, apply toward `peers` (`table_skipped`: the leases the peer
+    /// table left out, for the metrics and the status); the number of ops applied.
+    async fn reconcile(
+        &mut self,
+        peers: &[PeerLease],
+        table_skipped: &BTreeMap<String, String>,
+    ) -> anyhow::Result<usize>;
     /// Re-reads the external interface's addresses and checks the underlay guard for drift.
     async fn check_underlay(&mut self);
 }
@@ -37,7 +44,8 @@ enum WriteKind {
 }
 
 /// Runs until `shutdown` completes (Ok) or the core stops on a conflict or a source fails
-/// (Err). `netlink` carries the netlink monitor's signals.
+/// (Err). `netlink` carries the netlink monitor's signals; the outcomes of lease writes are
+/// recorded in `obs` (renewals, the lease's expiry).
 pub(super) async fn event_loop<S: LeaseSource, D: DataplaneEffects>(
     mut core: Core,
     mut source: S,
@@ -45,6 +53,7 @@ pub(super) async fn event_loop<S: LeaseSource, D: DataplaneEffects>(
     mut netlink: mpsc::Receiver<NetlinkSignal>,
     resync_period: Duration,
     shutdown: impl Future<Output = ()>,
+    obs: Observability,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<S::Event>(4096);
     let first = source.start(tx).await?;
@@ -55,7 +64,16 @@ pub(super) async fn event_loop<S: LeaseSource, D: DataplaneEffects>(
     tokio::pin!(shutdown);
 
     loop {
-        if let Some(stop) = execute(commands.drain(..), &mut dataplane, &source, &mut write).await {
+        let skipped = core.skipped();
+        if let Some(stop) = execute(
+            commands.drain(..),
+            skipped,
+            &mut dataplane,
+            &source,
+            &mut write,
+        )
+        .await
+        {
             return stop;
         }
         if core.is_dirty() {
@@ -98,10 +116,28 @@ pub(super) async fn event_loop<S: LeaseSource, D: DataplaneEffects>(
             },
             _ = resync.tick() => Event::Tick,
             _ = tokio::time::sleep_until(deadline) => Event::Timer,
-            result = in_flight(&mut write) => result,
+            result = in_flight(&mut write) => {
+                record_write(&result, &obs);
+                result
+            }
             () = &mut shutdown => Event::Shutdown,
         };
         commands = core.handle(event, std::time::Instant::now());
+    }
+}
+
+/// Records a lease write's outcome: a renewal counted, the expiry of a granted lease.
+fn record_write(event: &Event, obs: &Observability) {
+    let now = std::time::Instant::now();
+    match event {
+        Event::Renewed(result) => {
+            obs.metrics.record_renewal(result.is_ok());
+            if let Ok(ttl) = result {
+                obs.lease_expires(ttl.map(|t| now + t));
+            }
+        }
+        Event::Reacquired(Ok(ttl)) => obs.lease_expires(ttl.map(|t| now + t)),
+        _ => {}
     }
 }
 
@@ -123,6 +159,7 @@ async fn in_flight(write: &mut Option<(WriteKind, WriteJob)>) -> Event {
 /// Carries out `commands`; `Some` when the loop must return.
 async fn execute<S: LeaseSource, D: DataplaneEffects>(
     commands: impl Iterator<Item = Command>,
+    table_skipped: &BTreeMap<String, String>,
     dataplane: &mut D,
     source: &S,
     write: &mut Option<(WriteKind, WriteJob)>,
@@ -130,7 +167,7 @@ async fn execute<S: LeaseSource, D: DataplaneEffects>(
     for command in commands {
         match command {
             Command::Reconcile(peers) => {
-                if let Err(e) = dataplane.reconcile(&peers).await {
+                if let Err(e) = dataplane.reconcile(&peers, table_skipped).await {
                     tracing::warn!(error = %e, "reconcile failed; retrying on the next pass");
                 }
             }
@@ -241,7 +278,11 @@ mod tests {
     }
 
     impl DataplaneEffects for FakeDataplane {
-        async fn reconcile(&mut self, peers: &[PeerLease]) -> anyhow::Result<usize> {
+        async fn reconcile(
+            &mut self,
+            peers: &[PeerLease],
+            _: &BTreeMap<String, String>,
+        ) -> anyhow::Result<usize> {
             let _ = self
                 .passes
                 .send(peers.iter().map(|p| p.name.clone()).collect());
@@ -282,6 +323,11 @@ mod tests {
                 Duration::from_secs(3600),
                 async move {
                     let _ = sigterm_rx.await;
+                },
+                Observability {
+                    metrics: Default::default(),
+                    status: Default::default(),
+                    events: twill_runtime::events::NodeEvents::disabled(),
                 },
             ));
             Harness {

@@ -9,6 +9,9 @@
 //! - `dataplane`: devices, observe/decide/diff/apply, the underlay guard, the netlink monitor.
 //! - `event_loop`: feeds the core and carries out its commands.
 //!
+//! What the daemon shows of itself ([`Observability`]): metrics, the status board, and
+//! Kubernetes events on its node (`--kube-subnet-mgr` only).
+//!
 //! Nothing is torn down on exit, so restarts are hitless.
 
 mod core;
@@ -21,3 +24,38 @@ mod startup;
 mod testing;
 
 pub use startup::run;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use twill_runtime::events::{NodeEvent, NodeEvents, Severity};
+
+use crate::metrics::Metrics;
+use crate::status::StatusBoard;
+
+/// Where the daemon records what it does: metrics, the status board, node events.
+#[derive(Clone)]
+pub(crate) struct Observability {
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<StatusBoard>,
+    pub events: NodeEvents,
+}
+
+impl Observability {
+    /// This node's lease now expires at `at` (`None`: it does not).
+    pub(crate) fn lease_expires(&self, at: Option<Instant>) {
+        self.metrics.set_lease_expiry(at);
+        self.status.set_lease_expiry(at);
+    }
+
+    /// A peer's lease became skipped, or its reason changed.
+    pub(crate) fn peer_skipped(&self, peer: &str, reason: &str) {
+        self.events.publish(NodeEvent {
+            severity: Severity::Warning,
+            reason: "PeerLeaseSkipped",
+            action: "ProgramPeer",
+            note: format!("not programming the lease of {peer}: {reason}"),
+            related_node: Some(peer.to_string()),
+        });
+    }
+}

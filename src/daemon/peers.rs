@@ -76,7 +76,8 @@ impl PeerTable {
         match to_peer(rec, &self.config) {
             Ok(peer) => self.insert(name, peer),
             Err(reason) => {
-                tracing::warn!(lease = %name, %reason, "skipping peer lease");
+                // The etcd key too, as an operator finds the lease by it (`etcdctl get`).
+                tracing::warn!(subnet = %rec.key.ipv4, key = %name, %reason, "skipping peer lease");
                 self.skip(&name, reason);
             }
         }
@@ -126,7 +127,6 @@ impl PeerTable {
     }
 
     /// The leases left out, by name, with why.
-    #[cfg(test)]
     pub(super) fn skipped(&self) -> &BTreeMap<String, String> {
         &self.skipped
     }

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -14,6 +16,9 @@ use tokio::sync::mpsc;
 use crate::registry::etcd::{EtcdRegistry, RegistryError, RegistryEvent};
 use crate::registry::kube::{KubeSubnetManager, NodeEvent};
 use twill_formats::net_conf::NetConfig;
+use twill_runtime::events::{NodeEvent as KubeEvent, NodeEvents, Severity};
+
+use crate::metrics::Metrics;
 
 use super::core::{LeaseEvent, LeaseWrite, WriteError, WriteResult};
 use super::startup::list_with_retry;
@@ -34,6 +39,7 @@ pub(super) trait LeaseSource {
 /// etcd mode: Flannel's etcd registry.
 pub(super) struct EtcdSource {
     pub registry: EtcdRegistry,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A registry write's outcome as the core sees it.
@@ -49,7 +55,11 @@ impl LeaseSource for EtcdSource {
 
     async fn start(&mut self, tx: mpsc::Sender<RegistryEvent>) -> anyhow::Result<LeaseEvent> {
         let listing = list_with_retry(&self.registry).await;
-        tokio::spawn(self.registry.clone().watch(listing.revision, tx));
+        tokio::spawn(
+            self.registry
+                .clone()
+                .watch(listing.revision, tx, self.metrics.clone()),
+        );
         Ok(LeaseEvent::Etcd(RegistryEvent::Resync(listing)))
     }
 
@@ -66,10 +76,16 @@ impl LeaseSource for EtcdSource {
 
 /// Kubernetes mode: peers are the other nodes carrying Flannel's annotations, keyed by node
 /// name; the watch's re-lists replace the table, so no deletion is missed. The lease is the
-/// node's podCIDR: nothing to renew or re-acquire.
+/// node's podCIDR and the annotations twilld wrote: nothing to renew; re-acquiring writes the
+/// annotations back as start-up does, with the events `LeaseLost` and `LeaseReacquired`.
 pub(super) struct KubeSource {
     pub ksm: KubeSubnetManager,
     pub config: NetConfig,
+    pub metrics: Arc<Metrics>,
+    pub events: NodeEvents,
+    /// Set from the first attempt of a re-acquire until one succeeds, so a run of failed
+    /// attempts is one `LeaseLost`.
+    pub lost: Arc<AtomicBool>,
 }
 
 impl LeaseSource for KubeSource {
@@ -80,7 +96,11 @@ impl LeaseSource for KubeSource {
         // every peer instead of removing entries a restart should keep; anything before it is
         // replaced by it.
         let (itx, mut irx) = mpsc::channel(4096);
-        tokio::spawn(self.ksm.clone().watch(self.config.clone(), itx));
+        tokio::spawn(
+            self.ksm
+                .clone()
+                .watch(self.config.clone(), itx, self.metrics.clone()),
+        );
         let first = loop {
             match irx.recv().await {
                 Some(ev @ NodeEvent::Resync(_)) => break ev,
@@ -106,11 +126,41 @@ impl LeaseSource for KubeSource {
         })
     }
 
-    fn reacquire(&self, _: LeaseWrite) -> WriteJob {
-        Box::pin(async {
-            Err(WriteError::Failed(
-                "Kubernetes mode holds no etcd lease".into(),
-            ))
+    fn reacquire(&self, w: LeaseWrite) -> WriteJob {
+        let (ksm, config) = (self.ksm.clone(), self.config.clone());
+        let (events, lost) = (self.events.clone(), self.lost.clone());
+        Box::pin(async move {
+            if !lost.swap(true, Ordering::SeqCst) {
+                events.publish(KubeEvent {
+                    severity: Severity::Warning,
+                    reason: "LeaseLost",
+                    action: "WatchLease",
+                    note: format!(
+                        "the flannel annotations of this node (subnet {}) were removed or changed; writing them back",
+                        w.key.ipv4
+                    ),
+                    related_node: None,
+                });
+            }
+            match ksm.acquire(&config, &w.attrs).await {
+                Ok(key) if key == w.key => {
+                    lost.store(false, Ordering::SeqCst);
+                    tracing::info!(node = %ksm.node_name, subnet = %key.ipv4, "wrote this node's flannel annotations back");
+                    events.publish(KubeEvent {
+                        severity: Severity::Normal,
+                        reason: "LeaseReacquired",
+                        action: "AcquireLease",
+                        note: format!("wrote the flannel annotations of subnet {} back", key.ipv4),
+                        related_node: None,
+                    });
+                    Ok(None)
+                }
+                Ok(key) => Err(WriteError::Failed(format!(
+                    "the node's podCIDR is now {key}, not {}; restart twilld to take it",
+                    w.key
+                ))),
+                Err(e) => Err(WriteError::Failed(format!("{e:#}"))),
+            }
         })
     }
 }

@@ -3,6 +3,7 @@
 //! event loop. etcd mode ([`run`]) allocates a subnet; Kubernetes mode ([`run_kube`]) reads
 //! the node's podCIDR.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -30,6 +31,10 @@ use super::dataplane::{spawn_netlink_monitor, Dataplane, PublicAddrs};
 use super::event_loop::event_loop;
 use super::peers::record_to_lease;
 use super::sources::{EtcdSource, KubeSource, LeaseSource};
+use super::Observability;
+use crate::metrics::Metrics;
+use crate::status::{OwnLeaseView, StatusBoard, StatusServer};
+use twill_runtime::events::{NodeEvent as KubeEvent, NodeEvents, Severity};
 
 /// Start-up retries (connecting to etcd, acquiring a lease) after errors: 1 s doubling to 5 s,
 /// plus jitter.
@@ -64,13 +69,14 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         }
     };
 
-    let readiness = start_health(&flags);
+    let obs = observability(NodeEvents::disabled());
+    let readiness = start_health(&flags, &obs);
     let registry = connect_etcd(&flags).await;
     let config = fetch_config(&registry).await;
     tracing::info!(backend = config.backend_type(), network = ?config.network, ipv6_network = ?config.ipv6_network, "network config");
     traffic::check_br_netfilter(&config)?;
 
-    let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
+    let (mut dataplane, public) = build_dataplane(&flags, &config, &obs).await?;
 
     // The VTEP MAC: the existing device's (restarts keep it), else the one our previous lease
     // advertised (peers' entries stay valid), else a new random one.
@@ -79,8 +85,20 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
     dataplane.prepare_devices(previous_macs).await?;
 
     let own = acquire(&registry, &config, &public, &dataplane, previous.as_ref()).await?;
-    tracing::info!(subnet = %own.key, "acquired lease");
+    tracing::info!(subnet = %own.key.ipv4, "acquired lease");
+    // etcd mode knows no node name: NODE_NAME when set (as in Flannel's DaemonSet), else the
+    // host name.
+    let node = std::env::var("NODE_NAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|n| n.trim().to_string())
+        .unwrap_or_else(|| public.v4.to_string());
+    let expires_at = own.ttl.map(|t| std::time::Instant::now() + t);
+    show_lease(
+        &obs, &node, &config, &own.key, &public, &dataplane, expires_at,
+    );
     let traffic = bring_up(&flags, &config, &own.key, &mut dataplane, &readiness).await?;
+    start_status(&flags, &obs, &readiness, &dataplane);
 
     let core = Core::etcd(
         config,
@@ -90,7 +108,61 @@ pub async fn run(flags: Flags) -> anyhow::Result<()> {
         REACQUIRE_RETRY,
         std::time::Instant::now(),
     );
-    run_loop(&flags, core, EtcdSource { registry }, dataplane, traffic).await
+    let source = EtcdSource {
+        registry,
+        metrics: obs.metrics.clone(),
+    };
+    run_loop(&flags, core, source, dataplane, traffic, obs).await
+}
+
+/// The metrics and the status board, with `events` (disabled in etcd mode).
+fn observability(events: NodeEvents) -> Observability {
+    Observability {
+        metrics: Arc::new(Metrics::daemon()),
+        status: Arc::new(StatusBoard::default()),
+        events,
+    }
+}
+
+/// Puts the lease just acquired on the status board and in the metrics.
+fn show_lease(
+    obs: &Observability,
+    node: &str,
+    config: &NetConfig,
+    key: &SubnetKey,
+    public: &PublicAddrs,
+    dataplane: &Dataplane,
+    expires_at: Option<std::time::Instant>,
+) {
+    obs.status.set_node(node, config.backend_type());
+    obs.status.set_lease(OwnLeaseView {
+        key: *key,
+        public_ip: std::net::IpAddr::V4(public.v4),
+        public_ipv6: public.v6.map(std::net::IpAddr::V6),
+        vtep_mac: dataplane.vtep_mac(),
+        expires_at,
+    });
+    obs.lease_expires(expires_at);
+}
+
+/// Serves `GET /status` on `--status-socket` (unless empty) on a task of its own; a socket
+/// that cannot be bound is logged, and the daemon runs on without it.
+fn start_status(flags: &Flags, obs: &Observability, readiness: &Readiness, dataplane: &Dataplane) {
+    if flags.status_socket.is_empty() {
+        return;
+    }
+    let server = StatusServer {
+        board: obs.status.clone(),
+        readiness: readiness.clone(),
+        nl: dataplane.netlink(),
+        nft: crate::nft::runner(),
+    };
+    let path = std::path::PathBuf::from(&flags.status_socket);
+    tokio::spawn(async move {
+        if let Err(e) = server.serve(&path).await {
+            tracing::error!(socket = %path.display(), error = %e, "status socket not served");
+        }
+    });
 }
 
 /// Kubernetes mode (`--kube-subnet-mgr`): the lease is the node's podCIDR, its attributes
@@ -119,7 +191,12 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
         annotations,
     };
     tracing::info!(node = %ksm.node_name, backend = config.backend_type(), network = ?config.network, "Kubernetes subnet manager");
-    let readiness = start_health(&flags);
+    let obs = observability(NodeEvents::start(
+        ksm.client.clone(),
+        "twilld",
+        &ksm.node_name,
+    ));
+    let readiness = start_health(&flags, &obs);
     traffic::check_br_netfilter(&config)?;
 
     let node = ksm.own_node().await?;
@@ -138,23 +215,56 @@ async fn run_kube(flags: Flags) -> anyhow::Result<()> {
                 format!("annotation {}: {ip:?}", ksm.annotations.node_public_ipv6)
             })?);
     }
-    let (mut dataplane, public) = build_dataplane(&flags, &config).await?;
+    let (mut dataplane, public) = build_dataplane(&flags, &config, &obs).await?;
     // MAC persistence: the VtepMAC this node's annotation advertises is reused, as Flannel does.
     let (m4, m6) = kube::previous_vtep_macs(&node, &ksm.annotations);
     dataplane.prepare_devices((m4, m6)).await?;
     let mut attrs = dataplane.lease_attrs(&public);
     attrs.public_ipv6 = public.v6;
     let key = ksm.acquire(&config, &attrs).await?;
-    tracing::info!(subnet = %key, "acquired lease (podCIDR)");
+    tracing::info!(node = %ksm.node_name, subnet = %key.ipv4, "acquired lease (podCIDR)");
+    obs.events.publish(KubeEvent {
+        severity: Severity::Normal,
+        reason: "LeaseAcquired",
+        action: "AcquireLease",
+        note: format!(
+            "subnet {}, public IP {}, backend {}",
+            key.ipv4,
+            public.v4,
+            config.backend_type()
+        ),
+        related_node: None,
+    });
+    show_lease(
+        &obs,
+        &ksm.node_name,
+        &config,
+        &key,
+        &public,
+        &dataplane,
+        None,
+    );
     let traffic = bring_up(&flags, &config, &key, &mut dataplane, &readiness).await?;
+    start_status(&flags, &obs, &readiness, &dataplane);
     if flags.set_node_network_unavailable {
         if let Err(e) = ksm.set_network_available().await {
             tracing::warn!(error = %e, "setting NetworkUnavailable=False failed");
         }
     }
-    let core = Core::kube(config.clone(), ksm.node_name.clone());
-    let source = KubeSource { ksm, config };
-    run_loop(&flags, core, source, dataplane, traffic).await
+    let own = OwnLease {
+        key,
+        attrs,
+        ttl: None,
+    };
+    let core = Core::kube(config.clone(), ksm.node_name.clone(), own, REACQUIRE_RETRY);
+    let source = KubeSource {
+        ksm,
+        config,
+        metrics: obs.metrics.clone(),
+        events: obs.events.clone(),
+        lost: Default::default(),
+    };
+    run_loop(&flags, core, source, dataplane, traffic, obs).await
 }
 
 /// The event loop with the real effects: the netlink monitor, the signals, and the
@@ -166,10 +276,13 @@ async fn run_loop<S: LeaseSource>(
     source: S,
     dataplane: Dataplane,
     traffic: TrafficManager,
+    obs: Observability,
 ) -> anyhow::Result<()> {
     let netlink = spawn_netlink_monitor(dataplane.watched.clone())?;
-    let _traffic_resync =
-        DropAbort(traffic.spawn_resync(Duration::from_secs(flags.iptables_resync)));
+    let _traffic_resync = DropAbort(traffic.spawn_resync(
+        Duration::from_secs(flags.iptables_resync),
+        obs.metrics.clone(),
+    ));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
@@ -178,7 +291,16 @@ async fn run_loop<S: LeaseSource>(
         }
     };
     let resync_period = Duration::from_secs(flags.resync_period.max(1));
-    event_loop(core, source, dataplane, netlink, resync_period, shutdown).await
+    event_loop(
+        core,
+        source,
+        dataplane,
+        netlink,
+        resync_period,
+        shutdown,
+        obs,
+    )
+    .await
 }
 
 /// Aborts a background task when the owner goes (the event loop returning stops the resync).
@@ -190,13 +312,14 @@ impl Drop for DropAbort {
     }
 }
 
-fn start_health(flags: &Flags) -> Readiness {
+fn start_health(flags: &Flags, obs: &Observability) -> Readiness {
     let readiness = Readiness::default();
     if flags.healthz_port > 0 {
         let addr = std::net::SocketAddr::new(flags.healthz_ip, flags.healthz_port);
         let r = readiness.clone();
+        let metrics = obs.metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = health::serve(addr, r).await {
+            if let Err(e) = health::serve(addr, r, metrics).await {
                 tracing::error!(%addr, error = %e, "healthz server stopped");
             }
         });
@@ -208,6 +331,7 @@ fn start_health(flags: &Flags) -> Readiness {
 async fn build_dataplane(
     flags: &Flags,
     config: &NetConfig,
+    obs: &Observability,
 ) -> anyhow::Result<(Dataplane, PublicAddrs)> {
     let nl = Netlink::connect().context("opening a netlink socket")?;
     let snapshot = iface::snapshot(&nl).await?;
@@ -232,7 +356,7 @@ async fn build_dataplane(
         },
     };
     tracing::info!(iface = %ext.name, iface_addr = %ext.iface_addr, public_ip = %public.v4, public_ipv6 = ?public.v6, "using interface");
-    let dataplane = Dataplane::new(nl, config, ext, &public, flags)?;
+    let dataplane = Dataplane::new(nl, config, ext, &public, flags, obs.clone())?;
     Ok((dataplane, public))
 }
 
@@ -354,7 +478,7 @@ fn leases_for_allocation(records: &[LeaseRecord]) -> Vec<Lease> {
         .map(|r| match &r.attrs {
             Ok(a) => record_to_lease(&r.key, a, r.lease_id),
             Err(e) => {
-                tracing::warn!(subnet = %r.key, error = %e, "unreadable lease; its subnet counts as taken");
+                tracing::warn!(subnet = %r.key.ipv4, error = %e, "unreadable lease; its subnet counts as taken");
                 record_to_lease(&r.key, &LeaseAttrs::default(), r.lease_id)
             }
         })
@@ -386,9 +510,9 @@ async fn acquire(
         let plan = plan_acquire(&input, &mut rng).map_err(|e| anyhow!("{e}"))?;
         let mut attrs = dataplane.lease_attrs(public);
         for stale in &plan.delete_first {
-            tracing::info!(subnet = %stale, "deleting this node's incompatible previous lease");
+            tracing::info!(subnet = %stale.ipv4, "deleting this node's incompatible previous lease");
             if let Err(e) = registry.delete(stale).await {
-                tracing::warn!(subnet = %stale, error = %e, "deleting old lease failed");
+                tracing::warn!(subnet = %stale.ipv4, error = %e, "deleting old lease failed");
             }
         }
         let result = match &plan.decision {

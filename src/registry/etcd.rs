@@ -290,12 +290,18 @@ impl EtcdRegistry {
     /// Reconnects with exponential backoff (100 ms to 5 s, Flannel's, plus jitter so nodes
     /// that lost etcd together do not come back in lockstep) and resumes from the last
     /// revision seen; after a compaction (or when resuming is refused) it re-lists and sends
-    /// [`RegistryEvent::Resync`].
-    pub async fn watch(self, mut after_revision: i64, events: mpsc::Sender<RegistryEvent>) {
+    /// [`RegistryEvent::Resync`]. Each reconnect and re-list is counted in `metrics`.
+    pub async fn watch(
+        self,
+        mut after_revision: i64,
+        events: mpsc::Sender<RegistryEvent>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) {
         let mut delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
         let mut need_relist = false;
         while !events.is_closed() {
             if need_relist {
+                metrics.record_relist();
                 match self.list().await {
                     Ok(listing) => {
                         after_revision = listing.revision;
@@ -323,6 +329,7 @@ impl EtcdRegistry {
             {
                 Ok(s) => s,
                 Err(e) => {
+                    metrics.record_watch_restart();
                     let backoff = delays.next().unwrap_or(WATCH_RETRY_MAX);
                     tracing::warn!(error = %e, retry_in = ?backoff, "watching subnets failed");
                     tokio::time::sleep(backoff).await;
@@ -362,10 +369,12 @@ impl EtcdRegistry {
                         }
                     }
                     Ok(None) => {
+                        metrics.record_watch_restart();
                         tracing::warn!("subnet watch closed by etcd; reconnecting");
                         break;
                     }
                     Err(e) => {
+                        metrics.record_watch_restart();
                         let backoff = delays.next().unwrap_or(WATCH_RETRY_MAX);
                         tracing::warn!(error = %e, retry_in = ?backoff, "subnet watch failed; reconnecting");
                         tokio::time::sleep(backoff).await;

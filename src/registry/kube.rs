@@ -32,6 +32,10 @@ pub const API_VERBS: &[(&str, &str)] = &[
     ("nodes", "list"),
     ("nodes", "watch"),
     ("nodes/status", "patch"),
+    // Events on the node (LeaseAcquired, LeaseLost, ...): kube's Recorder creates an event
+    // and patches it when it repeats.
+    ("events", "create"),
+    ("events", "patch"),
 ];
 
 /// Flannel's annotation names under a prefix (`--kube-annotation-prefix`).
@@ -407,8 +411,14 @@ impl KubeSubnetManager {
     /// Watches all nodes until `events` closes. kube's watcher re-watches from the last
     /// resourceVersion (or bookmark) when a stream ends and re-lists on 410 Gone; every
     /// re-list reaches the daemon as one [`NodeEvent::Resync`], so a deletion missed while
-    /// the watch was down still removes the node.
-    pub async fn watch(self, config: NetConfig, events: mpsc::Sender<NodeEvent>) {
+    /// the watch was down still removes the node. Each failure (the watcher then restarts)
+    /// and each re-list after the first is counted in `metrics`.
+    pub async fn watch(
+        self,
+        config: NetConfig,
+        events: mpsc::Sender<NodeEvent>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) {
         let ann = self.annotations.clone();
         let to = |n: &Node| {
             (
@@ -423,9 +433,13 @@ impl KubeSubnetManager {
         let mut stream = watcher(self.nodes(), watcher::Config::default()).boxed();
         let mut delays = retry_delays(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
         let mut init: Vec<(String, Option<Result<LeaseRecord, NodeError>>)> = Vec::new();
+        let mut listed_once = false;
         while let Some(ev) = stream.next().await {
             let out = match ev {
                 Ok(watcher::Event::Init) => {
+                    if std::mem::replace(&mut listed_once, true) {
+                        metrics.record_relist();
+                    }
                     init.clear();
                     None
                 }
@@ -442,6 +456,7 @@ impl KubeSubnetManager {
                     Some(NodeEvent::Delete(n.metadata.name.unwrap_or_default()))
                 }
                 Err(e) => {
+                    metrics.record_watch_restart();
                     let delay = delays.next().unwrap_or(WATCH_RETRY_MAX);
                     tracing::warn!(error = %e, "node watch failed; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;

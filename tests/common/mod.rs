@@ -93,6 +93,12 @@ impl Cluster {
         }
         argv.extend(resync);
         argv.extend_from_slice(&["--subnet-file", subnet_file.as_str()]);
+        // The node's own status socket (nodes share one filesystem) unless the caller picks one.
+        let status_socket = self.lab.node(node).twilld_socket();
+        let status_flag = format!("--status-socket={}", status_socket.display());
+        if !extra.iter().any(|a| a.starts_with("--status-socket")) {
+            argv.push(&status_flag);
+        }
         argv.extend_from_slice(extra);
         let id = self
             .lab
@@ -167,6 +173,18 @@ impl Cluster {
             );
             std::thread::sleep(POLL);
         }
+    }
+
+    /// `GET path` from inside `node`'s namespace to 127.0.0.1:`port` (bash's /dev/tcp: no
+    /// client in the root namespace); the whole answer, or "" when nothing answered.
+    pub fn http_get(&self, node: &str, port: u16, path: &str) -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        self.lab
+            .exec(&self.ns(node), &["bash", "-c", &script])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     pub fn ns(&self, node: &str) -> String {
