@@ -4,13 +4,14 @@
 //! within twice that, one request per connection (`Connection: close`, as the probes and
 //! the tests that read a response to its end expect).
 
+use std::path::Path;
 use std::time::Duration;
 
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 /// Longest request head (request line and headers) that is read: 8 KiB (also hyper's
 /// smallest buffer limit).
@@ -23,27 +24,73 @@ pub const DEADLINE: Duration = Duration::from_secs(3);
 /// request head and (doubled) each whole connection.
 pub async fn serve(listener: TcpListener, router: Router, deadline: Duration) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: the next accept may succeed.
-                tracing::warn!(error = %e, "accepting an HTTP connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .keep_alive(false)
-                .max_buf_size(MAX_HEAD)
-                .header_read_timeout(deadline)
-                .serve_connection(TokioIo::new(stream), service);
-            // A client that sends its head in time but then does not read is dropped too.
-            let _ = tokio::time::timeout(deadline * 2, conn).await;
-        });
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_connection(stream, router.clone(), deadline),
+            Err(e) => accept_failed(e).await,
+        }
     }
+}
+
+/// Binds a unix socket for a local endpoint (the status sockets): creates the parent
+/// directory (0755), removes a stale socket file left by an earlier run, binds, and makes
+/// the socket 0600 so only root on this node can ask. A path that holds something other
+/// than a socket is an error, not removed.
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Like [`serve`], over a unix socket.
+pub async fn serve_unix(listener: UnixListener, router: Router, deadline: Duration) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_connection(stream, router.clone(), deadline),
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+/// One task per connection, bounded as the module says.
+fn spawn_connection<S>(stream: S, router: Router, deadline: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router);
+    tokio::spawn(async move {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(false)
+            .max_buf_size(MAX_HEAD)
+            .header_read_timeout(deadline)
+            .serve_connection(TokioIo::new(stream), service);
+        // A client that sends its head in time but then does not read is dropped too.
+        let _ = tokio::time::timeout(deadline * 2, conn).await;
+    });
+}
+
+/// Out of file descriptors and the like: the next accept may succeed.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 #[cfg(test)]

@@ -1,10 +1,14 @@
 //! Convergence benchmark: 1000 peer leases put into etcd, time until all their
 //! entries (neighbour, FDB, route per peer) are programmed on one node by twilld, against
 //! `ip -batch` + `bridge -batch` applying the same 3000 entries in a fresh namespace, in the
-//! same run. Also twilld's RSS holding 1000 peers.
+//! same run. Also twilld's RSS holding 1000 peers, and the same convergence while twilld's
+//! `/metrics` is scraped every 100 ms, against the unscraped rounds' own spread: scrapes must
+//! not slow the dataplane.
 //!
 //! Usage: convergence [--peers N] [--rounds R]   (root; builds its own lab)
 //! Internal: convergence put-leases ENDPOINT PREFIX N   (run inside the lab's switch namespace)
+//! Internal: convergence scrape ADDR MS   (run inside the node's namespace: GET /metrics every
+//! MS milliseconds until killed; exits non-zero on any answer but 200)
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -101,8 +105,32 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .parse()?)
 }
 
-/// One round of twilld: fresh lab, one node, N leases, time to all entries. Returns (time, rss KiB).
-fn round_twilld(n: u32) -> Result<(Duration, u64)> {
+/// twilld's health port in the bench lab (inside the node's namespace).
+const HEALTHZ_PORT: &str = "8471";
+
+/// `GET /metrics` on `addr` every `every`, until killed; an answer other than 200 ends it with
+/// an error, so a bench that claims to scrape really does.
+fn scrape(addr: &str, every: Duration) -> Result<()> {
+    use std::io::{Read, Write};
+    loop {
+        let mut c =
+            std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)?;
+        if !answer.starts_with("HTTP/1.1 200") || !answer.contains("twilld_peers_known") {
+            bail!(
+                "GET /metrics on {addr}: {}",
+                answer.lines().next().unwrap_or("")
+            );
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// One round of twilld: fresh lab, one node, N leases, time to all entries, with `/metrics`
+/// scraped every 100 ms throughout when `scraped`. Returns (time, rss KiB).
+fn round_twilld(n: u32, scraped: bool) -> Result<(Duration, u64)> {
     let mut lab = Lab::new("bcv")?;
     lab.start_etcd()?;
     lab.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG])?;
@@ -118,6 +146,9 @@ fn round_twilld(n: u32) -> Result<(Duration, u64)> {
             "--ip-masq",
             "--subnet-file",
             &subnet_file,
+            &format!("--healthz-port={HEALTHZ_PORT}"),
+            "--status-socket",
+            &node.dir.join("twilld.sock").to_string_lossy(),
         ],
         &[("TWILL_LOG", "warn")],
     )?;
@@ -129,6 +160,12 @@ fn round_twilld(n: u32) -> Result<(Duration, u64)> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let me = std::env::current_exe()?.to_string_lossy().into_owned();
+    let scraper = if scraped {
+        let addr = format!("127.0.0.1:{HEALTHZ_PORT}");
+        Some(lab.spawn(&node.netns, "scraper", &[&me, "scrape", &addr, "100"], &[])?)
+    } else {
+        None
+    };
     let sw = lab.switch_ns();
     // Watch route additions with `ip monitor` (one process, event-driven) rather than polling
     // with a new `ip` per check, which would steal CPU from the daemon being measured.
@@ -184,6 +221,11 @@ fn round_twilld(n: u32) -> Result<(Duration, u64)> {
         bail!("incomplete dataplane: neigh {neigh} fdb {fdb} routes {routes}");
     }
     let rss = rss_kib(lab.pid(id)?)?;
+    if let Some(scraper) = scraper {
+        if !lab.is_running(scraper) {
+            bail!("the /metrics scraper stopped: {}", lab.log(scraper));
+        }
+    }
     lab.teardown()?;
     Ok((took, rss))
 }
@@ -235,6 +277,9 @@ fn main() -> Result<()> {
     if args.get(1).map(String::as_str) == Some("put-leases") {
         return put_leases(&args[2], &args[3], args[4].parse()?);
     }
+    if args.get(1).map(String::as_str) == Some("scrape") {
+        return scrape(&args[2], Duration::from_millis(args[3].parse()?));
+    }
     if !twill_lab::require_root() {
         return Ok(());
     }
@@ -251,19 +296,30 @@ fn main() -> Result<()> {
     let mut twill_ms = Vec::new();
     let mut batch_ms = Vec::new();
     let mut rss = Vec::new();
+    let mut scraped_ratios = Vec::new();
     for r in 0..rounds {
-        let (t, kib) = round_twilld(n)?;
+        let (t, kib) = round_twilld(n, false)?;
+        let (s, _) = round_twilld(n, true)?;
         let b = round_batch(n)?;
         eprintln!(
-            "round {r}: twilld {:.1} ms (rss {kib} KiB), ip/bridge -batch {:.1} ms",
+            "round {r}: twilld {:.1} ms (rss {kib} KiB), scraped every 100 ms {:.1} ms, ip/bridge -batch {:.1} ms",
             ms(t),
+            ms(s),
             ms(b)
         );
         ratios.push(ms(t) / ms(b));
+        scraped_ratios.push(ms(s) / ms(b));
         twill_ms.push(ms(t));
         batch_ms.push(ms(b));
         rss.push(kib as f64);
     }
+    // The noise: how far the unscraped rounds' own ratios stray from their median.
+    let plain_ratio = median(ratios.clone());
+    let spread = ratios
+        .iter()
+        .map(|r| (r / plain_ratio - 1.0).abs())
+        .fold(0.0, f64::max);
+    let scraped_ratio = median(scraped_ratios);
     let (t, b, ratio, rss_mib) = (
         median(twill_ms),
         median(batch_ms),
@@ -290,6 +346,23 @@ fn main() -> Result<()> {
             rss_mib / 20.0,
             "ratio < 1",
             rss_mib < 20.0
+        )
+    );
+    let change = scraped_ratio / plain_ratio;
+    println!(
+        "{}",
+        table_row(
+            &format!(
+                "convergence with /metrics scraped every 100 ms, vs unscraped (median of {rounds})"
+            ),
+            &format!("{scraped_ratio:.2} × batch"),
+            &format!(
+                "{plain_ratio:.2} × batch unscraped; noise ±{:.0}%",
+                spread * 100.0
+            ),
+            change,
+            "within the noise",
+            (change - 1.0).abs() <= spread
         )
     );
     Ok(())
