@@ -26,8 +26,9 @@ const DEADLINE: Duration = Duration::from_secs(90);
 /// Keys every line carries.
 const LINE_KEYS: [&str; 4] = ["timestamp", "level", "target", "message"];
 /// Names that mean one of the shared fields but are not its name (node, peer, subnet, pod,
-/// policy), which no program may use.
-const SYNONYMS: [&str; 14] = [
+/// policy), which no program may use. (`namespace` alone names a namespace, which is no
+/// synonym; a pod or policy split into `namespace` and `name` is caught by `name`.)
+const SYNONYMS: [&str; 13] = [
     "node_name",
     "nodename",
     "peer_ip",
@@ -35,7 +36,6 @@ const SYNONYMS: [&str; 14] = [
     "peer_address",
     "pod_name",
     "pod_namespace",
-    "namespace",
     "name",
     "policy_name",
     "network_policy",
