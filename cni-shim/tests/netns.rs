@@ -234,6 +234,10 @@ impl Node {
     }
 }
 
+/// subnet.env of a node holding 10.244.1.0/24 (gateway 10.244.1.1) in 10.244.0.0/16.
+const SUBNET_ENV_1: &str =
+    "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+
 const DEFAULT_DELEGATE: &str = r#"{"hairpinMode":true,"isDefaultGateway":true}"#;
 
 fn result_addr(v: &Value) -> Ipv4Net {
@@ -249,10 +253,7 @@ fn add_then_double_del_with_reference_plugins() {
     if !root_or_skip("add_then_double_del_with_reference_plugins") {
         return;
     }
-    let node = Node::new(
-        "a",
-        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-    );
+    let node = Node::new("a", SUBNET_ENV_1);
     let pod = Ns::new(format!("twcni{}pa", std::process::id()));
     let conf = node.conf(DEFAULT_DELEGATE);
 
@@ -822,10 +823,7 @@ fn log_file_has_one_json_line_per_command_with_reference_plugins() {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
-    let node = Node::new(
-        "lj",
-        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-    );
+    let node = Node::new("lj", SUBNET_ENV_1);
     let pod = Ns::new(format!("twcni{}plj", std::process::id()));
     let log = node.dir.0.join("cni.log");
     let conf = with_log(&node.conf(DEFAULT_DELEGATE), &log, Some("json"));
@@ -893,10 +891,7 @@ fn an_unwritable_or_misconfigured_log_never_changes_the_command() {
     if !root_or_skip("an_unwritable_or_misconfigured_log_never_changes_the_command") {
         return;
     }
-    let node = Node::new(
-        "lx",
-        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-    );
+    let node = Node::new("lx", SUBNET_ENV_1);
     let pod = Ns::new(format!("twcni{}plx", std::process::id()));
     // A directory that does not exist: the log cannot be opened.
     let unopenable = node.dir.0.join("missing").join("cni.log");

@@ -10,6 +10,9 @@ fn bin() -> Command {
     c
 }
 
+/// Namespace x with a policy the enforcer cannot read (a CIDR with prefix length 33).
+const BAD_POLICY_X: &str = "kind: Namespace\nmetadata: {name: x}\n---\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n";
+
 #[test]
 fn compile_prints_the_table_for_this_node_only() {
     let out = bin()
@@ -89,11 +92,7 @@ fn invalid_object_fails_its_namespace_closed_and_is_reported_with_file_document_
     std::fs::create_dir_all(&dir).unwrap();
     // Namespace x has a policy the enforcer cannot read; y's policy is fine. One pod of
     // each on n1.
-    std::fs::write(
-        dir.join("p.yaml"),
-        "kind: Namespace\nmetadata: {name: x}\n---\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("p.yaml"), BAD_POLICY_X).unwrap();
     std::fs::write(
         dir.join("q.yaml"),
         "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {nodeName: n1}\nstatus: {podIP: 10.244.1.2}\n---\nkind: Pod\nmetadata: {name: b, namespace: y}\nspec: {nodeName: n1}\nstatus: {podIP: 10.244.1.3}\n---\nkind: NetworkPolicy\nmetadata: {name: q, namespace: y}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n",
@@ -155,11 +154,7 @@ fn invalid_object_fails_its_namespace_closed_and_is_reported_with_file_document_
 fn log_format_json_writes_json_lines_and_a_bad_format_is_named() {
     let dir = std::env::temp_dir().join(format!("twill-policy-cli-log-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("p.yaml"),
-        "kind: Namespace\nmetadata: {name: x}\n---\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("p.yaml"), BAD_POLICY_X).unwrap();
     let run = |format: &str| {
         Command::new(env!("CARGO_BIN_EXE_twill-policy"))
             .args(["--node-name", "n1", "--log-format", format, "--manifests"])
