@@ -45,6 +45,47 @@ fn compile_prints_the_table_for_this_node_only() {
 }
 
 #[test]
+fn log_format_json_writes_json_lines_and_a_bad_format_is_named() {
+    let dir = std::env::temp_dir().join(format!("twill-policy-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), BAD_POLICY_X).unwrap();
+    let run = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_twill-policy"))
+            .args(["--node-name", "n1", "--log-format", format, "--manifests"])
+            .arg(&dir)
+            .arg("compile")
+            .output()
+            .unwrap()
+    };
+    let out = run("json");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let warning = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("is not a CIDR"))
+        })
+        .unwrap_or_else(|| panic!("no line about the bad policy: {err}"));
+    assert_eq!(warning["level"], "ERROR", "{warning}");
+    assert!(warning["timestamp"].is_string() && warning["target"].is_string());
+
+    let out = run("xml");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: --log-format: unknown log format \"xml\" (expected \"text\" or \"json\")\n"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
 fn explain_gives_the_reasons() {
     let out = bin()
         .args([
@@ -148,45 +189,4 @@ fn invalid_object_fails_its_namespace_closed_and_is_reported_with_file_document_
     assert_eq!(out.status.code(), Some(1), "{s}");
     assert!(s.contains("egress of x/a: namespace x fails closed"), "{s}");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[test]
-fn log_format_json_writes_json_lines_and_a_bad_format_is_named() {
-    let dir = std::env::temp_dir().join(format!("twill-policy-cli-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("p.yaml"), BAD_POLICY_X).unwrap();
-    let run = |format: &str| {
-        Command::new(env!("CARGO_BIN_EXE_twill-policy"))
-            .args(["--node-name", "n1", "--log-format", format, "--manifests"])
-            .arg(&dir)
-            .arg("compile")
-            .output()
-            .unwrap()
-    };
-    let out = run("json");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let lines: Vec<serde_json::Value> = err
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-        .collect();
-    let warning = lines
-        .iter()
-        .find(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("is not a CIDR"))
-        })
-        .unwrap_or_else(|| panic!("no line about the bad policy: {err}"));
-    assert_eq!(warning["level"], "ERROR", "{warning}");
-    assert!(warning["timestamp"].is_string() && warning["target"].is_string());
-
-    let out = run("xml");
-    std::fs::remove_dir_all(&dir).unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr),
-        "error: --log-format: unknown log format \"xml\" (expected \"text\" or \"json\")\n"
-    );
-    assert!(out.stdout.is_empty());
 }
