@@ -27,6 +27,8 @@ pub struct InvalidBool(pub String);
 pub enum FlagsError {
     #[error("Invalid subnet-lease-renew-margin option, out of acceptable range: {0}")]
     RenewMarginOutOfRange(i64),
+    #[error("--log-format: {0}")]
+    LogFormat(#[from] twill_logging::UnknownLogFormat),
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -152,6 +154,11 @@ pub struct Flags {
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
 
+    /// twill: log line format, `text` (human-readable, the default) or `json` (one object per
+    /// line with timestamp, level, target, message and the event's fields).
+    #[arg(long, env = "FLANNELD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
     /// twill: period of the full dataplane resync (seconds). Drift such as a deleted route or
     /// flannel.<VNI> is repaired within this time even if no netlink event is seen.
     #[arg(long, env = "TWILL_RESYNC_PERIOD", default_value_t = 10)]
@@ -204,6 +211,11 @@ impl Flags {
             ));
         }
         Ok(())
+    }
+
+    /// The `--log-format` value, or an error naming the flag and the value.
+    pub fn log_format(&self) -> Result<twill_logging::LogFormat, FlagsError> {
+        Ok(self.log_format.parse()?)
     }
 
     pub fn etcd_endpoint_list(&self) -> Vec<String> {
@@ -290,6 +302,31 @@ mod tests {
         assert!(parse(&["--subnet-lease-renew-margin=1440"])
             .check()
             .is_err());
+    }
+
+    #[test]
+    fn log_format_is_text_json_or_a_named_error() {
+        use twill_logging::LogFormat;
+        assert_eq!(parse(&[]).log_format().unwrap(), LogFormat::Text);
+        assert_eq!(
+            parse(&["--log-format=json"]).log_format().unwrap(),
+            LogFormat::Json
+        );
+        assert_eq!(
+            parse(&["-log-format=json"]).log_format().unwrap(),
+            LogFormat::Json
+        );
+        assert_eq!(
+            parse(&["-log-format", "text"]).log_format().unwrap(),
+            LogFormat::Text
+        );
+        assert_eq!(
+            parse(&["--log-format=xml"])
+                .log_format()
+                .unwrap_err()
+                .to_string(),
+            "--log-format: unknown log format \"xml\" (expected \"text\" or \"json\")"
+        );
     }
 
     #[test]

@@ -1,7 +1,5 @@
 //! twilld: the thin shell. Flags, logging, runtime; everything else is in the library.
 
-use tracing_subscriber::EnvFilter;
-
 fn main() -> std::process::ExitCode {
     // `twilld status`: flanneld takes no positional arguments, so a first argument `status`
     // cannot be one of Flannel's command lines.
@@ -9,16 +7,24 @@ fn main() -> std::process::ExitCode {
         return twill::status_command::main(std::env::args().skip(2));
     }
     let flags = twill::flags::Flags::parse_from_env_and_args();
+    let format = match flags.log_format() {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("twilld: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let level = match flags.verbosity {
         0 => "info",
         1..=3 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_env("TWILL_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // TWILL_LOG (tracing's directive syntax) overrides -v.
+    let filter = twill_logging::env_filter("TWILL_LOG", level);
+    if let Err(e) = twill_logging::init_stderr(format, filter) {
+        eprintln!("twilld: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
 
     if flags.cleanup {
         return match twill::cleanup::run() {

@@ -65,3 +65,46 @@ fn version_and_help() {
         "env fallbacks are documented in --help"
     );
 }
+
+#[test]
+fn log_format_json_writes_json_lines_and_a_bad_format_exits_1_naming_it() {
+    // A flag error found after logging starts is one JSON line.
+    let out = twilld()
+        .args(["-log-format=json", "-subnet-lease-renew-margin=0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?} in {err}")))
+        .collect();
+    let line = lines
+        .iter()
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("out of acceptable range: 0"),
+        "{line}"
+    );
+
+    for (args, env) in [
+        (vec!["--log-format=xml"], None),
+        (vec![], Some(("FLANNELD_LOG_FORMAT", "xml"))),
+    ] {
+        let mut cmd = twilld();
+        cmd.args(&args);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "twilld: --log-format: unknown log format \"xml\" (expected \"text\" or \"json\")\n"
+        );
+    }
+}

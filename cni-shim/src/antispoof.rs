@@ -174,7 +174,9 @@ pub fn add(p: &PodPort) -> Result<(), CniError> {
         Ok(()) => Ok(()),
         Err(e) => {
             if e.os_error() != Some(nix::libc::ENOENT) {
-                eprintln!("twill-cni: anti-spoofing elements over netlink: {e}; using nft");
+                crate::log::warn(&format!(
+                    "anti-spoofing elements over netlink: {e}; using nft"
+                ));
             }
             apply(&add_script(p))
         }

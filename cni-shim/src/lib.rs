@@ -4,6 +4,7 @@
 pub mod antispoof;
 pub mod delegate;
 pub mod error;
+pub mod log;
 pub mod netconf;
 pub mod plugin;
 pub mod result;

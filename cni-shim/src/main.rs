@@ -2,10 +2,12 @@
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use twill_cni::plugin::{self, CniEnv};
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     let env = CniEnv::from_process();
     let mut stdin = Vec::new();
     if env.command.as_deref().is_some_and(|c| !c.is_empty()) {
@@ -19,8 +21,13 @@ fn main() -> ExitCode {
             twill_cni::validate::SUPPORTED_VERSIONS
         );
     }
+    // The log file named in the network config (`logFile`), if any; best effort.
+    twill_cni::log::start(&stdin);
+    let outcome = plugin::run(&env, &stdin);
+    let cni_args = std::env::var("CNI_ARGS").ok();
+    twill_cni::log::command(&env, cni_args.as_deref(), &outcome, started.elapsed());
     let mut out = std::io::stdout().lock();
-    match plugin::run(&env, &stdin) {
+    match outcome {
         Ok(result) => {
             if let Some(bytes) = result {
                 let _ = out.write_all(&bytes);

@@ -299,7 +299,7 @@ fn cmd_add(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<Vec<u8>, Cni
         Err(e) => {
             let saved = durable.unwrap_or_else(|_| conf.data_dir.join(cid));
             if let Err(re) = fs::remove_file(&saved) {
-                eprintln!("twill-cni: failed to remove {}: {re}", saved.display());
+                crate::log::warn(&format!("failed to remove {}: {re}", saved.display()));
             }
             Err(e)
         }
@@ -370,7 +370,7 @@ fn forget_pod_port(conf: &FlannelConf, saved: &[u8]) {
         return;
     }
     if let Err(e) = antispoof::remove(&port) {
-        eprintln!("twill-cni: {}", e.msg);
+        crate::log::warn(&e.msg);
     }
 }
 
@@ -433,17 +433,17 @@ fn cmd_del(conf: &FlannelConf, cid: &str, cni_path: &str) -> Result<(), CniError
         .and_then(|v| v.get("type")?.as_str().map(String::from));
     let Some(typ) = typ else {
         // As Flannel: the interface stays until reboot, but DEL must not fail forever.
-        eprintln!(
-            "twill-cni: failed to parse saved netconf {}; leaving it in place",
+        crate::log::warn(&format!(
+            "failed to parse saved netconf {}; leaving it in place",
             path.display()
-        );
+        ));
         return Ok(());
     };
     let plugin = delegate::find_in_path(&typ, cni_path)?;
     delegate::run(&plugin, "DEL", &bytes, "failed to delegate del")?;
     forget_pod_port(conf, &bytes);
     if let Err(e) = fs::remove_file(&path) {
-        eprintln!("twill-cni: failed to remove {}: {e}", path.display());
+        crate::log::warn(&format!("failed to remove {}: {e}", path.display()));
     }
     Ok(())
 }
@@ -582,7 +582,7 @@ fn cmd_gc(conf: &FlannelConf, cni_path: &str) -> Result<(), CniError> {
 
     let mut delegate_err = None;
     match load_subnet_env(&conf.subnet_file) {
-        Err(e) => eprintln!("twill-cni: GC not forwarded to the delegate: {}", e.msg),
+        Err(e) => crate::log::warn(&format!("GC not forwarded to the delegate: {}", e.msg)),
         Ok(env) => {
             let mut d = conf.delegate_config(&env)?;
             if let Some(v) = conf.raw.get(netconf::VALID_ATTACHMENTS) {

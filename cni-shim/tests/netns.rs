@@ -126,8 +126,9 @@ impl Node {
         )
     }
 
-    /// Starts twill-cni in this node with `conf` on its stdin; `output` is where its stdout
-    /// and stderr go.
+    /// Starts twill-cni in this node with `conf` on its stdin and `cni_args` as CNI_ARGS;
+    /// `output` is where its stdout and stderr go.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_cni(
         &self,
         cmd: &str,
@@ -135,6 +136,7 @@ impl Node {
         ifname: &str,
         netns: &str,
         conf: &str,
+        cni_args: &str,
         output: fn() -> Stdio,
     ) -> std::process::Child {
         let mut child = Command::new("ip")
@@ -144,6 +146,7 @@ impl Node {
             .env("CNI_IFNAME", ifname)
             .env("CNI_NETNS", netns)
             .env("CNI_PATH", CNI_PATH)
+            .env("CNI_ARGS", cni_args)
             .stdin(Stdio::piped())
             .stdout(output())
             .stderr(output())
@@ -162,7 +165,20 @@ impl Node {
     }
 
     fn cni(&self, cmd: &str, cid: &str, ifname: &str, netns: &str, conf: &str) -> (i32, Value) {
-        let child = self.spawn_cni(cmd, cid, ifname, netns, conf, Stdio::piped);
+        self.cni_for_pod(cmd, cid, ifname, netns, conf, "")
+    }
+
+    /// As [`Node::cni`], with `cni_args` as CNI_ARGS (the kubelet's pod namespace and name).
+    fn cni_for_pod(
+        &self,
+        cmd: &str,
+        cid: &str,
+        ifname: &str,
+        netns: &str,
+        conf: &str,
+        cni_args: &str,
+    ) -> (i32, Value) {
+        let child = self.spawn_cni(cmd, cid, ifname, netns, conf, cni_args, Stdio::piped);
         let o = child.wait_with_output().unwrap();
         let code = o.status.code().unwrap_or(-1);
         let stdout = String::from_utf8_lossy(&o.stdout);
@@ -218,6 +234,10 @@ impl Node {
     }
 }
 
+/// subnet.env of a node holding 10.244.1.0/24 (gateway 10.244.1.1) in 10.244.0.0/16.
+const SUBNET_ENV_1: &str =
+    "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+
 const DEFAULT_DELEGATE: &str = r#"{"hairpinMode":true,"isDefaultGateway":true}"#;
 
 fn result_addr(v: &Value) -> Ipv4Net {
@@ -233,10 +253,7 @@ fn add_then_double_del_with_reference_plugins() {
     if !root_or_skip("add_then_double_del_with_reference_plugins") {
         return;
     }
-    let node = Node::new(
-        "a",
-        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-    );
+    let node = Node::new("a", SUBNET_ENV_1);
     let pod = Ns::new(format!("twcni{}pa", std::process::id()));
     let conf = node.conf(DEFAULT_DELEGATE);
 
@@ -490,7 +507,7 @@ fn rng() -> impl FnMut() -> u64 {
 /// Then waits until the delegates it had started (bridge, host-local) have finished too: a
 /// runtime that kills the plugin does not kill those, and they go on changing the node.
 fn cni_killed(node: &Node, cmd: &str, cid: &str, netns: &str, conf: &str, delay: Duration) {
-    let mut child = node.spawn_cni(cmd, cid, "eth0", netns, conf, Stdio::null);
+    let mut child = node.spawn_cni(cmd, cid, "eth0", netns, conf, "", Stdio::null);
     std::thread::sleep(delay);
     let _ = child.kill();
     let _ = child.wait();
@@ -776,4 +793,143 @@ fn pod_cannot_send_with_a_neighbour_pods_address() {
     );
     node.cni("DEL", "as-0", "eth0", &pods[0].path(), &conf);
     node.cni("DEL", "as-3", "eth0", &pods[2].path(), &conf);
+}
+
+/// `conf` with the plugin's logging keys added (`logFile` and, when given, `logFormat`).
+fn with_log(conf: &str, file: &Path, format: Option<&str>) -> String {
+    let mut v: Value = serde_json::from_str(conf).unwrap();
+    v["logFile"] = file.display().to_string().into();
+    if let Some(f) = format {
+        v["logFormat"] = f.into();
+    }
+    v.to_string()
+}
+
+/// Every line of the JSON log, parsed.
+fn json_log(path: &Path) -> Vec<serde_json::Map<String, Value>> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| match serde_json::from_str(l) {
+            Ok(Value::Object(m)) => m,
+            other => panic!("log line {l:?} is no JSON object: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn log_file_has_one_json_line_per_command_with_reference_plugins() {
+    if !root_or_skip("log_file_has_one_json_line_per_command_with_reference_plugins") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::new("lj", SUBNET_ENV_1);
+    let pod = Ns::new(format!("twcni{}plj", std::process::id()));
+    let log = node.dir.0.join("cni.log");
+    let conf = with_log(&node.conf(DEFAULT_DELEGATE), &log, Some("json"));
+    let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_INFRA_CONTAINER_ID=c-log";
+
+    let (code, res) = node.cni_for_pod("ADD", "c-log", "eth0", &pod.path(), &conf, args);
+    assert_eq!(code, 0, "{res}");
+    let addr = result_addr(&res);
+    let (code, res) = node.cni_for_pod("CHECK", "c-unknown", "eth0", &pod.path(), &conf, "");
+    assert_ne!(code, 0, "CHECK of an unknown container must fail: {res}");
+    let check_error = res["msg"].as_str().unwrap().to_string();
+    let (code, res) = node.cni_for_pod("DEL", "c-log", "eth0", &pod.path(), &conf, args);
+    assert_eq!(code, 0, "{res}");
+
+    let mode = fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the log is root's only");
+    // One line per command (warnings, e.g. of the anti-spoofing fast path, may come between).
+    let lines: Vec<_> = json_log(&log)
+        .into_iter()
+        .filter(|l| l.contains_key("command"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for l in &lines {
+        for key in [
+            "timestamp",
+            "level",
+            "target",
+            "message",
+            "command",
+            "duration_ms",
+        ] {
+            assert!(l.contains_key(key), "{key} missing in {l:?}");
+        }
+        assert!(l["duration_ms"].as_f64().unwrap() > 0.0, "{l:?}");
+    }
+    let (add, check, del) = (&lines[0], &lines[1], &lines[2]);
+    assert_eq!(add["level"], "INFO");
+    assert_eq!(add["command"], "ADD");
+    assert_eq!(add["message"], "CNI ADD done");
+    assert_eq!(add["container_id"], "c-log");
+    assert_eq!(add["netns"], pod.path().as_str());
+    assert_eq!(add["ifname"], "eth0");
+    assert_eq!(add["pod"], "shop/web-1");
+    assert_eq!(add["addresses"], addr.to_string().as_str());
+    assert!(!add.contains_key("error"), "{add:?}");
+
+    assert_eq!(check["level"], "ERROR");
+    assert_eq!(check["command"], "CHECK");
+    assert_eq!(check["container_id"], "c-unknown");
+    assert!(!check.contains_key("pod"), "no CNI_ARGS, no pod: {check:?}");
+    assert!(
+        check["error"].as_str().unwrap().contains(&check_error),
+        "{check:?} vs {check_error}"
+    );
+    assert!(check["code"].as_u64().is_some(), "{check:?}");
+
+    assert_eq!(del["command"], "DEL");
+    assert_eq!(del["pod"], "shop/web-1");
+    assert!(!del.contains_key("addresses"), "{del:?}");
+    assert!(node.reservations().is_empty());
+}
+
+#[test]
+fn an_unwritable_or_misconfigured_log_never_changes_the_command() {
+    if !root_or_skip("an_unwritable_or_misconfigured_log_never_changes_the_command") {
+        return;
+    }
+    let node = Node::new("lx", SUBNET_ENV_1);
+    let pod = Ns::new(format!("twcni{}plx", std::process::id()));
+    // A directory that does not exist: the log cannot be opened.
+    let unopenable = node.dir.0.join("missing").join("cni.log");
+    let conf = with_log(&node.conf(DEFAULT_DELEGATE), &unopenable, Some("json"));
+    let (code, res) = node.cni("ADD", "c-nolog", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    let addr = result_addr(&res);
+    assert_eq!(res["ips"].as_array().unwrap().len(), 1, "{res}");
+    assert_eq!(node.reservations(), vec![addr.addr().to_string()]);
+    let (code, res) = node.cni("DEL", "c-nolog", "eth0", &pod.path(), &conf);
+    assert_eq!((code, res), (0, Value::Null));
+    assert!(!unopenable.exists() && !unopenable.parent().unwrap().exists());
+
+    // An unknown logFormat: the command works, the log is text and says why.
+    let log = node.dir.0.join("text.log");
+    let conf = with_log(&node.conf(DEFAULT_DELEGATE), &log, Some("xml"));
+    let (code, res) = node.cni("ADD", "c-text", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0, "{res}");
+    let addr = result_addr(&res);
+    let (code, _) = node.cni("DEL", "c-text", "eth0", &pod.path(), &conf);
+    assert_eq!(code, 0);
+    let text = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains(r#"logFormat: unknown log format "xml""#),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("CNI ADD done") && lines[1].contains(&addr.to_string()),
+        "{text}"
+    );
+    assert!(lines[1].contains("container_id=\"c-text\""), "{text}");
+    assert!(lines[3].contains("CNI DEL done"), "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| serde_json::from_str::<Value>(l).is_err()),
+        "{text}"
+    );
 }

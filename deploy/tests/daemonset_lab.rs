@@ -565,6 +565,13 @@ fn the_kubelet_reads_every_field_of_the_daemonset() {
             file_or_create: true
         }
     );
+    assert_eq!(
+        pod.volumes["twill-run"],
+        kubelet::Volume::HostPath {
+            path: "/run/twill".into(),
+            file_or_create: false
+        }
+    );
 }
 
 #[test]

@@ -3,7 +3,10 @@
 //!   k8s-openapi type of its kind and serialized back, nothing may be lost (a misspelt or
 //!   misplaced field would be);
 //! - it has Flannel's objects and names, so it replaces Flannel's manifest in place;
-//! - its RBAC rules cover every API call twilld and twill-policy make;
+//! - its RBAC rules are exactly the API calls twilld and twill-policy make, plus creating and
+//!   patching events.k8s.io events;
+//! - twill-policy's metrics port is declared, and both containers share the host's
+//!   /run/twill for the status sockets;
 //! - every path and command it names exists in the Dockerfile's runtime stage, and so does
 //!   `/opt/bin/flanneld` (what Flannel's own DaemonSet runs);
 //! - the Dockerfile's build fetches nothing but Debian packages and crates;
@@ -152,13 +155,19 @@ fn api_group(resource: &str) -> &'static str {
     }
 }
 
+/// What both programs' Kubernetes events need (twill-runtime's `NodeEvents`, through kube's
+/// events Recorder: it creates an event, then patches its count when it repeats).
+const EVENT_VERBS: &[(&str, &str)] = &[("events", "create"), ("events", "patch")];
+
 #[test]
 fn rbac_covers_every_api_call_the_programs_make() {
     let docs = documents();
     let granted = granted(&docs);
     let used = twill::registry::kube::API_VERBS
         .iter()
-        .chain(twill_policy::source::kube::API_VERBS.iter());
+        .chain(twill_policy::source::kube::API_VERBS.iter())
+        .chain(EVENT_VERBS.iter());
+    let mut wanted = BTreeSet::new();
     for (resource, verb) in used {
         let want = (
             api_group(resource).to_string(),
@@ -169,7 +178,12 @@ fn rbac_covers_every_api_call_the_programs_make() {
             granted.contains(&want),
             "kube-flannel.yml's ClusterRole lacks {want:?}; granted: {granted:?}"
         );
+        wanted.insert(want);
     }
+    // Nothing more: every grant beyond what the programs use widens what a compromised
+    // node can do.
+    let extra: Vec<_> = granted.difference(&wanted).collect();
+    assert!(extra.is_empty(), "granted but never used: {extra:?}");
     let binding = find(&docs, "ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], "flannel");
     assert_eq!(binding["subjects"][0]["name"], "flannel");
@@ -518,4 +532,110 @@ fn twill_policy_reads_the_subnet_file_and_is_probed() {
         .unwrap()
         .iter()
         .any(|m| m["name"] == mount["name"] && m["mountPath"] == "/run/flannel"));
+}
+
+/// The container of the DaemonSet named `name`.
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+#[test]
+fn events_are_the_only_rbac_rule_beyond_flannels_and_policys() {
+    let docs = documents();
+    let role = find(&docs, "ClusterRole");
+    let events: Vec<&Value> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "events")
+        })
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["apiGroups"], serde_json::json!(["events.k8s.io"]));
+    assert_eq!(events[0]["resources"], serde_json::json!(["events"]));
+    assert_eq!(events[0]["verbs"], serde_json::json!(["create", "patch"]));
+}
+
+#[test]
+fn twill_policy_metrics_port_is_declared_and_served() {
+    let docs = documents();
+    let pod = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    let c = container(pod, "twill-policy");
+    let ports = c["ports"].as_array().expect("twill-policy declares ports");
+    let metrics = ports
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a port named metrics");
+    assert_eq!(metrics["containerPort"], 9753);
+    assert_eq!(metrics["protocol"], "TCP");
+    // The port the program listens on is the one declared (on every address: hostNetwork,
+    // so Prometheus scrapes the node's IP).
+    let args = words_of(&c["args"]);
+    let addr = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--metrics-addr="))
+        .expect("--metrics-addr");
+    let addr: std::net::SocketAddr = addr.parse().expect("--metrics-addr is an address");
+    assert_eq!(addr.port(), 9753);
+    assert!(addr.ip().is_unspecified(), "{addr}");
+}
+
+#[test]
+fn both_daemons_share_the_status_socket_directory() {
+    let docs = documents();
+    let pod = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    let dir = std::path::Path::new(twill_runtime::status::TWILLD_SOCKET)
+        .parent()
+        .unwrap();
+    assert_eq!(
+        Some(dir),
+        std::path::Path::new(twill_runtime::status::POLICY_SOCKET).parent(),
+        "both sockets in one directory"
+    );
+    let vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["hostPath"]["path"] == dir.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no hostPath volume for {}", dir.display()));
+    assert_eq!(vol["hostPath"]["type"], "DirectoryOrCreate");
+    for name in ["kube-flannel", "twill-policy"] {
+        let mounted = container(pod, name)["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| {
+                m["name"] == vol["name"]
+                    && m["mountPath"] == dir.to_str().unwrap()
+                    && m["readOnly"] != true
+            });
+        assert!(mounted, "{name} must mount {} writable", dir.display());
+    }
+}
+
+#[test]
+fn twill_policy_knows_its_pod_for_events() {
+    let docs = documents();
+    let pod = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    let env = container(pod, "twill-policy")["env"].as_array().unwrap();
+    for (var, field) in [
+        ("NODE_NAME", "spec.nodeName"),
+        ("POD_NAME", "metadata.name"),
+    ] {
+        let e = env
+            .iter()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("twill-policy has no {var}"));
+        assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], field, "{var}");
+    }
 }

@@ -81,6 +81,10 @@ struct Common {
     /// --strict-mode=false: established flows go on until they end.
     #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     strict_mode: bool,
+    /// Log line format on stderr: text (human-readable) or json (one object per line with
+    /// timestamp, level, target, message and the event's fields).
+    #[arg(long, global = true, default_value = "text", value_name = "FORMAT")]
+    log_format: String,
 }
 
 /// A value of --pod-bridge that is no interface name.
@@ -939,14 +943,21 @@ fn cmd_explain(common: &Common, from: &str, to: &str, port: &str) -> Result<bool
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let format = match cli.common.log_format.parse::<twill_logging::LogFormat>() {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("error: --log-format: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // RUST_LOG (tracing's directive syntax) overrides the default level.
+    if let Err(e) =
+        twill_logging::init_stderr(format, twill_logging::env_filter("RUST_LOG", "info"))
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let res = match &cli.cmd {
         Cmd::Run {
             resync,

@@ -10,6 +10,9 @@ fn bin() -> Command {
     c
 }
 
+/// Namespace x with a policy the enforcer cannot read (a CIDR with prefix length 33).
+const BAD_POLICY_X: &str = "kind: Namespace\nmetadata: {name: x}\n---\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n";
+
 #[test]
 fn compile_prints_the_table_for_this_node_only() {
     let out = bin()
@@ -39,6 +42,47 @@ fn compile_prints_the_table_for_this_node_only() {
     let out = bin().arg("compile").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NODE_NAME"));
+}
+
+#[test]
+fn log_format_json_writes_json_lines_and_a_bad_format_is_named() {
+    let dir = std::env::temp_dir().join(format!("twill-policy-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), BAD_POLICY_X).unwrap();
+    let run = |format: &str| {
+        Command::new(env!("CARGO_BIN_EXE_twill-policy"))
+            .args(["--node-name", "n1", "--log-format", format, "--manifests"])
+            .arg(&dir)
+            .arg("compile")
+            .output()
+            .unwrap()
+    };
+    let out = run("json");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let warning = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("is not a CIDR"))
+        })
+        .unwrap_or_else(|| panic!("no line about the bad policy: {err}"));
+    assert_eq!(warning["level"], "ERROR", "{warning}");
+    assert!(warning["timestamp"].is_string() && warning["target"].is_string());
+
+    let out = run("xml");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: --log-format: unknown log format \"xml\" (expected \"text\" or \"json\")\n"
+    );
+    assert!(out.stdout.is_empty());
 }
 
 #[test]
@@ -89,11 +133,7 @@ fn invalid_object_fails_its_namespace_closed_and_is_reported_with_file_document_
     std::fs::create_dir_all(&dir).unwrap();
     // Namespace x has a policy the enforcer cannot read; y's policy is fine. One pod of
     // each on n1.
-    std::fs::write(
-        dir.join("p.yaml"),
-        "kind: Namespace\nmetadata: {name: x}\n---\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("p.yaml"), BAD_POLICY_X).unwrap();
     std::fs::write(
         dir.join("q.yaml"),
         "kind: Pod\nmetadata: {name: a, namespace: x}\nspec: {nodeName: n1}\nstatus: {podIP: 10.244.1.2}\n---\nkind: Pod\nmetadata: {name: b, namespace: y}\nspec: {nodeName: n1}\nstatus: {podIP: 10.244.1.3}\n---\nkind: NetworkPolicy\nmetadata: {name: q, namespace: y}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n",

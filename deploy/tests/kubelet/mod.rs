@@ -184,7 +184,8 @@ pub struct VolumeMount {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Volume {
     /// A node path; `file_or_create` (type FileOrCreate) makes an empty file if it is missing,
-    /// else (type unset) a missing path becomes a directory, as container runtimes do.
+    /// else (type unset or DirectoryOrCreate) a missing path becomes a directory, as container
+    /// runtimes do.
     HostPath { path: String, file_or_create: bool },
     /// The keys of a ConfigMap as files (read-only, as the kubelet mounts them).
     ConfigMap { name: String },
@@ -403,11 +404,11 @@ fn parse_pod_spec(
                 let mut h = Fields::new(h, &format!("{vat}.hostPath"))?;
                 let path = h.str("path")?.to_string();
                 let file_or_create = match h.opt_str("type")?.unwrap_or("") {
-                    "" => false,
+                    "" | "DirectoryOrCreate" => false,
                     "FileOrCreate" => true,
                     other => {
                         return Err(format!(
-                            "{vat}.hostPath.type: {other:?} is not supported (\"\" or FileOrCreate)"
+                            "{vat}.hostPath.type: {other:?} is not supported (\"\", DirectoryOrCreate or FileOrCreate)"
                         ))
                     }
                 };
