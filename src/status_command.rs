@@ -103,7 +103,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
     });
     let problems = problems(&findings);
     match args.output {
-        Output::Table => print!("{}", table(&findings, &problems)),
+        Output::Table => print!("{}", printable(&table(&findings, &problems))),
         Output::Json => {
             let report = JsonReport {
                 twilld: findings.twilld.as_ref().ok(),
@@ -255,6 +255,21 @@ fn row(cells: &[&str]) -> Vec<String> {
 }
 
 /// The table `twilld status` prints.
+/// `text` with every control character but the newline escaped (`\u{1b}`): lease keys,
+/// skip reasons and error texts carry what a peer or a broken lease wrote, and must not
+/// drive the operator's terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn table(f: &Findings, problems: &[String]) -> String {
     let mut s = String::new();
     match &f.twilld {
@@ -432,6 +447,14 @@ fn policy_table(s: &mut String, p: &PolicyStatus) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_peer_cannot_drive_the_terminal() {
+        assert_eq!(
+            super::printable("lease 10.1.0.0-24\u{1b}[2J\r: bad\nnext"),
+            "lease 10.1.0.0-24\\u{1b}[2J\\r: bad\nnext"
+        );
+    }
+
     use super::*;
     use twill_runtime::status::{GuardStatus, LeaseStatus, PeerStatus, PodDrops, SkippedPeer};
 

@@ -32,7 +32,8 @@ pub async fn serve(listener: TcpListener, router: Router, deadline: Duration) {
 }
 
 /// Binds a unix socket for a local endpoint (the status sockets): creates the parent
-/// directory (0755), removes a stale socket file left by an earlier run, binds, and makes
+/// directory (0755), removes a stale socket file left by an earlier run (one nothing answers
+/// on), binds, and makes
 /// the socket 0600 so only root on this node can ask. A path that holds something other
 /// than a socket is an error, not removed.
 pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
@@ -44,7 +45,17 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
             .create(dir)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        // A socket someone still answers on belongs to a running daemon: taking it over
+        // would leave that daemon unreachable, so a second daemon on the same path fails.
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by a running process", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?
+        }
         Ok(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,

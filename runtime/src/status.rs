@@ -313,8 +313,15 @@ mod tests {
             "{e}"
         );
 
-        // A restarted daemon binds again over its old socket.
-        drop(crate::http::bind_unix(&socket).unwrap());
+        // A live socket is not taken over; a restarted daemon binds over its old, dead one.
+        let e = crate::http::bind_unix(&socket).unwrap_err();
+        assert!(
+            e.to_string().contains("is served by a running process"),
+            "{e}"
+        );
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        drop(crate::http::bind_unix(&stale).unwrap());
         // Something that is not a socket is left alone.
         let file = dir.join("plain");
         std::fs::write(&file, "x").unwrap();
