@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 /// Events queued beyond this are dropped: the API server is not keeping up.
 const QUEUE: usize = 64;
 
+/// The API server rejects an event whose note is longer (events.k8s.io/v1: at most 1 kB).
+const MAX_NOTE: usize = 1024;
+
 /// `Normal` or `Warning`, as `kubectl get events` shows them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
@@ -103,6 +106,20 @@ fn node_reference(name: &str) -> ObjectReference {
     }
 }
 
+/// `note` cut to [`MAX_NOTE`] bytes at a character boundary, ending in `…` when cut: a note
+/// can quote what a peer wrote (a broken lease), and an over-long one would lose the event.
+fn bounded_note(mut note: String) -> String {
+    if note.len() > MAX_NOTE {
+        let mut end = MAX_NOTE - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
+}
+
 fn to_kube(event: NodeEvent) -> Event {
     Event {
         type_: match event.severity {
@@ -110,7 +127,7 @@ fn to_kube(event: NodeEvent) -> Event {
             Severity::Warning => EventType::Warning,
         },
         reason: event.reason.to_string(),
-        note: Some(event.note),
+        note: Some(bounded_note(event.note)),
         action: event.action.to_string(),
         secondary: event.related_node.as_deref().map(node_reference),
     }
@@ -143,6 +160,16 @@ mod tests {
         assert_eq!(related.kind.as_deref(), Some("Node"));
         assert_eq!(related.name.as_deref(), Some("n2"));
         assert_eq!(node_reference("n1").uid.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn a_note_quoting_a_peer_is_bounded_to_what_the_api_server_takes() {
+        assert_eq!(bounded_note("short".into()), "short");
+        let long = bounded_note("é".repeat(2000));
+        assert!(long.len() <= MAX_NOTE, "{}", long.len());
+        assert!(long.ends_with('…'));
+        let exact = "x".repeat(MAX_NOTE);
+        assert_eq!(bounded_note(exact.clone()), exact);
     }
 
     #[tokio::test]
