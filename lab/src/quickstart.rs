@@ -108,8 +108,10 @@ pub fn up() -> Result<()> {
                 &subnet_file,
                 "--status-socket",
                 &status_socket,
+                &format!("--healthz-port={HEALTHZ_PORT}"),
             ],
-            &[],
+            // The node name twilld reports (etcd mode has none of its own; a DaemonSet sets it).
+            &[("NODE_NAME", n)],
         )?;
     }
     for n in NODES {
@@ -212,10 +214,44 @@ pub fn up() -> Result<()> {
 
     step("Reachability with the policy (rows: from, columns: to)");
     print!("{}", render(&ips, &after));
+
+    step("Node n1 as an operator sees it: `twilld status` asks both daemons over their sockets (exit 0: healthy), and their /metrics");
+    let n1 = lab.node("n1").clone();
+    let status = lab.exec(
+        &n1.netns,
+        &[
+            &twilld,
+            "status",
+            "--twilld-socket",
+            &n1.twilld_socket().to_string_lossy(),
+            "--policy-socket",
+            &n1.policy_socket().to_string_lossy(),
+        ],
+    )?;
+    print!("{}", indent(&String::from_utf8_lossy(&status.stdout)));
+    let ok_status = status.status.success();
+    for (port, wanted) in [
+        (HEALTHZ_PORT, "twilld_peers_"),
+        (POLICY_METRICS_PORT, "twill_policy_dropped_packets_total{"),
+    ] {
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let scrape = lab.exec_ok(&n1.netns, &["curl", "-sf", &url])?;
+        println!("    $ curl -s {url} | grep {wanted}");
+        for line in scrape.lines().filter(|l| l.starts_with(wanted)) {
+            println!("    {line}");
+        }
+    }
+
     let ok_before = before.iter().all(|r| r.iter().all(|&x| x));
     let ok_after = after == expected;
     let path = lab.persist()?;
     println!();
+    if !ok_status {
+        println!(
+            "UNEXPECTED: twilld status on n1 exited {} (problems listed above)",
+            status.status
+        );
+    }
     if ok_before && ok_after {
         println!("Every pod reached every other pod across nodes. With the policy, the web pods accept connections only from the client pods (and from themselves: that traffic never leaves the pod); every other path is untouched.");
     } else {
@@ -230,11 +266,22 @@ pub fn up() -> Result<()> {
         "  target/debug/twill-lab exec --name {NAME} --node n1 -- nft list table inet twill-policy"
     );
     println!("  target/debug/twill-lab exec --name {NAME} --node sw -- etcdctl get --prefix /coreos.com/network/subnets");
+    println!("  target/debug/twill-lab exec --name {NAME} --node n1 -- target/debug/twilld status --output json --twilld-socket {} --policy-socket {}", n1.twilld_socket().display(), n1.policy_socket().display());
+    println!("  target/debug/twill-lab exec --name {NAME} --node n1 -- curl -s 127.0.0.1:{HEALTHZ_PORT}/metrics   # twill-policy's: port {POLICY_METRICS_PORT}");
     println!("Remove it with: scripts/quickstart.sh down");
-    if !(ok_before && ok_after) {
+    if !(ok_before && ok_after && ok_status) {
         bail!("the quickstart did not show the expected reachability");
     }
     Ok(())
+}
+
+/// twilld's health port (`/healthz`, `/readyz`, `/metrics`) on each node, as kube-flannel.yml sets it.
+const HEALTHZ_PORT: u16 = 8081;
+/// twill-policy's default metrics port.
+const POLICY_METRICS_PORT: u16 = 9753;
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
 }
 
 fn log_of(lab: &Lab, name: &str) -> String {

@@ -34,6 +34,14 @@ fn quickstart_shows_reachability_and_policy_then_tears_down() {
         out.contains("Every pod reached every other pod across nodes"),
         "{out}"
     );
+    // Node n1 as an operator sees it: both daemons answer and the node is healthy, and the
+    // metrics scraped from the real daemons show the peers and the web pods' drops.
+    assert!(out.contains("    Healthy.\n"), "{out}");
+    assert!(out.contains("twilld_peers_programmed 2"), "{out}");
+    assert!(
+        out.contains("twill_policy_dropped_packets_total{namespace=\"demo\",pod=\"web"),
+        "{out}"
+    );
     assert!(down.status.success());
     assert!(twill_lab::Lab::load(twill_lab::quickstart::NAME).is_err());
 }
