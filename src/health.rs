@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::any;
 use axum::Router;
 use tokio::net::TcpListener;
 
@@ -79,9 +79,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// The OpenMetrics content type prometheus-client's text encoding is.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// `/healthz` and `/readyz` with flanneld's bodies, `/metrics`; other paths get flanneld's 404.
 fn router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
     let answer = |path: &'static str| {
@@ -92,15 +89,10 @@ fn router(readiness: Readiness, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", any(answer("/healthz")))
         .route("/readyz", any(answer("/readyz")))
+        // The guard's counters are read over netlink at scrape.
         .route(
             "/metrics",
-            get(move || async move {
-                // The guard's counters are read over netlink at scrape: off the runtime.
-                match tokio::task::spawn_blocking(move || metrics.render()).await {
-                    Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-                }
-            }),
+            twill_runtime::http::metrics_handler(move || metrics.render()),
         )
         .fallback(|| async { reply(respond("", false)) })
         .with_state(readiness)

@@ -13,7 +13,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::any;
 use axum::Router;
-use twill_runtime::http::{bind_unix, serve as serve_router, serve_unix, DEADLINE};
+use twill_runtime::http::{
+    bind_unix, metrics_handler, serve as serve_router, serve_unix, DEADLINE,
+};
 use twill_runtime::status::PolicyStatus;
 
 use crate::counters;
@@ -289,29 +291,10 @@ fn router(shared: Arc<Shared>, metrics: bool) -> Router {
         .route("/healthz", any(probe(Health::healthz)))
         .route("/readyz", any(probe(Health::readyz)));
     if metrics {
-        let scrape = |State(shared): State<Arc<Shared>>| async move {
-            // One netlink dump of the table's counters: off the async threads.
-            match tokio::task::spawn_blocking(move || shared.scrape()).await {
-                Ok(text) => (
-                    StatusCode::OK,
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )
-                    .into_response(),
-                Err(e) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    [(header::CONTENT_TYPE, "text/plain")],
-                    format!("scrape failed: {e}\n"),
-                )
-                    .into_response(),
-            }
-        };
-        router = router
-            .route("/metrics", any(scrape))
-            .route("/", any(scrape));
+        // One netlink dump of the table's counters per render; at most one a second.
+        let scraped = shared.clone();
+        let scrape = metrics_handler(move || scraped.scrape());
+        router = router.route("/metrics", scrape.clone()).route("/", scrape);
     }
     router
         .fallback(|| async {

@@ -31,6 +31,57 @@ pub async fn serve(listener: TcpListener, router: Router, deadline: Duration) {
     }
 }
 
+/// Content type of prometheus-client's text encoding (OpenMetrics), which Prometheus reads.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How long a rendered `/metrics` answer is served again before it is rendered anew.
+pub const METRICS_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The `GET /metrics` handler of both daemons: `render` (which may read kernel counters over
+/// netlink) runs on the blocking pool, one render at a time and at most once per
+/// [`METRICS_MAX_AGE`]; requests in between get the last answer. The metrics ports listen on
+/// node addresses that pods can reach, so a pod flooding them costs the daemon at most one
+/// render a second instead of a netlink dump and a blocking thread per request.
+pub fn metrics_handler<S>(
+    render: impl Fn() -> String + Send + Sync + 'static,
+) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    use axum::body::Bytes;
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    use std::sync::Arc;
+    use std::time::Instant;
+    let render = Arc::new(render);
+    let last = Arc::new(tokio::sync::Mutex::new(None::<(Instant, Bytes)>));
+    axum::routing::get(move || {
+        let (render, last) = (render.clone(), last.clone());
+        async move {
+            // Waiting requests queue here, not on blocking threads.
+            let mut last = last.lock().await;
+            if let Some((at, text)) = last.as_ref() {
+                if at.elapsed() < METRICS_MAX_AGE {
+                    return ([(header::CONTENT_TYPE, OPENMETRICS)], text.clone()).into_response();
+                }
+            }
+            match tokio::task::spawn_blocking(move || render()).await {
+                Ok(text) => {
+                    let text = Bytes::from(text);
+                    *last = Some((Instant::now(), text.clone()));
+                    ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
+                }
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    format!("rendering the metrics failed: {e}\n"),
+                )
+                    .into_response(),
+            }
+        }
+    })
+}
+
 /// Binds a unix socket for a local endpoint (the status sockets): creates the parent
 /// directory (0755), removes a stale socket file left by an earlier run (one nothing answers
 /// on), binds, and makes
@@ -134,6 +185,57 @@ mod tests {
         let mut s = String::new();
         c.read_to_string(&mut s).unwrap();
         s
+    }
+
+    #[test]
+    fn metrics_are_rendered_at_most_once_per_max_age_however_often_asked() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let renders = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = renders.clone();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                let router: Router = Router::new().route(
+                    "/metrics",
+                    metrics_handler(move || {
+                        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                        format!("renders_total {n}\n")
+                    }),
+                );
+                serve(listener, router, DEADLINE).await
+            });
+        });
+        let start = std::time::Instant::now();
+        let answers: Vec<String> = (0..50).map(|_| get(addr, "/metrics")).collect();
+        let elapsed = start.elapsed();
+        for a in &answers {
+            assert!(a.starts_with("HTTP/1.1 200 OK\r\n"), "{a}");
+            assert!(a.to_ascii_lowercase().contains(OPENMETRICS), "{a}");
+        }
+        // One render per started second at most (plus the first).
+        let most = elapsed.as_secs() as usize + 1;
+        let done = renders.load(Ordering::SeqCst);
+        assert!(done >= 1 && done <= most, "{done} renders in {elapsed:?}");
+        assert!(
+            answers[0].ends_with("\r\n\r\nrenders_total 1\n"),
+            "{}",
+            answers[0]
+        );
+        // After the max age a new render is made.
+        std::thread::sleep(METRICS_MAX_AGE + Duration::from_millis(100));
+        let again = get(addr, "/metrics");
+        assert!(
+            again.ends_with(&format!("renders_total {}\n", done + 1)),
+            "{again}"
+        );
     }
 
     #[test]
