@@ -324,7 +324,13 @@ impl World {
                         .filter(|m| **m != n)
                         .all(|m| text.contains(&lab.node(m).addr.to_string()))
                 },
-                String::new,
+                || {
+                    let table = lab
+                        .exec(&netns, &["nft", "list", "table", "inet", "twill-underlay"])
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
+                    format!("{table}\ntwilld's log:\n{}", lab.log(daemons[n]))
+                },
             );
             for (family, table) in [("bridge", "twill-antispoof"), ("inet", "twill-underlay")] {
                 lab.exec_ok(

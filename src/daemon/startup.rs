@@ -536,7 +536,27 @@ async fn acquire(
                 .await
                 .map(|granted| (*key, granted)),
         };
+        let created = matches!(
+            plan.decision,
+            AcquireDecision::ReusePrevious(_) | AcquireDecision::Allocate(_)
+        );
         match result {
+            Ok((key, ttl)) if created => match registry.earlier_overlapping(&key).await {
+                Ok(None) => return Ok(OwnLease { key, attrs, ttl }),
+                Ok(Some(earlier)) => {
+                    tracing::warn!(subnet = %key.ipv4, held_by = %earlier, attempt, "another node created a lease sharing this subnet first; giving it up and trying again");
+                    if let Err(e) = registry.delete(&key).await {
+                        tracing::warn!(subnet = %key.ipv4, error = %e, "deleting the lease given up failed");
+                    }
+                }
+                Err(e) => {
+                    // The lease is ours but could not be checked: give it up rather than
+                    // risk sharing a subnet, and start again.
+                    tracing::warn!(subnet = %key.ipv4, error = %e, "checking the new lease failed; giving it up and trying again");
+                    let _ = registry.delete(&key).await;
+                    tokio::time::sleep(delays.next().unwrap_or(STARTUP_RETRY.max)).await;
+                }
+            },
             Ok((key, ttl)) => return Ok(OwnLease { key, attrs, ttl }),
             Err(RegistryError::AlreadyExists) => {
                 tracing::warn!(attempt, "lost a race for a subnet; trying again");

@@ -249,6 +249,33 @@ impl EtcdRegistry {
         Ok(granted.map(|(_, t)| t))
     }
 
+    /// A subnet key created before `own` that shares one of its subnets, if any. Dual-stack
+    /// keys join both families' subnets (`10.244.9.0-24&fd00:42:0:5::-64`), so two nodes that
+    /// picked the same IPv4 subnet but different IPv6 ones create different keys, and
+    /// create-if-absent lets both through; the later creator must yield.
+    pub async fn earlier_overlapping(
+        &self,
+        own: &SubnetKey,
+    ) -> Result<Option<SubnetKey>, RegistryError> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let keys: Vec<(SubnetKey, i64)> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let path = std::str::from_utf8(kv.key()).ok()?;
+                Some((
+                    parse_subnet_key_path(&self.prefix, path)?,
+                    kv.create_revision(),
+                ))
+            })
+            .collect();
+        Ok(earlier_overlapping(&keys, own))
+    }
+
     /// Flannel's update/renew: a new grant and a plain put (`ttl` = None keeps a reservation
     /// a reservation). Returns the granted TTL.
     pub async fn put(
@@ -386,9 +413,46 @@ impl EtcdRegistry {
     }
 }
 
+/// Among `keys` (each with its etcd create revision), one created before `own` whose IPv4 or
+/// IPv6 subnet overlaps own's. Pure. `None` when `own` is not among them (it is gone; the
+/// caller's lease handling takes over from there).
+pub fn earlier_overlapping(keys: &[(SubnetKey, i64)], own: &SubnetKey) -> Option<SubnetKey> {
+    let (_, own_revision) = keys.iter().find(|(k, _)| k == own)?;
+    let overlaps = |k: &SubnetKey| {
+        let v4 = k.ipv4.contains(&own.ipv4) || own.ipv4.contains(&k.ipv4);
+        let v6 = match (k.ipv6, own.ipv6) {
+            (Some(a), Some(b)) => a.contains(&b) || b.contains(&a),
+            _ => false,
+        };
+        v4 || v6
+    };
+    keys.iter()
+        .filter(|(k, revision)| k != own && revision < own_revision && overlaps(k))
+        .map(|(k, _)| *k)
+        .min_by_key(|k| k.ipv4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_later_of_two_keys_sharing_a_subnet_yields() {
+        let key = |s: &str| SubnetKey::parse(s).unwrap();
+        let n1 = key("10.244.9.0-24&fd00:42:0:a::-64");
+        let n2 = key("10.244.9.0-24&fd00:42:0:b::-64");
+        let n3 = key("10.244.7.0-24&fd00:42:0:a::-64");
+        let other = key("10.244.1.0-24&fd00:42:0:c::-64");
+        let keys = [(n1, 5), (n2, 6), (other, 2)];
+        assert_eq!(earlier_overlapping(&keys, &n2), Some(n1));
+        assert_eq!(earlier_overlapping(&keys, &n1), None);
+        // The IPv6 half alone is a collision too.
+        assert_eq!(earlier_overlapping(&[(n1, 5), (n3, 9)], &n3), Some(n1));
+        // Single-stack keys are unique by create-if-absent; disjoint ones never yield.
+        assert_eq!(earlier_overlapping(&[(other, 2), (n2, 6)], &n2), None);
+        // A key no longer in etcd is not judged here.
+        assert_eq!(earlier_overlapping(&[(n1, 5)], &n2), None);
+    }
 
     fn opts(endpoint: &str, cert: &str, key: &str, ca: &str) -> EtcdOptions {
         EtcdOptions {
