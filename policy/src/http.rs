@@ -18,9 +18,9 @@ use twill_runtime::http::{
 };
 use twill_runtime::status::PolicyStatus;
 
-use crate::counters;
 use crate::metrics::{drop_counts, DropTracker, LastGood, Metrics};
 use crate::status::{endpoints, kernel_ruleset_id, policy_status, Endpoints, Enforced, TOP_DROPS};
+use twill_nft::counters;
 
 /// Default [`Health::live_bound`]: longer than the slowest pass of the loop (a source read,
 /// then up to five nft runs of at most 30 s each).

@@ -1,6 +1,5 @@
 pub mod compile;
 pub mod conntrack;
-pub mod counters;
 pub mod drops;
 pub mod enforce;
 pub mod eval;

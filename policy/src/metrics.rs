@@ -231,7 +231,7 @@ impl Metrics {
 /// Drop counter of one pod chain: (namespace/pod or "unknown", direction) -> packets.
 pub type DropCounts = BTreeMap<(String, String), u64>;
 
-/// The drop counts in the table's named counters (name -> packets, see [`crate::counters::read`]):
+/// The drop counts in the table's named counters (name -> packets, see [`twill_nft::counters::read`]):
 /// `pod-in/<ns>/<pod>` and `pod-out/<ns>/<pod>` per pod and direction, `unknown-ingress` and
 /// `unknown-egress` for local addresses no pod is known for yet, `unaddressed` (direction
 /// `any`) for traffic from the pod bridge that carries no pod address (link-local, group).

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use twill_policy::counters;
+use twill_nft::counters;
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
