@@ -19,6 +19,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::source::ObjectError;
 
+pub mod cluster;
+
+pub use cluster::{Action, ClusterPolicy, ClusterPolicyKind, ClusterRule, Node, Subject, Tier};
+
 /// Labels of an object. Ordered, so output is deterministic.
 pub type Labels = BTreeMap<String, String>;
 
@@ -1061,6 +1065,14 @@ pub struct Snapshot {
     /// Errors that could not be tied to any namespace and broke none (a manifest file
     /// that is not read at all and never was); reported, nothing else.
     pub unattributed: Vec<ObjectError>,
+    /// ClusterNetworkPolicies, AdminNetworkPolicies and the BaselineAdminNetworkPolicy,
+    /// sorted by [`ClusterPolicy::order`] (tier, priority, name, kind); one per key.
+    pub cluster_policies: Vec<ClusterPolicy>,
+    /// Nodes (for egress `nodes` peers), sorted by name.
+    pub nodes: Vec<Node>,
+    /// Cluster-scoped objects (cluster policies, Nodes) that could not be read. They break
+    /// no namespace; see [`Snapshot::keep_readable_cluster_policies`].
+    pub broken_cluster: Vec<ObjectError>,
 }
 
 /// Why an address belongs to nobody: the pods that claim it.
@@ -1158,7 +1170,31 @@ impl Snapshot {
             policies: policies.into_values().collect(),
             broken: BTreeMap::new(),
             unattributed: Vec::new(),
+            cluster_policies: Vec::new(),
+            nodes: Vec::new(),
+            broken_cluster: Vec::new(),
         }
+    }
+
+    /// Sets the cluster policies; a later one with the same key replaces an earlier one.
+    pub fn with_cluster_policies(
+        mut self,
+        policies: impl IntoIterator<Item = ClusterPolicy>,
+    ) -> Self {
+        let by_key: BTreeMap<String, ClusterPolicy> =
+            policies.into_iter().map(|p| (p.key(), p)).collect();
+        let mut policies: Vec<ClusterPolicy> = by_key.into_values().collect();
+        policies.sort_by(|a, b| a.order().cmp(&b.order()));
+        self.cluster_policies = policies;
+        self
+    }
+
+    /// Sets the nodes; a later one with the same name replaces an earlier one.
+    pub fn with_nodes(mut self, nodes: impl IntoIterator<Item = Node>) -> Self {
+        let by_name: BTreeMap<String, Node> =
+            nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        self.nodes = by_name.into_values().collect();
+        self
     }
 
     /// Marks the namespaces of `errors` broken (see [`Snapshot::broken`]).
