@@ -240,10 +240,17 @@ where
     let mut stream = watcher(api, config).boxed();
     let mut delays = retry_backoff();
     let mut buffer = BTreeMap::new();
+    /// What an event asks of the loop after the state is updated.
+    enum Next {
+        Progress,
+        Failed(String),
+        /// 404: the kind is not served (no CRD).
+        NotServed,
+    }
     while let Some(ev) = stream.next().await {
-        let error = {
+        let next = {
             let mut st = shared.state.lock().expect("state");
-            let error = match ev {
+            let next = match ev {
                 Ok(watcher::Event::Init) => {
                     buffer.clear();
                     continue;
@@ -258,7 +265,7 @@ where
                     if std::mem::take(&mut st.absent[idx]) {
                         tracing::info!(kind = KINDS[idx], "the API server serves it now");
                     }
-                    None
+                    Next::Progress
                 }
                 Ok(watcher::Event::Apply(o)) => {
                     let (k, v) = (key(&o), value(&o));
@@ -266,11 +273,11 @@ where
                         continue;
                     }
                     st.objects[idx].insert(k, v);
-                    None
+                    Next::Progress
                 }
                 Ok(watcher::Event::Delete(o)) => {
                     st.objects[idx].remove(&key(&o));
-                    None
+                    Next::Progress
                 }
                 Err(e) if is_not_found(&e) => {
                     // No CRD: listed, and empty. Said once; tried again with the backoff.
@@ -287,27 +294,28 @@ where
                         st.generation += 1;
                         shared.changed.notify_all();
                     }
-                    drop(st);
-                    let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
-                    tracing::debug!(kind = KINDS[idx], "not served; looking again in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    continue;
+                    Next::NotServed
                 }
                 Err(e) => {
                     let e = chain(&e);
                     st.last_error = Some(format!("{} watch: {e}", KINDS[idx]));
-                    Some(e)
+                    Next::Failed(e)
                 }
             };
-            if error.is_none() {
+            if matches!(next, Next::Progress) {
                 st.generation += 1;
                 shared.changed.notify_all();
             }
-            error
+            next
         };
-        match error {
-            None => delays = retry_backoff(),
-            Some(e) => {
+        match next {
+            Next::Progress => delays = retry_backoff(),
+            Next::NotServed => {
+                let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+                tracing::debug!(kind = KINDS[idx], "not served; looking again in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+            Next::Failed(e) => {
                 let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
                 tracing::warn!(
                     kind = KINDS[idx],
