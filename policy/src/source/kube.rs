@@ -567,6 +567,61 @@ mod tests {
     }
 
     #[test]
+    fn cluster_scoped_objects_are_read_and_their_errors_break_no_namespace() {
+        let node = |name: &str, heartbeat: &str| {
+            node_shape(
+                serde_json::json!({"kind": "Node", "metadata": {"name": name,
+                "labels": {"role": "worker"}, "resourceVersion": heartbeat},
+                "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}],
+                    "conditions": [{"type": "Ready", "lastHeartbeatTime": heartbeat}]}}),
+            )
+        };
+        // A heartbeat is no change: what is kept of a Node is the same.
+        assert_eq!(node("n1", "1"), node("n1", "2"));
+        let cnp = |name: &str, tier: &str| {
+            // As the API serves it; kind and apiVersion come from the resource anyway.
+            serde_json::json!({"metadata": {"name": name},
+                "spec": {"tier": tier, "priority": 1, "subject": {"namespaces": {}}}})
+        };
+        let mut src = listed([
+            vec![(
+                "/a",
+                serde_json::json!({"kind": "Namespace", "metadata": {"name": "a"}}),
+            )],
+            vec![],
+            vec![],
+            vec![
+                ("/n1", node("n1", "1")),
+                (
+                    "/n2",
+                    serde_json::json!({"metadata": {"name": "n2"},
+                        "status": {"addresses": [{"type": "ExternalIP", "address": "x"}]}}),
+                ),
+            ],
+            vec![("/good", cnp("good", "Admin")), ("/bad", cnp("bad", "Top"))],
+            vec![],
+            vec![(
+                "/default",
+                serde_json::json!({"metadata": {"name": "default"}, "spec": {"subject": {"namespaces": {}}}}),
+            )],
+        ]);
+        let s = src.snapshot().unwrap();
+        let keys: Vec<String> = s.cluster_policies.iter().map(|p| p.key()).collect();
+        assert_eq!(keys, ["cnp/good", "banp/default"]);
+        assert_eq!(s.nodes.len(), 1);
+        let errors: Vec<String> = s.broken_cluster.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [
+                r#"Node n2: status.addresses[0].address: "x" is not an IP address"#,
+                r#"ClusterNetworkPolicy bad: spec.tier: "Top" is not one of Admin, Baseline"#,
+            ]
+        );
+        assert!(s.broken.is_empty());
+        assert!(s.broken_cluster.iter().all(|e| e.namespace.is_none()));
+    }
+
+    #[test]
     fn an_object_that_cannot_be_read_breaks_only_its_namespace() {
         let pod = |ns: &str, name: &str, ip: &str| {
             serde_json::json!({"kind": "Pod", "metadata": {"name": name, "namespace": ns},
