@@ -15,11 +15,11 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use twill_fake_apiserver::{FakeApiServer, POLICY_GROUP};
+use twill_fake_apiserver::{FakeApiServer, POLICY_GROUP, POLICY_RESOURCES};
 use twill_lab::Lab;
 
 mod common;
-use common::{connects, http_get, policy_bin, serve, serve_api_in, wait_for};
+use common::{connects, http_get, node_with_pods_a_and_b, policy_bin, serve_api_in, wait_for};
 
 const HEALTH: &str = "127.0.0.1:9754";
 const METRICS: &str = "127.0.0.1:9753";
@@ -55,26 +55,10 @@ fn cluster_policy_sources_without_crds_and_with_a_broken_policy() {
         return;
     }
     let mut lab = Lab::new("polcnp").unwrap();
-    let node = lab.add_node("n1").unwrap();
-    let a = lab
-        .add_manual_pod("n1", "a", "10.244.1.2/24".parse().unwrap())
-        .unwrap();
-    let b = lab
-        .add_manual_pod("n1", "b", "10.244.1.3/24".parse().unwrap())
-        .unwrap();
-    serve(&mut lab, &b.netns, "server-b", 80);
-    wait_for(
-        "a -> b before twill-policy",
-        || connects(&lab, &a.netns, "10.244.1.3"),
-        String::new,
-    );
+    let (node, a, _b) = node_with_pods_a_and_b(&mut lab);
 
     let srv = FakeApiServer::new();
-    for r in [
-        "clusternetworkpolicies",
-        "adminnetworkpolicies",
-        "baselineadminnetworkpolicies",
-    ] {
+    for r in POLICY_RESOURCES {
         srv.set_absent(r, true);
     }
     srv.put("", "namespaces", "", json!({"metadata": {"name": "x"}}));
