@@ -337,15 +337,27 @@ fn tiers_endpoints() -> Vec<(String, std::net::IpAddr, Option<&'static str>)> {
 /// The compiled rulesets (source node's egress, destination node's ingress) agree with
 /// the evaluator on every pair, port and protocol of a world with Admin Accept, Deny and
 /// Pass, NetworkPolicies in between, Baseline Accept, Pass and Deny, node and network
-/// peers, named ports and ranges; and with each cluster policy left out in turn.
+/// peers, named ports and ranges; with each cluster policy left out in turn; and with a
+/// broken namespace (its pods isolated both ways whatever the tiers say).
 #[test]
 fn compiled_tiers_agree_with_evaluator_on_every_pair() {
+    use twill_policy::source::ObjectError;
     let all = tiers::cluster_policies();
     let mut worlds = vec![tiers::world()];
     for i in 0..all.len() {
         let mut some = all.clone();
         some.remove(i);
         worlds.push(tiers::world_with(some));
+    }
+    for broken in ["t1a", "mon"] {
+        worlds.push(tiers::world().with_broken([(
+            broken.to_string(),
+            ObjectError {
+                origin: "test".into(),
+                message: "unreadable".into(),
+                ..ObjectError::default()
+            },
+        )]));
     }
     let eps = tiers_endpoints();
     let (mut checked, mut failures) = (0, Vec::new());
@@ -678,4 +690,58 @@ fn tiers_decide_in_order_admin_networkpolicy_baseline_default() {
         "{:?}",
         v.reasons
     );
+}
+
+/// The fail-closed table isolates (a chain that only drops) exactly the pod directions
+/// that have a chain in the full table, and names no set.
+#[test]
+fn fail_closed_tiers_isolate_every_pod_with_a_chain() {
+    use twill_policy::compile::{ChainEnd, ChainKind};
+    let snap = tiers::world();
+    for node in ["n1", "n2"] {
+        let full = compile(&snap, node, &Options::default());
+        let closed = compile(
+            &snap,
+            node,
+            &Options {
+                allow_rules: false,
+                ..Options::default()
+            },
+        );
+        let pod_chains = |rs: &twill_policy::compile::Ruleset| -> Vec<String> {
+            rs.chains
+                .iter()
+                .filter(|c| c.kind == ChainKind::Pod)
+                .map(|c| c.name.clone())
+                .collect()
+        };
+        assert!(!pod_chains(&full).is_empty());
+        assert_eq!(pod_chains(&closed), pod_chains(&full), "{node}");
+        assert!(closed
+            .chains
+            .iter()
+            .all(|c| c.kind == ChainKind::Pod && c.rules.is_empty() && c.end == ChainEnd::Drop));
+        assert!(closed.addr_sets.is_empty() && closed.tuple_sets.is_empty());
+        assert_eq!(closed.ingress_map, full.ingress_map);
+        assert_eq!(closed.egress_map, full.egress_map);
+    }
+    // A world whose cluster policies only Accept and Pass: no chain but those of the
+    // NetworkPolicies (a chain that could only return is left out).
+    let open = tiers::world_with(
+        tiers::cluster_policies()
+            .into_iter()
+            .map(|mut p| {
+                for r in p.ingress.iter_mut().chain(p.egress.iter_mut()) {
+                    if r.action == twill_policy::model::Action::Deny {
+                        r.action = twill_policy::model::Action::Pass;
+                    }
+                }
+                p
+            })
+            .collect(),
+    );
+    let rs = compile(&open, "n1", &Options::default());
+    let names: Vec<&str> = rs.chains.iter().map(|c| c.name.as_str()).collect();
+    // Only the NetworkPolicies' chains (cnp/web ingress) are left on n1.
+    assert_eq!(names, ["pod-in/cnp/web"], "{}", rs.render());
 }
