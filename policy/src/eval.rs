@@ -106,8 +106,8 @@ pub enum Decider {
 impl fmt::Display for Decider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Decider::Default => f.write_str("default"),
-            Decider::BrokenNamespace => f.write_str("broken namespace"),
+            Decider::Default => f.write_str("default (allowed)"),
+            Decider::BrokenNamespace => f.write_str("broken namespace (denied)"),
             Decider::NetworkPolicy => f.write_str("NetworkPolicy"),
             Decider::ClusterRule {
                 tier,
@@ -293,12 +293,7 @@ fn tier(
                 ));
                 return TierOutcome::Passed;
             }
-            let what = if rule.action == Action::Accept {
-                "allowed"
-            } else {
-                "denied"
-            };
-            reasons.push(format!("{dir} of {}: {decider}: {what}", pod.key()));
+            reasons.push(format!("{dir} of {}: {decider}", pod.key()));
             return TierOutcome::Decided(decider);
         }
     }

@@ -684,7 +684,7 @@ fn tiers_decide_in_order_admin_networkpolicy_baseline_default() {
     );
     assert!(
         v.reasons.contains(
-            &"ingress of t1a/web: Admin tier cnp/tenant-t1 ingress[2] \"deny-other-tenants\": Deny: denied"
+            &"ingress of t1a/web: Admin tier cnp/tenant-t1 ingress[2] \"deny-other-tenants\": Deny"
                 .to_string()
         ),
         "{:?}",
