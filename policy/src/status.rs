@@ -63,7 +63,8 @@ fn local(node: &str, pod: &crate::model::Pod) -> bool {
     pod.node.as_deref() == Some(node) && pod.is_policy_pod() && !pod.ips.is_empty()
 }
 
-/// The pods enforced on `node` and all policies of `snap`.
+/// The pods enforced on `node` and all NetworkPolicies of `snap` (its cluster policies are
+/// `snap.cluster_policies.len()`).
 pub fn counts(snap: &Snapshot, node: &str) -> (usize, usize) {
     let pods = snap.pods.iter().filter(|p| local(node, p)).count();
     (pods, snap.policies.len())
@@ -92,6 +93,10 @@ pub fn policy_status(
         last_good_snapshot_age_seconds: last_good_age.map(|a| a.as_secs_f64()),
         pods,
         policies,
+        cluster_policies: enforced
+            .snapshot
+            .as_deref()
+            .map_or(0, |s| s.cluster_policies.len()),
         top_drops: top
             .into_iter()
             .map(|(pod, direction, packets)| PodDrops {
@@ -432,6 +437,7 @@ spec: {podSelector: {matchLabels: {app: a}}, ingress: [{}]}
         );
         assert_eq!(s.ruleset_id, s.kernel_ruleset_id);
         assert_eq!((s.pods, s.policies, s.fail_closed), (1, 2, false));
+        assert_eq!(s.cluster_policies, 0);
         assert_eq!(s.last_good_snapshot_age_seconds, Some(1.5));
         assert_eq!(
             s.top_drops,
