@@ -745,3 +745,43 @@ fn fail_closed_tiers_isolate_every_pod_with_a_chain() {
     // Only the NetworkPolicies' chains (cnp/web ingress) are left on n1.
     assert_eq!(names, ["pod-in/cnp/web"], "{}", rs.render());
 }
+
+/// The incremental transaction between tables with and without cluster policies: a deny
+/// or after-Admin chain is created before any rule names it, and dead chains are all
+/// flushed before any is deleted (a dead pod chain may `goto` a dead deny chain). The
+/// root test in `incremental.rs` applies such transactions; this checks their order
+/// without root.
+#[test]
+fn tier_chains_exist_before_their_gotos_and_die_after_them() {
+    let without = compile(&tiers::world_with(vec![]), "n2", &Options::default()).table_def();
+    let with = compile(&tiers::world(), "n2", &Options::default()).table_def();
+    let (up, _) = with.diff(&without).expect("incremental");
+    let lines: Vec<&str> = up.lines().collect();
+    let mut gotos = 0;
+    for (i, l) in lines.iter().enumerate() {
+        for target in l.split("goto ").skip(1) {
+            let target = target.split_whitespace().next().unwrap();
+            gotos += 1;
+            let created = lines[..i]
+                .iter()
+                .any(|p| p.starts_with(&format!("add chain inet twill-policy {target} ")));
+            assert!(created, "line {i} names {target} before it exists:\n{up}");
+        }
+    }
+    assert!(gotos > 0, "{up}");
+    let (down, _) = without.diff(&with).expect("incremental");
+    let down_lines: Vec<&str> = down.lines().collect();
+    let last_flush = down_lines
+        .iter()
+        .rposition(|l| l.starts_with("flush chain"))
+        .unwrap();
+    let first_delete = down_lines
+        .iter()
+        .position(|l| l.starts_with("delete chain"))
+        .unwrap();
+    assert!(last_flush < first_delete, "{down}");
+    assert!(down.contains("delete chain inet twill-policy pod-in/t1a/db/admin-deny\n"));
+    // Deny and after-Admin chains own no counter: only pod chains' counters go.
+    assert!(!down.contains("delete counter inet twill-policy pod-in/t1a/db/admin-deny"));
+    assert!(down.contains("delete counter inet twill-policy pod-in/t1a/db\n"));
+}
