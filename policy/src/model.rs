@@ -1197,6 +1197,52 @@ impl Snapshot {
         self
     }
 
+    /// Keeps the last readable version of every cluster-scoped object that could not be
+    /// read now: for each error in [`Snapshot::broken_cluster`] naming a cluster policy or
+    /// Node (`object` = `Kind name`), the object of that kind and name in `previous` (the
+    /// snapshot enforced last) replaces whatever this snapshot has under that name. So a
+    /// broken edit never opens what the last readable version denied and never stops
+    /// anyone else's policy; one that was never readable is left out. Errors that name no
+    /// object (`?`) keep nothing: there is nothing to tie them to.
+    pub fn keep_readable_cluster_policies(&mut self, previous: &Snapshot) {
+        let mut policies: BTreeMap<String, ClusterPolicy> =
+            std::mem::take(&mut self.cluster_policies)
+                .into_iter()
+                .map(|p| (p.key(), p))
+                .collect();
+        let mut nodes: BTreeMap<String, Node> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        for e in &self.broken_cluster {
+            let Some((kind, name)) = e.object.split_once(' ') else {
+                continue;
+            };
+            if name == "?" || name.is_empty() {
+                continue;
+            }
+            if kind == "Node" {
+                nodes.remove(name);
+                if let Some(n) = previous.nodes.iter().find(|n| n.name == name) {
+                    nodes.insert(n.name.clone(), n.clone());
+                }
+            } else if let Some(kind) = ClusterPolicyKind::from_kind(kind) {
+                let key = format!("{}/{name}", kind.short());
+                policies.remove(&key);
+                if let Some(p) = previous
+                    .cluster_policies
+                    .iter()
+                    .find(|p| p.kind == kind && p.name == name)
+                {
+                    policies.insert(key, p.clone());
+                }
+            }
+        }
+        *self = std::mem::take(self)
+            .with_cluster_policies(policies.into_values())
+            .with_nodes(nodes.into_values());
+    }
+
     /// Marks the namespaces of `errors` broken (see [`Snapshot::broken`]).
     pub fn with_broken(mut self, errors: impl IntoIterator<Item = (String, ObjectError)>) -> Self {
         for (ns, e) in errors {
@@ -1757,6 +1803,65 @@ mod tests {
         };
         assert!(!s.peer_selects_pod(&own, "b", s.pod("b/p2").unwrap()));
         assert!(s.is_broken("b") && !s.is_broken("a"));
+    }
+
+    #[test]
+    fn broken_cluster_policies_keep_their_last_readable_version() {
+        let cnp = |name: &str, priority: u16| {
+            cluster::cluster_policy_from_value(serde_json::json!({
+                "apiVersion": cluster::CNP_API_VERSION, "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": name},
+                "spec": {"tier": "Admin", "priority": priority, "subject": {"namespaces": {}},
+                    "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}}))
+            .unwrap()
+        };
+        let node = |name: &str, ip: &str| Node {
+            name: name.into(),
+            labels: Labels::new(),
+            addresses: vec![ip.parse().unwrap()],
+        };
+        let broken = |object: &str| ObjectError {
+            object: object.into(),
+            field: "spec.priority".into(),
+            message: "1001 must be between 0 and 1000".into(),
+            ..ObjectError::default()
+        };
+        let previous = Snapshot::default()
+            .with_cluster_policies([cnp("deny", 5), cnp("other", 1)])
+            .with_nodes([node("n1", "198.18.0.1")]);
+        // `deny` broke (and a manifest also has a readable duplicate of it at priority 9),
+        // `new` never was readable, `other` was deleted, n1 broke, n2 is new.
+        let mut now = Snapshot::default()
+            .with_cluster_policies([cnp("deny", 9), cnp("fine", 3)])
+            .with_nodes([node("n1", "198.18.0.9"), node("n2", "198.18.0.2")]);
+        now.broken_cluster = vec![
+            broken("ClusterNetworkPolicy deny"),
+            broken("ClusterNetworkPolicy new"),
+            broken("AdminNetworkPolicy fine"),
+            broken("Node n1"),
+            broken("ClusterNetworkPolicy ?"),
+        ];
+        now.keep_readable_cluster_policies(&previous);
+        let keys: Vec<(String, u16)> = now
+            .cluster_policies
+            .iter()
+            .map(|p| (p.key(), p.priority))
+            .collect();
+        // In evaluation order; `fine` (a CNP) is untouched by an AdminNetworkPolicy's error.
+        assert_eq!(
+            keys,
+            [("cnp/fine".to_string(), 3), ("cnp/deny".to_string(), 5)]
+        );
+        assert_eq!(
+            now.nodes,
+            vec![node("n1", "198.18.0.1"), node("n2", "198.18.0.2")]
+        );
+        assert_eq!(now.broken_cluster.len(), 5, "the errors are still reported");
+        // A node never readable is left out; the rest of the snapshot is as it was.
+        let mut now = Snapshot::default().with_nodes([node("n2", "198.18.0.2")]);
+        now.broken_cluster = vec![broken("Node n3")];
+        now.keep_readable_cluster_policies(&Snapshot::default());
+        assert_eq!(now.nodes, vec![node("n2", "198.18.0.2")]);
     }
 
     #[test]
