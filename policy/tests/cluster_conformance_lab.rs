@@ -281,7 +281,7 @@ impl World {
     /// Waits until every node's table carries the ruleset compiled from the manifests now
     /// in the directory (with the pod CIDR each node reads from its subnet.env); returns
     /// how long that took.
-    fn wait_applied(&self) -> Duration {
+    fn wait_applied(&mut self) -> Duration {
         let start = Instant::now();
         let snap = ManifestDir::new(&self.dir)
             .snapshot()
@@ -441,7 +441,8 @@ fn upstream_cluster_policy_conformance_in_a_three_node_lab() {
     let mut failures = Vec::new();
     let mut applied = Vec::new();
     let (mut probed, mut skipped_sctp) = (0, 0);
-    for sc in &w.conf.scenarios {
+    let scenarios = w.conf.scenarios.clone();
+    for sc in &scenarios {
         for (si, step) in sc.steps.iter().enumerate() {
             w.write(step);
             let took = w.wait_applied();
