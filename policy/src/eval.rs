@@ -1,8 +1,15 @@
-//! A pure reference evaluator of NetworkPolicy semantics, rule for rule as the NetworkPolicy API defines it.
+//! A pure reference evaluator of NetworkPolicy semantics, rule for rule as the NetworkPolicy API defines it,
+//! and of the cluster-scoped tiers around it (ClusterNetworkPolicy, AdminNetworkPolicy,
+//! BaselineAdminNetworkPolicy; see `crate::model::cluster`).
 //!
 //! It answers "may `from` open a connection to `to` on `port/proto`?" directly from the
 //! objects, without any dataplane. `twill-policy explain` prints its reasons, and tests
 //! use it as the oracle for the compiled nftables ruleset.
+//!
+//! Per direction: the Admin tier (the first matching rule of the Admin policies that select
+//! the pod, by priority then name, decides: Accept allows, Deny denies, Pass skips the rest
+//! of the tier), then NetworkPolicy (if one isolates the pod in this direction it decides),
+//! then the Baseline tier (Accept and Pass allow, Deny denies), then the default: allowed.
 //!
 //! Rules implemented: per-direction isolation; union of all applicable policies; both
 //! the source's egress and the destination's ingress must allow; empty `from`/`to` =
@@ -16,7 +23,11 @@
 
 use std::net::IpAddr;
 
-use crate::model::{Peer, Pod, PolicyPort, PolicyType, Port, Protocol, Rule, Snapshot};
+use std::fmt;
+
+use crate::model::{
+    Action, ClusterRule, Peer, Pod, PolicyPort, PolicyType, Port, Protocol, Rule, Snapshot, Tier,
+};
 
 /// One end of a connection: a pod (with the address it uses) or a bare address.
 #[derive(Debug, Clone, Copy)]
@@ -67,16 +78,73 @@ impl<'a> Endpoint<'a> {
     }
 }
 
+/// What decided one direction of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decider {
+    /// Nothing applies (no pod-network pod at this end, a pod's traffic to itself), or
+    /// nothing matched: the default, allowed.
+    Default,
+    /// The pod's namespace holds an object that cannot be read: denied (fail closed).
+    BrokenNamespace,
+    /// A NetworkPolicy isolates the pod in this direction: its allow rules decided.
+    NetworkPolicy,
+    /// The first matching rule of a cluster policy: `Accept` or `Deny` (a `Pass` never
+    /// decides; it hands over to the next tier).
+    ClusterRule {
+        tier: Tier,
+        /// [`crate::model::ClusterPolicy::key`], e.g. `cnp/deny-tenants`.
+        policy: String,
+        dir: PolicyType,
+        /// Index of the rule in the policy's rules of this direction.
+        index: usize,
+        /// The rule's name (may be empty).
+        name: String,
+        action: Action,
+    },
+}
+
+impl fmt::Display for Decider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decider::Default => f.write_str("default"),
+            Decider::BrokenNamespace => f.write_str("broken namespace"),
+            Decider::NetworkPolicy => f.write_str("NetworkPolicy"),
+            Decider::ClusterRule {
+                tier,
+                policy,
+                dir,
+                index,
+                name,
+                action,
+            } => write!(f, "{tier} tier {policy} {dir}[{index}] {name:?}: {action}"),
+        }
+    }
+}
+
 /// The outcome for one direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectionVerdict {
     pub allowed: bool,
-    /// Whether the pod at this end is isolated in this direction.
+    /// Whether a NetworkPolicy isolates the pod at this end in this direction.
     pub isolated: bool,
     /// Policies that isolate the pod in this direction (namespace/name).
     pub isolating: Vec<String>,
     /// The rules that allow the connection, as `namespace/name ingress[i]`.
     pub allowed_by: Vec<String>,
+    /// The tier and rule that decided.
+    pub decided_by: Decider,
+}
+
+impl DirectionVerdict {
+    fn open() -> DirectionVerdict {
+        DirectionVerdict {
+            allowed: true,
+            isolated: false,
+            isolating: vec![],
+            allowed_by: vec![],
+            decided_by: Decider::Default,
+        }
+    }
 }
 
 /// The answer: allowed iff both the egress and ingress sides allow.
@@ -142,6 +210,109 @@ pub fn rule_matches(
     peers_ok && ports_ok
 }
 
+/// Whether cluster rule `rule` of direction `dir` matches a connection whose remote end is
+/// `peer`, towards destination pod `dst`, on `port/proto`: its peer matches (`any_peer`, a
+/// pod or network peer, or, egress, an address of a node its `nodes` select; no peer at all
+/// matches nothing) and its port matches (no ports = every port and protocol).
+pub fn cluster_rule_matches(
+    snap: &Snapshot,
+    rule: &ClusterRule,
+    dir: PolicyType,
+    peer: &Endpoint<'_>,
+    dst: Option<&Pod>,
+    port: u16,
+    proto: Protocol,
+) -> bool {
+    let node_ok = || {
+        dir == PolicyType::Egress
+            && peer.ip.is_some_and(|ip| {
+                rule.nodes.iter().any(|sel| {
+                    snap.nodes
+                        .iter()
+                        .any(|n| sel.matches(&n.labels) && n.addresses.contains(&ip))
+                })
+            })
+    };
+    // Cluster pod peers always name their namespaces, so the policy namespace is unused.
+    let peers_ok =
+        rule.any_peer || rule.peers.iter().any(|p| peer_matches(snap, p, "", peer)) || node_ok();
+    let ports_ok = rule.ports.is_empty()
+        || rule
+            .ports
+            .iter()
+            .any(|pp| port_matches(pp, dst, port, proto));
+    peers_ok && ports_ok
+}
+
+/// How one tier ended for a pod and direction.
+enum TierOutcome {
+    /// A rule accepted or denied.
+    Decided(Decider),
+    /// A rule passed: the rest of the tier is skipped.
+    Passed,
+    /// No rule of the tier matched.
+    NoMatch,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tier(
+    snap: &Snapshot,
+    tier: Tier,
+    dir: PolicyType,
+    pod: &Pod,
+    remote: &Endpoint<'_>,
+    dst: Option<&Pod>,
+    port: u16,
+    proto: Protocol,
+    reasons: &mut Vec<String>,
+) -> TierOutcome {
+    let ns_labels = snap.namespace_labels(&pod.namespace);
+    let mut selecting = Vec::new();
+    for pol in snap
+        .cluster_policies
+        .iter()
+        .filter(|p| p.tier == tier && p.selects(pod, &ns_labels))
+    {
+        selecting.push(pol.key());
+        for (index, rule) in pol.rules(dir).iter().enumerate() {
+            if !cluster_rule_matches(snap, rule, dir, remote, dst, port, proto) {
+                continue;
+            }
+            let decider = Decider::ClusterRule {
+                tier,
+                policy: pol.key(),
+                dir,
+                index,
+                name: rule.name.clone(),
+                action: rule.action,
+            };
+            if rule.action == Action::Pass {
+                reasons.push(format!(
+                    "{dir} of {}: {decider} (rest of the {tier} tier skipped)",
+                    pod.key()
+                ));
+                return TierOutcome::Passed;
+            }
+            let what = if rule.action == Action::Accept {
+                "allowed"
+            } else {
+                "denied"
+            };
+            reasons.push(format!("{dir} of {}: {decider}: {what}", pod.key()));
+            return TierOutcome::Decided(decider);
+        }
+    }
+    if !selecting.is_empty() {
+        reasons.push(format!(
+            "{dir} of {}: {tier} tier: selected by {}; no {dir} rule matches {} on {proto}/{port}",
+            pod.key(),
+            selecting.join(", "),
+            remote.describe()
+        ));
+    }
+    TierOutcome::NoMatch
+}
+
 #[allow(clippy::too_many_arguments)]
 fn direction(
     snap: &Snapshot,
@@ -154,12 +325,7 @@ fn direction(
     reasons: &mut Vec<String>,
 ) -> DirectionVerdict {
     let Some(pod) = local.policy_pod() else {
-        return DirectionVerdict {
-            allowed: true,
-            isolated: false,
-            isolating: vec![],
-            allowed_by: vec![],
-        };
+        return DirectionVerdict::open();
     };
     if let Some(errors) = snap.broken.get(&pod.namespace) {
         let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -174,7 +340,35 @@ fn direction(
             isolated: true,
             isolating: vec![],
             allowed_by: vec![],
+            decided_by: Decider::BrokenNamespace,
         };
+    }
+    let decided = |decider: Decider| DirectionVerdict {
+        allowed: matches!(
+            decider,
+            Decider::Default
+                | Decider::ClusterRule {
+                    action: Action::Accept,
+                    ..
+                }
+        ),
+        isolated: false,
+        isolating: vec![],
+        allowed_by: vec![],
+        decided_by: decider,
+    };
+    if let TierOutcome::Decided(d) = tier(
+        snap,
+        Tier::Admin,
+        dir,
+        pod,
+        remote,
+        dst,
+        port,
+        proto,
+        reasons,
+    ) {
+        return decided(d);
     }
     let mut isolating = Vec::new();
     let mut allowed_by = Vec::new();
@@ -189,10 +383,25 @@ fn direction(
     let isolated = !isolating.is_empty();
     let allowed = !isolated || !allowed_by.is_empty();
     if !isolated {
+        let baseline = tier(
+            snap,
+            Tier::Baseline,
+            dir,
+            pod,
+            remote,
+            dst,
+            port,
+            proto,
+            reasons,
+        );
+        if let TierOutcome::Decided(d) = baseline {
+            return decided(d);
+        }
         reasons.push(format!(
             "{dir} of {}: not isolated (no policy selects it for {dir}): allowed",
             pod.key()
         ));
+        return decided(Decider::Default);
     } else if allowed {
         reasons.push(format!(
             "{dir} of {}: isolated by {}; allowed by {}",
@@ -213,6 +422,7 @@ fn direction(
         isolated,
         isolating,
         allowed_by,
+        decided_by: Decider::NetworkPolicy,
     }
 }
 
@@ -227,12 +437,7 @@ pub fn allowed(
     let mut reasons = Vec::new();
     if let (Some(a), Some(b)) = (from.policy_pod(), to.policy_pod()) {
         if a.namespace == b.namespace && a.name == b.name {
-            let open = DirectionVerdict {
-                allowed: true,
-                isolated: false,
-                isolating: vec![],
-                allowed_by: vec![],
-            };
+            let open = DirectionVerdict::open();
             return Verdict {
                 allowed: true,
                 egress: open.clone(),

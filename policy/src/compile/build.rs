@@ -7,8 +7,13 @@ use std::rc::Rc;
 use super::index::{candidates, label_index, LabelIndex};
 use super::names::ident;
 use super::ranges::{ip_num, net_range, Family, Ranges, FAMILIES};
-use super::{AddrSet, ChainRule, Options, PodChain, ProtoPorts, Ruleset, TupleSet};
-use crate::model::{Labels, Peer, Pod, PolicyType, Port, Protocol, Rule, Snapshot};
+use super::{
+    AddrSet, ChainEnd, ChainKind, ChainRule, Options, PodChain, ProtoPorts, RuleVerdict, Ruleset,
+    TupleSet,
+};
+use crate::model::{
+    Action, ClusterRule, Labels, Peer, Pod, PolicyPort, PolicyType, Port, Protocol, Snapshot, Tier,
+};
 
 /// Local pods: policy pods on `node` with addresses, first by key wins an address.
 fn local_pods<'a>(snap: &'a Snapshot, node: &str) -> Vec<&'a Pod> {
@@ -80,6 +85,12 @@ struct Builder<'a> {
     /// Chain rules of (policy index, dir, rule index) when they do not depend on the local
     /// pod (all but ingress rules with named ports), compiled once for every pod chain.
     templates: HashMap<(usize, PolicyType, usize), Rc<[ChainRule]>>,
+    /// As `peer_sets`, `tuple_names`, `distinct` and `templates`, for (cluster policy
+    /// index, dir, rule index).
+    cluster_sets: BTreeMap<(usize, PolicyType, usize), [Vec<String>; 2]>,
+    cluster_tuples: BTreeMap<(usize, usize), [Option<String>; 2]>,
+    cluster_distinct: HashMap<(usize, PolicyType), Rc<[usize]>>,
+    cluster_templates: HashMap<(usize, PolicyType, usize), Rc<[ChainRule]>>,
 }
 
 impl<'a> Builder<'a> {
@@ -121,17 +132,16 @@ impl<'a> Builder<'a> {
             named_ports: None,
             distinct: HashMap::new(),
             templates: HashMap::new(),
+            cluster_sets: BTreeMap::new(),
+            cluster_tuples: BTreeMap::new(),
+            cluster_distinct: HashMap::new(),
+            cluster_templates: HashMap::new(),
         }
     }
 
     /// Peer addresses of a rule as per-family ranges.
     fn peer_ranges(&mut self, ns: &'a str, peers: &'a [Peer]) -> [Ranges; 2] {
-        let parts = self.peer_parts(ns, peers);
-        let [(a4, b4), (a6, b6)] = &*parts;
-        [
-            Ranges::normalize(a4.0.iter().chain(&b4.0).copied().collect()),
-            Ranges::normalize(a6.0.iter().chain(&b6.0).copied().collect()),
-        ]
+        merged(&self.peer_parts(ns, peers))
     }
 
     /// Peer addresses of a rule per family, as (pod addresses: sorted single addresses,
@@ -243,14 +253,33 @@ impl<'a> Builder<'a> {
         let snap = self.snap;
         let pol = &snap.policies[pi];
         let parts = self.peer_parts(&pol.namespace, &pol.rules(dir)[ri].peers);
-        let short = match dir {
-            PolicyType::Ingress => "in",
-            PolicyType::Egress => "eg",
-        };
+        let names = self.addr_sets_of(
+            [("peers", "peer pods"), ("cidrs", "ipBlocks")],
+            &[&pol.namespace, &pol.name],
+            &format!("{}{ri}", dir_short(dir)),
+            &format!("{} {dir}[{ri}]", pol.key()),
+            &parts,
+        );
+        self.peer_sets.insert((pi, dir, ri), names.clone());
+        names
+    }
+
+    /// The sets of peer addresses `parts` (hash set of single addresses, interval set of
+    /// ranges, per family), named `<kind>/<objs>/<tail>/<v4|v6>` with `kinds` (set kind,
+    /// comment word) for the hash and the interval set; a set with the same contents as
+    /// one already made is reused instead.
+    fn addr_sets_of(
+        &mut self,
+        kinds: [(&str, &str); 2],
+        objs: &[&str],
+        tail: &str,
+        comment: &str,
+        parts: &PeerParts,
+    ) -> [Vec<String>; 2] {
         let mut names: [Vec<String>; 2] = [vec![], vec![]];
         for fam in FAMILIES {
             let (pods, blocks) = &parts[fam as usize];
-            for (interval, r, kind) in [(false, pods, "peers"), (true, blocks, "cidrs")] {
+            for (interval, r, (kind, what)) in [(false, pods, kinds[0]), (true, blocks, kinds[1])] {
                 if r.0.is_empty() {
                     continue;
                 }
@@ -258,11 +287,7 @@ impl<'a> Builder<'a> {
                     names[fam as usize].push(name.clone());
                     continue;
                 }
-                let name = ident(
-                    kind,
-                    &[&pol.namespace, &pol.name],
-                    &format!("{short}{ri}/{}", fam.suffix()),
-                );
+                let name = ident(kind, objs, &format!("{tail}/{}", fam.suffix()));
                 self.addr_sets.insert(
                     name.clone(),
                     AddrSet {
@@ -270,11 +295,7 @@ impl<'a> Builder<'a> {
                         family: fam,
                         interval,
                         ranges: r.clone(),
-                        comment: format!(
-                            "{} {dir}[{ri}] {}",
-                            pol.key(),
-                            if interval { "ipBlocks" } else { "peer pods" }
-                        ),
+                        comment: format!("{comment} {what}"),
                     },
                 );
                 self.by_content
@@ -282,7 +303,52 @@ impl<'a> Builder<'a> {
                 names[fam as usize].push(name);
             }
         }
-        self.peer_sets.insert((pi, dir, ri), names.clone());
+        names
+    }
+
+    /// Peer addresses of egress or ingress rule `ri` of cluster policy `ci`: its pod and
+    /// network peers (as [`Builder::peer_parts`]) plus, egress, the addresses of the nodes
+    /// its `nodes` peers select, with the pod addresses in the hash sets.
+    fn cluster_parts(&mut self, ci: usize, dir: PolicyType, ri: usize) -> PeerParts {
+        let snap = self.snap;
+        let rule = &snap.cluster_policies[ci].rules(dir)[ri];
+        // Cluster pod peers always name their namespaces: no policy namespace.
+        let mut parts = (*self.peer_parts("", &rule.peers)).clone();
+        if dir == PolicyType::Egress && !rule.nodes.is_empty() {
+            for node in &snap.nodes {
+                if !rule.nodes.iter().any(|sel| sel.matches(&node.labels)) {
+                    continue;
+                }
+                for ip in &node.addresses {
+                    let n = ip_num(*ip);
+                    parts[Family::of(*ip) as usize].0 .0.push((n, n));
+                }
+            }
+            for (single, _) in parts.iter_mut() {
+                single.0.sort_unstable();
+                single.0.dedup();
+            }
+        }
+        parts
+    }
+
+    fn cluster_peer_set(&mut self, ci: usize, dir: PolicyType, ri: usize) -> [Vec<String>; 2] {
+        if let Some(s) = self.cluster_sets.get(&(ci, dir, ri)) {
+            return s.clone();
+        }
+        let snap = self.snap;
+        let pol = &snap.cluster_policies[ci];
+        let parts = self.cluster_parts(ci, dir, ri);
+        // `cpeers`/`cnets`: never the name of a NetworkPolicy's set (`peers`/`cidrs`),
+        // whatever the namespace is called.
+        let names = self.addr_sets_of(
+            [("cpeers", "peer pods and nodes"), ("cnets", "networks")],
+            &[pol.kind.short(), &pol.name],
+            &format!("{}{ri}", dir_short(dir)),
+            &format!("{} {dir}[{ri}]", pol.key()),
+            &parts,
+        );
+        self.cluster_sets.insert((ci, dir, ri), names.clone());
         names
     }
 
@@ -308,9 +374,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Egress named ports of rule `ri` of policy `pi`, resolved against every destination
-    /// pod among the rule's peers (all pods if the rule has no peers). Each distinct
-    /// (name, protocol) is looked up once in the named-port index: only the pods that have
-    /// such a port are visited.
+    /// pod among the rule's peers (all pods if the rule has no peers).
     fn tuple_set(&mut self, pi: usize, ri: usize) -> [Option<String>; 2] {
         if let Some(s) = self.tuple_names.get(&(pi, ri)) {
             return s.clone();
@@ -323,11 +387,63 @@ impl<'a> Builder<'a> {
         } else {
             Some(self.peer_ranges(&pol.namespace, &rule.peers))
         };
+        let names = self.tuple_sets_of(
+            "named",
+            &[&pol.namespace, &pol.name],
+            &format!("eg{ri}"),
+            &format!("{} egress[{ri}] named ports", pol.key()),
+            &rule.ports,
+            peers,
+        );
+        self.tuple_names.insert((pi, ri), names.clone());
+        names
+    }
+
+    /// [`Builder::tuple_set`] for egress rule `ri` of cluster policy `ci` (`any_peer`: every
+    /// pod), in sets named `cnamed/...`.
+    fn cluster_tuple_set(&mut self, ci: usize, ri: usize) -> [Option<String>; 2] {
+        if let Some(s) = self.cluster_tuples.get(&(ci, ri)) {
+            return s.clone();
+        }
+        let snap = self.snap;
+        let pol = &snap.cluster_policies[ci];
+        let rule = &pol.egress[ri];
+        let peers = if rule.any_peer {
+            None
+        } else {
+            let parts = self.cluster_parts(ci, PolicyType::Egress, ri);
+            Some(merged(&parts))
+        };
+        let names = self.tuple_sets_of(
+            "cnamed",
+            &[pol.kind.short(), &pol.name],
+            &format!("eg{ri}"),
+            &format!("{} egress[{ri}] named ports", pol.key()),
+            &rule.ports,
+            peers,
+        );
+        self.cluster_tuples.insert((ci, ri), names.clone());
+        names
+    }
+
+    /// The named ports of `ports` resolved against every destination pod whose address is
+    /// in `peers` (None: every pod), as tuple sets `<kind>/<objs>/<tail>/<v4|v6>`. Each
+    /// distinct (name, protocol) is looked up once in the named-port index: only the pods
+    /// that have such a port are visited.
+    fn tuple_sets_of(
+        &mut self,
+        kind: &str,
+        objs: &[&str],
+        tail: &str,
+        comment: &str,
+        ports: &[PolicyPort],
+        peers: Option<[Ranges; 2]>,
+    ) -> [Option<String>; 2] {
         let mut elems: [Vec<(IpAddr, Protocol, u16)>; 2] = [vec![], vec![]];
         let mut seen = HashSet::new();
         self.named_ports();
         let (index, pods) = (self.named_ports.as_ref().expect("built"), &self.pods);
-        for pp in &rule.ports {
+        for pp in ports {
             let Some(Port::Named(n)) = &pp.port else {
                 continue;
             };
@@ -355,23 +471,18 @@ impl<'a> Builder<'a> {
             if e.is_empty() {
                 continue;
             }
-            let name = ident(
-                "named",
-                &[&pol.namespace, &pol.name],
-                &format!("eg{ri}/{}", fam.suffix()),
-            );
+            let name = ident(kind, objs, &format!("{tail}/{}", fam.suffix()));
             self.tuple_sets.insert(
                 name.clone(),
                 TupleSet {
                     name: name.clone(),
                     family: fam,
                     elems: e,
-                    comment: format!("{} egress[{ri}] named ports", pol.key()),
+                    comment: comment.to_string(),
                 },
             );
             names[fam as usize] = Some(name);
         }
-        self.tuple_names.insert((pi, ri), names.clone());
         names
     }
 
@@ -397,83 +508,177 @@ impl<'a> Builder<'a> {
         let snap = self.snap;
         let pol = &snap.policies[pi];
         let rule = &pol.rules(dir)[ri];
-        let has_named = rule
-            .ports
-            .iter()
-            .any(|p| matches!(p.port, Some(Port::Named(_))));
         // Ingress named ports are resolved against the local pod; nothing else is per pod.
-        let per_pod = dir == PolicyType::Ingress && has_named;
+        let per_pod = dir == PolicyType::Ingress && has_named(&rule.ports);
         if !per_pod {
             if let Some(r) = self.templates.get(&(pi, dir, ri)) {
                 return r.clone();
             }
         }
-        let comment = format!("{} {dir}[{ri}]", pol.key());
-        let peer_sets: Vec<Option<(Family, String)>> = if rule.peers.is_empty() {
+        let peer_sets = if rule.peers.is_empty() {
             vec![None]
         } else {
-            let names = self.peer_set(pi, dir, ri);
-            FAMILIES
-                .iter()
-                .flat_map(|f| names[*f as usize].iter().map(|n| Some((*f, n.clone()))))
-                .collect()
+            set_conditions(&self.peer_set(pi, dir, ri))
         };
-        let mut rules = Vec::new();
-        let dst = (dir == PolicyType::Ingress).then_some(pod);
-        match port_groups(rule, dst) {
-            None => {
-                for ps in &peer_sets {
-                    rules.push(ChainRule {
-                        peer_set: ps.clone(),
-                        tuple_set: None,
-                        ports: None,
-                        comment: comment.clone(),
-                    });
-                }
-            }
-            Some(groups) => {
-                for ps in &peer_sets {
-                    for g in &groups {
-                        rules.push(ChainRule {
-                            peer_set: ps.clone(),
-                            tuple_set: None,
-                            ports: Some(g.clone()),
-                            comment: comment.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        if dir == PolicyType::Egress && has_named {
-            let names = self.tuple_set(pi, ri);
-            for f in FAMILIES {
-                if let Some(n) = &names[f as usize] {
-                    rules.push(ChainRule {
-                        peer_set: None,
-                        tuple_set: Some((f, n.clone())),
-                        ports: None,
-                        comment: comment.clone(),
-                    });
-                }
-            }
-        }
-        let rules: Rc<[ChainRule]> = rules.into();
+        let tuples = if dir == PolicyType::Egress && has_named(&rule.ports) {
+            self.tuple_set(pi, ri)
+        } else {
+            [None, None]
+        };
+        let comment = format!("{} {dir}[{ri}]", pol.key());
+        let rules: Rc<[ChainRule]> =
+            rule_conditions(&peer_sets, &rule.ports, dir, pod, &tuples, &comment).into();
         if !per_pod {
             self.templates.insert((pi, dir, ri), rules.clone());
         }
         rules
     }
+
+    /// Indices of the rules of cluster policy `ci` in direction `dir` that match
+    /// differently from every earlier one (a later rule with the same match conditions
+    /// never decides anything, whatever its action).
+    fn cluster_distinct_rules(&mut self, ci: usize, dir: PolicyType) -> Rc<[usize]> {
+        let snap = self.snap;
+        self.cluster_distinct
+            .entry((ci, dir))
+            .or_insert_with(|| {
+                let rules = snap.cluster_policies[ci].rules(dir);
+                let mut seen = HashSet::with_capacity(rules.len());
+                (0..rules.len())
+                    .filter(|&i| {
+                        let r = &rules[i];
+                        seen.insert((r.any_peer, &r.peers, &r.nodes, &r.ports))
+                    })
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// The chain rules of rule `ri` of cluster policy `ci` in direction `dir`, in the chain
+    /// of `pod`, with verdict `return` (the caller sets the verdict of the rule's action).
+    /// A rule without peers (not `any_peer`) matches nothing: no chain rule.
+    fn cluster_chain_rules(
+        &mut self,
+        ci: usize,
+        dir: PolicyType,
+        ri: usize,
+        pod: &Pod,
+    ) -> Rc<[ChainRule]> {
+        let snap = self.snap;
+        let pol = &snap.cluster_policies[ci];
+        let rule: &ClusterRule = &pol.rules(dir)[ri];
+        let per_pod = dir == PolicyType::Ingress && has_named(&rule.ports);
+        if !per_pod {
+            if let Some(r) = self.cluster_templates.get(&(ci, dir, ri)) {
+                return r.clone();
+            }
+        }
+        let peer_sets = if rule.any_peer {
+            vec![None]
+        } else {
+            set_conditions(&self.cluster_peer_set(ci, dir, ri))
+        };
+        let tuples = if dir == PolicyType::Egress && has_named(&rule.ports) {
+            self.cluster_tuple_set(ci, ri)
+        } else {
+            [None, None]
+        };
+        let comment = format!("{} {} {dir}[{ri}] {}", pol.tier, pol.key(), rule.action);
+        // No peer set and no tuple set (a rule whose peers match nothing): no chain rule.
+        let rules: Rc<[ChainRule]> =
+            rule_conditions(&peer_sets, &rule.ports, dir, pod, &tuples, &comment).into();
+        if !per_pod {
+            self.cluster_templates.insert((ci, dir, ri), rules.clone());
+        }
+        rules
+    }
+}
+
+fn dir_short(dir: PolicyType) -> &'static str {
+    match dir {
+        PolicyType::Ingress => "in",
+        PolicyType::Egress => "eg",
+    }
+}
+
+/// Peer addresses of both kinds merged, per family.
+fn merged(parts: &PeerParts) -> [Ranges; 2] {
+    let [(a4, b4), (a6, b6)] = parts;
+    [
+        Ranges::normalize(a4.0.iter().chain(&b4.0).copied().collect()),
+        Ranges::normalize(a6.0.iter().chain(&b6.0).copied().collect()),
+    ]
+}
+
+fn has_named(ports: &[PolicyPort]) -> bool {
+    ports.iter().any(|p| matches!(p.port, Some(Port::Named(_))))
+}
+
+/// A rule's per-family peer sets as chain rule conditions.
+fn set_conditions(names: &[Vec<String>; 2]) -> Vec<Option<(Family, String)>> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| names[*f as usize].iter().map(|n| Some((*f, n.clone()))))
+        .collect()
+}
+
+/// The chain rules (verdict `return`) of a policy rule: one per (peer set condition,
+/// protocol group of `ports`; named ports resolved against `pod` for ingress), plus one
+/// per egress named-port tuple set.
+fn rule_conditions(
+    peer_sets: &[Option<(Family, String)>],
+    ports: &[PolicyPort],
+    dir: PolicyType,
+    pod: &Pod,
+    tuples: &[Option<String>; 2],
+    comment: &str,
+) -> Vec<ChainRule> {
+    let mut rules = Vec::new();
+    let dst = (dir == PolicyType::Ingress).then_some(pod);
+    let chain_rule = |ps: &Option<(Family, String)>, pp: Option<ProtoPorts>| ChainRule {
+        peer_set: ps.clone(),
+        tuple_set: None,
+        ports: pp,
+        verdict: RuleVerdict::Return,
+        comment: comment.to_string(),
+    };
+    match port_groups(ports, dst) {
+        None => {
+            for ps in peer_sets {
+                rules.push(chain_rule(ps, None));
+            }
+        }
+        Some(groups) => {
+            for ps in peer_sets {
+                for g in &groups {
+                    rules.push(chain_rule(ps, Some(g.clone())));
+                }
+            }
+        }
+    }
+    for f in FAMILIES {
+        if let Some(n) = &tuples[f as usize] {
+            rules.push(ChainRule {
+                peer_set: None,
+                tuple_set: Some((f, n.clone())),
+                ports: None,
+                verdict: RuleVerdict::Return,
+                comment: comment.to_string(),
+            });
+        }
+    }
+    rules
 }
 
 /// Numeric port conditions of a rule, per protocol; named ports are resolved against
 /// `dst` (ingress: the local pod) or skipped (`dst` None: egress, handled by tuple sets).
 /// `None` = the rule has no ports (everything). `Some(empty)` = nothing numeric matches.
-fn port_groups(rule: &Rule, dst: Option<&Pod>) -> Option<Vec<ProtoPorts>> {
-    if rule.ports.is_empty() {
+fn port_groups(ports: &[PolicyPort], dst: Option<&Pod>) -> Option<Vec<ProtoPorts>> {
+    if ports.is_empty() {
         return None;
     }
     let mut by_proto: BTreeMap<Protocol, Option<Vec<(u16, u16)>>> = BTreeMap::new();
-    for pp in &rule.ports {
+    for pp in ports {
         let range = match &pp.port {
             None => None,
             Some(Port::Range(a, b)) => Some((*a, *b)),
@@ -508,6 +713,234 @@ fn port_groups(rule: &Rule, dst: Option<&Pod>) -> Option<Vec<ProtoPorts>> {
     )
 }
 
+/// Chain rules of one chain being built: the rules so far, and the match conditions
+/// already in it (a rule with the same conditions as an earlier one is dead, whatever its
+/// verdict, and so is everything after an unconditional rule).
+#[derive(Default)]
+struct ChainBuf {
+    rules: Vec<ChainRule>,
+    seen: HashSet<RuleKey>,
+    /// An unconditional rule ended the chain.
+    ended: bool,
+}
+
+impl ChainBuf {
+    /// Adds `r` with `verdict` unless it is dead; false once the chain has ended.
+    fn push(&mut self, r: &ChainRule, verdict: &RuleVerdict) -> bool {
+        if self.ended {
+            return false;
+        }
+        if self
+            .seen
+            .insert((r.peer_set.clone(), r.tuple_set.clone(), r.ports.clone()))
+        {
+            let mut r = r.clone();
+            r.verdict = verdict.clone();
+            self.ended = r.is_unconditional();
+            self.rules.push(r);
+        }
+        !self.ended
+    }
+
+    fn has_goto(&self, target: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(&r.verdict, RuleVerdict::Goto(t) if t == target))
+    }
+}
+
+/// The chains of one local pod in one direction.
+struct DirChains {
+    /// Deny chains, the after-Admin chain, then the pod chain (targets of a `goto` come
+    /// before the chains that name them).
+    chains: Vec<PodChain>,
+}
+
+impl<'a> Builder<'a> {
+    /// The chains of `pod` in direction `dir`: Admin rules, then the NetworkPolicy part
+    /// (`selecting` isolates the pod: allow rules, then drop) or else the Baseline rules
+    /// (then return). None when no packet could be dropped: the pod needs no chain.
+    fn pod_chains(
+        &mut self,
+        pod: &Pod,
+        dir: PolicyType,
+        selecting: &[usize],
+        cluster: &[usize],
+    ) -> Option<DirChains> {
+        let snap = self.snap;
+        let kind = match dir {
+            PolicyType::Ingress => "pod-in",
+            PolicyType::Egress => "pod-out",
+        };
+        let objs = [pod.namespace.as_str(), pod.name.as_str()];
+        let name = ident(kind, &objs, "");
+        let deny_name = |tier: Tier| match tier {
+            Tier::Admin => ident(kind, &objs, "admin-deny"),
+            Tier::Baseline => ident(kind, &objs, "baseline-deny"),
+        };
+        let after_admin = ident(kind, &objs, "after-admin");
+        let verdict = |tier: Tier, action: Action| match (tier, action) {
+            (_, Action::Deny) => RuleVerdict::Goto(deny_name(tier)),
+            (Tier::Admin, Action::Pass) => RuleVerdict::Goto(after_admin.clone()),
+            _ => RuleVerdict::Return,
+        };
+        let mut admin = ChainBuf::default();
+        'admin: for &ci in cluster {
+            let pol = &snap.cluster_policies[ci];
+            if pol.tier != Tier::Admin {
+                continue;
+            }
+            for &ri in self.cluster_distinct_rules(ci, dir).iter() {
+                let v = verdict(Tier::Admin, pol.rules(dir)[ri].action);
+                for r in self.cluster_chain_rules(ci, dir, ri, pod).iter() {
+                    if !admin.push(r, &v) {
+                        break 'admin;
+                    }
+                }
+            }
+        }
+        let passes = admin.has_goto(&after_admin);
+        // The part after the Admin tier: reached when no Admin rule decided, or by a Pass.
+        let mut rest = if passes {
+            ChainBuf::default()
+        } else {
+            std::mem::take(&mut admin)
+        };
+        let rest_end;
+        if !selecting.is_empty() {
+            'np: for &pi in selecting {
+                for &ri in self.distinct_rules(pi, dir).iter() {
+                    for r in self.chain_rules(pi, dir, ri, pod).iter() {
+                        if !rest.push(r, &RuleVerdict::Return) {
+                            break 'np;
+                        }
+                    }
+                }
+            }
+            rest_end = ChainEnd::Drop;
+        } else {
+            'baseline: for &ci in cluster {
+                let pol = &snap.cluster_policies[ci];
+                if pol.tier != Tier::Baseline {
+                    continue;
+                }
+                for &ri in self.cluster_distinct_rules(ci, dir).iter() {
+                    let v = verdict(Tier::Baseline, pol.rules(dir)[ri].action);
+                    for r in self.cluster_chain_rules(ci, dir, ri, pod).iter() {
+                        if !rest.push(r, &v) {
+                            break 'baseline;
+                        }
+                    }
+                }
+            }
+            // Returns after the last Deny change nothing: the chain returns anyway.
+            while rest
+                .rules
+                .last()
+                .is_some_and(|r| r.verdict == RuleVerdict::Return)
+            {
+                rest.rules.pop();
+            }
+            rest_end = ChainEnd::Return;
+        }
+        let (mut main, main_end, after) = if passes {
+            let after_drops = rest_end == ChainEnd::Drop || !rest.rules.is_empty();
+            if after_drops {
+                let end = if admin.ended {
+                    ChainEnd::Return
+                } else {
+                    ChainEnd::Goto(after_admin.clone())
+                };
+                (admin.rules, end, Some((rest.rules, rest_end)))
+            } else {
+                // Nothing after the Admin tier can drop: a Pass is a return.
+                let mut rules = admin.rules;
+                for r in &mut rules {
+                    if r.verdict == RuleVerdict::Goto(after_admin.clone()) {
+                        r.verdict = RuleVerdict::Return;
+                    }
+                }
+                (rules, ChainEnd::Return, None)
+            }
+        } else {
+            (rest.rules, rest_end, None)
+        };
+        if main_end == ChainEnd::Return {
+            while main
+                .last()
+                .is_some_and(|r| r.verdict == RuleVerdict::Return)
+            {
+                main.pop();
+            }
+        }
+        let drops = |rules: &[ChainRule], end: &ChainEnd| {
+            *end == ChainEnd::Drop || rules.iter().any(|r| r.verdict != RuleVerdict::Return)
+        };
+        if !drops(&main, &main_end) {
+            return None;
+        }
+        let pod_key = pod.key();
+        let mut chains = Vec::new();
+        for tier in [Tier::Admin, Tier::Baseline] {
+            let target = RuleVerdict::Goto(deny_name(tier));
+            let used = main
+                .iter()
+                .chain(after.iter().flat_map(|(r, _)| r))
+                .any(|r| r.verdict == target);
+            if used {
+                chains.push(PodChain {
+                    name: deny_name(tier),
+                    pod: pod_key.clone(),
+                    dir,
+                    kind: ChainKind::Deny(tier),
+                    rules: vec![],
+                    end: ChainEnd::Drop,
+                    counter: name.clone(),
+                });
+            }
+        }
+        if let Some((rules, end)) = after {
+            chains.push(PodChain {
+                name: after_admin.clone(),
+                pod: pod_key.clone(),
+                dir,
+                kind: ChainKind::AfterAdmin,
+                rules,
+                end,
+                counter: name.clone(),
+            });
+        }
+        chains.push(PodChain {
+            name: name.clone(),
+            pod: pod_key,
+            dir,
+            kind: ChainKind::Pod,
+            rules: main,
+            end: main_end,
+            counter: name,
+        });
+        Some(DirChains { chains })
+    }
+}
+
+/// The drop-only chain of a pod direction: the fail-closed table, a broken namespace.
+fn isolation_chain(pod: &Pod, dir: PolicyType) -> PodChain {
+    let kind = match dir {
+        PolicyType::Ingress => "pod-in",
+        PolicyType::Egress => "pod-out",
+    };
+    let name = ident(kind, &[&pod.namespace, &pod.name], "");
+    PodChain {
+        name: name.clone(),
+        pod: pod.key(),
+        dir,
+        kind: ChainKind::Pod,
+        rules: vec![],
+        end: ChainEnd::Drop,
+        counter: name,
+    }
+}
+
 /// Compiles the ruleset for the pods on `node`.
 pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
     let mut b = Builder::new(snap);
@@ -534,42 +967,38 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
         // A pod of a broken namespace fails closed: isolated both ways by a chain that
         // only drops, as in the fail-closed table, whatever its policies say.
         let broken = snap.is_broken(&pod.namespace);
+        // Cluster policies that select the pod, in evaluation order (Admin tier first).
+        let cluster: Vec<usize> = if broken || snap.cluster_policies.is_empty() {
+            Vec::new()
+        } else {
+            let ns_labels = snap.namespace_labels(&pod.namespace);
+            (0..snap.cluster_policies.len())
+                .filter(|&i| snap.cluster_policies[i].selects(pod, &ns_labels))
+                .collect()
+        };
         for dir in [PolicyType::Ingress, PolicyType::Egress] {
-            let selecting: Vec<usize> = (0..snap.policies.len())
-                .filter(|&i| !broken && snap.policies[i].selects(pod, dir))
-                .collect();
-            if selecting.is_empty() && !broken {
-                continue;
-            }
-            let kind = match dir {
-                PolicyType::Ingress => "pod-in",
-                PolicyType::Egress => "pod-out",
-            };
-            let name = ident(kind, &[&pod.namespace, &pod.name], "");
-            let mut rules: Vec<ChainRule> = Vec::new();
-            if opts.allow_rules && !broken {
-                // A chain rule identical to an earlier one of the chain (but for its
-                // comment) is left out, and so is everything after an unconditional
-                // `return`: neither can change what the chain does.
-                let mut seen: HashSet<RuleKey> = HashSet::new();
-                'chain: for pi in selecting {
-                    for &ri in b.distinct_rules(pi, dir).iter() {
-                        for r in b.chain_rules(pi, dir, ri, pod).iter() {
-                            if !seen.insert((
-                                r.peer_set.clone(),
-                                r.tuple_set.clone(),
-                                r.ports.clone(),
-                            )) {
-                                continue;
-                            }
-                            rules.push(r.clone());
-                            if r.is_unconditional() {
-                                break 'chain;
-                            }
-                        }
+            let pod_chains = if broken {
+                vec![isolation_chain(pod, dir)]
+            } else {
+                let selecting: Vec<usize> = (0..snap.policies.len())
+                    .filter(|&i| snap.policies[i].selects(pod, dir))
+                    .collect();
+                if selecting.is_empty() && cluster.is_empty() {
+                    continue;
+                }
+                // The fail-closed table isolates every pod direction that has a chain in
+                // the full table (its sets are left out below).
+                if !opts.allow_rules && !selecting.is_empty() {
+                    vec![isolation_chain(pod, dir)]
+                } else {
+                    match b.pod_chains(pod, dir, &selecting, &cluster) {
+                        None => continue,
+                        Some(_) if !opts.allow_rules => vec![isolation_chain(pod, dir)],
+                        Some(d) => d.chains,
                     }
                 }
-            }
+            };
+            let name = &pod_chains.last().expect("the pod chain is last").name;
             let map = match dir {
                 PolicyType::Ingress => &mut ingress_map,
                 PolicyType::Egress => &mut egress_map,
@@ -577,18 +1006,23 @@ pub fn compile(snap: &Snapshot, node: &str, opts: &Options) -> Ruleset {
             for ip in &ips {
                 map.push((*ip, name.clone()));
             }
-            chains.push(PodChain {
-                name,
-                pod: pod.key(),
-                dir,
-                rules,
-            });
+            chains.extend(pod_chains);
         }
     }
+    // Without allow rules no chain names a set (cluster policies were compiled only to
+    // learn which pods have a chain).
+    let (addr_sets, tuple_sets) = if opts.allow_rules {
+        (
+            b.addr_sets.into_values().collect(),
+            b.tuple_sets.into_values().collect(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Ruleset {
         table: opts.table.clone(),
-        addr_sets: b.addr_sets.into_values().collect(),
-        tuple_sets: b.tuple_sets.into_values().collect(),
+        addr_sets,
+        tuple_sets,
         chains,
         ingress_map,
         egress_map,
@@ -607,7 +1041,7 @@ mod tests {
     use super::*;
     use crate::compile::{Decision, COMMENT_MAX, LOG_PREFIX_MAX};
     use crate::model::{
-        ContainerPort, LabelSelector, Namespace, NetworkPolicy, Operator, PolicyPort, Requirement,
+        ContainerPort, LabelSelector, Namespace, NetworkPolicy, Operator, Requirement, Rule,
     };
 
     fn labels(kv: &[(&str, &str)]) -> Labels {

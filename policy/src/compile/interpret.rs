@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use super::ranges::{ip_num, Family};
-use super::{PodChain, Ruleset};
+use super::{ChainEnd, PodChain, RuleVerdict, Ruleset};
 use crate::model::{PolicyType, Protocol};
 
 /// What the compiled ruleset would do with the first packet of a connection.
@@ -28,6 +28,9 @@ impl Ruleset {
             .is_some_and(|s| s.ranges.contains(ip_num(ip)))
     }
 
+    /// Runs `chain` as nft does: the first matching rule's verdict (`return`: allowed;
+    /// `goto`: the target chain decides), else the chain's end. True = the packet returns
+    /// (allowed in this direction), false = dropped.
     fn run_chain(
         &self,
         chain: &PodChain,
@@ -35,7 +38,7 @@ impl Ruleset {
         dst: IpAddr,
         l4: Option<(Protocol, u16)>,
     ) -> bool {
-        chain.rules.iter().any(|r| {
+        let matched = chain.rules.iter().find(|r| {
             let peer_ok = match &r.peer_set {
                 None => true,
                 Some((f, n)) => *f == Family::of(remote) && self.set_has(n, remote),
@@ -62,7 +65,20 @@ impl Ruleset {
                 }),
             };
             peer_ok && tuple_ok && ports_ok
-        })
+        });
+        let goto = |target: &str| {
+            let next = self.chain(target).expect("goto names a chain of the table");
+            self.run_chain(next, remote, dst, l4)
+        };
+        match matched.map(|r| &r.verdict) {
+            Some(RuleVerdict::Return) => true,
+            Some(RuleVerdict::Goto(target)) => goto(target),
+            None => match &chain.end {
+                ChainEnd::Drop => false,
+                ChainEnd::Return => true,
+                ChainEnd::Goto(target) => goto(target),
+            },
+        }
     }
 
     /// Interprets the forward chain for a new connection `src -> dst` (the nft semantics

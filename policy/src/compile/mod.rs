@@ -51,7 +51,7 @@ pub use names::{quoted, COMMENT_MAX, LOG_PREFIX_MAX, NAME_MAX};
 pub use ranges::{Family, Ranges};
 pub use table::{render_delete, ChainDef, DiffStats, MapDef, SetDef, TableDef};
 
-use crate::model::{PolicyType, Protocol};
+use crate::model::{PolicyType, Protocol, Tier};
 use ranges::FAMILIES;
 
 /// Default table name.
@@ -85,7 +85,46 @@ pub struct ProtoPorts {
     pub ranges: Vec<(u16, u16)>,
 }
 
-/// One allow rule in a pod chain. All present conditions must hold; then `return`.
+/// What a chain rule does when it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RuleVerdict {
+    /// `return`: allowed in this direction (a NetworkPolicy allow rule, a cluster policy's
+    /// Accept, or a Baseline Pass).
+    Return,
+    /// `goto <chain>`: an Admin or Baseline Deny (the pod's deny chain of that tier) or an
+    /// Admin Pass (the pod's chain after the Admin tier).
+    Goto(String),
+}
+
+/// What a chain does with a packet no rule of it decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainEnd {
+    /// A rate-limited log naming the pod and direction, then `counter name "<pod chain>"
+    /// drop`: isolated by a NetworkPolicy, a deny chain, or a fail-closed chain.
+    Drop,
+    /// Nothing: the chain returns (no NetworkPolicy isolates the pod, the Baseline tier
+    /// did not deny).
+    Return,
+    /// `goto <chain>`: the Admin rules of a pod chain hand over to its chain after an
+    /// Admin Pass, which holds the NetworkPolicy and Baseline part.
+    Goto(String),
+}
+
+/// The role of a chain of a local pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// `pod-in/<ns>/<pod>`, `pod-out/...`: the verdict maps jump here; owns the pod's named
+    /// drop counter.
+    Pod,
+    /// `.../admin-deny`, `.../baseline-deny`: a cluster policy's Deny in that tier (logs
+    /// with its own prefix, counts with the pod chain's counter).
+    Deny(Tier),
+    /// `.../after-admin`: the NetworkPolicy and Baseline part, reached by an Admin Pass
+    /// (and by the pod chain once its Admin rules did not decide).
+    AfterAdmin,
+}
+
+/// One rule in a pod chain. All present conditions must hold; then `verdict`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainRule {
     /// The remote address (source for ingress, destination for egress) is in this set.
@@ -93,7 +132,9 @@ pub struct ChainRule {
     /// Destination address . protocol . port is in this set (egress named ports).
     pub tuple_set: Option<(Family, String)>,
     pub ports: Option<ProtoPorts>,
-    /// Which policy rule this comes from, e.g. `x/allow-web ingress[0]`.
+    pub verdict: RuleVerdict,
+    /// Which policy rule this comes from, e.g. `x/allow-web ingress[0]` or
+    /// `Admin cnp/deny-tenants egress[1] Deny`.
     pub comment: String,
 }
 
@@ -104,13 +145,29 @@ impl ChainRule {
     }
 }
 
-/// The chain of one local pod for one direction.
+/// A chain of one local pod for one direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodChain {
     pub name: String,
     pub pod: String,
     pub dir: PolicyType,
+    pub kind: ChainKind,
     pub rules: Vec<ChainRule>,
+    pub end: ChainEnd,
+    /// The named counter a drop in this chain counts with: the pod chain's (same name as
+    /// the pod chain), so drops are counted per pod and direction whichever tier dropped.
+    pub counter: String,
+}
+
+impl PodChain {
+    /// Lines of this chain in the table after its rules.
+    fn end_lines(&self) -> usize {
+        match self.end {
+            ChainEnd::Drop => 2,
+            ChainEnd::Goto(_) => 1,
+            ChainEnd::Return => 0,
+        }
+    }
 }
 
 /// The compiled table.
@@ -219,7 +276,11 @@ impl Ruleset {
         let unknown_chains = if fams > 0 { 2 } else { 0 };
         Stats {
             chains: self.chains.len() + 2 + unknown_chains,
-            rules: self.chains.iter().map(|c| c.rules.len() + 2).sum::<usize>()
+            rules: self
+                .chains
+                .iter()
+                .map(|c| c.rules.len() + c.end_lines())
+                .sum::<usize>()
                 + 15
                 + 3 * fams
                 + 2 * unknown_chains,

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::names::{quoted, COMMENT_MAX, LOG_PREFIX_MAX};
 use super::ranges::{Family, FAMILIES};
-use super::{Ruleset, CUT_MARK};
+use super::{ChainEnd, ChainKind, RuleVerdict, Ruleset, CUT_MARK};
 use crate::model::PolicyType;
 
 impl Ruleset {
@@ -70,7 +70,7 @@ impl Ruleset {
         }
         let mut chains = Vec::with_capacity(self.chains.len());
         for c in &self.chains {
-            let mut rules = Vec::with_capacity(c.rules.len() + 2);
+            let mut rules = Vec::with_capacity(c.rules.len() + c.end_lines());
             for r in &c.rules {
                 let mut line = String::new();
                 let addr_key = match c.dir {
@@ -110,25 +110,53 @@ impl Ruleset {
                         }
                     }
                 }
-                let _ = write!(line, "return comment {}", quoted(&r.comment, COMMENT_MAX));
+                match &r.verdict {
+                    RuleVerdict::Return => line.push_str("return"),
+                    RuleVerdict::Goto(target) => {
+                        let _ = write!(line, "goto {target}");
+                    }
+                }
+                let _ = write!(line, " comment {}", quoted(&r.comment, COMMENT_MAX));
                 rules.push(line);
             }
-            let prefix = quoted(
-                &format!("twill-policy drop {} {}: ", c.dir, c.pod),
-                LOG_PREFIX_MAX,
-            );
-            rules.push(format!(
-                "limit rate {}/second burst {} packets log prefix {prefix} {}",
-                self.log_rate,
-                self.log_rate * 2,
-                self.log_target()
-            ));
-            // A named counter (same name as the chain): it survives the chain being
-            // flushed and refilled, so drop totals need no listing before each update.
-            rules.push(format!("counter name {:?} drop", c.name));
+            match &c.end {
+                ChainEnd::Drop => {
+                    // Deny chains log with their own prefix, so that `drops` can tell a
+                    // cluster policy's Deny from a NetworkPolicy's isolation.
+                    let what = match c.kind {
+                        ChainKind::Deny(tier) => format!("deny {tier}"),
+                        ChainKind::Pod | ChainKind::AfterAdmin => "drop".to_string(),
+                    };
+                    let prefix = quoted(
+                        &format!("twill-policy {what} {} {}: ", c.dir, c.pod),
+                        LOG_PREFIX_MAX,
+                    );
+                    rules.push(format!(
+                        "limit rate {}/second burst {} packets log prefix {prefix} {}",
+                        self.log_rate,
+                        self.log_rate * 2,
+                        self.log_target()
+                    ));
+                    // A named counter (the pod chain's): it survives the chain being
+                    // flushed and refilled, so drop totals need no listing before each
+                    // update.
+                    rules.push(format!("counter name {:?} drop", c.counter));
+                }
+                ChainEnd::Goto(target) => rules.push(format!("goto {target}")),
+                ChainEnd::Return => {}
+            }
+            let comment = match c.kind {
+                ChainKind::Pod => format!("{} of pod {}", c.dir, c.pod),
+                ChainKind::Deny(tier) => format!("{} of pod {}: {tier} tier Deny", c.dir, c.pod),
+                ChainKind::AfterAdmin => format!(
+                    "{} of pod {} after the Admin tier: NetworkPolicy, Baseline tier",
+                    c.dir, c.pod
+                ),
+            };
             chains.push(ChainDef {
                 name: c.name.clone(),
-                comment: format!("{} of pod {}", c.dir, c.pod),
+                comment,
+                counter: c.kind == ChainKind::Pod,
                 rules,
             });
         }
@@ -352,6 +380,9 @@ pub struct MapDef {
 pub struct ChainDef {
     pub name: String,
     pub comment: String,
+    /// Whether the chain owns a named counter of its name (pod chains; the deny and
+    /// after-Admin chains count with their pod chain's).
+    pub counter: bool,
     pub rules: Vec<String>,
 }
 
@@ -441,7 +472,9 @@ impl TableDef {
             writeln!(w, "\t}}")?;
         }
         for c in &self.chains {
-            writeln!(w, "\tcounter {} {{\n\t}}", c.name)?;
+            if c.counter {
+                writeln!(w, "\tcounter {} {{\n\t}}", c.name)?;
+            }
             writeln!(w, "\tchain {} {{", c.name)?;
             writeln!(w, "\t\tcomment {}", quoted(&c.comment, COMMENT_MAX))?;
             for r in &c.rules {
@@ -470,12 +503,13 @@ impl TableDef {
     ///
     /// Order matters inside the transaction: new sets (with their elements) first, then
     /// element changes of kept sets (deletions before additions: interval sets reject
-    /// overlaps), new chains (empty), flush and refill of changed chains and fill of new
-    /// ones (their rules may name new sets and are all in place before any map element
-    /// jumps to them), map elements (deletions, then additions), then dead chains
-    /// (flushed, then deleted: nothing jumps to them any more) with their counters, and last
-    /// dead sets (no rule
-    /// names them any more).
+    /// overlaps), new chains (empty, so that every `goto` target exists before a rule names
+    /// it), flush and refill of changed chains and fill of new ones (their rules may name
+    /// new sets and are all in place before any map element jumps to them), map elements
+    /// (deletions, then additions), then dead chains (all flushed, then all deleted: a dead
+    /// pod chain may `goto` a dead deny chain; nothing jumps to them any more) with the
+    /// counters of the pod chains among them, and last dead sets (no rule names them any
+    /// more).
     pub fn diff(&self, old: &TableDef) -> Option<(String, DiffStats)> {
         use std::collections::{HashMap, HashSet};
         if self.table != old.table || self.tail != old.tail || self.bridge != old.bridge {
@@ -549,7 +583,9 @@ impl TableDef {
         for c in &self.chains {
             match old_chains.get(c.name.as_str()) {
                 None => {
-                    let _ = writeln!(out, "add counter inet {t} {}", c.name);
+                    if c.counter {
+                        let _ = writeln!(out, "add counter inet {t} {}", c.name);
+                    }
                     let _ = writeln!(
                         out,
                         "add chain inet {t} {} {{ comment {}; }}",
@@ -558,7 +594,7 @@ impl TableDef {
                     );
                     fill.push(c);
                 }
-                Some(o) if o.comment != c.comment => return None,
+                Some(o) if o.comment != c.comment || o.counter != c.counter => return None,
                 Some(o) if o.rules == c.rules => {}
                 Some(_) => {
                     let _ = writeln!(out, "flush chain inet {t} {}", c.name);
@@ -610,14 +646,22 @@ impl TableDef {
             elems_cmd(&mut out, "add", &m.name, &add_ref);
             st.elements += del.len() + add.len();
         }
-        // Dead chains, then dead sets.
+        // Dead chains, then dead sets. A dead pod chain may `goto` a dead deny or
+        // after-Admin chain: every dead chain is flushed before any is deleted.
         let new_chains: HashSet<&str> = self.chains.iter().map(|c| c.name.as_str()).collect();
-        for c in &old.chains {
-            if !new_chains.contains(c.name.as_str()) {
-                let _ = writeln!(out, "flush chain inet {t} {}", c.name);
-                let _ = writeln!(out, "delete chain inet {t} {}", c.name);
+        let dead: Vec<&ChainDef> = old
+            .chains
+            .iter()
+            .filter(|c| !new_chains.contains(c.name.as_str()))
+            .collect();
+        for c in &dead {
+            let _ = writeln!(out, "flush chain inet {t} {}", c.name);
+            st.chains.push(c.name.clone());
+        }
+        for c in &dead {
+            let _ = writeln!(out, "delete chain inet {t} {}", c.name);
+            if c.counter {
                 let _ = writeln!(out, "delete counter inet {t} {}", c.name);
-                st.chains.push(c.name.clone());
             }
         }
         for s in old.sets.iter().chain(&old.node_sets) {
