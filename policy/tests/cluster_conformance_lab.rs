@@ -2,8 +2,9 @@
 //! (`tests/data/cnp-scenarios.json`: ClusterNetworkPolicy v1alpha2, and the older
 //! AdminNetworkPolicy/BaselineAdminNetworkPolicy v1alpha1) on a real twill cluster.
 //!
-//! etcd on the switch; three nodes running twilld (VXLAN, --ip-masq) as
-//! tests/conformance_lab.rs has them; the eight conformance pods (harry-potter-0/1,
+//! etcd on the switch; three nodes running twilld (VXLAN, --ip-masq), pods through
+//! twill-cni and `twill-policy run` as tests/conformance_lab.rs has them (both built by
+//! tests/common/twill_cluster.rs); the eight conformance pods (harry-potter-0/1,
 //! draco-malfoy-0/1, cedric-diggory-0/1, luna-lovegood-0/1) attached through twill-cni
 //! and spread over the nodes in turn, each serving TCP 80/8080 and UDP 53/5353; the two
 //! hostNetwork pods centaur-0/1 on n1 and n2, whose servers (upstream's host-network
@@ -18,97 +19,30 @@
 //! SCTP probes are skipped: this kernel has no SCTP sockets. tests/cluster_scenarios.rs
 //! checks them through the evaluator and the compiled rulesets.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::twill_cluster::{
+    add_serving_pod, manifests_dir, probe_all, serve_in, spawn_policy_run, start_twilld_nodes,
+    wait_applied, write_manifests,
+};
 use serde_json::json;
 use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
-use twill_policy::compile::{compile, Options};
-use twill_policy::enforce::ruleset_marker;
+use twill_policy::compile::Options;
 use twill_policy::model::Protocol;
-use twill_policy::source::manifests::ManifestDir;
-use twill_policy::source::Source;
 use twill_policy_testkit::cluster::{
     load_cluster_conformance, ClusterConformance, ClusterProbe, ClusterStep, Placement, Server,
     CLUSTER_SCENARIOS,
 };
 
-const PY: &str = "/usr/bin/python3";
-const ETCD_PREFIX: &str = "/coreos.com/network";
-const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
-/// TCP and UDP servers answering "pong" on the `proto:port` arguments.
-const SERVER: &str = r#"
-import socket, sys, threading
-def tcp(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(128)
-    while True:
-        c, _ = s.accept()
-        def serve(c):
-            try:
-                c.settimeout(2); c.recv(16); c.sendall(b"pong")
-            except Exception:
-                pass
-            c.close()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
-    while True:
-        d, a = s.recvfrom(64); s.sendto(b"pong", a)
-for arg in sys.argv[1:]:
-    proto, port = arg.split(":")
-    threading.Thread(target={"TCP": tcp, "UDP": udp}[proto], args=(int(port),), daemon=True).start()
-threading.Event().wait()
-"#;
-
-/// Probes every `proto:ip:port` argument in parallel; prints `arg ok|fail` per argument.
-/// TCP: connect + "ping"/"pong" within 1 s. UDP: "ping" twice (0.5 s apart), "pong" back
-/// within 1.2 s in all.
-const PROBER: &str = r#"
-import socket, sys, threading
-res = {}
-def probe(arg):
-    proto, ip, port = arg.split(":")
-    port = int(port)
-    try:
-        if proto == "TCP":
-            s = socket.create_connection((ip, port), timeout=1)
-            s.settimeout(1); s.sendall(b"ping"); ok = s.recv(16) == b"pong"
-        else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.connect((ip, port)); ok = False
-            for wait in (0.5, 0.7):
-                s.send(b"ping"); s.settimeout(wait)
-                try:
-                    ok = s.recv(16) == b"pong"
-                    break
-                except socket.timeout:
-                    pass
-        s.close()
-    except Exception:
-        ok = False
-    res[arg] = ok
-ts = [threading.Thread(target=probe, args=(a,)) for a in sys.argv[1:]]
-for t in ts: t.start()
-for t in ts: t.join()
-for a in sys.argv[1:]: print(a, "ok" if res[a] else "fail")
-"#;
-
-fn policy_bin() -> PathBuf {
-    let bin = twill_lab::bin_path("twill-policy");
-    if bin.exists() {
-        bin
-    } else {
-        env!("CARGO_BIN_EXE_twill-policy").into()
-    }
-}
-
+/// `PROTO:PORT` of the servers that can be probed here (SCTP cannot).
 fn server_args(servers: &[Server]) -> Vec<String> {
     servers
         .iter()
@@ -132,98 +66,35 @@ impl World {
     fn new(name: &str) -> World {
         let conf = load_cluster_conformance(CLUSTER_SCENARIOS).unwrap();
         let mut lab = Lab::new(name).expect("lab");
-        let ep = lab.start_etcd().expect("etcd");
-        lab.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), VXLAN])
-            .expect("put config");
-        let twilld_bin = twill_lab::bin_path("twilld");
-        assert!(
-            twilld_bin.exists(),
-            "{} missing: cargo build --workspace --bins",
-            twilld_bin.display()
-        );
-        let mut twilld = BTreeMap::new();
+        let twilld = start_twilld_nodes(&mut lab, &NODES);
         let mut placement = Placement::default();
         for n in NODES {
-            lab.add_node(n).expect("node");
-            let node = lab.node(n).clone();
-            placement.nodes.insert(n.to_string(), IpAddr::V4(node.addr));
-            let subnet_file = node.dir.join("subnet.env");
-            let id = lab
-                .spawn(
-                    &node.netns,
-                    &format!("twilld-{n}"),
-                    &[
-                        twilld_bin.to_str().unwrap(),
-                        &format!("--etcd-endpoints={ep}"),
-                        "--ip-masq",
-                        "--subnet-file",
-                        subnet_file.to_str().unwrap(),
-                    ],
-                    &[("TWILL_LOG", "info")],
-                )
-                .expect("spawn twilld");
-            twilld.insert(n.to_string(), id);
+            placement
+                .nodes
+                .insert(n.to_string(), IpAddr::V4(lab.node(n).addr));
         }
-        for n in NODES {
-            let f = lab.node(n).dir.join("subnet.env");
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !std::fs::read_to_string(&f).is_ok_and(|s| s.contains("FLANNEL_SUBNET=")) {
-                let id = twilld[n];
-                assert!(lab.is_running(id), "twilld on {n} exited:\n{}", lab.log(id));
-                assert!(Instant::now() < deadline, "twilld on {n} not ready");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        let cni = twill_lab::bin_path("twill-cni");
-        assert!(cni.exists(), "{} missing", cni.display());
         let mut netns = BTreeMap::new();
         let (mut next_pod, mut next_host) = (0, 0);
         for (i, p) in conf.world.pods.iter().enumerate() {
-            if p.host_network {
+            let (node, ns, ip) = if p.host_network {
                 // The node's own namespace and address; its servers listen there.
                 let n = NODES[next_host % NODES.len()];
                 next_host += 1;
                 let node = lab.node(n).clone();
-                let args = server_args(&conf.world.host_network_servers);
-                let mut argv = vec![PY, "-c", SERVER];
-                argv.extend(args.iter().map(String::as_str));
-                lab.spawn(&node.netns, &format!("srv-{}", p.name), &argv, &[])
-                    .expect("host server");
-                placement
-                    .pods
-                    .insert(p.key(), (n.to_string(), IpAddr::V4(node.addr)));
-                netns.insert(p.key(), node.netns.clone());
-                continue;
-            }
-            let n = NODES[next_pod % NODES.len()];
-            next_pod += 1;
-            let ndir = lab.node(n).dir.clone();
-            let netconf = json!({
-                "cniVersion": "0.3.1",
-                "name": "cbr0",
-                "type": "flannel",
-                "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-                "subnetFile": ndir.join("subnet.env"),
-                "dataDir": ndir.join("flannel"),
-                "ipam": {"dataDir": ndir.join("ipam")},
-            })
-            .to_string();
-            let short = format!("p{i}");
-            let pod = lab
-                .add_cni_pod(n, &short, &cni, &netconf)
-                .unwrap_or_else(|e| panic!("CNI ADD {} on {n}: {e:#}", p.key()));
-            let args = server_args(&conf.world.pod_servers);
-            let mut argv = vec![PY, "-c", SERVER];
-            argv.extend(args.iter().map(String::as_str));
-            lab.spawn(&pod.netns, &format!("srv-{short}"), &argv, &[])
-                .expect("server");
-            placement
-                .pods
-                .insert(p.key(), (n.to_string(), IpAddr::V4(pod.ip())));
-            netns.insert(p.key(), pod.netns.clone());
+                let servers = server_args(&conf.world.host_network_servers);
+                serve_in(&mut lab, &node.netns, &format!("srv-{}", p.name), &servers);
+                (n, node.netns, IpAddr::V4(node.addr))
+            } else {
+                let n = NODES[next_pod % NODES.len()];
+                next_pod += 1;
+                let servers = server_args(&conf.world.pod_servers);
+                let pod = add_serving_pod(&mut lab, n, &format!("p{i}"), &servers);
+                (n, pod.netns.clone(), IpAddr::V4(pod.ip()))
+            };
+            placement.pods.insert(p.key(), (node.to_string(), ip));
+            netns.insert(p.key(), ns);
         }
-        let dir = lab.dir().join("manifests");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = manifests_dir(&lab);
         World {
             lab,
             conf,
@@ -240,143 +111,63 @@ impl World {
     }
 
     fn start_policy(&mut self) {
-        let bin = policy_bin();
         for n in NODES {
-            let node = self.lab.node(n).clone();
-            let argv: Vec<String> = vec![
-                bin.to_str().unwrap().into(),
-                "--manifests".into(),
-                self.dir.to_str().unwrap().into(),
-                "--node-name".into(),
-                n.into(),
-                "run".into(),
-                "--poll-ms".into(),
-                "50".into(),
-                "--metrics-addr".into(),
-                "127.0.0.1:9753".into(),
-                // Lab nodes share one filesystem: a status socket per node.
-                "--status-socket".into(),
-                node.policy_socket().to_str().unwrap().into(),
-                "--subnet-file".into(),
-                self.subnet_file(n).to_str().unwrap().into(),
-            ];
-            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            let id = self
-                .lab
-                .spawn(&node.netns, &format!("policy-{n}"), &argv, &[])
-                .expect("spawn twill-policy");
+            let extra = ["--subnet-file".to_string(), self.subnet_file(n).to_str().unwrap().into()];
+            let id = spawn_policy_run(&mut self.lab, n, &self.dir, &extra);
             self.policy_procs.insert(n.to_string(), id);
         }
     }
 
-    /// Replaces the manifests with the world as of `step`, atomically (write beside, rename).
+    /// Replaces the manifests with the world as of `step`.
     fn write(&self, step: &ClusterStep) {
         let items = self.conf.world.objects(step, &self.placement).unwrap();
         let doc = json!({"apiVersion": "v1", "kind": "List", "items": items});
-        let tmp = self.lab.dir().join("world.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
-        std::fs::rename(&tmp, self.dir.join("world.json")).unwrap();
+        write_manifests(&self.lab, &self.dir, &doc);
     }
 
-    /// Waits until every node's table carries the ruleset compiled from the manifests now
-    /// in the directory (with the pod CIDR each node reads from its subnet.env); returns
-    /// how long that took.
+    /// Waits until every node enforces the manifests now in the directory (with the pod
+    /// CIDR each node reads from its subnet.env); returns how long that took.
     fn wait_applied(&mut self) -> Duration {
-        let start = Instant::now();
-        let snap = ManifestDir::new(&self.dir)
-            .snapshot()
-            .unwrap_or_else(|e| panic!("manifests invalid: {e}"));
+        let cidrs: BTreeMap<String, ipnet::IpNet> = NODES
+            .iter()
+            .map(|n| {
+                let env = SubnetEnv::read(&self.subnet_file(n)).unwrap();
+                (n.to_string(), ipnet::IpNet::V4(env.subnet_network().unwrap()))
+            })
+            .collect();
+        let opts = |n: &str| Options {
+            pod_cidrs: vec![cidrs[n]],
+            ..Options::default()
+        };
+        let (snap, took) = wait_applied(&mut self.lab, &self.dir, &self.policy_procs, &opts);
         assert!(
             snap.broken_cluster.is_empty(),
             "cluster policies not read: {:?}",
             snap.broken_cluster
         );
-        for n in NODES {
-            let env = SubnetEnv::read(&self.subnet_file(n)).unwrap();
-            let opts = Options {
-                pod_cidrs: vec![ipnet::IpNet::V4(env.subnet_network().unwrap())],
-                ..Options::default()
-            };
-            let marker = ruleset_marker(&compile(&snap, n, &opts).render());
-            let netns = self.lab.node(n).netns.clone();
-            loop {
-                let out = self
-                    .lab
-                    .exec(&netns, &["nft", "list", "table", "inet", "twill-policy"])
-                    .unwrap();
-                if String::from_utf8_lossy(&out.stdout).contains(&marker) {
-                    break;
-                }
-                let id = self.policy_procs[n];
-                assert!(
-                    self.lab.is_running(id),
-                    "twill-policy on {n} exited:\n{}",
-                    self.lab.log(id)
-                );
-                assert!(
-                    start.elapsed() < Duration::from_secs(60),
-                    "{n} did not apply {marker} in 60 s:\n{}",
-                    self.lab.log(id)
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        start.elapsed()
+        took
     }
 
     /// Runs `probes` (all clients in parallel, each client's targets in parallel); returns
     /// whether each connected, in order.
     fn probe(&self, probes: &[&ClusterProbe]) -> Vec<bool> {
-        let mut by_client: BTreeMap<&str, Vec<(usize, String)>> = BTreeMap::new();
-        for (i, p) in probes.iter().enumerate() {
+        let target = |p: &ClusterProbe| {
             let ip = self.placement.ip(&p.to).unwrap();
-            by_client
-                .entry(p.from.as_str())
-                .or_default()
-                .push((i, format!("{}:{ip}:{}", p.protocol, p.port)));
+            (self.netns[&p.from].clone(), format!("{}:{ip}:{}", p.protocol, p.port))
+        };
+        let mut by_client: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in probes {
+            let (ns, t) = target(p);
+            by_client.entry(ns).or_default().push(t);
         }
-        let mut result = vec![false; probes.len()];
-        std::thread::scope(|s| {
-            let handles: Vec<_> = by_client
-                .iter()
-                .map(|(client, targets)| {
-                    let netns = &self.netns[*client];
-                    s.spawn(move || {
-                        let out = Command::new("ip")
-                            .args(["netns", "exec", netns, PY, "-c", PROBER])
-                            .args(targets.iter().map(|(_, t)| t))
-                            .output()
-                            .expect("prober");
-                        let text = String::from_utf8_lossy(&out.stdout).to_string();
-                        assert!(
-                            out.status.success(),
-                            "prober in {client}: {}",
-                            String::from_utf8_lossy(&out.stderr)
-                        );
-                        let verdicts: BTreeMap<&str, bool> = text
-                            .lines()
-                            .filter_map(|l| l.split_once(' '))
-                            .map(|(t, r)| (t, r == "ok"))
-                            .collect();
-                        targets
-                            .iter()
-                            .map(|(i, t)| {
-                                let ok = *verdicts
-                                    .get(t.as_str())
-                                    .unwrap_or_else(|| panic!("prober in {client}: {text}"));
-                                (*i, ok)
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            for h in handles {
-                for (i, ok) in h.join().unwrap() {
-                    result[i] = ok;
-                }
-            }
-        });
-        result
+        let got = probe_all(&by_client);
+        probes
+            .iter()
+            .map(|p| {
+                let (ns, t) = target(p);
+                got[&ns][&t]
+            })
+            .collect()
     }
 }
 
