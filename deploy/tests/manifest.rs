@@ -150,6 +150,9 @@ fn granted(docs: &[Value]) -> BTreeSet<(String, String, String)> {
 fn api_group(resource: &str) -> &'static str {
     match resource {
         "networkpolicies" => "networking.k8s.io",
+        "clusternetworkpolicies" | "adminnetworkpolicies" | "baselineadminnetworkpolicies" => {
+            "policy.networking.k8s.io"
+        }
         "events" => "events.k8s.io",
         _ => "",
     }

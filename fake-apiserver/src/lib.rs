@@ -2,10 +2,14 @@
 //! enough of the API for twilld's Kubernetes subnet manager and twill-policy's API source to
 //! run unmodified against it.
 //!
-//! What it serves (core `api/v1` and `apis/networking.k8s.io/v1`):
+//! What it serves (core `api/v1`, `apis/networking.k8s.io/v1` and
+//! `apis/policy.networking.k8s.io/{v1alpha2,v1alpha1}`):
 //! - resources `nodes`, `namespaces` (cluster-scoped), `pods`, `networkpolicies` (namespaced;
-//!   also listed and watched across all namespaces), and any other plural name under the same
-//!   paths (stored the same way);
+//!   also listed and watched across all namespaces), the cluster-scoped
+//!   `clusternetworkpolicies` (v1alpha2), `adminnetworkpolicies` and
+//!   `baselineadminnetworkpolicies` (v1alpha1) of `policy.networking.k8s.io`, and any other
+//!   plural name under the same paths (stored the same way); objects carry the `kind` and
+//!   `apiVersion` of their resource;
 //! - `GET` of a collection: a `<Kind>List` carrying `metadata.resourceVersion`;
 //! - `GET ...?watch=true&resourceVersion=R`: a newline-delimited stream of `ADDED`, `MODIFIED`,
 //!   `DELETED` events after `R` (replayed from history, then live), `BOOKMARK` events every
@@ -20,7 +24,10 @@
 //!   becomes too old: watches resuming from it get 410), `POST /fake/cut` (every open watch
 //!   stream is closed mid-stream), `POST /fake/hold` and `POST /fake/release` (cut, and refuse
 //!   new watches with 503 until released), `GET /fake/requests` (method, path, query and content type of
-//!   every API request so far, for asserting which verbs a program used).
+//!   every API request so far, for asserting which verbs a program used), `POST
+//!   /fake/absent/<resource>` and `POST /fake/present/<resource>` (the resource answers every
+//!   request with 404 `404 page not found`, as a real server does for a CRD that is not
+//!   installed, and its open watches end; then serves again, with the objects it had).
 //!
 //! Where it differs from a real API server (deliberately small):
 //! - no authentication, authorization, admission, validation, defaulting or OpenAPI schema;
@@ -76,6 +83,8 @@ struct Store {
     compacted: u64,
     requests: Vec<Value>,
     uid: u64,
+    /// Resources that answer 404, as if their CRD were not installed (see `/fake/absent/`).
+    absent: std::collections::BTreeSet<String>,
 }
 
 /// The server's state; clone it to share it between the HTTP server and in-process callers.
@@ -101,6 +110,9 @@ pub fn kind_of(resource: &str) -> String {
         "namespaces" => "Namespace".into(),
         "pods" => "Pod".into(),
         "networkpolicies" => "NetworkPolicy".into(),
+        "clusternetworkpolicies" => "ClusterNetworkPolicy".into(),
+        "adminnetworkpolicies" => "AdminNetworkPolicy".into(),
+        "baselineadminnetworkpolicies" => "BaselineAdminNetworkPolicy".into(),
         other => {
             let s = other.strip_suffix('s').unwrap_or(other);
             let mut c = s.chars();
@@ -111,11 +123,25 @@ pub fn kind_of(resource: &str) -> String {
     }
 }
 
-fn api_version_of(group: &str) -> String {
+/// The group `policy.networking.k8s.io`, whose resources are served at their own versions.
+pub const POLICY_GROUP: &str = "policy.networking.k8s.io";
+
+/// The version `resource` of `group` is served at: `v1alpha2` for ClusterNetworkPolicy,
+/// `v1alpha1` for AdminNetworkPolicy and BaselineAdminNetworkPolicy, `v1` for the rest.
+pub fn version_of(group: &str, resource: &str) -> &'static str {
+    match (group, resource) {
+        (POLICY_GROUP, "clusternetworkpolicies") => "v1alpha2",
+        (POLICY_GROUP, "adminnetworkpolicies" | "baselineadminnetworkpolicies") => "v1alpha1",
+        _ => "v1",
+    }
+}
+
+fn api_version_of(group: &str, resource: &str) -> String {
+    let version = version_of(group, resource);
     if group.is_empty() {
-        "v1".into()
+        version.into()
     } else {
-        format!("{group}/v1")
+        format!("{group}/{version}")
     }
 }
 
@@ -203,6 +229,7 @@ pub fn strategic_merge_patch(target: &mut Value, patch: &Value) {
 #[derive(Debug, Clone)]
 struct Target {
     group: String,
+    version: String,
     resource: String,
     namespace: String,
     name: Option<String>,
@@ -211,13 +238,14 @@ struct Target {
 
 fn parse_path(path: &str) -> Option<Target> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, rest) = match segs.as_slice() {
-        ["api", "v1", rest @ ..] => (String::new(), rest),
-        ["apis", g, _v, rest @ ..] => (g.to_string(), rest),
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", "v1", rest @ ..] => (String::new(), "v1", rest),
+        ["apis", g, v, rest @ ..] => (g.to_string(), *v, rest),
         _ => return None,
     };
     let t = |resource: &str, namespace: &str, name: Option<&str>, status: bool| Target {
         group: group.clone(),
+        version: version.to_string(),
         resource: resource.to_string(),
         namespace: namespace.to_string(),
         name: name.map(String::from),
@@ -457,7 +485,7 @@ impl FakeApiServer {
             if kind != "DELETED" {
                 // A deleted object is reported as it was stored.
                 o.insert("kind".into(), json!(kind_of(resource)));
-                o.insert("apiVersion".into(), json!(api_version_of(group)));
+                o.insert("apiVersion".into(), json!(api_version_of(group, resource)));
             }
             let meta = o.entry("metadata").or_insert(json!({}));
             meta["resourceVersion"] = json!(rv.to_string());
@@ -519,6 +547,22 @@ impl FakeApiServer {
             .cloned()
     }
 
+    /// Makes `resource` answer 404 to every request, as a resource whose CRD is not installed
+    /// does (and ends its open watches), or serve again (`absent` false) with the objects it
+    /// had. See `/fake/absent/`.
+    pub fn set_absent(&self, resource: &str, absent: bool) {
+        let mut s = self.store.lock().expect("store");
+        if absent {
+            s.absent.insert(resource.to_string());
+        } else {
+            s.absent.remove(resource);
+        }
+        drop(s);
+        if absent {
+            self.cut_watches();
+        }
+    }
+
     /// The requests seen so far (see `GET /fake/requests`).
     pub fn requests(&self) -> Vec<Value> {
         self.store.lock().expect("store").requests.clone()
@@ -556,6 +600,21 @@ async fn handle(State(srv): State<FakeApiServer>, req: Request) -> Response {
         "body": serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
         "userAgent": headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or(""),
     }));
+    // A CRD that is not installed (or a version not served): the path is unknown to the server.
+    let absent = srv
+        .store
+        .lock()
+        .expect("store")
+        .absent
+        .contains(&t.resource);
+    if absent || (t.group == POLICY_GROUP && t.version != version_of(&t.group, &t.resource)) {
+        return (
+            StatusCode::NOT_FOUND,
+            [("content-type", "text/plain; charset=utf-8")],
+            "404 page not found\n",
+        )
+            .into_response();
+    }
     match (&method, &t.name) {
         (&Method::GET, None)
             if is_true(query.get("watch"))
@@ -615,6 +674,11 @@ fn control(srv: &FakeApiServer, method: &Method, what: &str) -> Response {
             json_response(&json!({"held": false}))
         }
         (&Method::GET, "requests") => json_response(&Value::Array(srv.requests())),
+        (&Method::POST, w) if w.starts_with("absent/") || w.starts_with("present/") => {
+            let (state, resource) = w.split_once('/').expect("checked");
+            srv.set_absent(resource, state == "absent");
+            json_response(&json!({"resource": resource, "absent": state == "absent"}))
+        }
         _ => status(404, "NotFound", what),
     }
 }
@@ -632,7 +696,7 @@ fn list(srv: &FakeApiServer, t: &Target, q: &BTreeMap<String, String>) -> Respon
         .collect();
     json_response(&json!({
         "kind": format!("{}List", kind_of(&t.resource)),
-        "apiVersion": api_version_of(&t.group),
+        "apiVersion": api_version_of(&t.group, &t.resource),
         "metadata": {"resourceVersion": s.rv.to_string()},
         "items": items,
     }))
@@ -650,7 +714,7 @@ fn watch(srv: &FakeApiServer, t: &Target, q: &BTreeMap<String, String>) -> Respo
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(1800);
     let kind = kind_of(&t.resource);
-    let api_version = api_version_of(&t.group);
+    let api_version = api_version_of(&t.group, &t.resource);
     let relevant = {
         let t = t.clone();
         move |c: &Change| {

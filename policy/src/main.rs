@@ -293,6 +293,12 @@ fn load(src: &mut dyn Source) -> Result<Snapshot> {
     for err in &snap.unattributed {
         error!("invalid manifest: {err}; its objects are not read (no namespace is known to depend on it)");
     }
+    for err in &snap.broken_cluster {
+        error!(
+            object = err.object.as_str(),
+            "invalid cluster-scoped object: {err}; its last readable version stays in force (one never readable is left out)"
+        );
+    }
     Ok(snap)
 }
 
@@ -632,11 +638,16 @@ fn cmd_run(common: &Common, run: RunOptions) -> Result<()> {
         if changed {
             let t = Instant::now();
             match load(src.as_mut()) {
-                Ok(s) => {
+                Ok(mut s) => {
                     tracing::debug!("read the source in {:?}", t.elapsed());
                     shared.metrics.record_source(&s);
+                    // A cluster policy or Node that cannot be read now keeps the version
+                    // last enforced; such a snapshot is enforced but is not a good one.
+                    source_ok = s.broken_cluster.is_empty();
+                    if let Some(previous) = &last_good {
+                        s.keep_readable_cluster_policies(previous);
+                    }
                     last_good = Some(Arc::new(s));
-                    source_ok = true;
                 }
                 Err(e) => {
                     shared.metrics.record_source_error();

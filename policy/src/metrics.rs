@@ -212,10 +212,13 @@ impl Metrics {
     }
 
     /// Records a read of the source: the namespaces it left broken (a gauge), and a source
-    /// error if any object could not be read.
+    /// error if any object could not be read (cluster-scoped ones included).
     pub fn record_source(&self, snap: &Snapshot) {
         self.broken_namespaces.set(snap.broken.len() as i64);
-        if !snap.broken.is_empty() || !snap.unattributed.is_empty() {
+        if !snap.broken.is_empty()
+            || !snap.unattributed.is_empty()
+            || !snap.broken_cluster.is_empty()
+        {
             self.record_source_error();
         }
     }
@@ -326,6 +329,22 @@ mod tests {
     use super::*;
     use crate::compile::Stats;
     use std::time::Duration;
+
+    #[test]
+    fn a_cluster_scoped_object_that_cannot_be_read_is_a_source_error_and_breaks_no_namespace() {
+        let m = Metrics::new();
+        let mut s = Snapshot::default();
+        m.record_source(&s);
+        assert!(!m.render().contains("sync_errors_total{kind=\"source\"}"));
+        s.broken_cluster = vec![crate::source::ObjectError::default()];
+        m.record_source(&s);
+        let text = m.render();
+        assert!(
+            text.contains("twill_policy_sync_errors_total{kind=\"source\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("twill_policy_broken_namespaces 0"), "{text}");
+    }
 
     #[test]
     fn text_exposition_has_every_metric() {

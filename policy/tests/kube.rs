@@ -12,10 +12,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use twill_fake_apiserver::FakeApiServer;
+use twill_fake_apiserver::{FakeApiServer, POLICY_GROUP};
 use twill_policy::compile::{compile, Options};
 use twill_policy::eval::{allowed, Endpoint};
-use twill_policy::model::{Pod, Snapshot};
+use twill_policy::model::{Pod, Snapshot, Tier};
 use twill_policy::source::kube::{KubeApiSource, KubeOptions};
 use twill_policy::source::Source;
 use twill_policy_testkit::conformance::{
@@ -216,8 +216,8 @@ fn a_silent_api_server_does_not_stall_the_source() {
         ..KubeOptions::default()
     });
     src.initial_timeout = Duration::from_millis(100);
-    // Three lists hang on their first connections; after the read timeout each is dropped
-    // and retried after its backoff, on a new connection.
+    // Every list hangs on its first connection; after the read timeout each is dropped and
+    // retried after its backoff, on a new connection.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let err = src.snapshot().unwrap_err().to_string();
@@ -233,4 +233,210 @@ fn a_silent_api_server_does_not_stall_the_source() {
         assert!(Instant::now() < deadline, "{n} connections; {err}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Waits (generously) until the source's snapshot satisfies `done`; panics with `what` and
+/// the last snapshot's cluster policies and errors otherwise.
+fn converge(src: &mut KubeApiSource, what: &str, done: impl Fn(&Snapshot) -> bool) -> Snapshot {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = src.snapshot();
+        match s {
+            Ok(s) if done(&s) => return s,
+            other if Instant::now() > deadline => {
+                let shown = other.map(|s| {
+                    let keys: Vec<(String, u16)> = s
+                        .cluster_policies
+                        .iter()
+                        .map(|p| (p.key(), p.priority))
+                        .collect();
+                    let errors: Vec<String> =
+                        s.broken_cluster.iter().map(|e| e.to_string()).collect();
+                    (keys, errors, s.policies.len(), s.nodes.len())
+                });
+                panic!("{what}: the API source did not get there: {shown:?}")
+            }
+            _ => {
+                src.wait_change(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+fn cnp(name: &str, priority: i64) -> Value {
+    json!({"metadata": {"name": name}, "spec": {"tier": "Admin", "priority": priority,
+        "subject": {"namespaces": {"matchLabels": {"tenant": "a"}}},
+        "ingress": [{"name": "no-b", "action": "Deny", "from": [{"namespaces": {"matchLabels": {"tenant": "b"}}}]}]}})
+}
+
+fn keys(s: &Snapshot) -> Vec<(String, u16)> {
+    s.cluster_policies
+        .iter()
+        .map(|p| (p.key(), p.priority))
+        .collect()
+}
+
+/// ClusterNetworkPolicies, AdminNetworkPolicies, the BaselineAdminNetworkPolicy and Nodes
+/// created, changed and deleted through the API show in the source's snapshots; one the
+/// parser rejects is reported in `broken_cluster`, and with the last enforced snapshot its
+/// last readable version stays in force (as `run` does it).
+#[test]
+fn cluster_policies_and_nodes_from_the_api() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let (srv, url) = start_server();
+    srv.put(
+        "",
+        "nodes",
+        "",
+        json!({"metadata": {"name": "n1", "labels": {"role": "worker"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"},
+                                     {"type": "Hostname", "address": "n1"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    srv.put(
+        POLICY_GROUP,
+        "clusternetworkpolicies",
+        "",
+        cnp("deny-b", 10),
+    );
+    let mut src = KubeApiSource::start(KubeOptions {
+        api_url: url,
+        ..KubeOptions::default()
+    });
+    let s = converge(&mut src, "first CNP", |s| {
+        keys(s) == [("cnp/deny-b".into(), 10)]
+    });
+    assert_eq!(s.cluster_policies[0].tier, Tier::Admin);
+    assert_eq!(s.cluster_policies[0].ingress[0].name, "no-b");
+    assert_eq!(s.nodes.len(), 1);
+    assert_eq!(
+        s.nodes[0].addresses,
+        vec!["198.18.0.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    // Changed, and joined by an ANP and the BANP.
+    srv.put(
+        POLICY_GROUP,
+        "clusternetworkpolicies",
+        "",
+        cnp("deny-b", 20),
+    );
+    srv.put(
+        POLICY_GROUP,
+        "adminnetworkpolicies",
+        "",
+        json!({"metadata": {"name": "dns"}, "spec": {"priority": 1, "subject": {"namespaces": {}},
+            "egress": [{"action": "Allow", "to": [{"nodes": {}}], "ports": [{"portNumber": {"protocol": "UDP", "port": 53}}]}]}}),
+    );
+    srv.put(
+        POLICY_GROUP,
+        "baselineadminnetworkpolicies",
+        "",
+        json!({"metadata": {"name": "default"}, "spec": {"subject": {"namespaces": {}},
+            "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}}),
+    );
+    let enforced = converge(&mut src, "changed CNP, ANP, BANP", |s| {
+        keys(s)
+            == [
+                ("anp/dns".into(), 1),
+                ("cnp/deny-b".into(), 20),
+                ("banp/default".into(), 1000),
+            ]
+    });
+    assert!(
+        enforced.broken_cluster.is_empty(),
+        "{:?}",
+        enforced.broken_cluster
+    );
+    // A broken edit: reported, and left out of the source's snapshot; the last enforced
+    // snapshot's version stays in force.
+    srv.put(
+        POLICY_GROUP,
+        "clusternetworkpolicies",
+        "",
+        cnp("deny-b", 5000),
+    );
+    let mut s = converge(&mut src, "broken CNP", |s| !s.broken_cluster.is_empty());
+    assert_eq!(
+        s.broken_cluster[0].to_string(),
+        "ClusterNetworkPolicy deny-b: spec.priority: 5000 must be between 0 and 1000"
+    );
+    assert!(
+        s.broken.is_empty(),
+        "a cluster-scoped error breaks no namespace"
+    );
+    assert_eq!(
+        keys(&s),
+        [("anp/dns".into(), 1), ("banp/default".into(), 1000)]
+    );
+    s.keep_readable_cluster_policies(&enforced);
+    assert_eq!(keys(&s), keys(&enforced));
+    // Deleted: gone, and so is its error. A Node's status changes that leave its addresses
+    // alone are no change.
+    srv.delete("clusternetworkpolicies", "", "deny-b");
+    srv.delete("adminnetworkpolicies", "", "dns");
+    let s = converge(&mut src, "deleted CNP and ANP", |s| {
+        keys(s) == [("banp/default".into(), 1000)] && s.broken_cluster.is_empty()
+    });
+    assert_eq!(s.nodes.len(), 1);
+    // The source used only the verbs it declares, on the versions the CRDs serve.
+    for r in srv.requests() {
+        let path = r["path"].as_str().unwrap();
+        match r["resource"].as_str().unwrap() {
+            "clusternetworkpolicies" => {
+                assert!(
+                    path.starts_with("/apis/policy.networking.k8s.io/v1alpha2/"),
+                    "{path}"
+                )
+            }
+            "adminnetworkpolicies" | "baselineadminnetworkpolicies" => {
+                assert!(
+                    path.starts_with("/apis/policy.networking.k8s.io/v1alpha1/"),
+                    "{path}"
+                )
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Without the `policy.networking.k8s.io` CRDs (404) the source is ready and NetworkPolicies
+/// are enforced as before; a CRD installed later is picked up.
+#[test]
+fn without_the_crds_network_policies_are_enforced_and_a_crd_installed_later_is_read() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let (srv, url) = start_server();
+    for r in [
+        "clusternetworkpolicies",
+        "adminnetworkpolicies",
+        "baselineadminnetworkpolicies",
+    ] {
+        srv.set_absent(r, true);
+    }
+    srv.put("", "namespaces", "", json!({"metadata": {"name": "a"}}));
+    srv.put(
+        NP,
+        "networkpolicies",
+        "a",
+        json!({"metadata": {"name": "deny-all", "namespace": "a"}, "spec": {"podSelector": {}}}),
+    );
+    let mut src = KubeApiSource::start(KubeOptions {
+        api_url: url,
+        ..KubeOptions::default()
+    });
+    src.initial_timeout = Duration::from_secs(60);
+    let s = src.snapshot().expect("ready without the CRDs");
+    assert_eq!(s.policies.len(), 1);
+    assert_eq!(s.policies[0].key(), "a/deny-all");
+    assert!(s.cluster_policies.is_empty() && s.broken_cluster.is_empty());
+    // The CRD is installed and a policy created: the source finds it on a retry.
+    srv.put(POLICY_GROUP, "clusternetworkpolicies", "", cnp("late", 3));
+    srv.set_absent("clusternetworkpolicies", false);
+    let s = converge(&mut src, "CRD installed later", |s| {
+        keys(s) == [("cnp/late".into(), 3)]
+    });
+    assert_eq!(s.policies.len(), 1);
+    // And removed again: its policies go with it.
+    srv.set_absent("clusternetworkpolicies", true);
+    let s = converge(&mut src, "CRD removed", |s| s.cluster_policies.is_empty());
+    assert_eq!(s.policies.len(), 1);
 }

@@ -1,5 +1,7 @@
-//! The Kubernetes API as a source: Namespaces, Pods and NetworkPolicies through kube's
-//! watchers (list, then watch from the list's resourceVersion; the watch resumes from the last
+//! The Kubernetes API as a source: Namespaces, Pods, NetworkPolicies, Nodes and the
+//! cluster-scoped policies of `policy.networking.k8s.io` (ClusterNetworkPolicy v1alpha2,
+//! AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1, read as
+//! [`kube::api::DynamicObject`]s) through kube's watchers (list, then watch from the list's resourceVersion; the watch resumes from the last
 //! resourceVersion or bookmark when a stream ends, and re-lists after 410 Gone). Each re-list
 //! replaces that kind's objects wholesale, so a deletion missed while a watch was down is still
 //! seen. Every pod of the cluster is kept (policies select peers on any node); only this node's
@@ -16,6 +18,12 @@
 //! a list or watch response that stays silent for [`READ_TIMEOUT`] is dropped, and watches
 //! ask the server to end them after [`WATCH_TIMEOUT`] (the watcher also drops one idle for
 //! that plus 5 s), so a hung connection cannot stall the source.
+//!
+//! A resource the server does not have (404: its CRD is not installed) counts as listed and
+//! empty, so a cluster without the `policy.networking.k8s.io` CRDs is enforced as before; this
+//! is logged once, and the list is tried again with the same backoff, so a CRD installed later
+//! is picked up. Cluster-scoped objects that cannot be read go to
+//! [`Snapshot::broken_cluster`].
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -23,14 +31,18 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::Value;
 
 use super::{ObjectError, Source, SourceError};
-use crate::model::{from_json_value, NamespaceObject, NetworkPolicyObject, PodObject, Snapshot};
+use crate::model::cluster::{cluster_policy_from_value, node_from_value, GROUP};
+use crate::model::{
+    from_json_value, ClusterPolicyKind, NamespaceObject, NetworkPolicyObject, PodObject, Snapshot,
+};
 
 /// Every Kubernetes API call twill-policy makes, as (resource, verb): the one list the RBAC test
 /// compares with kube-flannel.yml's ClusterRole (once that manifest exists).
@@ -41,9 +53,47 @@ pub const API_VERBS: &[(&str, &str)] = &[
     ("pods", "watch"),
     ("networkpolicies", "list"),
     ("networkpolicies", "watch"),
+    ("nodes", "list"),
+    ("nodes", "watch"),
+    ("clusternetworkpolicies", "list"),
+    ("clusternetworkpolicies", "watch"),
+    ("adminnetworkpolicies", "list"),
+    ("adminnetworkpolicies", "watch"),
+    ("baselineadminnetworkpolicies", "list"),
+    ("baselineadminnetworkpolicies", "watch"),
 ];
 
-const KINDS: [&str; 3] = ["Namespace", "Pod", "NetworkPolicy"];
+/// The kinds watched, in the order of [`State::objects`].
+const KINDS: [&str; 7] = [
+    "Namespace",
+    "Pod",
+    "NetworkPolicy",
+    "Node",
+    "ClusterNetworkPolicy",
+    "AdminNetworkPolicy",
+    "BaselineAdminNetworkPolicy",
+];
+const NODE: usize = 3;
+/// The cluster policy kinds, at indices 4.. of [`KINDS`].
+const CLUSTER_POLICY_KINDS: [ClusterPolicyKind; 3] = [
+    ClusterPolicyKind::ClusterNetworkPolicy,
+    ClusterPolicyKind::AdminNetworkPolicy,
+    ClusterPolicyKind::BaselineAdminNetworkPolicy,
+];
+const FIRST_CLUSTER_POLICY: usize = 4;
+
+/// The API resource of a cluster policy kind (cluster-scoped, group
+/// `policy.networking.k8s.io`).
+fn api_resource(kind: ClusterPolicyKind) -> ApiResource {
+    let version = kind.api_version().rsplit('/').next().unwrap_or_default();
+    ApiResource {
+        group: GROUP.into(),
+        version: version.into(),
+        api_version: kind.api_version().into(),
+        kind: kind.as_str().into(),
+        plural: kind.plural().into(),
+    }
+}
 
 /// Connect timeout of every API call.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,8 +116,10 @@ pub fn retry_backoff() -> impl Iterator<Item = Duration> {
 #[derive(Default)]
 struct State {
     /// Per kind: "ns/name" -> object JSON.
-    objects: [BTreeMap<String, Value>; 3],
-    ready: [bool; 3],
+    objects: [BTreeMap<String, Value>; KINDS.len()],
+    ready: [bool; KINDS.len()],
+    /// Per kind: the server answered 404 (no CRD); listed as empty meanwhile.
+    absent: [bool; KINDS.len()],
     generation: u64,
     /// The source cannot work at all (no async runtime); reported by every snapshot.
     fatal: Option<String>,
@@ -138,7 +190,31 @@ async fn client_retrying(opts: &KubeOptions, shared: &Shared) -> Client {
     }
 }
 
-async fn follow<K>(api: Api<K>, idx: usize, shared: Arc<Shared>)
+/// The parts of a Node that policy reads (name, labels, addresses): the rest (conditions,
+/// heartbeat times, images) changes often and means nothing here, and an update that
+/// changes none of these parts is then no change at all.
+fn node_shape(v: Value) -> Value {
+    serde_json::json!({
+        "kind": "Node",
+        "metadata": {"name": v["metadata"]["name"], "labels": v["metadata"]["labels"]},
+        "status": {"addresses": v["status"]["addresses"]},
+    })
+}
+
+/// Whether `e` says the server does not have the resource (its CRD is not installed).
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// Watches one kind into `shared.state.objects[idx]`. `shape` turns an object's JSON into
+/// what is kept (and compared: an update that keeps it the same wakes nobody).
+async fn follow<K>(api: Api<K>, idx: usize, shared: Arc<Shared>, shape: fn(Value) -> Value)
 where
     K: kube::Resource + Clone + Debug + Send + serde::de::DeserializeOwned + serde::Serialize,
     K: 'static,
@@ -154,7 +230,7 @@ where
     let value = |o: &K| {
         let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
         v["kind"] = Value::String(KINDS[idx].into());
-        v
+        shape(v)
     };
     let config = watcher::Config::default().timeout(WATCH_TIMEOUT.as_secs() as u32);
     // Our own backoff rather than kube's default_backoff(): that one is reset by every
@@ -179,15 +255,43 @@ where
                 Ok(watcher::Event::InitDone) => {
                     st.objects[idx] = std::mem::take(&mut buffer);
                     st.ready[idx] = true;
+                    if std::mem::take(&mut st.absent[idx]) {
+                        tracing::info!(kind = KINDS[idx], "the API server serves it now");
+                    }
                     None
                 }
                 Ok(watcher::Event::Apply(o)) => {
-                    st.objects[idx].insert(key(&o), value(&o));
+                    let (k, v) = (key(&o), value(&o));
+                    if st.objects[idx].get(&k) == Some(&v) {
+                        continue;
+                    }
+                    st.objects[idx].insert(k, v);
                     None
                 }
                 Ok(watcher::Event::Delete(o)) => {
                     st.objects[idx].remove(&key(&o));
                     None
+                }
+                Err(e) if is_not_found(&e) => {
+                    // No CRD: listed, and empty. Said once; tried again with the backoff.
+                    if !std::mem::replace(&mut st.absent[idx], true) {
+                        tracing::info!(
+                            kind = KINDS[idx],
+                            "the API server does not serve this kind (its CRD is not installed?): enforcing without it, and looking again with backoff"
+                        );
+                    }
+                    buffer.clear();
+                    if !st.ready[idx] || !st.objects[idx].is_empty() {
+                        st.objects[idx].clear();
+                        st.ready[idx] = true;
+                        st.generation += 1;
+                        shared.changed.notify_all();
+                    }
+                    drop(st);
+                    let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+                    tracing::debug!(kind = KINDS[idx], "not served; looking again in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    continue;
                 }
                 Err(e) => {
                     let e = chain(&e);
@@ -257,10 +361,25 @@ impl KubeApiSource {
                 };
                 rt.block_on(async move {
                     let c = client_retrying(&opts, &sh).await;
+                    let same = |v| v;
+                    let cluster = |i: usize| {
+                        let kind = CLUSTER_POLICY_KINDS[i - FIRST_CLUSTER_POLICY];
+                        let ar = api_resource(kind);
+                        follow(
+                            Api::<DynamicObject>::all_with(c.clone(), &ar),
+                            i,
+                            sh.clone(),
+                            same,
+                        )
+                    };
                     futures::join!(
-                        follow(Api::<Namespace>::all(c.clone()), 0, sh.clone()),
-                        follow(Api::<Pod>::all(c.clone()), 1, sh.clone()),
-                        follow(Api::<NetworkPolicy>::all(c), 2, sh.clone()),
+                        follow(Api::<Namespace>::all(c.clone()), 0, sh.clone(), same),
+                        follow(Api::<Pod>::all(c.clone()), 1, sh.clone(), same),
+                        follow(Api::<NetworkPolicy>::all(c.clone()), 2, sh.clone(), same),
+                        follow(Api::<Node>::all(c.clone()), NODE, sh.clone(), node_shape),
+                        cluster(FIRST_CLUSTER_POLICY),
+                        cluster(FIRST_CLUSTER_POLICY + 1),
+                        cluster(FIRST_CLUSTER_POLICY + 2),
                     );
                 });
             })
@@ -294,8 +413,10 @@ impl Source for KubeApiSource {
         while !st.ready.iter().all(|r| *r) && st.fatal.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let missing: Vec<&str> =
-                    (0..3).filter(|i| !st.ready[*i]).map(|i| KINDS[i]).collect();
+                let missing: Vec<&str> = (0..KINDS.len())
+                    .filter(|i| !st.ready[*i])
+                    .map(|i| KINDS[i])
+                    .collect();
                 let last = st
                     .last_error
                     .as_ref()
@@ -357,11 +478,48 @@ impl Source for KubeApiSource {
                 Err(e) => errors.push(err("NetworkPolicy", k, e.field, e.message)),
             }
         }
-        Ok(Snapshot::new(namespaces, pods, policies).with_broken(
-            errors
-                .into_iter()
-                .map(|e| (e.namespace.clone().unwrap_or_default(), e)),
-        ))
+        // Cluster-scoped: the key is `/name`; errors break no namespace.
+        let mut broken_cluster = Vec::new();
+        let cluster_err = |kind: &str, key: &str, e: crate::model::FieldError| {
+            let object = format!("{kind} {}", key.trim_start_matches('/'));
+            ObjectError {
+                origin: object.clone(),
+                object,
+                field: e.field,
+                message: e.message,
+                ..ObjectError::default()
+            }
+        };
+        let mut nodes = Vec::new();
+        for (k, v) in &st.objects[NODE] {
+            match node_from_value(v.clone()) {
+                Ok(n) => nodes.push(n),
+                Err(e) => broken_cluster.push(cluster_err("Node", k, e)),
+            }
+        }
+        let mut cluster_policies = Vec::new();
+        for (i, kind) in CLUSTER_POLICY_KINDS.into_iter().enumerate() {
+            for (k, v) in &st.objects[FIRST_CLUSTER_POLICY + i] {
+                let mut v = v.clone();
+                // The resource decides what the object is, whatever it says itself.
+                v["kind"] = kind.as_str().into();
+                v["apiVersion"] = kind.api_version().into();
+                match cluster_policy_from_value(v) {
+                    Ok(p) => cluster_policies.push(p),
+                    Err(e) => broken_cluster.push(cluster_err(kind.as_str(), k, e)),
+                }
+            }
+        }
+        let mut s = Snapshot::new(namespaces, pods, policies)
+            .with_broken(
+                errors
+                    .into_iter()
+                    .map(|e| (e.namespace.clone().unwrap_or_default(), e)),
+            )
+            .with_cluster_policies(cluster_policies)
+            .with_nodes(nodes);
+        s.broken_cluster = broken_cluster;
+        Ok(s)
     }
 
     fn wait_change(&mut self, timeout: Duration) -> bool {
@@ -382,14 +540,15 @@ impl Source for KubeApiSource {
 mod tests {
     use super::*;
 
-    /// A source whose watchers have listed `objects` (per kind: key -> object).
-    fn listed(objects: [Vec<(&str, Value)>; 3]) -> KubeApiSource {
+    /// A source whose watchers have listed `objects` (per kind, in [`KINDS`] order: key ->
+    /// object); the kinds not given are listed and empty.
+    fn listed<const N: usize>(objects: [Vec<(&str, Value)>; N]) -> KubeApiSource {
         let shared = Arc::new(Shared::default());
         {
             let mut st = shared.state.lock().unwrap();
+            st.ready = [true; KINDS.len()];
             for (i, objs) in objects.into_iter().enumerate() {
                 st.objects[i] = objs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-                st.ready[i] = true;
             }
         }
         KubeApiSource {

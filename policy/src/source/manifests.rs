@@ -1,8 +1,11 @@
 //! A directory of YAML/JSON manifests: `*.yaml`, `*.yml`, `*.json` directly in the
 //! directory (hidden files skipped), each possibly multi-document, holding Namespace,
-//! Pod and NetworkPolicy objects or `List`s of them (`List`, `PodList`, ...). Other kinds
-//! are ignored. An object with the same kind and namespace/name as an earlier one
-//! replaces it (as an update would). Changes are found by polling names, sizes and
+//! Pod and NetworkPolicy objects, the cluster-scoped ClusterNetworkPolicy,
+//! AdminNetworkPolicy, BaselineAdminNetworkPolicy and Node, or `List`s of them (`List`,
+//! `PodList`, ...). Other kinds are ignored. An object with the same kind and
+//! namespace/name as an earlier one replaces it (as an update would). A cluster-scoped
+//! object that cannot be read breaks no namespace: its error goes to
+//! [`Snapshot::broken_cluster`] (see [`Snapshot::keep_readable_cluster_policies`]). Changes are found by polling names, sizes and
 //! modification times (every second in `run`).
 //!
 //! Limits: a file larger than [`MAX_FILE_BYTES`] is not read, and YAML aliases may expand
@@ -19,9 +22,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 
 use super::{ObjectError, Source, SourceError};
+use crate::model::cluster::{cluster_policy_from_value, node_from_value};
 use crate::model::{
-    from_json_value, Namespace, NamespaceObject, NetworkPolicy, NetworkPolicyObject, Pod,
-    PodObject, Snapshot,
+    from_json_value, ClusterPolicy, ClusterPolicyKind, Namespace, NamespaceObject, NetworkPolicy,
+    NetworkPolicyObject, Node, Pod, PodObject, Snapshot,
 };
 
 /// The largest manifest file that is read, YAML or JSON: 256 MiB, well above a
@@ -55,6 +59,43 @@ struct Objects {
     namespaces: Vec<Namespace>,
     pods: Vec<Pod>,
     policies: Vec<NetworkPolicy>,
+    cluster_policies: Vec<ClusterPolicy>,
+    nodes: Vec<Node>,
+}
+
+impl Objects {
+    fn extend(&mut self, o: Objects) {
+        self.namespaces.extend(o.namespaces);
+        self.pods.extend(o.pods);
+        self.policies.extend(o.policies);
+        self.cluster_policies.extend(o.cluster_policies);
+        self.nodes.extend(o.nodes);
+    }
+}
+
+/// The kinds of `List` read (their items may be of any kind read).
+const LIST_KINDS: &[&str] = &[
+    "List",
+    "NamespaceList",
+    "PodList",
+    "NetworkPolicyList",
+    "ClusterNetworkPolicyList",
+    "AdminNetworkPolicyList",
+    "BaselineAdminNetworkPolicyList",
+    "NodeList",
+];
+
+/// Whether `kind` is a cluster-scoped kind that is read (its errors break no namespace).
+fn is_cluster_kind(kind: &str) -> bool {
+    kind == "Node" || ClusterPolicyKind::from_kind(kind).is_some()
+}
+
+/// Whether `e` is about a cluster-scoped object (`object` is `Kind name` of such a kind):
+/// it goes to [`Snapshot::broken_cluster`], not to any namespace.
+fn is_cluster_error(e: &ObjectError) -> bool {
+    e.object
+        .split_once(' ')
+        .is_some_and(|(kind, _)| is_cluster_kind(kind))
 }
 
 /// What an object is (`Kind namespace/name`, `?` for what cannot be read) and the namespace
@@ -72,6 +113,9 @@ fn identify(kind: &str, v: &Value) -> (String, Option<String>) {
             format!("Namespace {}", name.unwrap_or("?")),
             name.map(String::from),
         );
+    }
+    if is_cluster_kind(kind) {
+        return (format!("{kind} {}", name.unwrap_or("?")), None);
     }
     let namespace = match meta {
         None | Some(Value::Null) => Some("default"),
@@ -104,6 +148,7 @@ fn add_object(
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
     let (object, namespace) = match kind {
         "Namespace" | "Pod" | "NetworkPolicy" => identify(kind, &v),
+        k if is_cluster_kind(k) => identify(kind, &v),
         // A List's own errors, or a document without kind: whose objects are they?
         _ => (String::new(), None),
     };
@@ -118,7 +163,7 @@ fn add_object(
     };
     match kind {
         "" => errors.push(err("kind".into(), "missing".into())),
-        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+        k if LIST_KINDS.contains(&k) => {
             if item.is_some() {
                 errors.push(err("kind".into(), "a List inside a List".into()));
                 return;
@@ -150,6 +195,14 @@ fn add_object(
                 Err(e) => errors.push(err(e.field, e.message)),
             }
         }
+        "Node" => match node_from_value(v) {
+            Ok(n) => objs.nodes.push(n),
+            Err(e) => errors.push(err(e.field, e.message)),
+        },
+        k if ClusterPolicyKind::from_kind(k).is_some() => match cluster_policy_from_value(v) {
+            Ok(p) => objs.cluster_policies.push(p),
+            Err(e) => errors.push(err(e.field, e.message)),
+        },
         _ => {}
     }
 }
@@ -322,10 +375,7 @@ impl JsonDoc {
             JsonDoc::Object { rest, items } => (rest, items),
         };
         let kind = rest.get("kind").and_then(Value::as_str).unwrap_or_default();
-        if !matches!(
-            kind,
-            "List" | "NamespaceList" | "PodList" | "NetworkPolicyList"
-        ) {
+        if !LIST_KINDS.contains(&kind) {
             // Not a list: the object as a whole (an `items` member means nothing to it).
             return add_object(Value::Object(rest), objs, origin, document, None, errors);
         }
@@ -341,10 +391,7 @@ impl JsonDoc {
                 message: "must be a list".into(),
             }),
             Some(JsonItems::Converted(o, errs)) => {
-                let o = *o;
-                objs.namespaces.extend(o.namespaces);
-                objs.pods.extend(o.pods);
-                objs.policies.extend(o.policies);
+                objs.extend(*o);
                 errors.extend(errs.into_iter().map(|e| ObjectError {
                     origin: origin.to_string(),
                     document: Some(document),
@@ -487,17 +534,27 @@ fn snapshot_of<'a>(files: impl IntoIterator<Item = &'a Parsed> + Clone) -> Snaps
         namespaces: Vec::with_capacity(all(&|p| p.objs.namespaces.len())),
         pods: Vec::with_capacity(all(&|p| p.objs.pods.len())),
         policies: Vec::with_capacity(all(&|p| p.objs.policies.len())),
+        cluster_policies: Vec::new(),
+        nodes: Vec::new(),
     };
-    let (mut broken, mut unattributed) = (Vec::new(), Vec::new());
+    let (mut broken, mut unattributed, mut broken_cluster) = (Vec::new(), Vec::new(), Vec::new());
     for p in files {
         objs.namespaces.extend(p.objs.namespaces.iter().cloned());
         objs.pods.extend(p.objs.pods.iter().cloned());
         objs.policies.extend(p.objs.policies.iter().cloned());
+        objs.cluster_policies
+            .extend(p.objs.cluster_policies.iter().cloned());
+        objs.nodes.extend(p.objs.nodes.iter().cloned());
         broken.extend(p.broken.iter().cloned());
         unattributed.extend(p.unattributed.iter().cloned());
+        broken_cluster.extend(p.broken_cluster.iter().cloned());
     }
-    let mut s = Snapshot::new(objs.namespaces, objs.pods, objs.policies).with_broken(broken);
+    let mut s = Snapshot::new(objs.namespaces, objs.pods, objs.policies)
+        .with_broken(broken)
+        .with_cluster_policies(objs.cluster_policies)
+        .with_nodes(objs.nodes);
     s.unattributed = unattributed;
+    s.broken_cluster = broken_cluster;
     s
 }
 
@@ -517,6 +574,8 @@ struct Parsed {
     broken: Vec<(String, ObjectError)>,
     /// Errors that broke no namespace.
     unattributed: Vec<ObjectError>,
+    /// Errors of cluster-scoped objects ([`Snapshot::broken_cluster`]).
+    broken_cluster: Vec<ObjectError>,
 }
 
 impl Parsed {
@@ -531,13 +590,17 @@ impl Parsed {
     /// since the lost part may have changed any of their objects. A file that never had a
     /// version without such errors and holds nothing readable breaks nothing: it counts as
     /// not written yet (its errors go to [`Snapshot::unattributed`]). Other files, and the
-    /// namespaces they alone cover, are unaffected.
+    /// namespaces they alone cover, are unaffected. Errors of cluster-scoped objects that
+    /// were identified (`Kind name`) go to [`Snapshot::broken_cluster`] and lose nothing
+    /// else.
     fn new(
         key: FileKey,
         now: Objects,
         errors: Vec<ObjectError>,
         previous: Option<Parsed>,
     ) -> Parsed {
+        let (broken_cluster, errors): (Vec<ObjectError>, Vec<ObjectError>) =
+            errors.into_iter().partition(is_cluster_error);
         let whole_now = errors.iter().all(|e| e.namespace.is_some());
         let mut covered = BTreeSet::new();
         if !whole_now {
@@ -568,6 +631,7 @@ impl Parsed {
             whole,
             broken,
             unattributed,
+            broken_cluster,
         }
     }
 }
@@ -1013,6 +1077,114 @@ spec:
         let e = errs(src.snapshot().unwrap());
         assert!(e.errors[0].origin.ends_with("b.yml"));
         assert_eq!(e.errors[0].field, "metadata.name");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const CLUSTER: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: deny-tenants}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {tenant: a}}}
+  ingress:
+  - {name: no-b, action: Deny, from: [{namespaces: {matchLabels: {tenant: b}}}]}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: policy.networking.k8s.io/v1alpha1
+  kind: AdminNetworkPolicy
+  metadata: {name: dns}
+  spec:
+    priority: 1
+    subject: {namespaces: {}}
+    egress: [{action: Allow, to: [{networks: [10.96.0.10/32]}], ports: [{portNumber: {protocol: UDP, port: 53}}]}]
+- apiVersion: policy.networking.k8s.io/v1alpha2
+  kind: ClusterNetworkPolicy
+  metadata: {name: broken}
+  spec: {tier: Admin, priority: 1001, subject: {namespaces: {}}}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: n1, labels: {role: worker}}
+  status: {addresses: [{type: InternalIP, address: 198.18.0.1}, {type: Hostname, address: n1}]}
+- apiVersion: v1
+  kind: Node
+  metadata: {name: n2}
+  status: {addresses: [{type: InternalIP, address: not-an-ip}]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicyList
+items:
+- apiVersion: policy.networking.k8s.io/v1alpha1
+  kind: BaselineAdminNetworkPolicy
+  metadata: {name: default}
+  spec:
+    subject: {namespaces: {}}
+    ingress: [{action: Deny, from: [{namespaces: {}}]}]
+"#;
+
+    #[test]
+    fn cluster_policies_and_nodes_are_read_and_their_errors_break_no_namespace() {
+        let s = parse_str(&format!("{GOOD}---\n{CLUSTER}"), "m.yaml");
+        assert!(s.broken.is_empty() && s.unattributed.is_empty(), "{s:?}");
+        let keys: Vec<String> = s.cluster_policies.iter().map(|p| p.key()).collect();
+        // In evaluation order: Admin tier by priority, then Baseline.
+        assert_eq!(keys, ["anp/dns", "cnp/deny-tenants", "banp/default"]);
+        assert_eq!(s.nodes.len(), 1);
+        assert_eq!(s.nodes[0].name, "n1");
+        let e: Vec<String> = s.broken_cluster.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            e,
+            [
+                "m.yaml: document 5: items[1]: ClusterNetworkPolicy broken: spec.priority: 1001 must be between 0 and 1000",
+                r#"m.yaml: document 5: items[3]: Node n2: status.addresses[0].address: "not-an-ip" is not an IP address"#,
+            ]
+        );
+        assert!(s.broken_cluster.iter().all(|e| e.namespace.is_none()));
+        // The same as JSON, item by item from a streamed list.
+        let list = serde_json::json!({"kind": "List", "items": [
+            {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+             "metadata": {"name": "c"}, "spec": {"tier": "Baseline", "priority": 0, "subject": {"namespaces": {}}}},
+            {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+             "metadata": {"name": "d"}, "spec": {"tier": "Middle", "priority": 0, "subject": {"namespaces": {}}}},
+            {"kind": "Node", "metadata": {"name": "n3"}}]});
+        let (objs, errors) = parse_json_str(&list.to_string());
+        assert_eq!(objs.cluster_policies.len(), 1);
+        assert_eq!(objs.nodes.len(), 1);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].object, "ClusterNetworkPolicy d");
+        assert!(is_cluster_error(&errors[0]));
+    }
+
+    #[test]
+    fn a_broken_cluster_policy_file_keeps_namespaces_and_other_files_whole() {
+        let dir = std::env::temp_dir().join(format!("twill-policy-cnp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.join("c.yaml"), CLUSTER).unwrap();
+        let mut src = ManifestDir::new(&dir);
+        let s = src.snapshot().unwrap();
+        assert_eq!(s.cluster_policies.len(), 3);
+        assert_eq!(s.broken_cluster.len(), 2);
+        assert!(s.broken.is_empty());
+        // The good CNP turns bad: it is reported, nothing else changes.
+        std::fs::write(
+            dir.join("c.yaml"),
+            CLUSTER.replace("priority: 10\n", "priority: -3\n"),
+        )
+        .unwrap();
+        let s = src.snapshot().unwrap();
+        let keys: Vec<String> = s.cluster_policies.iter().map(|p| p.key()).collect();
+        assert_eq!(keys, ["anp/dns", "banp/default"]);
+        assert_eq!(s.broken_cluster.len(), 3);
+        assert_eq!(
+            s.broken_cluster[0].object,
+            "ClusterNetworkPolicy deny-tenants"
+        );
+        assert!(s.broken.is_empty() && s.unattributed.is_empty(), "{s:?}");
+        assert_eq!(s.pods.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
