@@ -24,8 +24,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::twill_cluster::{
-    add_serving_pod, manifests_dir, probe_all, spawn_policy_run, start_twilld_nodes,
-    wait_applied, write_manifests, PY,
+    add_serving_pod, manifests_dir, probe_all, spawn_policy_run, start_twilld_nodes, wait_applied,
+    write_manifests, PY,
 };
 use serde_json::{json, Value};
 use twill_formats::subnet_env::SubnetEnv;

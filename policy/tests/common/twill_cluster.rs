@@ -19,12 +19,16 @@ pub const PY: &str = "/usr/bin/python3";
 const ETCD_PREFIX: &str = "/coreos.com/network";
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 
-/// TCP and UDP servers answering "pong" on the `PROTO:PORT` arguments (TCP or UDP).
+/// TCP and UDP servers answering "pong" on the `PROTO:PORT[:ADDR]` arguments (TCP or UDP;
+/// ADDR defaults to 0.0.0.0). A UDP server on a node that pods reach at the node's address
+/// must bind that address (as upstream's hostNetwork servers do with
+/// `--udp-listen-addresses $(HOST_IP)`): bound to 0.0.0.0 it would answer from the bridge's
+/// address, which the pod's connected socket does not accept.
 pub const SERVER: &str = r#"
 import socket, sys, threading
-def tcp(port):
+def tcp(port, addr):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(128)
+    s.bind((addr, port)); s.listen(128)
     while True:
         c, _ = s.accept()
         def serve(c):
@@ -34,13 +38,13 @@ def tcp(port):
                 pass
             c.close()
         threading.Thread(target=serve, args=(c,), daemon=True).start()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+def udp(port, addr):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((addr, port))
     while True:
         d, a = s.recvfrom(64); s.sendto(b"pong", a)
 for arg in sys.argv[1:]:
-    proto, port = arg.split(":")
-    threading.Thread(target={"TCP": tcp, "UDP": udp}[proto], args=(int(port),), daemon=True).start()
+    proto, port, addr = (arg.split(":") + ["0.0.0.0"])[:3]
+    threading.Thread(target={"TCP": tcp, "UDP": udp}[proto], args=(int(port), addr), daemon=True).start()
 threading.Event().wait()
 "#;
 
@@ -134,7 +138,12 @@ pub fn flannel_netconf(node_dir: &Path) -> String {
 
 /// Attaches pod `short` to `node` through twill-cni and starts [`SERVER`] in it on
 /// `servers` (`PROTO:PORT`); returns the pod.
-pub fn add_serving_pod(lab: &mut Lab, node: &str, short: &str, servers: &[String]) -> twill_lab::Pod {
+pub fn add_serving_pod(
+    lab: &mut Lab,
+    node: &str,
+    short: &str,
+    servers: &[String],
+) -> twill_lab::Pod {
     let cni = super::workspace_bin("twill-cni");
     let netconf = flannel_netconf(&lab.node(node).dir.clone());
     let pod = lab
@@ -144,7 +153,7 @@ pub fn add_serving_pod(lab: &mut Lab, node: &str, short: &str, servers: &[String
     pod
 }
 
-/// Starts [`SERVER`] in `netns` on `servers` (`PROTO:PORT`).
+/// Starts [`SERVER`] in `netns` on `servers` (`PROTO:PORT[:ADDR]`).
 pub fn serve_in(lab: &mut Lab, netns: &str, name: &str, servers: &[String]) -> ProcId {
     let mut argv = vec![PY, "-c", SERVER];
     argv.extend(servers.iter().map(String::as_str));
@@ -198,7 +207,11 @@ pub fn wait_applied(
             if String::from_utf8_lossy(&out.stdout).contains(&marker) {
                 break;
             }
-            assert!(lab.is_running(id), "twill-policy on {n} exited:\n{}", lab.log(id));
+            assert!(
+                lab.is_running(id),
+                "twill-policy on {n} exited:\n{}",
+                lab.log(id)
+            );
             assert!(
                 start.elapsed() < Duration::from_secs(60),
                 "{n} did not apply {marker} in 60 s:\n{}",
@@ -212,7 +225,9 @@ pub fn wait_applied(
 
 /// Runs [`PROBER`] once per client netns, all at once: `targets` maps a client netns to
 /// its `PROTO:IP:PORT` targets; returns, per netns, whether each target answered.
-pub fn probe_all(targets: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, BTreeMap<String, bool>> {
+pub fn probe_all(
+    targets: &BTreeMap<String, Vec<String>>,
+) -> BTreeMap<String, BTreeMap<String, bool>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
