@@ -12,8 +12,9 @@
 //! - p99 of "policy change -> enforced": `twill-policy run --poll-ms 100` on the node, 20
 //!   policy files rewritten one after the other, time from the rename to the daemon's
 //!   "applied ruleset" log line (printed after nft returns);
-//! - the same p99 for changes to cluster policies (a group policy's action toggled between
-//!   Deny and Pass and its priority moved across the tier, one after the other);
+//! - the same p99 for changes to cluster policies (policies over groups of namespaces, one
+//!   after the other: every rule's action flipped, the priority moved by 500; a change
+//!   that would leave n1's ruleset as it was is skipped for the next policy);
 //! - pod-to-pod TCP throughput (iperf3, two pods on n1's bridge, both selected by
 //!   policies) with the ruleset against the same node without it (both with Flannel's
 //!   masquerade tables, as twilld installs them in nftables mode), and against a node with no
@@ -48,6 +49,7 @@ use twill_lab::Lab;
 use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::{compile, Options};
 use twill_policy::enforce::ruleset_marker;
+use twill_policy::model::cluster::cluster_policy_from_value;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 
@@ -233,6 +235,25 @@ fn cnp(name: &str, tier: &str, priority: usize, spec: Value) -> Value {
            "metadata": {"name": name}, "spec": spec})
 }
 
+/// One timed cluster policy change: every rule's action flipped (Deny to Accept, Accept
+/// and Pass to Deny) and the priority moved by half the range.
+fn flip(policy: &mut Value) {
+    for direction in ["ingress", "egress"] {
+        if let Some(rules) = policy["spec"][direction].as_array_mut() {
+            for rule in rules {
+                let flipped = if rule["action"] == "Deny" {
+                    "Accept"
+                } else {
+                    "Deny"
+                };
+                rule["action"] = json!(flipped);
+            }
+        }
+    }
+    let prio = policy["spec"]["priority"].as_u64().unwrap_or(0);
+    policy["spec"]["priority"] = json!((prio + 500) % 1000);
+}
+
 /// The first cluster policy of the "group" kind, whose changes the benchmark times.
 const FIRST_GROUP_POLICY: usize = 15;
 
@@ -250,10 +271,8 @@ fn cluster_policies(n: usize) -> Vec<Value> {
         "--cluster-policies: 0 or more than {FIRST_GROUP_POLICY}"
     );
     let all = json!({"namespaces": {}});
-    let bench_ports = json!([
-        {"tcp": {"destinationPort": {"number": IPERF_PORT}}},
-        {"tcp": {"destinationPort": {"number": CONN_PORT}}},
-        {"tcp": {"destinationPort": {"number": CUT_PORT}}}]);
+    let tcp = |port: u16| json!({"tcp": {"destinationPort": {"number": port}}});
+    let bench_ports = json!([tcp(IPERF_PORT), tcp(CONN_PORT)]);
     let mut out = vec![
         cnp(
             "cluster-dns",
@@ -295,7 +314,8 @@ fn cluster_policies(n: usize) -> Vec<Value> {
                         "to": [{"nodes": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "Exists"}]}}]}]}),
         ),
         // The benchmark's own traffic crosses tenants: an admin exception, after the
-        // cluster-wide rules above have been looked at.
+        // cluster-wide rules above have been looked at. The port of the flow that a
+        // NetworkPolicy change cuts is passed on to NetworkPolicy, which decides it.
         cnp(
             "bench-pair",
             "Admin",
@@ -303,11 +323,17 @@ fn cluster_policies(n: usize) -> Vec<Value> {
             json!({"subject": {"pods": {"namespaceSelector": {},
                 "podSelector": {"matchExpressions": [{"key": "bench", "operator": "Exists"}]}}},
             "ingress": [{"name": "from-client", "action": "Accept",
-                "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "client"}}}}],
-                "protocols": bench_ports}],
+                         "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "client"}}}}],
+                         "protocols": bench_ports},
+                        {"name": "cut-port-to-networkpolicy", "action": "Pass",
+                         "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "client"}}}}],
+                         "protocols": [tcp(CUT_PORT)]}],
             "egress": [{"name": "to-server", "action": "Accept",
-                "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}}],
-                "protocols": bench_ports}]}),
+                        "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}}],
+                        "protocols": bench_ports},
+                       {"name": "cut-port-to-networkpolicy", "action": "Pass",
+                        "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}}],
+                        "protocols": [tcp(CUT_PORT)]}]}),
         ),
     ];
     for t in 0..10 {
@@ -753,26 +779,48 @@ fn main() -> Result<()> {
         lat.push(ms(t.elapsed()));
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Cluster policy change -> enforced: a group policy's first rule toggled between Deny
-    // and Accept and its priority moved by half the range, one policy after the other.
+    // Cluster policy change -> enforced: policies over groups of namespaces (each of
+    // which has a pod on n1) one after the other, each changed by `flip`. A change that
+    // leaves n1's ruleset as it was (checked in process, outside the timing) is skipped
+    // for the next policy: every timed change is one n1 has to apply.
     let mut cluster = w.cluster.clone();
     let mut cluster_lat = Vec::new();
-    let groups = cluster.len().saturating_sub(FIRST_GROUP_POLICY);
-    for i in 0..if groups == 0 { 0 } else { s.changes } {
-        let c = &mut cluster[FIRST_GROUP_POLICY + (i * 7) % groups];
-        let direction = if c["spec"].get("ingress").is_some() {
-            "ingress"
-        } else {
-            "egress"
-        };
-        let rule = &mut c["spec"][direction][0];
-        rule["action"] = json!(if rule["action"] == "Deny" {
-            "Accept"
-        } else {
-            "Deny"
-        });
-        let prio = c["spec"]["priority"].as_u64().unwrap_or(0);
-        c["spec"]["priority"] = json!((prio + 500) % 1000);
+    let over_namespaces: Vec<usize> = (FIRST_GROUP_POLICY..cluster.len())
+        .filter(|&j| cluster[j]["spec"]["subject"].get("namespaces").is_some())
+        .collect();
+    let n1_marker = |cluster: &[Value]| -> Result<String> {
+        let parsed = cluster
+            .iter()
+            .map(|v| cluster_policy_from_value(v.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let snap = snap.clone().with_cluster_policies(parsed);
+        Ok(ruleset_marker(&compile(&snap, "n1", &opts).render()))
+    };
+    let mut marker = n1_marker(&cluster)?;
+    let mut next = 0;
+    let changes = if over_namespaces.is_empty() {
+        0
+    } else {
+        s.changes
+    };
+    for i in 0..changes {
+        let mut tried = 0;
+        loop {
+            let j = over_namespaces[(next * 7) % over_namespaces.len()];
+            next += 1;
+            let mut changed = cluster.clone();
+            flip(&mut changed[j]);
+            let m = n1_marker(&changed)?;
+            if m != marker {
+                (cluster, marker) = (changed, m);
+                break;
+            }
+            tried += 1;
+            if tried == over_namespaces.len() {
+                bail!("no cluster policy change alters n1's ruleset");
+            }
+        }
         let before = applied(&lab);
         let t = Instant::now();
         write_atomic(&cluster_file(&dir), &list(&cluster))?;
