@@ -424,14 +424,18 @@ fn policy_table(s: &mut String, p: &PolicyStatus) {
     };
     let _ = writeln!(
         s,
-        "Ruleset: {} ({held}); fail-closed: {}; last good snapshot: {}; {} pods, {} policies",
+        "Ruleset: {} ({held}); fail-closed: {}; last good snapshot: {}; {} pods, {} policies{}",
         or_dash(p.ruleset_id.as_deref()),
         if p.fail_closed { "YES" } else { "no" },
         p.last_good_snapshot_age_seconds
             .map(|a| format!("{a:.1}s ago"))
             .unwrap_or_else(|| "none".to_string()),
         p.pods,
-        p.policies
+        p.policies,
+        match p.cluster_policies {
+            0 => String::new(),
+            n => format!(", {n} cluster policies"),
+        }
     );
     let _ = writeln!(s, "Top drops ({}):", p.top_drops.len());
     if !p.top_drops.is_empty() {
@@ -506,6 +510,7 @@ mod tests {
             last_good_snapshot_age_seconds: Some(2.0),
             pods: 3,
             policies: 1,
+            cluster_policies: 0,
             top_drops: vec![PodDrops {
                 pod: "default/web".into(),
                 direction: "ingress".into(),
@@ -534,6 +539,18 @@ mod tests {
         ] {
             assert!(t.contains(needle), "{needle:?} not in\n{t}");
         }
+        // Cluster policies are counted when there are any.
+        let mut policy = healthy_policy();
+        policy.cluster_policies = 2;
+        let f = Findings {
+            twilld: Ok(healthy_twilld()),
+            policy: Some(Ok(policy)),
+        };
+        let t = table(&f, &problems);
+        assert!(
+            t.contains("; 3 pods, 1 policies, 2 cluster policies\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -2,26 +2,37 @@
 //! the NFLOG group (`run --nflog-group N`) is described with the pods on both sides (from the
 //! running daemon's `/endpoints`), the protocol and port, the direction, the pod whose policy
 //! isolated it (named by the log prefix, `twill-policy drop <direction> <pod>: `) and the
-//! policies that select that pod in that direction.
+//! policies that select that pod in that direction; or, for a packet a cluster policy's
+//! Deny dropped (`twill-policy deny <Admin|Baseline> <direction> <pod>: `), the pod and the
+//! cluster policies of that tier that select it.
 
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use twill_nft::nflog::{parse_ip, LoggedPacket, Transport};
 
+use crate::model::Tier;
 use crate::status::Endpoints;
 
 /// The group Calico and kube-router log to, `drops`' default.
 pub const DEFAULT_GROUP: u16 = 100;
 
-/// Prefix of every log statement twill-policy writes.
+/// Prefix of every log statement twill-policy writes but the deny chains'.
 const PREFIX: &str = "twill-policy drop ";
+/// Prefix of the deny chains' log statements (a cluster policy's Deny).
+const DENY_PREFIX: &str = "twill-policy deny ";
 
 /// What a log prefix says about the packet: which chain denied it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denier {
     /// The pod chain of `pod` ("namespace/name") in `direction` (ingress, egress).
     Pod { direction: String, pod: String },
+    /// A Deny rule of a cluster policy of `tier` that selects `pod`, in `direction`.
+    ClusterDeny {
+        tier: Tier,
+        direction: String,
+        pod: String,
+    },
     /// A local address no pod is known for yet (fail closed), in `direction`.
     UnknownPod { direction: String },
     /// Traffic from the pod bridge with no pod address (link-local, group).
@@ -32,6 +43,25 @@ pub enum Denier {
 
 /// Reads a twill-policy log prefix; None for any other (another program's rule in the group).
 pub fn denier(prefix: &str) -> Option<Denier> {
+    if let Some(rest) = prefix.strip_prefix(DENY_PREFIX) {
+        let rest = rest.trim_end();
+        let rest = rest.strip_suffix(':').unwrap_or(rest);
+        let mut words = rest.splitn(3, ' ');
+        let tier = match words.next()? {
+            "Admin" => Tier::Admin,
+            "Baseline" => Tier::Baseline,
+            _ => return None,
+        };
+        let direction = words.next()?;
+        if direction != "ingress" && direction != "egress" {
+            return None;
+        }
+        return Some(Denier::ClusterDeny {
+            tier,
+            direction: direction.to_string(),
+            pod: words.next()?.to_string(),
+        });
+    }
     let rest = prefix.strip_prefix(PREFIX)?.trim_end();
     let rest = rest.strip_suffix(':').unwrap_or(rest);
     match rest {
@@ -62,8 +92,13 @@ pub struct DeniedPacket {
     /// The pod whose chain denied it ("namespace/name"); None for an address no pod is
     /// known for, and for unaddressed and non-IP traffic.
     pub isolated_pod: Option<String>,
-    /// The policies that select the isolated pod in that direction ("namespace/name").
+    /// The policies that select the isolated pod in that direction ("namespace/name"); for
+    /// a cluster policy's Deny, the cluster policies of its tier that select the pod
+    /// (`cnp/name`).
     pub policies: Vec<String>,
+    /// For a cluster policy's Deny: its tier (`Admin`, `Baseline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
     /// What denied it, in words (the log prefix without its decoration).
     pub rule: String,
     pub src: Option<IpAddr>,
@@ -95,6 +130,15 @@ pub fn describe(pkt: &LoggedPacket, endpoints: &Endpoints) -> Option<DeniedPacke
             Some(pod.clone()),
             format!("{direction} of pod {pod}"),
         ),
+        Denier::ClusterDeny {
+            tier,
+            direction,
+            pod,
+        } => (
+            direction.clone(),
+            Some(pod.clone()),
+            format!("{direction} of pod {pod}: a Deny rule of the {tier} tier"),
+        ),
         Denier::UnknownPod { direction } => (
             direction.clone(),
             None,
@@ -111,18 +155,25 @@ pub fn describe(pkt: &LoggedPacket, endpoints: &Endpoints) -> Option<DeniedPacke
             "a frame from a pod port that is neither ARP, IPv4 nor IPv6".to_string(),
         ),
     };
+    let tier = match &denier {
+        Denier::ClusterDeny { tier, .. } => Some(*tier),
+        _ => None,
+    };
     let policies = match (
         &isolated_pod,
         endpoints.pod(isolated_pod.as_deref().unwrap_or("")),
+        tier,
     ) {
-        (Some(_), Some(p)) if direction == "ingress" => p.ingress_policies.clone(),
-        (Some(_), Some(p)) => p.egress_policies.clone(),
+        (Some(_), Some(p), Some(tier)) => p.cluster_policies(tier).to_vec(),
+        (Some(_), Some(p), None) if direction == "ingress" => p.ingress_policies.clone(),
+        (Some(_), Some(p), None) => p.egress_policies.clone(),
         _ => Vec::new(),
     };
     let mut d = DeniedPacket {
         direction,
         isolated_pod,
         policies,
+        tier: tier.map(|t| t.to_string()),
         rule,
         src: None,
         src_pod: None,
@@ -195,6 +246,16 @@ impl DeniedPacket {
             (None, _, _) => "non-IP".to_string(),
         };
         let by = match (&self.isolated_pod, self.policies.as_slice()) {
+            (Some(pod), pols) if self.tier.is_some() => format!(
+                "{pod} {} denied by the {} tier{}",
+                self.direction,
+                self.tier.as_deref().unwrap_or_default(),
+                if pols.is_empty() {
+                    " (no cluster policy selects it now)".to_string()
+                } else {
+                    format!(" ({})", pols.join(", "))
+                }
+            ),
             (Some(pod), []) => format!(
                 "{pod} isolated for {} (no policy selects it now)",
                 self.direction
@@ -232,6 +293,12 @@ mod tests {
             local,
             ingress_policies: ing.iter().map(|s| s.to_string()).collect(),
             egress_policies: eg.iter().map(|s| s.to_string()).collect(),
+            admin_policies: if local {
+                vec!["anp/db".into(), "cnp/tenants".into()]
+            } else {
+                vec![]
+            },
+            baseline_policies: vec![],
         };
         Endpoints {
             node: "n1".into(),
@@ -288,6 +355,17 @@ mod tests {
             denier("twill-policy drop non-IP frame: "),
             Some(Denier::NonIp)
         );
+        assert_eq!(
+            denier("twill-policy deny Baseline egress x/b: "),
+            Some(Denier::ClusterDeny {
+                tier: Tier::Baseline,
+                direction: "egress".into(),
+                pod: "x/b".into()
+            })
+        );
+        assert_eq!(denier("twill-policy deny Middle egress x/b: "), None);
+        assert_eq!(denier("twill-policy deny Admin sideways x/b: "), None);
+        assert_eq!(denier("twill-policy deny Admin ingress"), None);
         assert_eq!(denier("calico-drop: "), None);
         assert_eq!(denier("twill-policy drop sideways x/b: "), None);
         assert_eq!(denier("twill-policy drop "), None);
@@ -314,6 +392,53 @@ mod tests {
         // JSON round trip.
         let json = serde_json::to_string(&d).unwrap();
         assert_eq!(serde_json::from_str::<DeniedPacket>(&json).unwrap(), d);
+    }
+
+    #[test]
+    fn a_cluster_deny_names_the_pod_and_the_cluster_policies_of_its_tier() {
+        let d = describe(
+            &logged(
+                "twill-policy deny Admin ingress x/b: ",
+                tcp([10, 244, 1, 2], [10, 244, 1, 3], 40000, 80),
+            ),
+            &endpoints(),
+        )
+        .unwrap();
+        assert_eq!(d.isolated_pod.as_deref(), Some("x/b"));
+        assert_eq!(d.tier.as_deref(), Some("Admin"));
+        assert_eq!(d.policies, vec!["anp/db", "cnp/tenants"]);
+        assert_eq!(
+            d.text(),
+            "DENIED ingress TCP/80 x/a (10.244.1.2:40000) -> x/b (10.244.1.3:80): x/b ingress denied by the Admin tier (anp/db, cnp/tenants)"
+        );
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<DeniedPacket>(&json).unwrap(), d);
+        // A NetworkPolicy drop's JSON has no tier.
+        let np = describe(
+            &logged(
+                "twill-policy drop ingress x/b: ",
+                tcp([10, 244, 1, 2], [10, 244, 1, 3], 40000, 80),
+            ),
+            &endpoints(),
+        )
+        .unwrap();
+        assert!(!serde_json::to_string(&np).unwrap().contains("tier"));
+        // The Baseline: no cluster policy of that tier selects x/b now.
+        let d = describe(
+            &logged(
+                "twill-policy deny Baseline egress x/b: ",
+                tcp([10, 244, 1, 3], [10, 244, 1, 2], 40000, 80),
+            ),
+            &endpoints(),
+        )
+        .unwrap();
+        assert!(
+            d.text().ends_with(
+                "x/b egress denied by the Baseline tier (no cluster policy selects it now)"
+            ),
+            "{}",
+            d.text()
+        );
     }
 
     #[test]

@@ -106,8 +106,8 @@ pub enum Decider {
 impl fmt::Display for Decider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Decider::Default => f.write_str("default"),
-            Decider::BrokenNamespace => f.write_str("broken namespace"),
+            Decider::Default => f.write_str("default (allowed)"),
+            Decider::BrokenNamespace => f.write_str("broken namespace (denied)"),
             Decider::NetworkPolicy => f.write_str("NetworkPolicy"),
             Decider::ClusterRule {
                 tier,
@@ -170,6 +170,12 @@ pub fn port_matches(pp: &PolicyPort, dst: Option<&Pod>, port: u16, proto: Protoc
     }
 }
 
+/// Whether a rule's `ports` admit `port/proto` towards `dst` (none = every port and
+/// protocol).
+fn ports_match(ports: &[PolicyPort], dst: Option<&Pod>, port: u16, proto: Protocol) -> bool {
+    ports.is_empty() || ports.iter().any(|pp| port_matches(pp, dst, port, proto))
+}
+
 fn peer_matches(snap: &Snapshot, peer: &Peer, policy_ns: &str, ep: &Endpoint<'_>) -> bool {
     match peer {
         Peer::IpBlock(b) => {
@@ -202,12 +208,7 @@ pub fn rule_matches(
             .peers
             .iter()
             .any(|p| peer_matches(snap, p, policy_ns, peer));
-    let ports_ok = rule.ports.is_empty()
-        || rule
-            .ports
-            .iter()
-            .any(|pp| port_matches(pp, dst, port, proto));
-    peers_ok && ports_ok
+    peers_ok && ports_match(&rule.ports, dst, port, proto)
 }
 
 /// Whether cluster rule `rule` of direction `dir` matches a connection whose remote end is
@@ -236,12 +237,7 @@ pub fn cluster_rule_matches(
     // Cluster pod peers always name their namespaces, so the policy namespace is unused.
     let peers_ok =
         rule.any_peer || rule.peers.iter().any(|p| peer_matches(snap, p, "", peer)) || node_ok();
-    let ports_ok = rule.ports.is_empty()
-        || rule
-            .ports
-            .iter()
-            .any(|pp| port_matches(pp, dst, port, proto));
-    peers_ok && ports_ok
+    peers_ok && ports_match(&rule.ports, dst, port, proto)
 }
 
 /// How one tier ended for a pod and direction.
@@ -293,12 +289,7 @@ fn tier(
                 ));
                 return TierOutcome::Passed;
             }
-            let what = if rule.action == Action::Accept {
-                "allowed"
-            } else {
-                "denied"
-            };
-            reasons.push(format!("{dir} of {}: {decider}: {what}", pod.key()));
+            reasons.push(format!("{dir} of {}: {decider}", pod.key()));
             return TierOutcome::Decided(decider);
         }
     }
@@ -357,17 +348,10 @@ fn direction(
         allowed_by: vec![],
         decided_by: decider,
     };
-    if let TierOutcome::Decided(d) = tier(
-        snap,
-        Tier::Admin,
-        dir,
-        pod,
-        remote,
-        dst,
-        port,
-        proto,
-        reasons,
-    ) {
+    let run_tier = |t: Tier, reasons: &mut Vec<String>| {
+        tier(snap, t, dir, pod, remote, dst, port, proto, reasons)
+    };
+    if let TierOutcome::Decided(d) = run_tier(Tier::Admin, reasons) {
         return decided(d);
     }
     let mut isolating = Vec::new();
@@ -383,18 +367,7 @@ fn direction(
     let isolated = !isolating.is_empty();
     let allowed = !isolated || !allowed_by.is_empty();
     if !isolated {
-        let baseline = tier(
-            snap,
-            Tier::Baseline,
-            dir,
-            pod,
-            remote,
-            dst,
-            port,
-            proto,
-            reasons,
-        );
-        if let TierOutcome::Decided(d) = baseline {
+        if let TierOutcome::Decided(d) = run_tier(Tier::Baseline, reasons) {
             return decided(d);
         }
         reasons.push(format!(

@@ -950,6 +950,13 @@ fn cmd_explain(common: &Common, from: &str, to: &str, port: &str) -> Result<bool
     for r in &v.reasons {
         println!("  {r}");
     }
+    // With cluster policies, which tier decided each side is worth a line of its own.
+    if !snap.cluster_policies.is_empty() {
+        println!(
+            "  decided by: egress {}; ingress {}",
+            v.egress.decided_by, v.ingress.decided_by
+        );
+    }
     Ok(v.allowed)
 }
 

@@ -21,7 +21,7 @@ use twill_runtime::events::{NodeEvent, Severity};
 use twill_runtime::status::{PodDrops, PolicyStatus};
 
 use crate::enforce::{Applied, RULESET_ID_SET};
-use crate::model::{PolicyType, Snapshot};
+use crate::model::{PolicyType, Snapshot, Tier};
 
 /// Most pods listed in [`PolicyStatus::top_drops`].
 pub const TOP_DROPS: usize = 10;
@@ -63,7 +63,8 @@ fn local(node: &str, pod: &crate::model::Pod) -> bool {
     pod.node.as_deref() == Some(node) && pod.is_policy_pod() && !pod.ips.is_empty()
 }
 
-/// The pods enforced on `node` and all policies of `snap`.
+/// The pods enforced on `node` and all NetworkPolicies of `snap` (its cluster policies are
+/// `snap.cluster_policies.len()`).
 pub fn counts(snap: &Snapshot, node: &str) -> (usize, usize) {
     let pods = snap.pods.iter().filter(|p| local(node, p)).count();
     (pods, snap.policies.len())
@@ -92,6 +93,10 @@ pub fn policy_status(
         last_good_snapshot_age_seconds: last_good_age.map(|a| a.as_secs_f64()),
         pods,
         policies,
+        cluster_policies: enforced
+            .snapshot
+            .as_deref()
+            .map_or(0, |s| s.cluster_policies.len()),
         top_drops: top
             .into_iter()
             .map(|(pod, direction, packets)| PodDrops {
@@ -171,7 +176,8 @@ pub fn kernel_ruleset_id(table: &str) -> Result<Option<String>, NftError> {
 }
 
 /// `GET /endpoints`: every pod the daemon knows with its addresses, and for the pods
-/// enforced on this node the policies that select them in each direction.
+/// enforced on this node the policies that select them in each direction and the cluster
+/// policies that select them in each tier.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct Endpoints {
     pub node: String,
@@ -190,6 +196,24 @@ pub struct EndpointPod {
     /// `namespace/name` of the policies that select the pod for ingress (local pods only).
     pub ingress_policies: Vec<String>,
     pub egress_policies: Vec<String>,
+    /// Keys (`cnp/name`, `anp/name`, `banp/default`) of the cluster policies of the Admin
+    /// tier whose subject selects the pod, in evaluation order (local pods only). Left out
+    /// of the JSON when empty, so clusters without cluster policies see what they did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_policies: Vec<String>,
+    /// The same for the Baseline tier.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baseline_policies: Vec<String>,
+}
+
+impl EndpointPod {
+    /// The cluster policies of `tier` that select the pod.
+    pub fn cluster_policies(&self, tier: Tier) -> &[String] {
+        match tier {
+            Tier::Admin => &self.admin_policies,
+            Tier::Baseline => &self.baseline_policies,
+        }
+    }
 }
 
 /// [`Endpoints`] of `snap` as seen from `node`.
@@ -210,6 +234,17 @@ pub fn endpoints(snap: &Snapshot, node: &str) -> Endpoints {
                     .map(|pol| pol.key())
                     .collect()
             };
+            let cluster = |tier: Tier| -> Vec<String> {
+                if !is_local || snap.cluster_policies.is_empty() {
+                    return Vec::new();
+                }
+                let ns_labels = snap.namespace_labels(&p.namespace);
+                snap.cluster_policies
+                    .iter()
+                    .filter(|pol| pol.tier == tier && pol.selects(p, &ns_labels))
+                    .map(|pol| pol.key())
+                    .collect()
+            };
             EndpointPod {
                 pod: p.key(),
                 node: p.node.clone(),
@@ -217,6 +252,8 @@ pub fn endpoints(snap: &Snapshot, node: &str) -> Endpoints {
                 local: is_local,
                 ingress_policies: selecting(PolicyType::Ingress),
                 egress_policies: selecting(PolicyType::Egress),
+                admin_policies: cluster(Tier::Admin),
+                baseline_policies: cluster(Tier::Baseline),
             }
         })
         .collect();
@@ -320,6 +357,68 @@ spec: {podSelector: {matchLabels: {app: a}}, ingress: [{}]}
     }
 
     #[test]
+    fn endpoints_name_the_cluster_policies_of_each_tier_that_select_local_pods() {
+        use crate::model::{
+            ClusterPolicy, ClusterPolicyKind, LabelSelector, Labels, Subject, Tier,
+        };
+        let plain = endpoints(&parse_str(WORLD, "world.yaml"), "n1");
+        // Without cluster policies the JSON is what it was.
+        assert!(!serde_json::to_string(&plain).unwrap().contains("admin"));
+        let cp = |kind, name: &str, tier, priority, subject| ClusterPolicy {
+            kind,
+            name: name.into(),
+            tier,
+            priority,
+            subject,
+            ingress: vec![],
+            egress: vec![],
+        };
+        let app_a = LabelSelector {
+            match_labels: Labels::from([("app".to_string(), "a".to_string())]),
+            match_expressions: vec![],
+        };
+        let every = LabelSelector::default();
+        let snap = parse_str(WORLD, "world.yaml").with_cluster_policies([
+            cp(
+                ClusterPolicyKind::ClusterNetworkPolicy,
+                "late",
+                Tier::Admin,
+                20,
+                Subject::Namespaces(every.clone()),
+            ),
+            cp(
+                ClusterPolicyKind::AdminNetworkPolicy,
+                "early",
+                Tier::Admin,
+                1,
+                Subject::Pods {
+                    namespaces: every.clone(),
+                    pods: app_a,
+                },
+            ),
+            cp(
+                ClusterPolicyKind::BaselineAdminNetworkPolicy,
+                "default",
+                Tier::Baseline,
+                1000,
+                Subject::Namespaces(every),
+            ),
+        ]);
+        let e = endpoints(&snap, "n1");
+        let a = e.pod("x/a").unwrap();
+        assert_eq!(a.admin_policies, vec!["anp/early", "cnp/late"]);
+        assert_eq!(a.baseline_policies, vec!["banp/default"]);
+        assert_eq!(a.cluster_policies(Tier::Baseline), ["banp/default"]);
+        // Only local pods are listed with their policies; hostNetwork pods are never
+        // subjects (and not endpoints at all).
+        let b = e.pod("x/b").unwrap();
+        assert!(b.admin_policies.is_empty() && b.baseline_policies.is_empty());
+        assert!(e.pod("x/h").is_none());
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Endpoints>(&json).unwrap(), e);
+    }
+
+    #[test]
     fn status_reports_what_was_enforced_and_what_the_kernel_holds() {
         let snap = Arc::new(parse_str(WORLD, "world.yaml"));
         let mut enf = Enforced::default();
@@ -338,6 +437,7 @@ spec: {podSelector: {matchLabels: {app: a}}, ingress: [{}]}
         );
         assert_eq!(s.ruleset_id, s.kernel_ruleset_id);
         assert_eq!((s.pods, s.policies, s.fail_closed), (1, 2, false));
+        assert_eq!(s.cluster_policies, 0);
         assert_eq!(s.last_good_snapshot_age_seconds, Some(1.5));
         assert_eq!(
             s.top_drops,

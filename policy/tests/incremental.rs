@@ -118,6 +118,26 @@ impl Drop for Netns {
     }
 }
 
+/// Panics, naming the objects that differ, unless `inc` holds the table `full` does.
+fn assert_same_tables(step: usize, inc: &Netns, full: &Netns) {
+    let (a, b) = (inc.table(), full.table());
+    if a != b {
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let diff: Vec<String> = keys
+            .into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                format!(
+                    "{k}:\n  incremental {:?}\n  full        {:?}",
+                    a.get(k),
+                    b.get(k)
+                )
+            })
+            .collect();
+        panic!("step {step}: tables differ:\n{}", diff.join("\n"));
+    }
+}
+
 fn without_pod(snap: &Snapshot, key: &str) -> Snapshot {
     let mut s = snap.clone();
     s.pods.retain(|p| p.key() != key);
@@ -167,22 +187,7 @@ fn incremental_updates_equal_full_loads() {
         }
         *counts.entry(kind).or_default() += 1;
         full.nft.apply(&enf.script(snap)).unwrap();
-        let (a, b) = (inc.table(), full.table());
-        if a != b {
-            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-            let diff: Vec<String> = keys
-                .into_iter()
-                .filter(|k| a.get(*k) != b.get(*k))
-                .map(|k| {
-                    format!(
-                        "{k}:\n  incremental {:?}\n  full        {:?}",
-                        a.get(k),
-                        b.get(k)
-                    )
-                })
-                .collect();
-            panic!("step {i}: tables differ:\n{}", diff.join("\n"));
-        }
+        assert_same_tables(i, &inc, &full);
     }
     eprintln!("{} syncs: {counts:?}", snaps.len());
     assert!(counts.get("Incremental").copied().unwrap_or(0) > snaps.len() / 2);
@@ -204,4 +209,71 @@ fn incremental_updates_equal_full_loads() {
     assert_eq!(inc.table(), full.table());
     // And incremental again afterwards.
     assert_eq!(enf.sync(&snaps[2]).applied, Applied::Incremental);
+}
+
+mod tiers;
+
+/// Cluster policies added one by one, reordered (priorities swapped), changed (a Deny
+/// becomes a Pass: after-Admin chains come, deny chains go), with a pod gone, then removed
+/// one by one: every sync after the first is one incremental transaction (new deny and
+/// after-Admin chains exist before the rules that `goto` them, dead ones are flushed before
+/// any is deleted) and leaves the table a full load of the same snapshot gives.
+#[test]
+fn incremental_updates_with_cluster_policies_equal_full_loads() {
+    use twill_policy::model::Action;
+    if !is_root() {
+        eprintln!("skipping: needs root (network namespaces)");
+        return;
+    }
+    let inc = Netns::new("tinc");
+    let full = Netns::new("tfull");
+    let all = tiers::cluster_policies();
+    let mut snaps = Vec::new();
+    for n in 0..=all.len() {
+        snaps.push(tiers::world_with(all[..n].to_vec()));
+    }
+    let mut reordered = all.clone();
+    let (p0, p1) = (reordered[0].priority, reordered[1].priority);
+    reordered[0].priority = p1;
+    reordered[1].priority = p0;
+    snaps.push(tiers::world_with(reordered.clone()));
+    let mut passing = reordered;
+    for p in &mut passing {
+        for r in p.ingress.iter_mut().chain(p.egress.iter_mut()) {
+            if r.action == Action::Deny {
+                r.action = Action::Pass;
+            }
+        }
+    }
+    snaps.push(tiers::world_with(passing));
+    snaps.push(tiers::world());
+    snaps.push(without_pod(&tiers::world(), "t1a/web"));
+    for n in (0..all.len()).rev() {
+        snaps.push(tiers::world_with(all[n..].to_vec()));
+        snaps.push(tiers::world_with(all[..n].to_vec()));
+    }
+    let opts = Options {
+        pod_cidrs: vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        ],
+        ..Options::default()
+    };
+    let mut enf = Enforcer::new(inc.nft.clone(), "n1", opts);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, snap) in snaps.iter().enumerate() {
+        let r = enf.sync(snap);
+        if i > 0 {
+            assert!(
+                matches!(r.applied, Applied::Incremental | Applied::Unchanged),
+                "step {i}: {:?}",
+                r.applied
+            );
+        }
+        *counts.entry(format!("{:?}", r.applied)).or_default() += 1;
+        full.nft.apply(&enf.script(snap)).unwrap();
+        assert_same_tables(i, &inc, &full);
+    }
+    eprintln!("{} syncs: {counts:?}", snaps.len());
+    assert!(counts.get("Incremental").copied().unwrap_or(0) >= snaps.len() / 2);
 }

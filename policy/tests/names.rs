@@ -483,3 +483,67 @@ fn quotes_and_non_ascii_names_render_and_load() {
     let ns = Netns::new("odd");
     check_pair(ns.as_ref(), &snap, &one_pod_one_policy("x", "web", "p")).unwrap();
 }
+
+// ------------------------------------------------------- cluster policies at the limits
+
+mod tiers;
+
+/// Cluster policies with 253-character names and 100-character rule names, selecting a pod
+/// with a 253-character name in a 63-character namespace (its deny and after-Admin chains
+/// are hashed names), render within nft's limits, load, and change incrementally; a
+/// cluster policy's sets never take the name of a NetworkPolicy's in a namespace called
+/// like the policy kind's short name.
+#[test]
+fn cluster_policies_at_the_limits_load() {
+    use twill_policy::model::{ClusterPolicyKind, Namespace};
+    let long = format!("{}.{}", "c".repeat(126), "d".repeat(126));
+    assert_eq!(long.len(), 253);
+    let rule_name = "r".repeat(100);
+    let mut policies = tiers::cluster_policies();
+    for p in &mut policies {
+        if p.kind != ClusterPolicyKind::BaselineAdminNetworkPolicy {
+            p.name = format!("{}-{}", &long[..252 - p.name.len()], p.name);
+            assert_eq!(p.name.len(), 253);
+        }
+        for r in p.ingress.iter_mut().chain(p.egress.iter_mut()) {
+            r.name = rule_name.clone();
+        }
+    }
+    let mut snap = tiers::world_with(policies.clone());
+    // A pod at the limits, in a tenant namespace at the limits, on node n1.
+    let big_ns = "n".repeat(63);
+    let mut big = snap.pod("t1a/web").unwrap().clone();
+    big.namespace = big_ns.clone();
+    big.name = long.clone();
+    big.ips = vec!["10.244.1.200".parse().unwrap()];
+    let mut namespaces: Vec<Namespace> = snap.namespaces.values().cloned().collect();
+    namespaces.push(Namespace::new(&big_ns, tiers::labels(&[("tenant", "t1")])));
+    let mut pods = snap.pods.clone();
+    pods.push(big);
+    snap = Snapshot::new(namespaces, pods, snap.policies.clone())
+        .with_cluster_policies(policies)
+        .with_nodes(tiers::nodes());
+    let rs = compile(&snap, "n1", &Options::default());
+    let script = rs.render();
+    assert_within_limits(&script);
+    for c in &rs.chains {
+        assert!(c.name.len() <= NAME_MAX, "{}", c.name);
+    }
+    let big_chains = rs
+        .chains
+        .iter()
+        .filter(|c| c.pod == format!("{big_ns}/{long}"))
+        .count();
+    // Ingress: pod chain, Admin and Baseline deny, after-Admin; egress: pod chain, the two
+    // deny chains, after-Admin.
+    assert!(big_chains >= 6, "{script}");
+    // The plain world (NetworkPolicy cnp/tenant-t1 and ClusterNetworkPolicy tenant-t1 in
+    // one table): distinct sets for each.
+    let plain = compile(&tiers::world(), "n1", &Options::default());
+    let sets: Vec<&str> = plain.addr_sets.iter().map(|s| s.name.as_str()).collect();
+    assert!(sets.contains(&"cidrs/cnp/tenant-t1/in0/v4"), "{sets:?}");
+    assert!(sets.contains(&"cpeers/cnp/tenant-t1/in0/v4"), "{sets:?}");
+    let ns = Netns::new("cluster");
+    check_pair(ns.as_ref(), &snap, &tiers::world()).unwrap();
+    check_pair(ns.as_ref(), &tiers::world(), &snap).unwrap();
+}

@@ -121,6 +121,10 @@ pub struct PolicyStatus {
     pub last_good_snapshot_age_seconds: Option<f64>,
     pub pods: usize,
     pub policies: usize,
+    /// Cluster-scoped policies (ClusterNetworkPolicy, AdminNetworkPolicy,
+    /// BaselineAdminNetworkPolicy); absent from the JSON of a daemon without them.
+    #[serde(default)]
+    pub cluster_policies: usize,
     /// Most drops first, at most 10.
     pub top_drops: Vec<PodDrops>,
 }
@@ -267,6 +271,7 @@ mod tests {
             last_good_snapshot_age_seconds: Some(1.5),
             pods: 3,
             policies: 1,
+            cluster_policies: 0,
             top_drops: vec![PodDrops {
                 pod: "x/a".into(),
                 direction: "ingress".into(),

@@ -492,13 +492,7 @@ impl<'a> Builder<'a> {
         let snap = self.snap;
         self.distinct
             .entry((pi, dir))
-            .or_insert_with(|| {
-                let rules = snap.policies[pi].rules(dir);
-                let mut seen = HashSet::with_capacity(rules.len());
-                (0..rules.len())
-                    .filter(|&i| seen.insert(&rules[i]))
-                    .collect()
-            })
+            .or_insert_with(|| first_of_each(snap.policies[pi].rules(dir), |r| r))
             .clone()
     }
 
@@ -542,14 +536,9 @@ impl<'a> Builder<'a> {
         self.cluster_distinct
             .entry((ci, dir))
             .or_insert_with(|| {
-                let rules = snap.cluster_policies[ci].rules(dir);
-                let mut seen = HashSet::with_capacity(rules.len());
-                (0..rules.len())
-                    .filter(|&i| {
-                        let r = &rules[i];
-                        seen.insert((r.any_peer, &r.peers, &r.nodes, &r.ports))
-                    })
-                    .collect()
+                first_of_each(snap.cluster_policies[ci].rules(dir), |r| {
+                    (r.any_peer, &r.peers, &r.nodes, &r.ports)
+                })
             })
             .clone()
     }
@@ -592,6 +581,17 @@ impl<'a> Builder<'a> {
         }
         rules
     }
+}
+
+/// Indices of the items whose `key` no earlier item has.
+fn first_of_each<'r, T, K: std::hash::Hash + Eq>(
+    items: &'r [T],
+    key: impl Fn(&'r T) -> K,
+) -> Rc<[usize]> {
+    let mut seen = HashSet::with_capacity(items.len());
+    (0..items.len())
+        .filter(|&i| seen.insert(key(&items[i])))
+        .collect()
 }
 
 fn dir_short(dir: PolicyType) -> &'static str {
@@ -806,8 +806,7 @@ impl<'a> Builder<'a> {
         } else {
             std::mem::take(&mut admin)
         };
-        let rest_end;
-        if !selecting.is_empty() {
+        let rest_end = if !selecting.is_empty() {
             'np: for &pi in selecting {
                 for &ri in self.distinct_rules(pi, dir).iter() {
                     for r in self.chain_rules(pi, dir, ri, pod).iter() {
@@ -817,7 +816,7 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
-            rest_end = ChainEnd::Drop;
+            ChainEnd::Drop
         } else {
             'baseline: for &ci in cluster {
                 let pol = &snap.cluster_policies[ci];
@@ -841,8 +840,8 @@ impl<'a> Builder<'a> {
             {
                 rest.rules.pop();
             }
-            rest_end = ChainEnd::Return;
-        }
+            ChainEnd::Return
+        };
         let (mut main, main_end, after) = if passes {
             let after_drops = rest_end == ChainEnd::Drop || !rest.rules.is_empty();
             if after_drops {
