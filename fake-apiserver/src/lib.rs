@@ -126,6 +126,13 @@ pub fn kind_of(resource: &str) -> String {
 /// The group `policy.networking.k8s.io`, whose resources are served at their own versions.
 pub const POLICY_GROUP: &str = "policy.networking.k8s.io";
 
+/// The resources of [`POLICY_GROUP`] (cluster-scoped).
+pub const POLICY_RESOURCES: [&str; 3] = [
+    "clusternetworkpolicies",
+    "adminnetworkpolicies",
+    "baselineadminnetworkpolicies",
+];
+
 /// The version `resource` of `group` is served at: `v1alpha2` for ClusterNetworkPolicy,
 /// `v1alpha1` for AdminNetworkPolicy and BaselineAdminNetworkPolicy, `v1` for the rest.
 pub fn version_of(group: &str, resource: &str) -> &'static str {

@@ -1,7 +1,7 @@
 //! The `policy.networking.k8s.io` resources: served at their own versions with their kinds,
 //! cluster-scoped, and made absent (404, as without their CRD) and present again by a test.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use twill_fake_apiserver::client::request;
@@ -23,7 +23,7 @@ fn serve(name: &str) -> (FakeApiServer, PathBuf) {
     (srv, path)
 }
 
-fn get(socket: &PathBuf, path: &str) -> (u16, String) {
+fn get(socket: &Path, path: &str) -> (u16, String) {
     request(socket, "GET", path, "", "").unwrap()
 }
 

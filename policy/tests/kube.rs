@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use twill_fake_apiserver::{FakeApiServer, POLICY_GROUP};
+use twill_fake_apiserver::{FakeApiServer, POLICY_GROUP, POLICY_RESOURCES};
 use twill_policy::compile::{compile, Options};
 use twill_policy::eval::{allowed, Endpoint};
 use twill_policy::model::{Pod, Snapshot, Tier};
@@ -405,11 +405,7 @@ fn cluster_policies_and_nodes_from_the_api() {
 fn without_the_crds_network_policies_are_enforced_and_a_crd_installed_later_is_read() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let (srv, url) = start_server();
-    for r in [
-        "clusternetworkpolicies",
-        "adminnetworkpolicies",
-        "baselineadminnetworkpolicies",
-    ] {
+    for r in POLICY_RESOURCES {
         srv.set_absent(r, true);
     }
     srv.put("", "namespaces", "", json!({"metadata": {"name": "a"}}));

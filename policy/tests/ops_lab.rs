@@ -23,7 +23,9 @@ use twill_lab::Lab;
 use twill_runtime::status::PolicyStatus;
 
 mod common;
-use common::{connects, http_get, in_netns, policy_bin, serve, serve_api_in, wait_for};
+use common::{
+    connects, http_get, in_netns, node_with_pods_a_and_b, policy_bin, serve_api_in, wait_for,
+};
 
 /// The body of `GET /metrics` on the default metrics port inside `netns`, None if refused.
 fn scrape(netns: &str) -> Option<String> {
@@ -122,14 +124,7 @@ fn metrics_status_and_nflog_drops_name_the_denied_pods() {
         return;
     }
     let mut lab = Lab::new("polops").unwrap();
-    let node = lab.add_node("n1").unwrap();
-    let a = lab
-        .add_manual_pod("n1", "a", "10.244.1.2/24".parse().unwrap())
-        .unwrap();
-    let b = lab
-        .add_manual_pod("n1", "b", "10.244.1.3/24".parse().unwrap())
-        .unwrap();
-    serve(&mut lab, &b.netns, "server-b", 80);
+    let (node, a, _b) = node_with_pods_a_and_b(&mut lab);
     let dir = lab.dir().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     write(&dir, "pods.yaml", PODS);

@@ -21,7 +21,7 @@ use twill_fake_apiserver::FakeApiServer;
 use twill_lab::Lab;
 
 mod common;
-use common::{connects, http_get, policy_bin, serve, serve_api_in, wait_for};
+use common::{connects, http_get, node_with_pods_a_and_b, policy_bin, serve_api_in, wait_for};
 
 const HEALTH: &str = "127.0.0.1:9754";
 
@@ -62,20 +62,7 @@ fn closed_from_the_first_second() {
         return;
     }
     let mut lab = Lab::new("polstart").unwrap();
-    let node = lab.add_node("n1").unwrap();
-    let a = lab
-        .add_manual_pod("n1", "a", "10.244.1.2/24".parse().unwrap())
-        .unwrap();
-    let b = lab
-        .add_manual_pod("n1", "b", "10.244.1.3/24".parse().unwrap())
-        .unwrap();
-    serve(&mut lab, &b.netns, "server-b", 80);
-    // Control: with no table the path is open.
-    wait_for(
-        "a -> b before twill-policy",
-        || connects(&lab, &a.netns, "10.244.1.3"),
-        String::new,
-    );
+    let (node, a, _b) = node_with_pods_a_and_b(&mut lab);
 
     // No good snapshot: the manifests directory cannot be listed yet. (A file that
     // cannot be parsed only breaks its own namespaces; a directory that cannot be read

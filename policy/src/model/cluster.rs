@@ -277,8 +277,8 @@ struct Limits {
 
 const INGRESS_PEER_FIELDS: &[&str] = &["namespaces", "pods"];
 
-/// Peer kinds that name no pod, so a named port cannot apply to them (the CRD's
-/// XValidation on egress rules).
+/// Peer kinds that name no pod, so a named port cannot apply to them (the CRDs' XValidation
+/// on egress rules, over the peer fields each kind has).
 const NON_POD_PEER_FIELDS: &[&str] = &["nodes", "networks", "domainNames"];
 
 /// Logs `message` about `policy` once per process: parsing runs on every snapshot, and a
@@ -785,7 +785,8 @@ fn read_rule(
     for (i, p) in peer_values.into_iter().enumerate() {
         let f = format!("{pf}[{i}]");
         if let Value::Object(o) = &p {
-            if let Some(k) = NON_POD_PEER_FIELDS.iter().find(|k| o.contains_key(**k)) {
+            let set = |k: &&&str| known.contains(*k) && o.get(**k).is_some_and(|v| !v.is_null());
+            if let Some(k) = NON_POD_PEER_FIELDS.iter().find(set) {
                 non_pod_peer.get_or_insert(format!("{f}.{k}"));
             }
         }
@@ -1446,6 +1447,19 @@ mod tests {
         )
         .unwrap();
         assert!(b.egress[0].any_peer);
+        // ... also with a named port: the CRD's rule is about the fields the kind has.
+        let b = anp("BaselineAdminNetworkPolicy", "default", json!({"subject": {"namespaces": {}},
+            "egress": [{"action": "Deny", "to": [{"domainNames": ["example.com"]}], "ports": [{"namedPort": "dns"}]}]}))
+        .unwrap();
+        assert!(b.egress[0].any_peer);
+        // A null field is an absent one, also for that rule.
+        let p = cnp(
+            json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+            "egress": [{"action": "Deny", "to": [{"nodes": null, "namespaces": {}}],
+                "protocols": [{"destinationNamedPort": "http"}]}]}),
+        )
+        .unwrap();
+        assert_eq!(p.egress[0].peers.len(), 1);
     }
 
     #[test]

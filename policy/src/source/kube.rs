@@ -240,10 +240,17 @@ where
     let mut stream = watcher(api, config).boxed();
     let mut delays = retry_backoff();
     let mut buffer = BTreeMap::new();
+    /// What an event asks of the loop after the state is updated.
+    enum Next {
+        Progress,
+        Failed(String),
+        /// 404: the kind is not served (no CRD).
+        NotServed,
+    }
     while let Some(ev) = stream.next().await {
-        let error = {
+        let next = {
             let mut st = shared.state.lock().expect("state");
-            let error = match ev {
+            let next = match ev {
                 Ok(watcher::Event::Init) => {
                     buffer.clear();
                     continue;
@@ -258,7 +265,7 @@ where
                     if std::mem::take(&mut st.absent[idx]) {
                         tracing::info!(kind = KINDS[idx], "the API server serves it now");
                     }
-                    None
+                    Next::Progress
                 }
                 Ok(watcher::Event::Apply(o)) => {
                     let (k, v) = (key(&o), value(&o));
@@ -266,11 +273,11 @@ where
                         continue;
                     }
                     st.objects[idx].insert(k, v);
-                    None
+                    Next::Progress
                 }
                 Ok(watcher::Event::Delete(o)) => {
                     st.objects[idx].remove(&key(&o));
-                    None
+                    Next::Progress
                 }
                 Err(e) if is_not_found(&e) => {
                     // No CRD: listed, and empty. Said once; tried again with the backoff.
@@ -287,27 +294,28 @@ where
                         st.generation += 1;
                         shared.changed.notify_all();
                     }
-                    drop(st);
-                    let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
-                    tracing::debug!(kind = KINDS[idx], "not served; looking again in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    continue;
+                    Next::NotServed
                 }
                 Err(e) => {
                     let e = chain(&e);
                     st.last_error = Some(format!("{} watch: {e}", KINDS[idx]));
-                    Some(e)
+                    Next::Failed(e)
                 }
             };
-            if error.is_none() {
+            if matches!(next, Next::Progress) {
                 st.generation += 1;
                 shared.changed.notify_all();
             }
-            error
+            next
         };
-        match error {
-            None => delays = retry_backoff(),
-            Some(e) => {
+        match next {
+            Next::Progress => delays = retry_backoff(),
+            Next::NotServed => {
+                let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+                tracing::debug!(kind = KINDS[idx], "not served; looking again in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+            Next::Failed(e) => {
                 let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
                 tracing::warn!(
                     kind = KINDS[idx],
@@ -556,6 +564,61 @@ mod tests {
             seen: 0,
             initial_timeout: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn cluster_scoped_objects_are_read_and_their_errors_break_no_namespace() {
+        let node = |name: &str, heartbeat: &str| {
+            node_shape(
+                serde_json::json!({"kind": "Node", "metadata": {"name": name,
+                "labels": {"role": "worker"}, "resourceVersion": heartbeat},
+                "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.1"}],
+                    "conditions": [{"type": "Ready", "lastHeartbeatTime": heartbeat}]}}),
+            )
+        };
+        // A heartbeat is no change: what is kept of a Node is the same.
+        assert_eq!(node("n1", "1"), node("n1", "2"));
+        let cnp = |name: &str, tier: &str| {
+            // As the API serves it; kind and apiVersion come from the resource anyway.
+            serde_json::json!({"metadata": {"name": name},
+                "spec": {"tier": tier, "priority": 1, "subject": {"namespaces": {}}}})
+        };
+        let mut src = listed([
+            vec![(
+                "/a",
+                serde_json::json!({"kind": "Namespace", "metadata": {"name": "a"}}),
+            )],
+            vec![],
+            vec![],
+            vec![
+                ("/n1", node("n1", "1")),
+                (
+                    "/n2",
+                    serde_json::json!({"metadata": {"name": "n2"},
+                        "status": {"addresses": [{"type": "ExternalIP", "address": "x"}]}}),
+                ),
+            ],
+            vec![("/good", cnp("good", "Admin")), ("/bad", cnp("bad", "Top"))],
+            vec![],
+            vec![(
+                "/default",
+                serde_json::json!({"metadata": {"name": "default"}, "spec": {"subject": {"namespaces": {}}}}),
+            )],
+        ]);
+        let s = src.snapshot().unwrap();
+        let keys: Vec<String> = s.cluster_policies.iter().map(|p| p.key()).collect();
+        assert_eq!(keys, ["cnp/good", "banp/default"]);
+        assert_eq!(s.nodes.len(), 1);
+        let errors: Vec<String> = s.broken_cluster.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [
+                r#"Node n2: status.addresses[0].address: "x" is not an IP address"#,
+                r#"ClusterNetworkPolicy bad: spec.tier: "Top" is not one of Admin, Baseline"#,
+            ]
+        );
+        assert!(s.broken.is_empty());
+        assert!(s.broken_cluster.iter().all(|e| e.namespace.is_none()));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use twill_lab::{Lab, ProcId};
+use twill_lab::{Lab, Node, Pod, ProcId};
 
 pub mod twill_cluster;
 
@@ -60,6 +60,26 @@ pub fn serve(lab: &mut Lab, netns: &str, name: &str, port: u16) -> ProcId {
         &[],
     )
     .expect("spawn twill-lab serve")
+}
+
+/// Node n1 with pods a (10.244.1.2) and b (10.244.1.3) on its bridge, b serving "pong" on
+/// port 80: the world of the single-node lab tests. Returns once a -> b connects (the
+/// control: with no table the path is open).
+pub fn node_with_pods_a_and_b(lab: &mut Lab) -> (Node, Pod, Pod) {
+    let node = lab.add_node("n1").unwrap();
+    let a = lab
+        .add_manual_pod("n1", "a", "10.244.1.2/24".parse().unwrap())
+        .unwrap();
+    let b = lab
+        .add_manual_pod("n1", "b", "10.244.1.3/24".parse().unwrap())
+        .unwrap();
+    serve(lab, &b.netns, "server-b", 80);
+    wait_for(
+        "a -> b before twill-policy",
+        || connects(lab, &a.netns, "10.244.1.3"),
+        String::new,
+    );
+    (node, a, b)
 }
 
 /// Whether a new TCP connection from `netns` to `to` (an IP address) port 80 gets "pong"
