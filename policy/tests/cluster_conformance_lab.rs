@@ -28,13 +28,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::twill_cluster::{
-    add_serving_pod, manifests_dir, probe_all, serve_in, spawn_policy_run, start_twilld_nodes,
-    wait_applied, write_manifests,
+    add_serving_pod, finish, manifests_dir, probe_all, serve_in, spawn_policy_run,
+    start_twilld_nodes, subnet_file_options, wait_applied, write_manifests,
 };
 use serde_json::json;
-use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
-use twill_policy::compile::Options;
 use twill_policy::model::Protocol;
 use twill_policy_testkit::cluster::{
     load_cluster_conformance, ClusterConformance, ClusterProbe, ClusterStep, Placement, Server,
@@ -141,20 +139,8 @@ impl World {
     /// CIDR each node reads from its subnet.env), which must hold `cluster_policies` of
     /// them, all readable; returns how long that took.
     fn wait_applied(&mut self, cluster_policies: usize) -> Duration {
-        let cidrs: BTreeMap<String, ipnet::IpNet> = NODES
-            .iter()
-            .map(|n| {
-                let env = SubnetEnv::read(&self.subnet_file(n)).unwrap();
-                (
-                    n.to_string(),
-                    ipnet::IpNet::V4(env.subnet_network().unwrap()),
-                )
-            })
-            .collect();
-        let opts = |n: &str| Options {
-            pod_cidrs: vec![cidrs[n]],
-            ..Options::default()
-        };
+        let opts = subnet_file_options(&self.lab, &NODES);
+        let opts = |n: &str| opts[n].clone();
         let (snap, took) = wait_applied(&mut self.lab, &self.dir, &self.policy_procs, &opts);
         assert!(
             snap.broken_cluster.is_empty() && snap.cluster_policies.len() == cluster_policies,
@@ -313,24 +299,13 @@ fn upstream_cluster_policy_conformance_in_a_three_node_lab() {
         }
     }
     // Nothing restarted: the same twilld and twill-policy processes ran throughout.
-    for n in NODES {
-        for id in [w.policy_procs[n], w.twilld[n]] {
-            assert!(w.lab.is_running(id), "{n}: {}", w.lab.log(id));
-        }
-    }
-    applied.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    eprintln!(
-        "{probed} probes, {skipped_sctp} SCTP probes skipped; write -> enforced on all 3 nodes: \
-         median {:.0} ms, max {:.0} ms; total {:?}",
-        applied[applied.len() / 2] * 1000.0,
-        applied.last().unwrap() * 1000.0,
-        t0.elapsed()
+    let what = format!("{probed} probes, {skipped_sctp} SCTP probes skipped");
+    finish(
+        w.lab,
+        [&w.policy_procs, &w.twilld],
+        &what,
+        applied,
+        t0,
+        &failures,
     );
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    w.lab.teardown().unwrap();
 }

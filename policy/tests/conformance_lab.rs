@@ -24,11 +24,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::twill_cluster::{
-    add_serving_pod, manifests_dir, probe_all, spawn_policy_run, start_twilld_nodes, wait_applied,
-    write_manifests, PY,
+    add_serving_pod, finish, manifests_dir, probe_all, spawn_policy_run, start_twilld_nodes,
+    subnet_file_options, wait_applied, write_manifests, PY,
 };
 use serde_json::{json, Value};
-use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::Options;
 use twill_policy::model::Protocol;
@@ -223,20 +222,8 @@ fn upstream_conformance_scenarios_in_a_three_node_lab() {
     let mut w = World::new("conf");
     // Each node's pod subnet, as twill-policy reads it from subnet.env (--subnet-file).
     let subnet_file = |lab: &Lab, n: &str| lab.node(n).dir.join("subnet.env");
-    let cidrs: BTreeMap<String, ipnet::IpNet> = NODES
-        .iter()
-        .map(|n| {
-            let env = SubnetEnv::read(&subnet_file(&w.lab, n)).unwrap();
-            (
-                n.to_string(),
-                ipnet::IpNet::V4(env.subnet_network().unwrap()),
-            )
-        })
-        .collect();
-    let opts = |n: &str| Options {
-        pod_cidrs: vec![cidrs[n]],
-        ..Options::default()
-    };
+    let node_opts = subnet_file_options(&w.lab, &NODES);
+    let opts = |n: &str| node_opts[n].clone();
     let files: BTreeMap<String, String> = NODES
         .iter()
         .map(|n| {
@@ -323,12 +310,6 @@ fn upstream_conformance_scenarios_in_a_three_node_lab() {
             }
         }
     }
-    // Nothing restarted: the same twilld and twill-policy processes ran throughout.
-    for n in NODES {
-        for id in [w.policy_procs[n], w.twilld[n]] {
-            assert!(w.lab.is_running(id), "{n}: {}", w.lab.log(id));
-        }
-    }
     // Metrics: syncs recorded, drops counted per pod and direction.
     let m = w.metrics("n1");
     assert!(
@@ -337,18 +318,14 @@ fn upstream_conformance_scenarios_in_a_three_node_lab() {
     );
     assert!(m.contains("twill_policy_dropped_packets_total{"), "{m}");
     assert!(m.contains("twill_policy_rules "), "{m}");
-    applied.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    eprintln!(
-        "{matrices} matrices probed, {skipped_sctp} SCTP probes skipped; write -> enforced on all 3 nodes: median {:.0} ms, max {:.0} ms; total {:?}",
-        applied[applied.len() / 2] * 1000.0,
-        applied.last().unwrap() * 1000.0,
-        t0.elapsed()
+    // Nothing restarted: the same twilld and twill-policy processes ran throughout.
+    let what = format!("{matrices} matrices probed, {skipped_sctp} SCTP probes skipped");
+    finish(
+        w.lab,
+        [&w.policy_procs, &w.twilld],
+        &what,
+        applied,
+        t0,
+        &failures,
     );
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    w.lab.teardown().unwrap();
 }

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use twill_formats::subnet_env::SubnetEnv;
 use twill_lab::{Lab, ProcId};
 use twill_policy::compile::{compile, Options};
 use twill_policy::enforce::ruleset_marker;
@@ -223,6 +224,22 @@ pub fn wait_applied(
     (snap, start.elapsed())
 }
 
+/// Each node's compile options as its `twill-policy run --subnet-file` has them: the pod
+/// CIDR from the subnet.env twilld wrote there.
+pub fn subnet_file_options(lab: &Lab, nodes: &[&str]) -> BTreeMap<String, Options> {
+    nodes
+        .iter()
+        .map(|&n| {
+            let env = SubnetEnv::read(&lab.node(n).dir.join("subnet.env")).unwrap();
+            let opts = Options {
+                pod_cidrs: vec![ipnet::IpNet::V4(env.subnet_network().unwrap())],
+                ..Options::default()
+            };
+            (n.to_string(), opts)
+        })
+        .collect()
+}
+
 /// Runs [`PROBER`] once per client netns, all at once: `targets` maps a client netns to
 /// its `PROTO:IP:PORT` targets; returns, per netns, whether each target answered.
 pub fn probe_all(
@@ -273,4 +290,35 @@ pub fn write_manifests(lab: &Lab, dir: &Path, doc: &serde_json::Value) {
     let tmp = lab.dir().join("world.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
     std::fs::rename(&tmp, dir.join("world.json")).unwrap();
+}
+
+/// Ends a conformance lab run: every process of `procs` (twilld and twill-policy, by node)
+/// still runs, so nothing restarted; prints `what` with the median and longest write -> enforced time of
+/// `applied` (seconds) and the run's total since `t0`; fails with every line of `failures`;
+/// tears the lab down.
+pub fn finish(
+    mut lab: Lab,
+    procs: [&BTreeMap<String, ProcId>; 2],
+    what: &str,
+    mut applied: Vec<f64>,
+    t0: Instant,
+    failures: &[String],
+) {
+    for (node, &id) in procs.into_iter().flatten() {
+        assert!(lab.is_running(id), "{node}: {}", lab.log(id));
+    }
+    applied.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "{what}; write -> enforced on all nodes: median {:.0} ms, max {:.0} ms; total {:?}",
+        applied[applied.len() / 2] * 1000.0,
+        applied.last().unwrap() * 1000.0,
+        t0.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    lab.teardown().unwrap();
 }
