@@ -1,6 +1,10 @@
-//! Policy-at-scale benchmark: a generated cluster of 10k pods, 1k NetworkPolicies
-//! and 100 namespaces (100 nodes of 100 pods; every namespace has one pod on the measured
-//! node n1). Measures, in one run on one machine:
+//! Policy-at-scale benchmark: a generated cluster of 10k pods, 1k NetworkPolicies,
+//! 100 namespaces (100 nodes of 100 pods; every namespace has one pod on the measured
+//! node n1) and 100 cluster policies (ClusterNetworkPolicy, both tiers, mixed priorities:
+//! cluster-wide DNS and monitoring exceptions, blocked networks, node access, one
+//! "pass within the tenant, deny the rest" policy per tenant, policies that select groups
+//! of namespaces, named ports, a Baseline tier of defaults). Measures, in one run on one
+//! machine:
 //!
 //! - compile time of n1's ruleset (pure, in process; median of 5);
 //! - `nft -f` time of that ruleset in a throw-away lab node (median of 5 replacements);
@@ -8,6 +12,9 @@
 //! - p99 of "policy change -> enforced": `twill-policy run --poll-ms 100` on the node, 20
 //!   policy files rewritten one after the other, time from the rename to the daemon's
 //!   "applied ruleset" log line (printed after nft returns);
+//! - the same p99 for changes to cluster policies (policies over groups of namespaces, one
+//!   after the other: every rule's action flipped, the priority moved by 500; a change
+//!   that would leave n1's ruleset as it was is skipped for the next policy);
 //! - pod-to-pod TCP throughput (iperf3, two pods on n1's bridge, both selected by
 //!   policies) with the ruleset against the same node without it (both with Flannel's
 //!   masquerade tables, as twilld installs them in nftables mode), and against a node with no
@@ -26,6 +33,7 @@
 //!
 //! Usage: policy_scale [--pods N] [--policies N] [--namespaces N] [--changes N] [--seconds S]
 //! [--rounds N (throughput rounds, default 5)] [--cuts N (flow-cut rounds, default 20)]
+//! [--cluster-policies N (default 100; 0 leaves them out)]
 //! Internal (run inside lab pods): policy_scale conn-server PORT | conn-client IP PORT SECONDS
 //! | echo-server PORT | flow-client IP PORT
 
@@ -41,6 +49,7 @@ use twill_lab::Lab;
 use twill_nft::{Nft, NftRunner};
 use twill_policy::compile::{compile, Options};
 use twill_policy::enforce::ruleset_marker;
+use twill_policy::model::cluster::cluster_policy_from_value;
 use twill_policy::source::manifests::ManifestDir;
 use twill_policy::source::Source;
 
@@ -60,6 +69,9 @@ struct Scale {
     rounds: usize,
     /// Flow-cut rounds (policy change -> established flow cut).
     cuts: usize,
+    /// ClusterNetworkPolicies on top of the NetworkPolicies (at least 16 unless 0: the
+    /// cluster-wide ones and one per tenant come first).
+    cluster_policies: usize,
 }
 
 /// Pod `p`: namespace `p % NS`, app `a<(p / NS) % 10>`, node `(p % NS + 13 * (p / NS)) %
@@ -81,6 +93,10 @@ struct World {
     pods: Value,
     /// Per namespace: its policies.
     policies: Vec<Vec<Value>>,
+    /// ClusterNetworkPolicies, in one file.
+    cluster: Vec<Value>,
+    /// Node objects (for the cluster policies' nodes peers).
+    nodes: Value,
     client: (String, String, String),
     server: (String, String, String),
 }
@@ -190,13 +206,192 @@ fn generate(s: &Scale) -> World {
             "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}],
                         "ports": [{"port": IPERF_PORT}, {"port": CONN_PORT}, {"port": CUT_PORT}]}]}),
     );
+    let nodes: Vec<Value> = (1..=g.nodes)
+        .map(|k| {
+            json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": format!("n{k}"), "labels": {"kubernetes.io/os": "linux",
+                    "topology.kubernetes.io/zone": format!("z{}", k % 3)}},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": format!("198.19.{}.{}", k / 250, k % 250 + 1)},
+                    {"type": "Hostname", "address": format!("n{k}")}]}})
+        })
+        .collect();
     World {
         namespaces: json!({"apiVersion": "v1", "kind": "List", "items": namespaces}),
         pods: json!({"apiVersion": "v1", "kind": "List", "items": pods}),
         policies,
+        cluster: cluster_policies(s.cluster_policies),
+        nodes: json!({"apiVersion": "v1", "kind": "List", "items": nodes}),
         client,
         server,
     }
+}
+
+fn cnp(name: &str, tier: &str, priority: usize, spec: Value) -> Value {
+    let mut spec = spec;
+    spec["tier"] = json!(tier);
+    spec["priority"] = json!(priority);
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+/// One timed cluster policy change: every rule's action flipped (Deny to Accept, Accept
+/// and Pass to Deny) and the priority moved by half the range.
+fn flip(policy: &mut Value) {
+    for direction in ["ingress", "egress"] {
+        if let Some(rules) = policy["spec"][direction].as_array_mut() {
+            for rule in rules {
+                let flipped = if rule["action"] == "Deny" {
+                    "Accept"
+                } else {
+                    "Deny"
+                };
+                rule["action"] = json!(flipped);
+            }
+        }
+    }
+    let prio = policy["spec"]["priority"].as_u64().unwrap_or(0);
+    policy["spec"]["priority"] = json!((prio + 500) % 1000);
+}
+
+/// The first cluster policy of the "group" kind, whose changes the benchmark times.
+const FIRST_GROUP_POLICY: usize = 15;
+
+/// `n` ClusterNetworkPolicies in the shapes a cluster admin writes (tenants are the 10
+/// `team` labels of the namespaces): five cluster-wide ones (DNS, monitoring, blocked
+/// networks, node access, the benchmark pair's exception), one per tenant ("pass within
+/// the tenant, deny other tenants"), then, in turn, policies over groups of namespaces
+/// (port ranges, networks), named-port ones over pods, and Baseline defaults.
+fn cluster_policies(n: usize) -> Vec<Value> {
+    if n == 0 {
+        return Vec::new();
+    }
+    assert!(
+        n > FIRST_GROUP_POLICY,
+        "--cluster-policies: 0 or more than {FIRST_GROUP_POLICY}"
+    );
+    let all = json!({"namespaces": {}});
+    let tcp = |port: u16| json!({"tcp": {"destinationPort": {"number": port}}});
+    let bench_ports = json!([tcp(IPERF_PORT), tcp(CONN_PORT)]);
+    let mut out = vec![
+        cnp(
+            "cluster-dns",
+            "Admin",
+            1,
+            json!({"subject": all,
+            "egress": [{"name": "dns", "action": "Accept",
+                "to": [{"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns000"}},
+                                 "podSelector": {"matchLabels": {"app": "a0"}}}}],
+                "protocols": [{"udp": {"destinationPort": {"number": 53}}}, {"tcp": {"destinationPort": {"number": 53}}}]}]}),
+        ),
+        cnp(
+            "monitoring",
+            "Admin",
+            2,
+            json!({"subject": all,
+            "ingress": [{"name": "scrape", "action": "Accept",
+                "from": [{"pods": {"namespaceSelector": {"matchLabels": {"tier": "prod"}},
+                                   "podSelector": {"matchLabels": {"app": "a8"}}}}],
+                "protocols": [{"destinationNamedPort": "metrics"}]}]}),
+        ),
+        cnp(
+            "blocked-networks",
+            "Admin",
+            3,
+            json!({"subject": all,
+            "egress": [{"name": "documentation-ranges", "action": "Deny",
+                "to": [{"networks": ["203.0.113.0/24", "198.51.100.0/24", "2001:db8::/32"]}]}]}),
+        ),
+        cnp(
+            "node-access",
+            "Admin",
+            4,
+            json!({"subject": all,
+            "egress": [{"name": "kubelet", "action": "Accept",
+                        "to": [{"nodes": {"matchLabels": {"kubernetes.io/os": "linux"}}}],
+                        "protocols": [{"tcp": {"destinationPort": {"number": 10250}}}]},
+                       {"name": "no-other-node-ports", "action": "Deny",
+                        "to": [{"nodes": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "Exists"}]}}]}]}),
+        ),
+        // The benchmark's own traffic crosses tenants: an admin exception, after the
+        // cluster-wide rules above have been looked at. The port of the flow that a
+        // NetworkPolicy change cuts is passed on to NetworkPolicy, which decides it.
+        cnp(
+            "bench-pair",
+            "Admin",
+            20,
+            json!({"subject": {"pods": {"namespaceSelector": {},
+                "podSelector": {"matchExpressions": [{"key": "bench", "operator": "Exists"}]}}},
+            "ingress": [{"name": "from-client", "action": "Accept",
+                         "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "client"}}}}],
+                         "protocols": bench_ports},
+                        {"name": "cut-port-to-networkpolicy", "action": "Pass",
+                         "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "client"}}}}],
+                         "protocols": [tcp(CUT_PORT)]}],
+            "egress": [{"name": "to-server", "action": "Accept",
+                        "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}}],
+                        "protocols": bench_ports},
+                       {"name": "cut-port-to-networkpolicy", "action": "Pass",
+                        "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "server"}}}}],
+                        "protocols": [tcp(CUT_PORT)]}]}),
+        ),
+    ];
+    for t in 0..10 {
+        let team = json!({"matchLabels": {"team": format!("t{t}")}});
+        out.push(cnp(&format!("tenant-t{t}"), "Admin", 100 + t, json!({"subject": {"namespaces": team},
+            "ingress": [{"name": "pass-within-tenant", "action": "Pass", "from": [{"namespaces": team}]},
+                        {"name": "deny-other-tenants", "action": "Deny", "from": [{"namespaces": {}}]}],
+            "egress": [{"name": "pass-within-tenant", "action": "Pass", "to": [{"namespaces": team}]},
+                       {"name": "deny-other-tenants", "action": "Deny", "to": [{"namespaces": {}}]}]})));
+    }
+    let mut i = out.len();
+    while out.len() < n {
+        let (a, b) = (i % 10, (i * 3 + 1) % 10);
+        let group = json!({"matchExpressions": [
+            {"key": "team", "operator": "In", "values": [format!("t{a}"), format!("t{b}")]},
+            {"key": "tier", "operator": "In", "values": [if i % 2 == 0 {"dev"} else {"prod"}]}]});
+        let p = match i % 5 {
+            // Groups of namespaces: priorities interleaved with the tenant policies.
+            0 | 1 => cnp(
+                &format!("group-{i}"),
+                "Admin",
+                50 + (i * 37) % 150,
+                json!({"subject": {"namespaces": group},
+                "ingress": [{"name": "no-nodeports-from-prod-a9", "action": "Deny",
+                    "from": [{"pods": {"namespaceSelector": {"matchLabels": {"tier": "prod"}},
+                                       "podSelector": {"matchLabels": {"app": "a9"}}}}],
+                    "protocols": [{"tcp": {"destinationPort": {"range": {"start": 30000, "end": 32767}}}}]}],
+                "egress": [{"name": "pass-https-to-private", "action": "Pass",
+                    "to": [{"networks": [format!("10.{}.0.0/16", i % 200), "172.16.0.0/12"]}],
+                    "protocols": [{"tcp": {"destinationPort": {"number": 443}}}]}]}),
+            ),
+            // Named ports over pods of a group.
+            2 => cnp(
+                &format!("named-{i}"),
+                "Admin",
+                300 + i % 100,
+                json!({"subject": {"pods": {"namespaceSelector": group,
+                    "podSelector": {"matchLabels": {"app": format!("a{}", i % 10)}}}},
+                "ingress": [{"name": "http-from-neighbours", "action": "Accept",
+                    "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("a{}", (i + 1) % 10)}}}}],
+                    "protocols": [{"destinationNamedPort": "http"}]}]}),
+            ),
+            // Baseline defaults: apply where no NetworkPolicy decides.
+            _ => cnp(
+                &format!("baseline-{i}"),
+                "Baseline",
+                i % 1000,
+                json!({"subject": {"namespaces": group},
+                "ingress": [{"name": "deny-from-dev", "action": "Deny",
+                    "from": [{"namespaces": {"matchLabels": {"tier": "dev"}}}]}],
+                "egress": [{"name": "deny-to-home-networks", "action": "Deny",
+                    "to": [{"networks": ["192.168.0.0/16"]}, {"nodes": {"matchLabels": {"topology.kubernetes.io/zone": format!("z{}", i % 3)}}}]}]}),
+            ),
+        };
+        out.push(p);
+        i += 1;
+    }
+    out
 }
 
 fn write_atomic(path: &Path, v: &Value) -> Result<()> {
@@ -214,10 +409,16 @@ fn list(items: &[Value]) -> Value {
     json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
+fn cluster_file(dir: &Path) -> PathBuf {
+    dir.join("cluster-policies.json")
+}
+
 fn write_world(dir: &Path, w: &World) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     write_atomic(&dir.join("namespaces.json"), &w.namespaces)?;
     write_atomic(&dir.join("pods.json"), &w.pods)?;
+    write_atomic(&dir.join("nodes.json"), &w.nodes)?;
+    write_atomic(&cluster_file(dir), &list(&w.cluster))?;
     for (i, p) in w.policies.iter().enumerate() {
         write_atomic(&policies_file(dir, i), &list(p))?;
     }
@@ -406,6 +607,7 @@ fn main() -> Result<()> {
         seconds: 5,
         rounds: 5,
         cuts: 20,
+        cluster_policies: 100,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -421,6 +623,7 @@ fn main() -> Result<()> {
             "--seconds" => s.seconds = v as u64,
             "--rounds" => s.rounds = v.max(1),
             "--cuts" => s.cuts = v.max(1),
+            "--cluster-policies" => s.cluster_policies = v,
             _ => bail!("unknown argument {a}"),
         }
     }
@@ -445,6 +648,14 @@ fn main() -> Result<()> {
         .snapshot()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let read = t.elapsed();
+    if snap.cluster_policies.len() != w.cluster.len() || !snap.broken_cluster.is_empty() {
+        bail!(
+            "{} of {} cluster policies read: {:?}",
+            snap.cluster_policies.len(),
+            w.cluster.len(),
+            snap.broken_cluster
+        );
+    }
     let opts = Options::default();
     let mut compiles = Vec::new();
     let mut rs = compile(&snap, "n1", &opts);
@@ -458,9 +669,11 @@ fn main() -> Result<()> {
     let script = twill_policy::enforce::mark(&rs.render(), &opts.table);
     let compile_ms = median(compiles);
     eprintln!(
-        "world: {} pods, {} policies, {} namespaces; read {:?}; n1 ruleset: {stats:?}; script {} KiB; bench VmHWM {} MiB",
+        "world: {} pods, {} policies, {} cluster policies, {} nodes, {} namespaces; read {:?}; n1 ruleset: {stats:?}; script {} KiB; bench VmHWM {} MiB",
         snap.pods.len(),
         snap.policies.len(),
+        snap.cluster_policies.len(),
+        snap.nodes.len(),
         snap.namespaces.len(),
         read,
         script.len() / 1024,
@@ -566,6 +779,66 @@ fn main() -> Result<()> {
         lat.push(ms(t.elapsed()));
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Cluster policy change -> enforced: policies over groups of namespaces (each of
+    // which has a pod on n1) one after the other, each changed by `flip`. A change that
+    // leaves n1's ruleset as it was (checked in process, outside the timing) is skipped
+    // for the next policy: every timed change is one n1 has to apply.
+    let mut cluster = w.cluster.clone();
+    let mut cluster_lat = Vec::new();
+    let over_namespaces: Vec<usize> = (FIRST_GROUP_POLICY..cluster.len())
+        .filter(|&j| cluster[j]["spec"]["subject"].get("namespaces").is_some())
+        .collect();
+    let n1_marker = |cluster: &[Value]| -> Result<String> {
+        let parsed = cluster
+            .iter()
+            .map(|v| cluster_policy_from_value(v.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let snap = snap.clone().with_cluster_policies(parsed);
+        Ok(ruleset_marker(&compile(&snap, "n1", &opts).render()))
+    };
+    let mut marker = n1_marker(&cluster)?;
+    let mut next = 0;
+    let changes = if over_namespaces.is_empty() {
+        0
+    } else {
+        s.changes
+    };
+    for i in 0..changes {
+        let mut tried = 0;
+        loop {
+            let j = over_namespaces[(next * 7) % over_namespaces.len()];
+            next += 1;
+            let mut changed = cluster.clone();
+            flip(&mut changed[j]);
+            let m = n1_marker(&changed)?;
+            if m != marker {
+                (cluster, marker) = (changed, m);
+                break;
+            }
+            tried += 1;
+            if tried == over_namespaces.len() {
+                bail!("no cluster policy change alters n1's ruleset");
+            }
+        }
+        let before = applied(&lab);
+        let t = Instant::now();
+        write_atomic(&cluster_file(&dir), &list(&cluster))?;
+        loop {
+            if applied(&lab) > before {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "cluster policy change {i} not applied in 60 s: {}",
+                    lab.log(id)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        cluster_lat.push(ms(t.elapsed()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The kernel holds exactly the last state.
     let snap2 = ManifestDir::new(&dir)
         .snapshot()
@@ -584,6 +857,12 @@ fn main() -> Result<()> {
     lab.stop(id, Duration::from_secs(3))?;
     let p99 = percentile(lat.clone(), 99.0);
     let p50 = median(lat.clone());
+    let cluster_p99 = (!cluster_lat.is_empty()).then(|| {
+        (
+            percentile(cluster_lat.clone(), 99.0),
+            median(cluster_lat.clone()),
+        )
+    });
 
     // Throughput and connection rate, with the ruleset and without any table.
     let srv = lab.spawn(
@@ -787,9 +1066,10 @@ fn main() -> Result<()> {
     let (cw, cn, cb) = (median(with.1), median(flannel_only.1), median(bare.1));
 
     let scale = format!(
-        "{}k pods / {} policies / {} ns",
+        "{}k pods / {} policies / {} cluster policies / {} ns",
         s.pods / 1000,
         s.policies,
+        s.cluster_policies,
         s.namespaces
     );
     // Rows only, as every benchmark prints them: bench/run.sh writes the one header above all.
@@ -858,6 +1138,22 @@ fn main() -> Result<()> {
             p99 < 1000.0
         )
     );
+    if let Some((cp99, cp50)) = cluster_p99 {
+        println!(
+            "{}",
+            table_row(
+                &format!(
+                    "cluster policy change -> enforced, p99 of {} (manifests, --poll-ms 100), {scale}",
+                    s.changes
+                ),
+                &format!("{cp99:.0} ms (p50 {cp50:.0})"),
+                "limit 1000 ms",
+                cp99 / 1000.0,
+                "< 1",
+                cp99 < 1000.0
+            )
+        );
+    }
     println!(
         "{}",
         table_row(

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use twill_lab::{Lab, Node, Pod, ProcId};
 
+pub mod twill_cluster;
+
 /// How long a lab test waits for anything asynchronous.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
