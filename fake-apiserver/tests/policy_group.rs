@@ -7,8 +7,24 @@ use serde_json::{json, Value};
 use twill_fake_apiserver::client::request;
 use twill_fake_apiserver::{FakeApiServer, POLICY_GROUP};
 
+/// The socket file, removed when the test ends, also when it fails.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl std::ops::Deref for SocketFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
 /// A server on a Unix socket of its own, run on a thread of its own.
-fn serve(name: &str) -> (FakeApiServer, PathBuf) {
+fn serve(name: &str) -> (FakeApiServer, SocketFile) {
     let path =
         std::env::temp_dir().join(format!("fake-apiserver-{name}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -20,7 +36,7 @@ fn serve(name: &str) -> (FakeApiServer, PathBuf) {
     let listener = rt.block_on(async { tokio::net::UnixListener::bind(&path).unwrap() });
     let s = srv.clone();
     std::thread::spawn(move || rt.block_on(s.serve_unix(listener)));
-    (srv, path)
+    (srv, SocketFile(path))
 }
 
 fn get(socket: &Path, path: &str) -> (u16, String) {
@@ -111,5 +127,4 @@ fn policy_resources_are_served_at_their_versions_and_can_be_absent() {
     let (code, _) = request(&sock, "POST", "/fake/absent/clusternetworkpolicies", "", "").unwrap();
     assert_eq!(code, 200);
     assert_eq!(get(&sock, cnp).0, 404);
-    let _ = std::fs::remove_file(&sock);
 }
