@@ -371,7 +371,7 @@ fn direction(
             return decided(d);
         }
         reasons.push(format!(
-            "{dir} of {}: not isolated (no policy selects it for {dir}): allowed",
+            "{dir} of {}: not isolated (no NetworkPolicy selects it for {dir}): allowed",
             pod.key()
         ));
         return decided(Decider::Default);

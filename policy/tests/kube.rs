@@ -400,7 +400,8 @@ fn cluster_policies_and_nodes_from_the_api() {
 }
 
 /// Without the `policy.networking.k8s.io` CRDs (404) the source is ready and NetworkPolicies
-/// are enforced as before; a CRD installed later is picked up.
+/// are enforced as before; a CRD installed later is picked up, and a 404 after that keeps its
+/// policies.
 #[test]
 fn without_the_crds_network_policies_are_enforced_and_a_crd_installed_later_is_read() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -431,8 +432,34 @@ fn without_the_crds_network_policies_are_enforced_and_a_crd_installed_later_is_r
         keys(s) == [("cnp/late".into(), 3)]
     });
     assert_eq!(s.policies.len(), 1);
-    // And removed again: its policies go with it.
+    // Then the server answers 404 for it again (as an API server does for a while after a
+    // restart): the watch is cut, the source asks again and gets the 404, and keeps the
+    // policy rather than lifting it.
+    let asked_before = cnp_requests(&srv);
     srv.set_absent("clusternetworkpolicies", true);
-    let s = converge(&mut src, "CRD removed", |s| s.cluster_policies.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cnp_requests(&srv) <= asked_before {
+        assert!(
+            Instant::now() < deadline,
+            "the source never asked again after the cut"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The answer (404) is handled on the watcher's thread; give it time to land.
+    src.wait_change(Duration::from_secs(1));
+    let s = src.snapshot().expect("snapshot after a 404");
+    assert_eq!(
+        keys(&s),
+        [("cnp/late".into(), 3)],
+        "a 404 lifted the policy"
+    );
     assert_eq!(s.policies.len(), 1);
+}
+
+/// Requests for ClusterNetworkPolicies the fake API server has seen.
+fn cnp_requests(srv: &FakeApiServer) -> usize {
+    srv.requests()
+        .iter()
+        .filter(|r| r["resource"] == "clusternetworkpolicies")
+        .count()
 }

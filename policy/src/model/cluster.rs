@@ -129,8 +129,8 @@ pub struct ClusterRule {
     pub name: String,
     pub action: Action,
     /// Only for the "fail closed" reading of a Deny or Pass rule with a peer of an unknown
-    /// kind (see the API's peer types): the rule is read as Deny with every peer. Never set
-    /// for a rule as written.
+    /// kind (see the API's peer types): the rule is read as Deny of all traffic (every
+    /// peer; `peers`, `nodes` and `ports` empty). Never set for a rule as written.
     pub any_peer: bool,
     /// Pod peers as NetworkPolicy peers, always with an explicit namespace selector
     /// (`namespaces: X` = `Peer::Pods { pods: {}, namespaces: Some(X) }`), and networks as
@@ -819,23 +819,30 @@ fn read_rule(
         }
     }
     if !unknown.is_empty() {
-        // The upstream API's "fail closed" reading of a peer of a kind this version does
-        // not know.
         let what = unknown.join(", ");
+        // The upstream API's "fail closed" reading of a peer of a kind this version does
+        // not know: an Accept rule holding one matches no traffic at all (its known peers
+        // included), and a Deny or Pass rule holding one is read as "Deny all" (every peer,
+        // every port).
         if action == Action::Accept {
             warn_once(
                 key,
-                format!("{what}: unknown peer field; in this {action} rule it matches nothing"),
+                format!("{what}: unknown peer field; this {action} rule matches nothing"),
             );
+            rule.peers.clear();
+            rule.nodes.clear();
         } else {
             warn_once(
                 key,
                 format!(
-                    "{what}: unknown peer field; this {action} rule is read as Deny to every peer"
+                    "{what}: unknown peer field; this {action} rule is read as Deny of all traffic"
                 ),
             );
             rule.action = Action::Deny;
             rule.any_peer = true;
+            rule.peers.clear();
+            rule.nodes.clear();
+            rule.ports.clear();
         }
     }
     rule.peers = super::dedup_keep_first(rule.peers);
@@ -1399,7 +1406,7 @@ mod tests {
             json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
                 "egress": [{"action": action, "to": peers, "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]})
         };
-        // Accept: the unknown peer is left out; the known ones stay.
+        // Accept: the whole rule matches nothing, its known peers included.
         let p = cnp(spec(
             "Accept",
             json!([{"services": {}}, {"namespaces": {}}]),
@@ -1407,15 +1414,15 @@ mod tests {
         .unwrap();
         let r = &p.egress[0];
         assert_eq!(
-            (r.action, r.any_peer, r.peers.len()),
-            (Action::Accept, false, 1)
+            (r.action, r.any_peer, r.peers.len(), r.nodes.len()),
+            (Action::Accept, false, 0, 0)
         );
-        // Deny and Pass: Deny to every peer, ports as written.
+        // Deny and Pass: "Deny all": every peer, every port.
         for action in ["Deny", "Pass"] {
-            let p = cnp(spec(action, json!([{"services": {}}]))).unwrap();
+            let p = cnp(spec(action, json!([{"services": {}}, {"namespaces": {}}]))).unwrap();
             let r = &p.egress[0];
             assert_eq!((r.action, r.any_peer), (Action::Deny, true), "{action}");
-            assert_eq!(r.ports, vec![tcp(80, 80)]);
+            assert!(r.peers.is_empty() && r.ports.is_empty(), "{action}: {r:?}");
         }
         // An egress-only field in an ingress peer is a field ingress peers do not know.
         let p = cnp(

@@ -280,19 +280,29 @@ where
                     Next::Progress
                 }
                 Err(e) if is_not_found(&e) => {
-                    // No CRD: listed, and empty. Said once; tried again with the backoff.
-                    if !std::mem::replace(&mut st.absent[idx], true) {
-                        tracing::info!(
-                            kind = KINDS[idx],
-                            "the API server does not serve this kind (its CRD is not installed?): enforcing without it, and looking again with backoff"
-                        );
-                    }
                     buffer.clear();
-                    if !st.ready[idx] || !st.objects[idx].is_empty() {
-                        st.objects[idx].clear();
+                    if !st.ready[idx] {
+                        // Never listed: no CRD. Listed, and empty; said once, tried again with
+                        // the backoff, so a CRD installed later is read.
+                        if !std::mem::replace(&mut st.absent[idx], true) {
+                            tracing::info!(
+                                kind = KINDS[idx],
+                                "the API server does not serve this kind (its CRD is not installed?): enforcing without it, and looking again with backoff"
+                            );
+                        }
                         st.ready[idx] = true;
                         st.generation += 1;
                         shared.changed.notify_all();
+                    } else if !std::mem::replace(&mut st.absent[idx], true) {
+                        // Served before: an API server answers 404 for custom resources for a
+                        // while after it or etcd restarts, and dropping the objects then would
+                        // lift every Admin Deny until the next list. They stay; a CRD that
+                        // was really removed takes its policies with it at the next restart.
+                        tracing::warn!(
+                            kind = KINDS[idx],
+                            objects = st.objects[idx].len(),
+                            "the API server answers 404 for a kind it served: keeping its objects, and looking again with backoff"
+                        );
                     }
                     Next::NotServed
                 }
