@@ -13,7 +13,8 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --quiet
 static_cni="$PWD/target/$triple/release/twill-cni"
 out=bench/RESULTS.md
 run="$(mktemp)"
-trap 'rm -f "$run" "$out.tmp"' EXIT
+breakdown="$(mktemp)"
+trap 'rm -f "$run" "$breakdown" "$out.tmp"' EXIT
 {
   echo "## Run of $(date -u '+%Y-%m-%d %H:%M') UTC"
   echo
@@ -23,10 +24,14 @@ trap 'rm -f "$run" "$out.tmp"' EXIT
   echo "|---|---|---|---|---|---|"
   target/release/convergence --rounds 5
   target/release/cni_latency --pods 300 --cni "$static_cni"
-  target/release/datapath --rounds 9 --seconds 5
+  target/release/datapath --rounds 9 --max-rounds 31 --seconds 4 --breakdown "$breakdown"
   if [ -x target/release/policy_scale ]; then
     target/release/policy_scale --rounds 9 --seconds 4
   fi
+  echo
+  echo "Where the datapath's cost goes (\`datapath --breakdown\`): the hand-built Flannel path across nodes with one of twill's chains or tables added at a time."
+  echo
+  cat "$breakdown"
   echo
 } | tee "$run"
 # The new run goes before the first earlier one ("## Run of ..."), or at the end if there is none.
