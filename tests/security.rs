@@ -225,7 +225,14 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
         .lab
         .exec_ok(
             &c.ns("n1"),
-            &["nft", "list", "chain", "inet", "twill-underlay", "input"],
+            &[
+                "nft",
+                "list",
+                "counter",
+                "inet",
+                "twill-underlay",
+                "vxlan_from_non_peer",
+            ],
         )
         .unwrap();
     assert!(!drops.contains("packets 0 "), "{drops}");

@@ -65,6 +65,11 @@ fn elements(p: &PodPort) -> (String, String, String) {
 }
 
 /// The table, its sets and the chain, rebuilt (flush + rules); no elements. Pure.
+///
+/// The first rule accepts a pod's IPv4 frame from its own address with one lookup: that is
+/// nearly every frame a pod sends, and without it each would take two (the port, then the
+/// address). The verdict is the same: an `ifname . address` element exists only for a
+/// registered port, and every other frame meets the rules below as before.
 pub fn chain_script() -> String {
     let t = format!("bridge {TABLE}");
     let c = format!("{t} pods");
@@ -75,6 +80,7 @@ pub fn chain_script() -> String {
          add set {t} src6 {{ type ifname . ipv6_addr ; }}\n\
          add chain {c} {{ type filter hook prerouting priority -200 ; policy accept ; }}\n\
          flush chain {c}\n\
+         add rule {c} ether type ip iifname . ip saddr @src4 accept\n\
          add rule {c} iifname != @ports accept\n\
          add rule {c} ether type arp iifname . arp saddr ip != @src4 counter drop comment \"ARP source spoofing\"\n\
          add rule {c} ether type ip iifname . ip saddr != @src4 counter drop comment \"IPv4 source spoofing\"\n\

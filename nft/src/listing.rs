@@ -270,8 +270,8 @@ mod tests {
             [
                 "pod source spoofing",
                 "pod source not leased to a peer",
-                "VXLAN from a non-peer (flannel#961)",
-                "pods never reach a VXLAN port"
+                "pods never reach a VXLAN port",
+                "VXLAN from a non-peer (flannel#961)"
             ]
         );
         let pre = l.chains().find(|c| c.name == "prerouting").unwrap();
@@ -316,7 +316,7 @@ mod tests {
             }
         );
         assert_eq!(l.set("src6").unwrap().elem.len(), 1);
-        assert_eq!(l.rules().filter(|r| r.chain == "pods").count(), 6);
+        assert_eq!(l.rules().filter(|r| r.chain == "pods").count(), 7);
     }
 
     #[test]
