@@ -1,33 +1,30 @@
 //! The underlay guard: twill's own nftables table `inet twill-underlay`, next to Flannel's
 //! (whose `ip flannel-ipv4` / `ip6 flannel-ipv6` layout stays exactly Flannel's).
 //!
-//! - **Encapsulated traffic only from peers.** UDP to the VXLAN port addressed to this node is
-//!   accepted only from the public IPs of current peer leases (sets `peers4` / `peers6`). The
-//!   kernel's VXLAN device accepts packets from any source, so without this anyone who can reach
-//!   the node can inject frames with spoofed pod sources (flannel#961, wontfix upstream).
+//! - **Encapsulated traffic only from peers.** UDP to the VXLAN port is accepted on input only
+//!   from the public IPs of current peer leases (sets `peers4` / `peers6`). The kernel's VXLAN
+//!   device accepts packets from any source, so without this anyone who can reach the node can
+//!   inject frames with spoofed pod sources (flannel#961, wontfix upstream).
 //! - **Routed pod traffic only from peers' subnets.** A packet that arrives on the external
 //!   interface with a source inside the flannel Network (host-gw, VXLAN DirectRouting) must
 //!   come from a subnet currently leased to a peer (sets `peer_subnets4` / `peer_subnets6`).
 //!   There is no L2 check: host-gw needs a shared segment, on which an attacker can forge the
 //!   peer router's MAC as easily as its IP, so a MAC binding would promise more than it gives.
-//! - **Pods never reach a VXLAN port.** UDP from the Network to the VXLAN port is dropped,
-//!   whether forwarded (it would be masqueraded to the node's own, allowed, address on the way
-//!   out) or addressed to this node.
+//! - **Pods never reach a VXLAN port.** Forwarded UDP from the Network to the VXLAN port is
+//!   dropped (it would be masqueraded to the node's own, allowed, address on the way out), and
+//!   a pod's UDP to its own node's VXLAN port fails the peer check on input.
 //! - **Pods send only from their node's subnet.** Packets entering from the pod bridge `cni0`
-//!   with a source outside this node's subnet (IPv6: or link-local, or unspecified for DAD) are dropped.
+//!   with a source outside this node's subnet (IPv6: or link-local, or unspecified for DAD) are dropped in prerouting.
 //!   Per-pod binding (a pod spoofing a neighbour on the same node) is not done here.
 //!
-//! **Where the checks sit** (the cheapest placement, measured per hook by `bench/datapath
-//! --breakdown`): all in one base chain, `prerouting` at the raw priority, the earliest hook
-//! of the `inet` family. Every packet crosses one guard chain, not one per hook; a dropped
-//! packet is dropped before conntrack looks it up and allocates an entry (freed again, as it is
-//! never confirmed: this saves work under a flood, not table space); and the VXLAN checks sit
-//! behind a single `udp dport` compare (chain `vxlan_port`). "Addressed to
-//! this node" is a route lookup (`fib daddr type != unicast`: local, broadcast or multicast),
-//! made only for packets from non-peers, so traffic a node routes between other hosts is left
-//! alone as an input hook would. None of the checks can look at the first packet of a flow
-//! only: a spoofed packet that fits an existing connection's addresses and ports is
-//! `established` to conntrack, which does not record the interface a flow came in on.
+//! **Why the VXLAN checks are on `input` and `forward`.** Those hooks come after every
+//! destination translation. A Service can translate a packet to a node's VXLAN port (a
+//! NodePort or ClusterIP whose hand-written endpoint is `<node IP>:8472`); in `prerouting` the
+//! packet still shows the Service's address and port, so a check there would let a non-peer's
+//! or a pod's datagram through to the VXLAN socket (`tests/security.rs` sends both through
+//! such a translation). The source checks do not depend on the destination and stay in
+//! `prerouting` at the raw priority, before conntrack. Each packet crosses two of the three
+//! chains (prerouting, then input or forward); `bench/datapath --breakdown` measures each.
 //!
 //! The guard is updated in the same reconcile pass as the dataplane, before the FDB entries
 //! and routes that let a peer's traffic in are programmed (twilld runs nft alongside the
@@ -219,32 +216,32 @@ pub fn ruleset(input: &GuardInput) -> String {
     for counter in DROP_COUNTERS {
         let _ = writeln!(s, "add counter {t} {counter}");
     }
-    // Every check sits in one base chain at the raw priority (see the module doc): every
-    // packet crosses one guard chain instead of three, and drops happen before conntrack.
     let _ = writeln!(
         s,
         "add chain {t} prerouting {{ type filter hook prerouting priority raw ; policy accept ; }}"
     );
-    if input.vxlan_port.is_some() {
-        let _ = writeln!(s, "add chain {t} vxlan_port");
-    }
+    let _ = writeln!(
+        s,
+        "add chain {t} input {{ type filter hook input priority filter - 10 ; policy accept ; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add chain {t} forward {{ type filter hook forward priority filter - 10 ; policy accept ; }}"
+    );
     let ext = &input.external;
-    let families: Vec<(&str, &str, IpNet)> = input
-        .networks
-        .iter()
-        .map(|net| match net {
-            IpNet::V4(_) => ("ip", "4", net.trunc()),
-            IpNet::V6(_) => ("ip6", "6", net.trunc()),
-        })
-        .collect();
-    for (p, sfx, net) in &families {
+    for net in &input.networks {
+        let (p, sfx) = match net {
+            IpNet::V4(_) => ("ip", "4"),
+            IpNet::V6(_) => ("ip6", "6"),
+        };
+        let net = net.trunc();
         // Pods: only their node's subnet (IPv6 also link-local, for neighbour discovery).
         let own: Vec<String> = input
             .own_subnets
             .iter()
             .filter(|o| o.addr().is_ipv4() == net.addr().is_ipv4())
             .map(|o| o.trunc().to_string())
-            .chain((*sfx == "6").then(|| "::, fe80::/10".to_string()))
+            .chain((sfx == "6").then(|| "::, fe80::/10".to_string()))
             .collect();
         if !own.is_empty() {
             let _ = writeln!(
@@ -258,27 +255,14 @@ pub fn ruleset(input: &GuardInput) -> String {
             s,
             "add rule {t} prerouting iifname \"{ext}\" {p} saddr {net} {p} saddr != @peer_subnets{sfx} counter name \"{NOT_LEASED}\" drop comment \"pod source not leased to a peer\""
         );
-    }
-    if let Some(port) = input.vxlan_port {
-        // One compare keeps all other traffic out of the VXLAN checks.
-        let _ = writeln!(
-            s,
-            "add rule {t} prerouting udp dport {port} jump vxlan_port"
-        );
-        for (p, _, net) in &families {
-            // From a pod (forwarded, or to this node): dropped whatever the destination.
+        if let Some(port) = input.vxlan_port {
             let _ = writeln!(
                 s,
-                "add rule {t} vxlan_port {p} saddr {net} counter name \"{POD_TO_VXLAN_PORT}\" drop comment \"pods never reach a VXLAN port\""
+                "add rule {t} input udp dport {port} {p} saddr != @peers{sfx} counter name \"{VXLAN_FROM_NON_PEER}\" drop comment \"VXLAN from a non-peer (flannel#961)\""
             );
-        }
-        for (p, sfx, _) in &families {
-            // From a non-peer to this node (a local, broadcast or multicast destination: not
-            // forwarded). The route lookup runs only for non-peer sources: a peer's packet
-            // fails the set test first.
             let _ = writeln!(
                 s,
-                "add rule {t} vxlan_port {p} saddr != @peers{sfx} fib daddr type != unicast counter name \"{VXLAN_FROM_NON_PEER}\" drop comment \"VXLAN from a non-peer (flannel#961)\""
+                "add rule {t} forward {p} saddr {net} udp dport {port} counter name \"{POD_TO_VXLAN_PORT}\" drop comment \"pods never reach a VXLAN port\""
             );
         }
     }
@@ -426,12 +410,12 @@ add counter inet twill-underlay pod_source_not_leased
 add counter inet twill-underlay pod_source_spoofing
 add counter inet twill-underlay pod_to_vxlan_port
 add chain inet twill-underlay prerouting { type filter hook prerouting priority raw ; policy accept ; }
-add chain inet twill-underlay vxlan_port
+add chain inet twill-underlay input { type filter hook input priority filter - 10 ; policy accept ; }
+add chain inet twill-underlay forward { type filter hook forward priority filter - 10 ; policy accept ; }
 add rule inet twill-underlay prerouting iifname \"cni0\" ip saddr != { 10.244.1.0/24 } counter name \"pod_source_spoofing\" drop comment \"pod source spoofing\"
 add rule inet twill-underlay prerouting iifname \"eth0\" ip saddr 10.244.0.0/16 ip saddr != @peer_subnets4 counter name \"pod_source_not_leased\" drop comment \"pod source not leased to a peer\"
-add rule inet twill-underlay prerouting udp dport 8472 jump vxlan_port
-add rule inet twill-underlay vxlan_port ip saddr 10.244.0.0/16 counter name \"pod_to_vxlan_port\" drop comment \"pods never reach a VXLAN port\"
-add rule inet twill-underlay vxlan_port ip saddr != @peers4 fib daddr type != unicast counter name \"vxlan_from_non_peer\" drop comment \"VXLAN from a non-peer (flannel#961)\"
+add rule inet twill-underlay input udp dport 8472 ip saddr != @peers4 counter name \"vxlan_from_non_peer\" drop comment \"VXLAN from a non-peer (flannel#961)\"
+add rule inet twill-underlay forward ip saddr 10.244.0.0/16 udp dport 8472 counter name \"pod_to_vxlan_port\" drop comment \"pods never reach a VXLAN port\"
 ";
         assert_eq!(ruleset(&input()), golden);
     }
@@ -444,9 +428,7 @@ add rule inet twill-underlay vxlan_port ip saddr != @peers4 fib daddr type != un
         i.own_subnets.push("fd00:42:0:1::/64".parse().unwrap());
         i.peer_ips.insert("2001:db8::12".parse().unwrap());
         let s = ruleset(&i);
-        assert!(
-            !s.contains("udp dport") && !s.contains("add chain inet twill-underlay vxlan_port")
-        );
+        assert!(!s.contains("udp dport"));
         assert!(s.contains("peers6 { type ipv6_addr ; elements = { 2001:db8::12 } ; }"));
         assert!(s.contains(
             "iifname \"cni0\" ip6 saddr != { fd00:42:0:1::/64, ::, fe80::/10 } counter name \"pod_source_spoofing\" drop"
@@ -648,9 +630,8 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
 {"chain": {"family": "inet", "table": "twill-underlay", "name": "prerouting", "handle": 5, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}},
 {"rule": {"family": "inet", "table": "twill-underlay", "chain": "prerouting", "handle": 7, "comment": "pod source spoofing", "expr": []}},
 {"rule": {"family": "inet", "table": "twill-underlay", "chain": "prerouting", "handle": 8, "comment": "pod source not leased to a peer", "expr": []}},
-{"rule": {"family": "inet", "table": "twill-underlay", "chain": "prerouting", "handle": 9, "expr": []}},
-{"rule": {"family": "inet", "table": "twill-underlay", "chain": "vxlan_port", "handle": 10, "comment": "pods never reach a VXLAN port", "expr": []}},
-{"rule": {"family": "inet", "table": "twill-underlay", "chain": "vxlan_port", "handle": 11, "comment": "VXLAN from a non-peer (flannel#961)", "expr": []}}
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "input", "handle": 9, "comment": "VXLAN from a non-peer (flannel#961)", "expr": []}},
+{"rule": {"family": "inet", "table": "twill-underlay", "chain": "forward", "handle": 10, "comment": "pods never reach a VXLAN port", "expr": []}}
 ]}"#;
 
     fn listed_input() -> GuardInput {
@@ -682,7 +663,7 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         let flushed = LISTING.replace(r#""elem": ["198.18.0.12", "198.18.0.13"]"#, r#""x": 0"#);
         assert!(!listing_matches(&flushed, &listed_input()));
         let rule_gone = LISTING.replace(
-            r#"{"rule": {"family": "inet", "table": "twill-underlay", "chain": "vxlan_port", "handle": 10, "comment": "pods never reach a VXLAN port", "expr": []}},"#,
+            r#"{"rule": {"family": "inet", "table": "twill-underlay", "chain": "input", "handle": 9, "comment": "VXLAN from a non-peer (flannel#961)", "expr": []}},"#,
             "",
         );
         assert_ne!(rule_gone, LISTING);
@@ -703,7 +684,7 @@ add element inet twill-underlay peer_subnets4 { 10.244.2.0/24 }
         let s = ruleset(&i);
         assert!(s.contains("add set inet twill-underlay peers4 { type ipv4_addr ; }\n"));
         assert!(s.contains(
-            "vxlan_port ip saddr != @peers4 fib daddr type != unicast counter name \"vxlan_from_non_peer\" drop"
+            "udp dport 8472 ip saddr != @peers4 counter name \"vxlan_from_non_peer\" drop"
         ));
     }
 

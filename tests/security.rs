@@ -221,6 +221,24 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
         received(&sock, b"peer"),
         "the same packet from a peer did not arrive: the probe is broken"
     );
+    // Through a destination translation to the VXLAN port, as a NodePort Service whose
+    // hand-written endpoint is the node's VXLAN port makes one: the guard must judge the
+    // translated packet.
+    service_to_vxlan_port(&c, "n1", None, NODE_PORT, a1);
+    let via_service = |ns: &str, token: &[u8]| {
+        let to: SocketAddr = (a1, NODE_PORT).into();
+        send_from(ns, None, to, vxlan_payload(1, vtep, spoofed, target, token));
+    };
+    via_service(&attacker, b"twill-nodeport");
+    assert!(
+        dropped(&sock, b"twill-nodeport"),
+        "VXLAN from a non-peer reached the pod through a NodePort translated to the VXLAN port"
+    );
+    via_service(&peer, b"peer-nodeport");
+    assert!(
+        received(&sock, b"peer-nodeport"),
+        "a peer's packet through the translation did not arrive: the probe is broken"
+    );
     let drops = c
         .lab
         .exec_ok(
@@ -257,6 +275,29 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
     wait_guard(&c, "n1", &[a2]);
     inject(&attacker, b"twill-2");
     assert!(dropped(&sock, b"twill-2"), "guard not rebuilt on restart");
+}
+
+/// A port no VXLAN device uses, that the Service translations below send to a VXLAN port.
+const NODE_PORT: u16 = 30472;
+/// A Service address no pod or node holds.
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// What kube-proxy programs in `node` for a Service whose endpoint, written by hand, is a
+/// node's VXLAN port: UDP to `port` (on `daddr`, or on any address for a NodePort) is
+/// translated to `to`:8472 in prerouting, at the destination-NAT priority.
+fn service_to_vxlan_port(
+    c: &Cluster,
+    node: &str,
+    daddr: Option<Ipv4Addr>,
+    port: u16,
+    to: Ipv4Addr,
+) {
+    let daddr = daddr.map(|a| format!("ip daddr {a} ")).unwrap_or_default();
+    let script = format!(
+        "add table ip svc ; add chain ip svc pre {{ type nat hook prerouting priority dstnat ; }} ; \
+         add rule ip svc pre {daddr}udp dport {port} dnat to {to}:8472"
+    );
+    c.lab.exec_ok(&c.ns(node), &["nft", &script]).unwrap();
 }
 
 /// Pods cannot use any node's VXLAN port (their own node's or a peer's) to inject frames, and
@@ -299,9 +340,35 @@ fn pods_cannot_reach_vxlan_ports_nor_spoof_their_source() {
         )
         .unwrap();
 
+    // Service addresses translated to a peer's and to the own node's VXLAN port.
+    service_to_vxlan_port(&c, "n1", Some(SERVICE_IP), NODE_PORT, a2);
+    service_to_vxlan_port(&c, "n1", Some(SERVICE_IP), NODE_PORT + 1, a1);
+
     // Which attacks got through; each packet is waited for up to `wait`.
     let attacks = |tag: &str, wait: Duration| -> Vec<(String, bool)> {
         let mut out = Vec::new();
+        let t = format!("{tag}-service-peer-port");
+        send_from(
+            &evil,
+            None,
+            (SERVICE_IP, NODE_PORT).into(),
+            vxlan_payload(1, mac2, spoofed, p2, t.as_bytes()),
+        );
+        out.push((
+            "VXLAN to a peer's port through a Service translated to it".into(),
+            received_within(&sock2, t.as_bytes(), wait),
+        ));
+        let t = format!("{tag}-service-own-port");
+        send_from(
+            &evil,
+            None,
+            (SERVICE_IP, NODE_PORT + 1).into(),
+            vxlan_payload(1, mac1, spoofed, p1, t.as_bytes()),
+        );
+        out.push((
+            "VXLAN to its own node's port through a Service translated to it".into(),
+            received_within(&sock1, t.as_bytes(), wait),
+        ));
         let t = format!("{tag}-peer-port");
         send_from(
             &evil,

@@ -270,8 +270,8 @@ mod tests {
             [
                 "pod source spoofing",
                 "pod source not leased to a peer",
-                "pods never reach a VXLAN port",
-                "VXLAN from a non-peer (flannel#961)"
+                "VXLAN from a non-peer (flannel#961)",
+                "pods never reach a VXLAN port"
             ]
         );
         let pre = l.chains().find(|c| c.name == "prerouting").unwrap();
