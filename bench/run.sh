@@ -22,7 +22,9 @@ trap 'rm -f "$run" "$breakdown" "$out.tmp"' EXIT
   echo
   echo "| benchmark | twill | peer or limit | ratio | target | |"
   echo "|---|---|---|---|---|---|"
-  target/release/convergence --rounds 5
+  # Both sizes: 1000 peers (the bench's original targets) and 5000 (issue 16's).
+  target/release/convergence --peers 1000 --rounds 5
+  target/release/convergence --peers 5000 --rounds 5
   target/release/cni_latency --pods 300 --cni "$static_cni"
   target/release/datapath --rounds 9 --max-rounds 31 --seconds 4 --breakdown "$breakdown"
   if [ -x target/release/policy_scale ]; then

@@ -1,9 +1,15 @@
-//! Convergence benchmark: 1000 peer leases put into etcd, time until all their
+//! Convergence benchmark: N peer leases (default 1000) put into etcd, time until all their
 //! entries (neighbour, FDB, route per peer) are programmed on one node by twilld, against
-//! `ip -batch` + `bridge -batch` applying the same 3000 entries in a fresh namespace, in the
-//! same run. Also twilld's RSS holding 1000 peers, and the same convergence while twilld's
+//! `ip -batch` + `bridge -batch` applying the same 3N entries in a fresh namespace, in the
+//! same run. Also twilld's RSS holding N peers, and the same convergence while twilld's
 //! `/metrics` is scraped every 100 ms, against the unscraped rounds' own spread: scrapes must
 //! not slow the dataplane.
+//!
+//! The targets depend on the number of peers ([`Targets::for_peers`]): up to 1000 peers, time
+//! ≤ 2 × the batch peer and < 1000 ms, RSS < 20 MiB; above 1000 peers (issue 16's 5000),
+//! time ≤ 1.5 × the batch peer and < 1000 ms, RSS < 25 MiB. The time's verdict is on the
+//! median of the rounds; the RSS's on the worst round (a limit is about the worst case), with
+//! the median shown beside it.
 //!
 //! Usage: convergence [--peers N] [--rounds R]   (root; builds its own lab)
 //! Internal: convergence put-leases ENDPOINT PREFIX N   (run inside the lab's switch namespace)
@@ -18,6 +24,40 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use twill_bench::{median, ms, table_row};
 use twill_lab::Lab;
+
+/// The targets for one number of peers.
+#[derive(Debug, PartialEq)]
+struct Targets {
+    /// Which peer counts these targets are for, as the rows name it.
+    applies_to: &'static str,
+    /// Largest median ratio of twilld's time to the batch peer's.
+    max_ratio: f64,
+    /// twilld's median time must stay under this.
+    max_ms: f64,
+    /// twilld's RSS in every round must stay under this.
+    max_rss_mib: f64,
+}
+
+impl Targets {
+    /// The bench's original targets up to 1000 peers; issue 16's ("one step up") above.
+    fn for_peers(n: u32) -> Targets {
+        if n <= 1000 {
+            Targets {
+                applies_to: "up to 1000 peers",
+                max_ratio: 2.0,
+                max_ms: 1000.0,
+                max_rss_mib: 20.0,
+            }
+        } else {
+            Targets {
+                applies_to: "above 1000 peers",
+                max_ratio: 1.5,
+                max_ms: 1000.0,
+                max_rss_mib: 25.0,
+            }
+        }
+    }
+}
 
 const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
@@ -320,12 +360,14 @@ fn main() -> Result<()> {
         .map(|r| (r / plain_ratio - 1.0).abs())
         .fold(0.0, f64::max);
     let scraped_ratio = median(scraped_ratios);
+    let worst_rss_mib = rss.iter().copied().fold(0.0, f64::max) / 1024.0;
     let (t, b, ratio, rss_mib) = (
         median(twill_ms),
         median(batch_ms),
         median(ratios),
         median(rss) / 1024.0,
     );
+    let targets = Targets::for_peers(n);
     println!(
         "{}",
         table_row(
@@ -333,19 +375,27 @@ fn main() -> Result<()> {
             &format!("{t:.0} ms"),
             &format!("{b:.0} ms (ip -batch + bridge -batch)"),
             ratio,
-            "ratio ≤ 2 and < 1000 ms",
-            ratio <= 2.0 && t < 1000.0
+            &format!(
+                "ratio ≤ {} and < {:.0} ms ({})",
+                targets.max_ratio, targets.max_ms, targets.applies_to
+            ),
+            ratio <= targets.max_ratio && t < targets.max_ms
         )
     );
     println!(
         "{}",
         table_row(
-            &format!("twilld RSS holding {n} peers"),
-            &format!("{rss_mib:.1} MiB"),
-            "20 MiB (limit)",
-            rss_mib / 20.0,
+            &format!(
+                "twilld RSS holding {n} peers, worst of {rounds} rounds (median {rss_mib:.1} MiB)"
+            ),
+            &format!("{worst_rss_mib:.1} MiB"),
+            &format!(
+                "{:.0} MiB (limit {})",
+                targets.max_rss_mib, targets.applies_to
+            ),
+            worst_rss_mib / targets.max_rss_mib,
             "ratio < 1",
-            rss_mib < 20.0
+            worst_rss_mib < targets.max_rss_mib
         )
     );
     let change = scraped_ratio / plain_ratio;
@@ -366,4 +416,22 @@ fn main() -> Result<()> {
         )
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_targets_by_number_of_peers() {
+        let original = Targets::for_peers(1000);
+        assert_eq!((original.max_ratio, original.max_rss_mib), (2.0, 20.0));
+        assert_eq!(Targets::for_peers(10), original);
+        let issue_16 = Targets::for_peers(5000);
+        assert_eq!(
+            (issue_16.max_ratio, issue_16.max_ms, issue_16.max_rss_mib),
+            (1.5, 1000.0, 25.0)
+        );
+        assert_eq!(Targets::for_peers(1001), issue_16);
+    }
 }
