@@ -22,7 +22,7 @@ trap 'rm -f "$run" "$breakdown" "$out.tmp"' EXIT
   echo
   echo "| benchmark | twill | peer or limit | ratio | target | |"
   echo "|---|---|---|---|---|---|"
-  # Both sizes: 1000 peers (the bench's original targets) and 5000 (issue 16's).
+  # Both sizes: 1000 peers and 5000 (each with its own targets, see convergence.rs).
   target/release/convergence --peers 1000 --rounds 5
   target/release/convergence --peers 5000 --rounds 5
   target/release/cni_latency --pods 300 --cni "$static_cni"

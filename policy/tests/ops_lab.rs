@@ -1,4 +1,4 @@
-//! Root-only: operating twill-policy (issue 14) with a real `twill-policy run` on a lab node.
+//! Root-only: operating twill-policy with a real `twill-policy run` on a lab node.
 //!
 //! - Metrics on the default port (scraped inside the node's namespace): a denied connection
 //!   is counted for the pod whose policy denied it, and its series goes with the pod.

@@ -1,11 +1,13 @@
 //! Observation: the kernel's neighbour, FDB and route dumps read into the model, keeping only
-//! the entries twill owns.
+//! the entries twill owns. Each dump is read message by message into the model rather than
+//! collected first: with thousands of peers the parsed messages are several times the size of
+//! the model, and twilld's memory is held to what it keeps.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::neighbour::{NeighbourMessage, NeighbourState};
+use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
@@ -29,16 +31,13 @@ impl Netlink {
 
         if !vxlan.is_empty() {
             for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-                let msgs: Vec<NeighbourMessage> = self
+                let mut msgs = self
                     .handle
                     .neighbours()
                     .get()
                     .set_address_family(family)
-                    .execute()
-                    .try_collect()
-                    .await
-                    .map_err(req("dumping neighbours"))?;
-                for m in msgs {
+                    .execute();
+                while let Some(m) = msgs.try_next().await.map_err(req("dumping neighbours"))? {
                     let Some(link) = links
                         .role(m.header.ifindex)
                         .filter(|_| vxlan.contains(&m.header.ifindex))
@@ -56,16 +55,13 @@ impl Netlink {
                     }
                 }
             }
-            let fdb: Vec<NeighbourMessage> = self
+            let mut fdb = self
                 .handle
                 .neighbours()
                 .get()
                 .set_address_family(AddressFamily::Bridge)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(req("dumping the FDB"))?;
-            for m in fdb {
+                .execute();
+            while let Some(m) = fdb.try_next().await.map_err(req("dumping the FDB"))? {
                 if !vxlan.contains(&m.header.ifindex) {
                     continue;
                 }
@@ -79,42 +75,29 @@ impl Netlink {
             }
         }
 
-        for route in self.main_routes().await? {
-            let Some(entry) = route_entry(&route, links) else {
-                continue;
-            };
-            let owned = topo.networks.iter().any(|n| n.contains(&entry.dst))
-                && !topo
-                    .own_subnets
-                    .iter()
-                    .any(|o| o.contains(&entry.dst) || entry.dst.contains(o));
-            if owned {
-                state.routes.insert(entry.dst, entry);
-            }
-        }
-        Ok(state)
-    }
-
-    async fn main_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
-        let mut all = Vec::new();
         for family_msg in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ] {
-            let msgs: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(family_msg)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(req("dumping routes"))?;
-            all.extend(
-                msgs.into_iter()
-                    .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN)),
-            );
+            let mut routes = self.handle.route().get(family_msg).execute();
+            while let Some(route) = routes.try_next().await.map_err(req("dumping routes"))? {
+                if route_table(&route) != u32::from(RouteHeader::RT_TABLE_MAIN) {
+                    continue;
+                }
+                let Some(entry) = route_entry(&route, links) else {
+                    continue;
+                };
+                let owned = topo.networks.iter().any(|n| n.contains(&entry.dst))
+                    && !topo
+                        .own_subnets
+                        .iter()
+                        .any(|o| o.contains(&entry.dst) || entry.dst.contains(o));
+                if owned {
+                    state.routes.insert(entry.dst, entry);
+                }
+            }
         }
-        Ok(all)
+        Ok(state)
     }
 
     /// Main-table IPv4 routes as (destination, output ifindex): what interface selection needs
