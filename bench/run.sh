@@ -26,7 +26,7 @@ trap 'rm -f "$run" "$breakdown" "$out.tmp"' EXIT
   target/release/convergence --peers 1000 --rounds 5
   target/release/convergence --peers 5000 --rounds 5
   target/release/cni_latency --pods 300 --cni "$static_cni"
-  target/release/datapath --rounds 9 --max-rounds 31 --seconds 4 --breakdown "$breakdown"
+  target/release/datapath --rounds 9 --max-rounds 31 --seconds 4 --breakdown "$breakdown" --breakdown-rounds 9
   if [ -x target/release/policy_scale ]; then
     target/release/policy_scale --rounds 9 --seconds 4
   fi

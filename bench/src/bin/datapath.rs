@@ -5,9 +5,12 @@
 //! flanneld programs them, Flannel's `--ip-masq` tables in nftables mode
 //! (`twill::masq::ruleset`; twilld runs with `EnableNFTables: true` so both hold the same
 //! tables), and pods attached by the reference bridge plugin with the very delegate config
-//! Flannel's CNI plugin hands it. Across nodes and on one node; arms alternate within each
-//! round (their order rotates from round to round) and every ratio is the median of per-round
-//! ratios, so slow drifts of this shared machine cancel.
+//! Flannel's CNI plugin hands it. Across nodes and on one node.
+//!
+//! **Rounds.** Runs on this shared machine drift together over tens of seconds (consecutive
+//! runs' throughputs correlate at about 0.6), so each round compares twill with Flannel in an
+//! ABBA block (BAAB in odd rounds), and the round's ratio is that of the pooled runs: a drift
+//! linear over the block cancels. Every ratio reported is the median of per-round ratios.
 //!
 //! **CPU per gigabit.** Throughput alone hides a cost that an idle core absorbs, so each run
 //! also measures softirq CPU time per gigabit received. The two nodes share one kernel, so the
@@ -19,15 +22,17 @@
 //! `/proc/stat` is the receiving node's. On one node, the node is both ends: both CPUs count.
 //!
 //! **Spread.** With `--rounds R` (the minimum, default 9) the run goes on, up to
-//! `--max-rounds`, until the 95% confidence interval of each target ratio's median (from order
-//! statistics, [`twill_bench::median_ci`]) is within ±0.02; the rows say how wide it ended.
+//! `--max-rounds`, until the 95% confidence interval of each throughput ratio's median (from
+//! order statistics, [`twill_bench::median_ci`]) is within ±0.02; the rows say how wide it ended.
 //!
-//! **Where the cost goes** (`--breakdown FILE`): more arms in the hand-built topology, each
-//! adding one of twill's chains (or the anti-spoofing table) to Flannel's tables, plus all of
-//! them and none (no nftables at all, so no conntrack either); each is compared with Flannel's
-//! tables alone in the same round, and the table goes to FILE.
+//! **Where the cost goes** (`--breakdown FILE`, `--breakdown-rounds N`): afterwards, the
+//! hand-built path across nodes with one of twill's chains (or the anti-spoofing table, also
+//! as it was before its one-lookup rule) added to Flannel's tables, with all of them, and with
+//! no nftables at all (so no conntrack either). Each arm runs between two runs of Flannel's
+//! tables alone, its peer; the arms' order rotates from round to round; the table goes to FILE.
 //!
-//! Usage: datapath [--rounds R] [--max-rounds M] [--seconds S] [--breakdown FILE]
+//! Usage: datapath [--rounds R] [--max-rounds M] [--seconds S] [--breakdown FILE
+//! [--breakdown-rounds N]]
 //! (root, at least 2 CPUs; builds its own labs)
 
 use std::fmt::Write as _;
@@ -83,12 +88,6 @@ impl Sample {
     /// Softirq milliseconds per gigabit on the CPUs in `cpus`.
     fn softirq_ms_per_gbit(&self, cpus: &[u32]) -> f64 {
         let s: f64 = cpus.iter().map(|&c| self.cpu[c as usize].softirq).sum();
-        s * 1000.0 / self.gbit
-    }
-
-    /// Kernel (system, irq and softirq) milliseconds per gigabit on the CPUs in `cpus`.
-    fn kernel_ms_per_gbit(&self, cpus: &[u32]) -> f64 {
-        let s: f64 = cpus.iter().map(|&c| self.cpu[c as usize].kernel).sum();
         s * 1000.0 / self.gbit
     }
 }
@@ -315,20 +314,40 @@ enum Guard {
     Only(usize),
 }
 
+/// Which anti-spoofing table a hand-built arm loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AntiSpoof {
+    Off,
+    /// As twill-cni writes it.
+    On,
+    /// Without its first rule (a pod's own IPv4 accepted with one lookup): as twill-cni wrote
+    /// it before, when each frame took two lookups (the port, then the address). Kept to
+    /// measure that rule in the same run.
+    TwoLookups,
+}
+
+/// The rule [`AntiSpoof::TwoLookups`] leaves out.
+fn one_lookup_rule() -> String {
+    format!(
+        "add rule bridge {} pods ether type ip iifname . ip saddr @src4 accept\n",
+        twill_cni::antispoof::TABLE
+    )
+}
+
 /// The nftables layers of a hand-built arm: Flannel's tables, the underlay guard (or one of its
 /// base chains) and the anti-spoofing table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layers {
     flannel: bool,
     guard: Guard,
-    antispoof: bool,
+    antispoof: AntiSpoof,
 }
 
 impl Layers {
     const FLANNEL: Layers = Layers {
         flannel: true,
         guard: Guard::Off,
-        antispoof: false,
+        antispoof: AntiSpoof::Off,
     };
     const NONE: Layers = Layers {
         flannel: false,
@@ -337,7 +356,7 @@ impl Layers {
     const ALL: Layers = Layers {
         flannel: true,
         guard: Guard::All,
-        antispoof: true,
+        antispoof: AntiSpoof::On,
     };
 }
 
@@ -428,10 +447,16 @@ fn apply_layers(lab: &Lab, scripts: &[NodeScripts], layers: Layers) -> Result<()
                 }
             }
         }
-        s += &if layers.antispoof {
-            node.antispoof.clone()
-        } else {
-            remove("bridge", twill_cni::antispoof::TABLE)
+        s += &match layers.antispoof {
+            AntiSpoof::Off => remove("bridge", twill_cni::antispoof::TABLE),
+            AntiSpoof::On => node.antispoof.clone(),
+            AntiSpoof::TwoLookups => {
+                let rule = one_lookup_rule();
+                if !node.antispoof.contains(&rule) {
+                    bail!("twill-cni's chain no longer starts with {rule:?}: update the benchmark");
+                }
+                node.antispoof.replace(&rule, "")
+            }
         };
         let path = lab.dir().join(format!("{}-layers.nft", node.netns));
         std::fs::write(&path, &s)?;
@@ -447,137 +472,132 @@ enum Arm {
     Hand { same_node: bool, layers: Layers },
 }
 
-/// The arms' names and definitions; the first four are always run, the others with
-/// `breakdown` (one per base chain of `guard`, a guard script).
-fn arms(breakdown: bool, guard: &str) -> Vec<(String, Arm)> {
-    let hand = |layers| Arm::Hand {
-        same_node: false,
-        layers,
-    };
-    let mut out = vec![
-        (TWILL_ACROSS.to_string(), Arm::Twill { same_node: false }),
-        (FLANNEL_ACROSS.to_string(), hand(Layers::FLANNEL)),
-        (TWILL_SAME.to_string(), Arm::Twill { same_node: true }),
-        (
-            FLANNEL_SAME.to_string(),
-            Arm::Hand {
-                same_node: true,
-                layers: Layers::FLANNEL,
-            },
-        ),
-    ];
-    if breakdown {
-        let f = Layers::FLANNEL;
-        out.push(("no nftables at all".into(), hand(Layers::NONE)));
-        let chains = base_chains(guard);
-        // One arm per base chain, when there are several (one chain is the whole table).
-        for (i, chain) in chains.iter().enumerate().filter(|_| chains.len() > 1) {
-            out.push((
-                format!("+ {} chain {chain}", twill::underlay::TABLE),
-                hand(Layers {
-                    guard: Guard::Only(i),
-                    ..f
-                }),
-            ));
-        }
+/// Flannel's path by hand across nodes: the peer of every comparison across nodes.
+const FLANNEL_ACROSS: Arm = Arm::Hand {
+    same_node: false,
+    layers: Layers::FLANNEL,
+};
+
+/// The breakdown's arms: the hand-built path across nodes with one layer added to Flannel's
+/// tables (one arm per base chain of `guard`, a guard script, when it has several), with all
+/// of twill's, and with no nftables at all.
+fn breakdown_arms(guard: &str) -> Vec<(String, Layers)> {
+    let f = Layers::FLANNEL;
+    let mut out = vec![("no nftables at all".to_string(), Layers::NONE)];
+    let chains = base_chains(guard);
+    for (i, chain) in chains.iter().enumerate().filter(|_| chains.len() > 1) {
         out.push((
+            format!("+ {} chain {chain}", twill::underlay::TABLE),
+            Layers {
+                guard: Guard::Only(i),
+                ..f
+            },
+        ));
+    }
+    let t = twill_cni::antispoof::TABLE;
+    out.extend([
+        (
             format!("+ {} (whole table)", twill::underlay::TABLE),
-            hand(Layers {
+            Layers {
                 guard: Guard::All,
                 ..f
-            }),
-        ));
-        out.push((
-            format!("+ {}", twill_cni::antispoof::TABLE),
-            hand(Layers {
-                antispoof: true,
+            },
+        ),
+        (
+            format!("+ {t}"),
+            Layers {
+                antispoof: AntiSpoof::On,
                 ..f
-            }),
-        ));
-        out.push(("+ both of twill's tables".into(), hand(Layers::ALL)));
-    }
+            },
+        ),
+        (
+            format!("+ {t} without its one-lookup rule (as before)"),
+            Layers {
+                antispoof: AntiSpoof::TwoLookups,
+                ..f
+            },
+        ),
+        ("+ both of twill's tables".to_string(), Layers::ALL),
+    ]);
     out
 }
 
-const TWILL_ACROSS: &str = "twill across nodes";
-const FLANNEL_ACROSS: &str = "Flannel by hand across nodes";
-const TWILL_SAME: &str = "twill on one node";
-const FLANNEL_SAME: &str = "Flannel by hand on one node";
+/// What a comparison measures.
+#[derive(Clone, Copy, Debug)]
+enum Measure {
+    /// Gbit/s.
+    Throughput,
+    /// Softirq ms per Gbit on the receiving side.
+    ReceivingSoftirq,
+    /// Kernel ms per Gbit on the receiving side.
+    ReceivingKernel,
+    /// Softirq ms per Gbit on node 1 (the client's).
+    SendingSoftirq,
+}
 
-/// The receiving side's CPUs: node 2's across nodes, the one node's (both) on one node.
-fn receiving_cpus(arm: Arm) -> &'static [u32] {
-    let same = matches!(
-        arm,
-        Arm::Twill { same_node: true }
-            | Arm::Hand {
-                same_node: true,
-                ..
-            }
-    );
-    if same {
-        &[CLIENT_CPU, SERVER_CPU]
-    } else {
-        &[SERVER_CPU]
+/// Runs of one arm pooled: mean throughput, or CPU time over all the data they moved.
+fn pooled(samples: &[Sample], receiving: &[u32], m: Measure) -> f64 {
+    let gbit: f64 = samples.iter().map(|s| s.gbit).sum();
+    let cpu_ms_per_gbit = |time: fn(&CpuTime) -> f64, cpus: &[u32]| {
+        let t: f64 = samples
+            .iter()
+            .map(|s| cpus.iter().map(|&c| time(&s.cpu[c as usize])).sum::<f64>())
+            .sum();
+        t * 1000.0 / gbit
+    };
+    match m {
+        Measure::Throughput => {
+            samples.iter().map(|s| s.gbit_per_s).sum::<f64>() / samples.len() as f64
+        }
+        Measure::ReceivingSoftirq => cpu_ms_per_gbit(|c| c.softirq, receiving),
+        Measure::ReceivingKernel => cpu_ms_per_gbit(|c| c.kernel, receiving),
+        Measure::SendingSoftirq => cpu_ms_per_gbit(|c| c.softirq, &[CLIENT_CPU]),
     }
 }
 
-/// Per-round samples of every arm, by arm index.
-struct Runs {
-    arms: Vec<(String, Arm)>,
-    samples: Vec<Vec<Sample>>,
+/// One round of a comparison: the arm's runs and the peer's runs next to them.
+struct Pair {
+    arm: Vec<Sample>,
+    peer: Vec<Sample>,
 }
 
-impl Runs {
-    fn index(&self, name: &str) -> usize {
-        self.arms
-            .iter()
-            .position(|(n, _)| *n == name)
-            .expect("known arm")
+/// An arm against its peer, round by round; `receiving` are the CPUs of the receiving side
+/// (node 2's across nodes, both on one node, where the node is both ends).
+struct Comparison {
+    receiving: &'static [u32],
+    rounds: Vec<Pair>,
+}
+
+impl Comparison {
+    fn new(receiving: &'static [u32]) -> Comparison {
+        Comparison {
+            receiving,
+            rounds: Vec::new(),
+        }
     }
 
-    /// Per-round ratios of `f(arm)` to `f(peer)`.
-    fn ratios(&self, arm: &str, peer: &str, f: impl Fn(&Sample, Arm) -> f64) -> Vec<f64> {
-        let (a, p) = (self.index(arm), self.index(peer));
-        let (arm_def, peer_def) = (self.arms[a].1, self.arms[p].1);
-        self.samples[a]
+    /// Per-round ratios of the arm to the peer.
+    fn ratios(&self, m: Measure) -> Vec<f64> {
+        self.rounds
             .iter()
-            .zip(&self.samples[p])
-            .map(|(x, y)| f(x, arm_def) / f(y, peer_def))
+            .map(|p| pooled(&p.arm, self.receiving, m) / pooled(&p.peer, self.receiving, m))
             .collect()
     }
 
-    fn throughput_ratios(&self, arm: &str, peer: &str) -> Vec<f64> {
-        self.ratios(arm, peer, |s, _| s.gbit_per_s)
+    /// The median over rounds of the arm's (or the peer's) value.
+    fn value(&self, m: Measure, of_peer: bool) -> f64 {
+        median(
+            self.rounds
+                .iter()
+                .map(|p| pooled(if of_peer { &p.peer } else { &p.arm }, self.receiving, m))
+                .collect(),
+        )
     }
 
-    fn receiving_cpu_ratios(&self, arm: &str, peer: &str) -> Vec<f64> {
-        self.ratios(arm, peer, |s, a| s.softirq_ms_per_gbit(receiving_cpus(a)))
-    }
-
-    fn receiving_kernel_ratios(&self, arm: &str, peer: &str) -> Vec<f64> {
-        self.ratios(arm, peer, |s, a| s.kernel_ms_per_gbit(receiving_cpus(a)))
-    }
-
-    fn sending_cpu_ratios(&self, arm: &str, peer: &str) -> Vec<f64> {
-        self.ratios(arm, peer, |s, _| s.softirq_ms_per_gbit(&[CLIENT_CPU]))
-    }
-
-    fn median_of(&self, arm: &str, f: impl Fn(&Sample, Arm) -> f64) -> f64 {
-        let i = self.index(arm);
-        let def = self.arms[i].1;
-        median(self.samples[i].iter().map(|s| f(s, def)).collect())
-    }
-
-    fn gbit_per_s(&self, arm: &str) -> f64 {
-        self.median_of(arm, |s, _| s.gbit_per_s)
-    }
-
-    fn receiving_ms_per_gbit(&self, arm: &str) -> f64 {
-        self.median_of(arm, |s, a| s.softirq_ms_per_gbit(receiving_cpus(a)))
-    }
-
-    fn receiving_kernel_ms_per_gbit(&self, arm: &str) -> f64 {
-        self.median_of(arm, |s, a| s.kernel_ms_per_gbit(receiving_cpus(a)))
+    /// "median (±CI half-width)" of the per-round ratios.
+    fn cell(&self, m: Measure) -> String {
+        let r = self.ratios(m);
+        format!("{:.3} (±{:.3})", median(r.clone()), spread(&r))
     }
 }
 
@@ -587,6 +607,77 @@ fn spread(xs: &[f64]) -> f64 {
     median_ci(xs.to_vec())
         .map(|(_, lo, hi)| (hi - lo) / 2.0)
         .unwrap_or(f64::INFINITY)
+}
+
+/// Both labs and the hand-built layers in force.
+struct Bench {
+    twill: Cluster,
+    hand: Cluster,
+    scripts: Vec<NodeScripts>,
+    applied: Option<Layers>,
+    seconds: u32,
+    runs: usize,
+}
+
+impl Bench {
+    /// One iperf3 run of `arm`.
+    fn run(&mut self, name: &str, arm: Arm) -> Result<Sample> {
+        self.runs += 1;
+        let tag = self.runs.to_string();
+        let sample = match arm {
+            Arm::Twill { same_node } => {
+                let path = if same_node {
+                    self.twill.same_node.clone()
+                } else {
+                    self.twill.across.clone()
+                };
+                iperf(&mut self.twill.lab, &path, self.seconds, &tag)?
+            }
+            Arm::Hand { same_node, layers } => {
+                if self.applied != Some(layers) {
+                    apply_layers(&self.hand.lab, &self.scripts, layers)?;
+                    self.applied = Some(layers);
+                }
+                let path = if same_node {
+                    self.hand.same_node.clone()
+                } else {
+                    self.hand.across.clone()
+                };
+                iperf(&mut self.hand.lab, &path, self.seconds, &tag)?
+            }
+        };
+        eprintln!(
+            "{name}: {:.2} Gbit/s, softirq {:.1} ms/Gbit on CPU {SERVER_CPU}",
+            sample.gbit_per_s,
+            sample.softirq_ms_per_gbit(&[SERVER_CPU])
+        );
+        Ok(sample)
+    }
+
+    /// One round of twill's `arm` against Flannel's `peer` as an ABBA block (BAAB in odd
+    /// rounds): runs of this shared machine drift together over tens of seconds, and a drift
+    /// that is linear over the block cancels in the ratio of the pooled runs.
+    fn abba(&mut self, round: u32, name: &str, arm: Arm, peer: Arm) -> Result<Pair> {
+        let mut pair = Pair {
+            arm: Vec::new(),
+            peer: Vec::new(),
+        };
+        let order = if round.is_multiple_of(2) {
+            [true, false, false, true]
+        } else {
+            [false, true, true, false]
+        };
+        for is_arm in order {
+            if is_arm {
+                pair.arm
+                    .push(self.run(&format!("round {round} twill {name}"), arm)?);
+            } else {
+                let s = self.run(&format!("round {round} Flannel {name}"), peer)?;
+                pair.peer.push(s);
+            }
+        }
+        Ok(pair)
+    }
 }
 
 fn main() -> Result<()> {
@@ -608,65 +699,52 @@ fn main() -> Result<()> {
     };
     let min_rounds = number("--rounds", 9)?;
     let max_rounds = number("--max-rounds", 31)?.max(min_rounds);
-    let seconds = number("--seconds", 5)?;
+    let seconds = number("--seconds", 4)?;
     let breakdown_out = value("--breakdown");
+    let breakdown_rounds = number("--breakdown-rounds", 9)?;
     if std::thread::available_parallelism()?.get() < 2 {
         bail!("datapath needs 2 CPUs: one per node");
     }
 
-    let mut twill = twill_cluster()?;
-    let mut hand = hand_cluster()?;
+    let twill = twill_cluster()?;
+    let hand = hand_cluster()?;
     let scripts = hand_scripts(&hand)?;
-    let arms = arms(breakdown_out.is_some(), &scripts[0].guard);
-    let mut runs = Runs {
-        samples: vec![Vec::new(); arms.len()],
-        arms: arms.clone(),
+    let mut bench = Bench {
+        twill,
+        hand,
+        scripts,
+        applied: None,
+        seconds,
+        runs: 0,
     };
-    let mut applied: Option<Layers> = None;
+    let both_cpus: &'static [u32] = &[CLIENT_CPU, SERVER_CPU];
+    let mut across = Comparison::new(&[SERVER_CPU]);
+    let mut same = Comparison::new(both_cpus);
+    let same_node_peer = Arm::Hand {
+        same_node: true,
+        layers: Layers::FLANNEL,
+    };
     let mut rounds = 0;
     while rounds < max_rounds {
-        let r = rounds as usize;
-        // Rotate the order, so that no arm always runs right after the same other one.
-        for k in 0..arms.len() {
-            let i = (k + r) % arms.len();
-            let (name, arm) = (&arms[i].0, arms[i].1);
-            let tag = format!("{i}-{r}");
-            let sample = match arm {
-                Arm::Twill { same_node } => {
-                    let path = if same_node {
-                        twill.same_node.clone()
-                    } else {
-                        twill.across.clone()
-                    };
-                    iperf(&mut twill.lab, &path, seconds, &tag)?
-                }
-                Arm::Hand { same_node, layers } => {
-                    if applied != Some(layers) {
-                        apply_layers(&hand.lab, &scripts, layers)?;
-                        applied = Some(layers);
-                    }
-                    let path = if same_node {
-                        hand.same_node.clone()
-                    } else {
-                        hand.across.clone()
-                    };
-                    iperf(&mut hand.lab, &path, seconds, &tag)?
-                }
-            };
-            eprintln!(
-                "round {r} {name}: {:.2} Gbit/s, softirq {:.1} ms/Gbit on the receiving side",
-                sample.gbit_per_s,
-                sample.softirq_ms_per_gbit(receiving_cpus(arm))
-            );
-            runs.samples[i].push(sample);
-        }
+        across.rounds.push(bench.abba(
+            rounds,
+            "across nodes",
+            Arm::Twill { same_node: false },
+            FLANNEL_ACROSS,
+        )?);
+        same.rounds.push(bench.abba(
+            rounds,
+            "on one node",
+            Arm::Twill { same_node: true },
+            same_node_peer,
+        )?);
         rounds += 1;
         let spreads = [
-            spread(&runs.throughput_ratios(TWILL_ACROSS, FLANNEL_ACROSS)),
-            spread(&runs.throughput_ratios(TWILL_SAME, FLANNEL_SAME)),
+            spread(&across.ratios(Measure::Throughput)),
+            spread(&same.ratios(Measure::Throughput)),
         ];
         eprintln!(
-            "after {rounds} rounds: spread of the throughput ratios' medians ±{:.3} across, ±{:.3} same node",
+            "after {rounds} rounds: spread of the throughput ratios' medians ±{:.3} across, ±{:.3} on one node",
             spreads[0], spreads[1]
         );
         if rounds >= min_rounds && spreads.iter().all(|s| *s < MAX_SPREAD) {
@@ -674,90 +752,116 @@ fn main() -> Result<()> {
         }
     }
 
-    for (arm, peer, what) in [
-        (TWILL_ACROSS, FLANNEL_ACROSS, "across nodes"),
-        (TWILL_SAME, FLANNEL_SAME, "on one node"),
-    ] {
-        let tput = runs.throughput_ratios(arm, peer);
+    for (cmp, what) in [(&across, "across nodes"), (&same, "on one node")] {
+        let tput = cmp.ratios(Measure::Throughput);
         let (ratio, sp) = (median(tput.clone()), spread(&tput));
         println!(
             "{}",
             table_row(
-                &format!("pod-to-pod TCP {what}, iperf3 {seconds} s, every protection on (median of {rounds} per-round ratios, 95% CI ±{sp:.3})"),
-                &format!("{:.2} Gbit/s", runs.gbit_per_s(arm)),
-                &format!("{:.2} Gbit/s (Flannel's path by hand, with its --ip-masq tables)", runs.gbit_per_s(peer)),
+                &format!("pod-to-pod TCP {what}, iperf3 {seconds} s, every protection on (median of {rounds} per-round ratios of ABBA blocks, 95% CI ±{sp:.3})"),
+                &format!("{:.2} Gbit/s", cmp.value(Measure::Throughput, false)),
+                &format!("{:.2} Gbit/s (Flannel's path by hand, with its --ip-masq tables)", cmp.value(Measure::Throughput, true)),
                 ratio,
                 "ratio ≥ 0.98, CI ±0.02",
                 ratio >= MIN_THROUGHPUT_RATIO && sp < MAX_SPREAD,
             )
         );
-        let cpu = runs.receiving_cpu_ratios(arm, peer);
-        let (ratio, sp) = (median(cpu.clone()), spread(&cpu));
-        let side = if arm == TWILL_SAME {
+        let side = if cmp.receiving.len() == 2 {
             "the node (both CPUs)"
         } else {
             "the receiving node"
         };
-        println!(
-            "{}",
-            table_row(
-                &format!("softirq CPU per Gbit on {side}, pod to pod {what} (median of {rounds} per-round ratios, 95% CI ±{sp:.3})"),
-                &format!("{:.1} ms/Gbit", runs.receiving_ms_per_gbit(arm)),
-                &format!("{:.1} ms/Gbit (Flannel's path by hand)", runs.receiving_ms_per_gbit(peer)),
-                ratio,
+        for (m, label, target, limit) in [
+            (
+                Measure::ReceivingSoftirq,
+                "softirq CPU",
                 "ratio ≤ 1.02",
-                ratio <= MAX_CPU_RATIO,
-            )
-        );
-        let kernel = runs.receiving_kernel_ratios(arm, peer);
-        let (ratio, sp) = (median(kernel.clone()), spread(&kernel));
-        println!(
-            "{}",
-            table_row(
-                &format!("kernel CPU (system + irq + softirq) per Gbit on {side}, pod to pod {what} (median of {rounds} per-round ratios, 95% CI ±{sp:.3})"),
-                &format!("{:.1} ms/Gbit", runs.receiving_kernel_ms_per_gbit(arm)),
-                &format!("{:.1} ms/Gbit (Flannel's path by hand)", runs.receiving_kernel_ms_per_gbit(peer)),
-                ratio,
+                Some(MAX_CPU_RATIO),
+            ),
+            (
+                Measure::ReceivingKernel,
+                "kernel CPU (system + irq + softirq)",
                 "(reported)",
-                true,
-            )
-        );
+                None,
+            ),
+        ] {
+            let r = cmp.ratios(m);
+            let (ratio, sp) = (median(r.clone()), spread(&r));
+            println!(
+                "{}",
+                table_row(
+                    &format!("{label} per Gbit on {side}, pod to pod {what} (median of {rounds} per-round ratios, 95% CI ±{sp:.3})"),
+                    &format!("{:.1} ms/Gbit", cmp.value(m, false)),
+                    &format!("{:.1} ms/Gbit (Flannel's path by hand)", cmp.value(m, true)),
+                    ratio,
+                    target,
+                    limit.is_none_or(|l| ratio <= l),
+                )
+            );
+        }
     }
 
     if let Some(path) = breakdown_out {
+        let arms = breakdown_arms(&bench.scripts[0].guard);
+        let mut comparisons: Vec<Comparison> = arms
+            .iter()
+            .map(|_| Comparison::new(&[SERVER_CPU]))
+            .collect();
+        for r in 0..breakdown_rounds {
+            // Every arm between two runs of Flannel's tables alone, which are its peer: the
+            // arms' order rotates from round to round.
+            let mut before =
+                bench.run(&format!("breakdown {r}: Flannel's tables"), FLANNEL_ACROSS)?;
+            for k in 0..arms.len() {
+                let i = (k + r as usize) % arms.len();
+                let (name, layers) = &arms[i];
+                let arm = Arm::Hand {
+                    same_node: false,
+                    layers: *layers,
+                };
+                let x = bench.run(&format!("breakdown {r}: {name}"), arm)?;
+                let after =
+                    bench.run(&format!("breakdown {r}: Flannel's tables"), FLANNEL_ACROSS)?;
+                comparisons[i].rounds.push(Pair {
+                    arm: vec![x],
+                    peer: vec![before, after],
+                });
+                before = after;
+            }
+        }
         let mut t = String::new();
         let _ = writeln!(
             t,
             "| hand-built Flannel path across nodes (each arm against Flannel's tables alone) | throughput ratio | softirq per Gbit, receiving node | kernel CPU per Gbit, receiving node | softirq per Gbit, sending node |"
         );
         let _ = writeln!(t, "|---|---|---|---|---|");
-        let peer = FLANNEL_ACROSS;
-        let cell = |xs: Vec<f64>| format!("{:.3} (±{:.3})", median(xs.clone()), spread(&xs));
-        let breakdown_arms = arms.iter().skip(4).map(|(name, _)| name.as_str());
-        for name in breakdown_arms.chain([TWILL_ACROSS]) {
+        let rows = arms
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .zip(comparisons.iter())
+            .chain([(
+                "twill itself (twilld and twill-cni; the ABBA blocks above)",
+                &across,
+            )]);
+        for (name, cmp) in rows {
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} |",
-                if name == TWILL_ACROSS {
-                    "twill itself (twilld and twill-cni), for comparison"
-                } else {
-                    name
-                },
-                cell(runs.throughput_ratios(name, peer)),
-                cell(runs.receiving_cpu_ratios(name, peer)),
-                cell(runs.receiving_kernel_ratios(name, peer)),
-                cell(runs.sending_cpu_ratios(name, peer)),
+                "| {name} | {} | {} | {} | {} |",
+                cmp.cell(Measure::Throughput),
+                cmp.cell(Measure::ReceivingSoftirq),
+                cmp.cell(Measure::ReceivingKernel),
+                cmp.cell(Measure::SendingSoftirq),
             );
         }
         let _ = writeln!(
             t,
-            "\nEach cell: median of {rounds} per-round ratios against Flannel's tables alone in the same round (95% CI half-width); iperf3 {seconds} s per arm; Flannel's tables alone: {:.2} Gbit/s, {:.1} ms/Gbit softirq on the receiving node.",
-            runs.gbit_per_s(peer),
-            runs.receiving_ms_per_gbit(peer)
+            "\nEach cell: median of {breakdown_rounds} per-round ratios (95% CI half-width) of the arm to the two runs of Flannel's tables alone on either side of it; iperf3 {seconds} s per run; Flannel's tables alone: {:.2} Gbit/s, {:.1} ms/Gbit softirq on the receiving node.",
+            across.value(Measure::Throughput, true),
+            across.value(Measure::ReceivingSoftirq, true)
         );
         std::fs::write(&path, t).with_context(|| format!("writing {path}"))?;
     }
-    twill.lab.teardown()?;
-    hand.lab.teardown()?;
+    bench.twill.lab.teardown()?;
+    bench.hand.lab.teardown()?;
     Ok(())
 }
