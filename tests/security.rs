@@ -203,13 +203,15 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
     let sock = listener(&victim_ns);
     let vtep = parse_mac(&c.mac("n1", "flannel.1"));
     let spoofed = host(&subnet(&e2), 77);
-    let to: SocketAddr = (a1, 8472).into();
     let attacker = c.ns("n3");
     let peer = c.ns("n2");
 
-    let inject = |ns: &str, token: &[u8]| {
+    // The packet, sent from `ns` to n1's `port`.
+    let inject_to = |port: u16, ns: &str, token: &[u8]| {
+        let to: SocketAddr = (a1, port).into();
         send_from(ns, None, to, vxlan_payload(1, vtep, spoofed, target, token));
     };
+    let inject = |ns: &str, token: &[u8]| inject_to(8472, ns, token);
 
     inject(&attacker, b"twill-1");
     assert!(
@@ -225,10 +227,7 @@ fn vxlan_injected_from_a_non_peer_is_dropped_flannel_accepts_it() {
     // hand-written endpoint is the node's VXLAN port makes one: the guard must judge the
     // translated packet.
     service_to_vxlan_port(&c, "n1", None, NODE_PORT, a1);
-    let via_service = |ns: &str, token: &[u8]| {
-        let to: SocketAddr = (a1, NODE_PORT).into();
-        send_from(ns, None, to, vxlan_payload(1, vtep, spoofed, target, token));
-    };
+    let via_service = |ns: &str, token: &[u8]| inject_to(NODE_PORT, ns, token);
     via_service(&attacker, b"twill-nodeport");
     assert!(
         dropped(&sock, b"twill-nodeport"),

@@ -76,20 +76,23 @@ struct Cluster {
     same_node: PodPath,
 }
 
+impl Cluster {
+    /// The pod path of an arm: on one node, or across nodes.
+    fn path(&self, same_node: bool) -> PodPath {
+        if same_node {
+            self.same_node.clone()
+        } else {
+            self.across.clone()
+        }
+    }
+}
+
 /// One iperf3 run: throughput, data moved and CPU time per CPU meanwhile.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     gbit_per_s: f64,
     gbit: f64,
     cpu: [CpuTime; 2],
-}
-
-impl Sample {
-    /// Softirq milliseconds per gigabit on the CPUs in `cpus`.
-    fn softirq_ms_per_gbit(&self, cpus: &[u32]) -> f64 {
-        let s: f64 = cpus.iter().map(|&c| self.cpu[c as usize].softirq).sum();
-        s * 1000.0 / self.gbit
-    }
 }
 
 /// A CPU's time in seconds, from `/proc/stat`: softirq alone, and all kernel time (system, irq,
@@ -626,11 +629,7 @@ impl Bench {
         let tag = self.runs.to_string();
         let sample = match arm {
             Arm::Twill { same_node } => {
-                let path = if same_node {
-                    self.twill.same_node.clone()
-                } else {
-                    self.twill.across.clone()
-                };
+                let path = self.twill.path(same_node);
                 iperf(&mut self.twill.lab, &path, self.seconds, &tag)?
             }
             Arm::Hand { same_node, layers } => {
@@ -638,18 +637,14 @@ impl Bench {
                     apply_layers(&self.hand.lab, &self.scripts, layers)?;
                     self.applied = Some(layers);
                 }
-                let path = if same_node {
-                    self.hand.same_node.clone()
-                } else {
-                    self.hand.across.clone()
-                };
+                let path = self.hand.path(same_node);
                 iperf(&mut self.hand.lab, &path, self.seconds, &tag)?
             }
         };
         eprintln!(
             "{name}: {:.2} Gbit/s, softirq {:.1} ms/Gbit on CPU {SERVER_CPU}",
             sample.gbit_per_s,
-            sample.softirq_ms_per_gbit(&[SERVER_CPU])
+            pooled(&[sample], &[SERVER_CPU], Measure::ReceivingSoftirq)
         );
         Ok(sample)
     }
